@@ -7,3 +7,21 @@ Kobayashi et al. 2020).
 from __future__ import annotations
 
 __version__ = "0.1.0"
+
+from .blockwise import deconvolve, plan_blocks  # noqa: E402
+from .io import open_volume  # noqa: E402
+from .lr import richardson_lucy  # noqa: E402
+from .psf import load_psf, protocol_psf, widefield_psf  # noqa: E402
+from .store import write_zarr  # noqa: E402
+
+__all__ = [
+    "__version__",
+    "deconvolve",
+    "load_psf",
+    "open_volume",
+    "plan_blocks",
+    "protocol_psf",
+    "richardson_lucy",
+    "widefield_psf",
+    "write_zarr",
+]

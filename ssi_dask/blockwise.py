@@ -1,0 +1,383 @@
+"""Chunk planning and the ``map_overlap`` orchestration (graph only; kernels live elsewhere).
+
+The plan answers: how big is a working chunk, how deep is the halo, how are output chunks laid
+out so that each task writes whole output chunks, and how much memory does a task need.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import dask
+import dask.array as da
+import numpy as np
+
+from .errors import OutputError, ParameterError
+
+#: Default working-chunk size in voxels: large enough that per-task compute dwarfs the
+#: scheduler's per-task overhead (DESIGN.md rule 4), small enough for ~1 GiB workers.
+DEFAULT_TARGET_VOXELS = {2: 2048 * 2048, 3: 64 * 256 * 256}
+
+
+def lr_default_depth(psf_shape: Sequence[int], num_iter: int) -> tuple[int, ...]:
+    """Halo for Lucy-Richardson from the PSF support and the iteration count.
+
+    Each iteration spreads information by up to the PSF's full extent, but the influence of a
+    cut at the chunk's edge decays quickly with distance. Measured on the 17^3 widefield
+    protocol PSF (laterally), the error of a cut falls below 1e-4 of the peak at about the full
+    PSF extent for 10-20 iterations, 2.4 radii for 50 and 2.75 radii for 100. The rule
+    ``radius * (2 + min(n, 100) / 100) + 1`` covers that; ``tests/test_blockwise.py`` checks
+    chunked against whole-volume results. Along a widefield PSF's optical axis the influence
+    decays far more slowly (the missing cone), which is why the planner keeps z whole
+    (DESIGN.md rule 3).
+    """
+    if num_iter < 0:
+        raise ParameterError(f"the number of iterations must be >= 0, got {num_iter}")
+    factor = 2.0 + min(num_iter, 100) / 100.0
+    return tuple(int(math.ceil(factor * (s // 2))) + 1 for s in psf_shape)
+
+
+def parse_chunks(spec: str | int | Sequence[int] | None, ndim: int) -> tuple[int, ...] | None:
+    """Parse a chunk spec like ``"64,256,256"`` or ``"256"`` (same for every axis)."""
+    if spec is None or (isinstance(spec, str) and spec.strip().lower() in ("", "auto")):
+        return None
+    if isinstance(spec, (int, np.integer)):
+        spec = (int(spec),)
+    if isinstance(spec, str):
+        try:
+            sizes = tuple(int(part) for part in spec.replace("x", ",").split(","))
+        except ValueError:
+            raise ParameterError(
+                f"invalid chunk spec {spec!r}; give integers separated by commas, e.g. "
+                f"{','.join(['256'] * ndim)}"
+            ) from None
+    else:
+        sizes = tuple(int(s) for s in spec)
+    if len(sizes) == 1:
+        sizes = sizes * ndim
+    if len(sizes) != ndim:
+        raise ParameterError(
+            f"chunk spec {spec!r} has {len(sizes)} sizes but the image has {ndim} dimensions"
+        )
+    if any(s <= 0 for s in sizes):
+        raise ParameterError(f"chunk sizes must be positive, got {sizes}")
+    return sizes
+
+
+def choose_working_chunks(
+    shape: Sequence[int],
+    unit: Sequence[int] | None = None,
+    *,
+    target_voxels: int | None = None,
+    min_size: Sequence[int] | None = None,
+) -> tuple[int, ...]:
+    """Grow a chunk shape from ``unit`` (the store's chunks) to about ``target_voxels``.
+
+    Every side stays a multiple of the unit (so reads and writes align with the store) and at
+    most the image size; the shortest side (relative to the image) is doubled first.
+    """
+    ndim = len(shape)
+    unit = tuple(int(u) for u in (unit or (1,) * ndim))
+    target = target_voxels or DEFAULT_TARGET_VOXELS.get(ndim, 2**22)
+    chunk = [min(u, s) for u, s in zip(unit, shape)]
+    floor = tuple(min_size or (1,) * ndim)
+    for axis in range(ndim):  # respect a minimum (e.g. the halo) in whole units
+        while chunk[axis] < min(floor[axis], shape[axis]):
+            chunk[axis] = min(chunk[axis] + unit[axis], shape[axis])
+    if ndim == 3:
+        # Keep z deep (DESIGN.md rule 3): a widefield PSF spreads a cut far along z.
+        deepest = 2 * round(target ** (1 / 3))
+        while chunk[0] < min(shape[0], deepest):
+            chunk[0] = min(max(chunk[0] // unit[0], 1) * 2 * unit[0], shape[0])
+    while math.prod(chunk) < target:
+        growable = [a for a in range(ndim) if chunk[a] < shape[a]]
+        if not growable:
+            break
+        axis = min(growable, key=lambda a: (chunk[a], a))
+        multiple = max(chunk[axis] // unit[axis], 1) * 2
+        chunk[axis] = min(multiple * unit[axis], shape[axis])
+    return tuple(chunk)
+
+
+def check_write_alignment(
+    working_chunks: tuple[tuple[int, ...], ...], output_chunks: Sequence[int], shape: Sequence[int]
+) -> None:
+    """Refuse a layout where two tasks would write into the same output chunk.
+
+    Every working-chunk boundary must fall on an output-chunk boundary (DESIGN.md rule 5).
+    """
+    for axis, (sizes, out) in enumerate(zip(working_chunks, output_chunks)):
+        edges = np.cumsum(sizes)[:-1]
+        bad = [int(e) for e in edges if e % out != 0]
+        if bad:
+            raise OutputError(
+                f"working chunks along axis {axis} end at {bad[:3]} which are not multiples of the "
+                f"output chunk size {out}; choose --chunks as multiples of the output chunks "
+                f"{tuple(output_chunks)}"
+            )
+    if any(c <= 0 for c in output_chunks) or len(output_chunks) != len(shape):
+        raise OutputError(f"invalid output chunks {tuple(output_chunks)} for shape {tuple(shape)}")
+
+
+@dataclass
+class BlockPlan:
+    """How a volume is cut into tasks. Printed by ``ssi-dask run --dry-run``."""
+
+    shape: tuple[int, ...]
+    input_dtype: str
+    working_chunks: tuple[int, ...]
+    output_chunks: tuple[int, ...]
+    depth: tuple[int, ...]
+    n_chunks: int
+    n_tasks: int
+    memory_per_task: int
+    output_bytes: int
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def summary(self) -> str:
+        """Human-readable multi-line description."""
+        return "\n".join(
+            [
+                f"  shape           {self.shape} ({self.input_dtype} in, float32 out)",
+                f"  working chunks  {self.working_chunks} -> {self.n_chunks} chunks",
+                f"  output chunks   {self.output_chunks}",
+                f"  halo (depth)    {self.depth}",
+                f"  tasks in graph  {self.n_tasks} ({self.n_tasks / max(self.n_chunks, 1):.1f} "
+                "per chunk)",
+                f"  memory per task ~{_human_bytes(self.memory_per_task)}",
+                f"  output size     {_human_bytes(self.output_bytes)} (uncompressed)",
+            ]
+        )
+
+
+def _human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def estimate_lr_task_memory(
+    chunk: Sequence[int], depth: Sequence[int], psf_shape: Sequence[int]
+) -> int:
+    """Bytes one LR task holds at its peak: the padded block plus the FFT working buffers."""
+    padded = [c + 2 * d for c, d in zip(chunk, depth)]
+    domain = math.prod(p + s - 1 for p, s in zip(padded, psf_shape))
+    # input block (float32) + ~5 real working arrays + 2 half-spectra (complex64) of the domain
+    return int(4 * math.prod(padded) + 4 * domain * 5 + 8 * domain)
+
+
+def _lr_chunk(block: np.ndarray, psf: np.ndarray, num_iter: int, options: dict) -> np.ndarray:
+    """Per-chunk task: Lucy-Richardson on one padded block (NumPy or CuPy)."""
+    from .lr import richardson_lucy  # noqa: PLC0415
+
+    return richardson_lucy(block, psf, num_iter=num_iter, **options)
+
+
+def deconvolve(
+    image: Any,
+    psf: np.ndarray,
+    method: str = "lr",
+    *,
+    num_iter: int = 10,
+    chunks: str | Sequence[int] | None = None,
+    depth: int | Sequence[int] | None = None,
+    target_voxels: int | None = None,
+    **method_options: Any,
+) -> da.Array:
+    """Deconvolve an image chunk by chunk; returns a lazy Dask array (float32).
+
+    Parameters
+    ----------
+    image : numpy.ndarray, dask.array.Array, zarr.Array or str
+        2D ``(y, x)`` or 3D ``(z, y, x)`` image, or a path to a Zarr array.
+    psf : numpy.ndarray
+        Point spread function with as many dimensions as the image (normalised here).
+    method : {"lr"}
+        ``"lr"``: Lucy-Richardson per chunk.
+    num_iter : int
+        Number of Lucy-Richardson iterations.
+    chunks : str or sequence of int, optional
+        Working chunk shape; by default grown from the store's chunks to an efficient size.
+    depth : int or sequence of int, optional
+        Halo per axis; by default derived from the PSF support and ``num_iter``.
+    target_voxels : int, optional
+        Size of the automatically chosen working chunks.
+    **method_options
+        Passed to the per-chunk kernel (e.g. ``eps`` for :func:`ssi_dask.lr.richardson_lucy`).
+
+    Returns
+    -------
+    dask.array.Array
+        The deconvolved image, float32, chunked like the working chunks; built with
+        :func:`dask.array.map_overlap` with ``boundary="none"`` so that chunks at the volume's
+        edge see the same boundary handling as a whole-volume run.
+    """
+    from .io import open_volume  # noqa: PLC0415
+    from .psf import normalize_psf, validate_psf  # noqa: PLC0415
+
+    volume = open_volume(image)
+    validate_psf(psf, volume.ndim)
+    psf = normalize_psf(psf)
+    if method != "lr":
+        raise ParameterError(f"unknown method {method!r}; choose 'lr'")
+    plan = plan_blocks(
+        volume.shape,
+        volume.data.dtype,
+        psf.shape,
+        num_iter=num_iter,
+        store_chunks=volume.store_chunks,
+        chunks=chunks,
+        depth=depth,
+        target_voxels=target_voxels,
+    )
+    data = volume.data
+    if tuple(c[0] for c in data.chunks) != plan.working_chunks:
+        data = data.rechunk(plan.working_chunks)
+    return apply_chunked(
+        data,
+        _lr_chunk,
+        depth=plan.depth,
+        shared={"psf": psf},
+        num_iter=int(num_iter),
+        options=dict(method_options),
+    )
+
+
+def apply_chunked(
+    data: da.Array,
+    chunk_function: Callable[..., np.ndarray],
+    *,
+    depth: Sequence[int],
+    shared: dict[str, Any],
+    **kwargs: Any,
+) -> da.Array:
+    """``map_overlap`` a per-chunk function, sending each large shared object once.
+
+    Objects in ``shared`` (the PSF, a model) become single keys of the graph, so the scheduler
+    moves each to a worker once instead of embedding a copy in every task (DESIGN.md rule 6).
+    """
+    shared_keys = {
+        name: dask.delayed(value, name=f"shared-{name}-{dask.base.tokenize(value)}")
+        for name, value in shared.items()
+    }
+    # An axis held in one chunk needs no halo: boundary="none" leaves its edges as they are.
+    depth_map = {axis: int(d) if len(data.chunks[axis]) > 1 else 0 for axis, d in enumerate(depth)}
+    for axis, d in depth_map.items():
+        smallest = min(data.chunks[axis])
+        if len(data.chunks[axis]) > 1 and d > smallest:
+            raise ParameterError(
+                f"halo {d} along axis {axis} is larger than the smallest chunk ({smallest}); "
+                "use larger --chunks"
+            )
+    return da.map_overlap(
+        _as_float32(chunk_function),
+        data,
+        depth=depth_map,
+        boundary="none",
+        trim=True,
+        dtype=np.float32,
+        meta=np.empty((0,) * data.ndim, dtype=np.float32),
+        **shared_keys,
+        **kwargs,
+    )
+
+
+def _as_float32(function: Callable[..., np.ndarray]) -> Callable[..., np.ndarray]:
+    def run_on_block(block, *args, **kwargs):
+        return function(block.astype(np.float32, copy=False), *args, **kwargs)
+
+    run_on_block.__name__ = function.__name__.lstrip("_")
+    return run_on_block
+
+
+def plan_blocks(
+    shape: Sequence[int],
+    dtype: Any,
+    psf_shape: Sequence[int],
+    *,
+    num_iter: int,
+    store_chunks: Sequence[int] | None = None,
+    chunks: str | Sequence[int] | None = None,
+    output_chunks: str | Sequence[int] | None = None,
+    depth: int | Sequence[int] | None = None,
+    target_voxels: int | None = None,
+) -> BlockPlan:
+    """Choose working chunks, output chunks and halo for a volume; check write alignment."""
+    shape = tuple(int(s) for s in shape)
+    ndim = len(shape)
+    if depth is None:
+        depth = lr_default_depth(psf_shape, num_iter)
+    elif isinstance(depth, int):
+        depth = (depth,) * ndim
+    depth = tuple(int(d) for d in depth)
+    if len(depth) != ndim or any(d < 0 for d in depth):
+        raise ParameterError(f"depth must be {ndim} non-negative integers, got {depth}")
+    for axis, (p, s) in enumerate(zip(psf_shape, shape)):
+        if p > s:
+            raise ParameterError(
+                f"the PSF ({p} along axis {axis}) is larger than the image ({s}); crop the PSF"
+            )
+    user_chunks = parse_chunks(chunks, ndim)
+    if user_chunks is not None:
+        working = tuple(min(c, s) for c, s in zip(user_chunks, shape))
+    else:
+        working = choose_working_chunks(
+            shape, store_chunks, target_voxels=target_voxels, min_size=depth
+        )
+    out_chunks = parse_chunks(output_chunks, ndim)
+    if out_chunks is None:
+        if store_chunks is not None and all(
+            w % c == 0 or w == s for w, c, s in zip(working, store_chunks, shape)
+        ):
+            out_chunks = tuple(min(c, s) for c, s in zip(store_chunks, shape))
+        else:
+            out_chunks = working
+    full = tuple(tuple(_split(s, w)) for s, w in zip(shape, working))
+    check_write_alignment(full, out_chunks, shape)
+    for axis, (d, sizes) in enumerate(zip(depth, full)):
+        if len(sizes) > 1 and d > min(sizes):
+            raise ParameterError(
+                f"halo {d} along axis {axis} exceeds the smallest working chunk {min(sizes)}; "
+                "use larger --chunks"
+            )
+    n_chunks = math.prod(len(sizes) for sizes in full)
+    effective_depth = tuple(d if len(sizes) > 1 else 0 for d, sizes in zip(depth, full))
+    return BlockPlan(
+        shape=shape,
+        input_dtype=str(np.dtype(dtype)),
+        working_chunks=working,
+        output_chunks=tuple(out_chunks),
+        depth=effective_depth,
+        n_chunks=n_chunks,
+        n_tasks=_count_tasks(shape, working, depth),
+        memory_per_task=estimate_lr_task_memory(working, effective_depth, psf_shape),
+        output_bytes=4 * math.prod(shape),
+    )
+
+
+def _split(size: int, chunk: int) -> list[int]:
+    full, rest = divmod(size, chunk)
+    return [chunk] * full + ([rest] if rest else [])
+
+
+def _count_tasks(shape: Sequence[int], chunks: Sequence[int], depth: Sequence[int]) -> int:
+    """Tasks of the overlap graph, counted on a tiny stand-in array with the same chunk grid."""
+    grid = [len(_split(s, c)) for s, c in zip(shape, chunks)]
+    stand_in = da.zeros(tuple(g * 4 for g in grid), chunks=(4,) * len(grid), dtype=np.float32)
+    graph = da.map_overlap(
+        lambda b: b,
+        stand_in,
+        depth={a: min(1, int(d)) for a, d in enumerate(depth)},
+        boundary="none",
+        dtype=np.float32,
+    )
+    n_chunks = math.prod(grid)
+    # the stand-in's creation tasks stand for the input reads; add one write task per chunk
+    return len(graph.__dask_graph__()) + n_chunks

@@ -1,0 +1,363 @@
+"""The ``ssi-dask`` command line.
+
+Errors a user can cause are printed as one line on stderr with a non-zero exit status and
+no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from . import __version__
+from .errors import ParameterError, PSFError, SsiDaskError
+
+
+def _add_cluster_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("cluster (default: start a local Dask cluster)")
+    where = group.add_mutually_exclusive_group()
+    where.add_argument(
+        "--scheduler",
+        metavar="ADDRESS",
+        help="address of a running Dask scheduler, e.g. tcp://10.0.0.1:8786",
+    )
+    where.add_argument(
+        "--scheduler-file",
+        metavar="FILE",
+        help="scheduler file written by `dask scheduler --scheduler-file FILE`",
+    )
+    group.add_argument(
+        "--workers",
+        type=int,
+        metavar="N",
+        help="local cluster: number of worker processes (default: one per core)",
+    )
+    group.add_argument(
+        "--threads-per-worker",
+        type=int,
+        default=1,
+        metavar="N",
+        help="local cluster: threads per worker (default: 1)",
+    )
+    group.add_argument(
+        "--memory-limit",
+        metavar="SIZE",
+        help="local cluster: memory limit per worker, e.g. 4GiB "
+        "(default: share of the machine's memory)",
+    )
+    group.add_argument(
+        "--gpu",
+        action="store_true",
+        help="local cluster: one dask-cuda worker per GPU "
+        "(needs the 'gpu' extra and a CUDA device)",
+    )
+    group.add_argument(
+        "--connect-timeout",
+        type=float,
+        default=5.0,
+        metavar="SECONDS",
+        help="seconds to wait for a remote scheduler (default: 5)",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``ssi-dask`` and its subcommands."""
+    parser = argparse.ArgumentParser(
+        prog="ssi-dask",
+        description="Deconvolve large 2D/3D images stored in Zarr on a Dask cluster, with "
+        "Lucy-Richardson (lr) or Self-Supervised Inversion (ssi).",
+    )
+    parser.add_argument("--version", action="version", version=f"ssi-dask {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    commands.required = True
+
+    run = commands.add_parser(
+        "run",
+        help="deconvolve a Zarr array into a new Zarr array",
+        description="Deconvolve INPUT (a Zarr v2/v3 array or a TIFF) chunk by chunk on a Dask "
+        "cluster and write OUTPUT, a new float32 Zarr array of the same shape with provenance "
+        "in its attributes.",
+    )
+    run.add_argument("input", metavar="INPUT", help="input image: Zarr array (v2 or v3) or TIFF")
+    run.add_argument("output", metavar="OUTPUT", help="output Zarr array to create")
+    run.add_argument(
+        "--psf",
+        required=True,
+        metavar="PSF",
+        help="point spread function (.tif, .tiff, .npy or Zarr array) with the image's "
+        "dimensionality; make one with `ssi-dask psf`",
+    )
+    run.add_argument("--method", choices=["lr"], default="lr", help="deconvolution method")
+    run.add_argument(
+        "--iterations",
+        type=int,
+        default=10,
+        metavar="N",
+        help="Lucy-Richardson iterations (default: 10)",
+    )
+    run.add_argument(
+        "--chunks",
+        metavar="SPEC",
+        help="working chunk shape, e.g. 64,256,256 or 256 for every "
+        "axis (default: grown from the input's chunks to ~7M voxels in 3D, 4M in 2D)",
+    )
+    run.add_argument(
+        "--output-chunks",
+        metavar="SPEC",
+        help="chunk shape of the output array (default: the "
+        "input's chunks when the working chunks are multiples of them, else the working chunks)",
+    )
+    run.add_argument(
+        "--depth",
+        metavar="N",
+        help="halo per axis (one integer or one per axis; default: from "
+        "the PSF size and the iteration count)",
+    )
+    run.add_argument(
+        "--zarr-format",
+        type=int,
+        choices=[2, 3],
+        help="Zarr format of the output (default: the input's)",
+    )
+    run.add_argument("--overwrite", action="store_true", help="replace an existing OUTPUT store")
+    run.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the plan (chunks, halo, tasks, memory) and exit without computing or writing",
+    )
+    run.add_argument("--no-progress", action="store_true", help="do not show a progress bar")
+    _add_cluster_options(run)
+    run.set_defaults(handler=_run_command)
+
+    psf = commands.add_parser(
+        "psf",
+        help="generate a widefield PSF from optics",
+        description="Compute a widefield PSF (Gibson-Lanni model, via psfmodels) and write it "
+        "to a .tif/.tiff/.npy file, normalised to sum 1.",
+    )
+    psf.add_argument("output", metavar="OUT", help="file to write (.tif, .tiff or .npy)")
+    psf.add_argument("--na", type=float, required=True, help="numerical aperture, e.g. 0.8")
+    psf.add_argument(
+        "--wavelength", type=float, required=True, help="emission wavelength in micrometres"
+    )
+    psf.add_argument(
+        "--voxel-size",
+        required=True,
+        metavar="DZ,DY,DX",
+        help="voxel size in micrometres: 'dz,dy,dx' for 3D or 'dy,dx' for 2D",
+    )
+    psf.add_argument(
+        "--shape",
+        required=True,
+        metavar="NZ,NY,NX",
+        help="PSF size in voxels: 'nz,ny,nx' (3D) or 'ny,nx' (2D); lateral sizes equal and odd",
+    )
+    psf.add_argument(
+        "--refractive-index",
+        type=float,
+        default=1.33,
+        help="immersion refractive index (default 1.33, water)",
+    )
+    psf.add_argument(
+        "--sample-index",
+        type=float,
+        help="sample refractive index (default: the immersion index, no aberration)",
+    )
+    psf.add_argument(
+        "--z-offset", type=float, default=0.0, help="2D only: defocus of the plane in micrometres"
+    )
+    psf.add_argument(
+        "--model",
+        choices=["scalar", "vectorial", "gaussian"],
+        default="scalar",
+        help="optical model (default: scalar Gibson-Lanni)",
+    )
+    psf.add_argument("--overwrite", action="store_true", help="replace an existing OUT file")
+    psf.set_defaults(handler=_psf_command)
+
+    example = commands.add_parser(
+        "make-example",
+        help="write an example volume (Zarr) and its PSF to try `ssi-dask run` on",
+        description="Generate a blurred, noisy 3D volume (uint16 Zarr v3, 64x512x512 by "
+        "default) with its ground truth and PSF, and print the command that deconvolves it.",
+    )
+    example.add_argument("directory", metavar="DIR", help="folder to write into")
+    example.add_argument(
+        "--shape",
+        default="64,512,512",
+        metavar="NZ,NY,NX",
+        help="volume shape (default: 64,512,512)",
+    )
+    example.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    example.add_argument("--overwrite", action="store_true", help="replace existing files")
+    example.set_defaults(handler=_example_command)
+    return parser
+
+
+def _example_command(args: argparse.Namespace) -> int:
+    from .example import make_example  # noqa: PLC0415
+
+    shape = tuple(int(v) for v in _parse_floats(args.shape, "--shape"))
+    if len(shape) != 3 or min(shape) < 17:
+        raise ParameterError(f"--shape needs 3 sizes of at least 17, got {args.shape!r}")
+    chunks = tuple(min(s, c) for s, c in zip(shape, (32, 128, 128)))
+    paths = make_example(
+        args.directory, shape=shape, chunks=chunks, seed=args.seed, overwrite=args.overwrite
+    )
+    print(f"wrote {paths['volume']} {shape} uint16, {paths['ground_truth']} and {paths['psf']}")
+    output = Path(args.directory) / "deconvolved.zarr"
+    print(f"next: ssi-dask run {paths['volume']} {output} --psf {paths['psf']} --iterations 10")
+    return 0
+
+
+def _parse_floats(text: str, option: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(part) for part in text.split(","))
+    except ValueError:
+        raise ParameterError(
+            f"{option} must be numbers separated by commas, got {text!r}"
+        ) from None
+
+
+def _parse_depth(text: str | None, ndim: int) -> tuple[int, ...] | None:
+    if text is None:
+        return None
+    try:
+        values = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise ParameterError(
+            f"--depth must be integers separated by commas, got {text!r}"
+        ) from None
+    if len(values) == 1:
+        values = values * ndim
+    if len(values) != ndim or any(v < 0 for v in values):
+        raise ParameterError(f"--depth needs 1 or {ndim} non-negative integers, got {text!r}")
+    return values
+
+
+def _psf_command(args: argparse.Namespace) -> int:
+    from .psf import save_psf, widefield_psf  # noqa: PLC0415
+
+    out = Path(args.output)
+    if out.suffix.lower() not in (".tif", ".tiff", ".npy"):
+        raise PSFError(f"cannot write a PSF to {out.suffix!r}; name the output .tif, .tiff or .npy")
+    if out.exists() and not args.overwrite:
+        raise PSFError(f"{str(out)!r} already exists; choose a new name or pass --overwrite")
+    shape = tuple(int(v) for v in _parse_floats(args.shape, "--shape"))
+    voxel_size = _parse_floats(args.voxel_size, "--voxel-size")
+    psf = widefield_psf(
+        shape,
+        voxel_size,
+        na=args.na,
+        wavelength=args.wavelength,
+        refractive_index=args.refractive_index,
+        sample_index=args.sample_index,
+        z_offset=args.z_offset,
+        model=args.model,
+    )
+    save_psf(out, psf, voxel_size)
+    print(f"wrote {out} {psf.shape} (sum 1, peak at {tuple(int(i) // 1 for i in psf.shape)} / 2)")
+    return 0
+
+
+def _run_command(args: argparse.Namespace) -> int:
+    from .blockwise import deconvolve, plan_blocks  # noqa: PLC0415
+    from .cluster import dashboard_link, dask_client  # noqa: PLC0415
+    from .io import check_output_path, open_volume  # noqa: PLC0415
+    from .psf import describe_psf, load_psf  # noqa: PLC0415
+    from .store import write_zarr  # noqa: PLC0415
+
+    volume = open_volume(args.input)
+    psf = load_psf(args.psf, volume.ndim)
+    output = check_output_path(args.output, input_path=volume.path, overwrite=args.overwrite)
+    if args.iterations < 0:
+        raise ParameterError(f"--iterations must be >= 0, got {args.iterations}")
+    depth = _parse_depth(args.depth, volume.ndim)
+    plan = plan_blocks(
+        volume.shape,
+        volume.data.dtype,
+        psf.shape,
+        num_iter=args.iterations,
+        store_chunks=volume.store_chunks,
+        chunks=args.chunks,
+        output_chunks=args.output_chunks,
+        depth=depth,
+    )
+    print(f"ssi-dask {__version__}: {args.method} on {volume.path} -> {output}")
+    print(plan.summary())
+    if args.dry_run:
+        print("dry run: nothing computed or written")
+        return 0
+    provenance = {
+        "ssi_dask": {
+            "version": __version__,
+            "method": args.method,
+            "iterations": args.iterations,
+            "psf": {**describe_psf(psf), "source": str(Path(args.psf).resolve())},
+            "input": volume.path,
+            "depth": list(plan.depth),
+            "working_chunks": list(plan.working_chunks),
+            "command": " ".join(sys.argv[1:]) if sys.argv else "",
+        }
+    }
+    started = time.perf_counter()
+    with dask_client(
+        args.scheduler,
+        scheduler_file=args.scheduler_file,
+        n_workers=args.workers,
+        threads_per_worker=args.threads_per_worker,
+        memory_limit=args.memory_limit,
+        gpu=args.gpu,
+        connect_timeout=args.connect_timeout,
+    ) as client:
+        link = dashboard_link(client)
+        workers = len(client.scheduler_info().get("workers", {}))
+        print(
+            f"dask: {workers} workers, dashboard at {link}" if link else f"dask: {workers} workers"
+        )
+        result = deconvolve(
+            volume.data,
+            psf,
+            method=args.method,
+            num_iter=args.iterations,
+            chunks=plan.working_chunks,
+            depth=plan.depth,
+        )
+        write_zarr(
+            result,
+            output,
+            output_chunks=plan.output_chunks,
+            zarr_format=args.zarr_format or volume.zarr_format or 3,
+            attrs=provenance,
+            input_path=volume.path,
+            overwrite=args.overwrite,
+            client=client,
+            progress=not args.no_progress,
+        )
+    elapsed = time.perf_counter() - started
+    voxels = 1
+    for size in volume.shape:
+        voxels *= size
+    print(f"done in {elapsed:.1f} s ({voxels / max(elapsed, 1e-9) / 1e6:.2f} Mvoxel/s): {output}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``ssi-dask`` command; returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.handler(args) or 0)
+    except SsiDaskError as exc:
+        print(f"ssi-dask: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("ssi-dask: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

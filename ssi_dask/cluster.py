@@ -1,0 +1,128 @@
+"""Connect to a Dask scheduler, or start a local cluster (CPU or one worker per GPU)."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from .errors import DeviceError, ParameterError, SchedulerError
+
+
+def _local_cluster(
+    n_workers: int | None,
+    threads_per_worker: int | None,
+    memory_limit: str | None,
+    gpu: bool,
+) -> Any:
+    if gpu:
+        try:
+            from dask_cuda import LocalCUDACluster  # noqa: PLC0415
+        except ImportError:
+            raise DeviceError(
+                "--gpu needs dask-cuda and CuPy with a CUDA device; install "
+                "'ssi-dask[gpu]' on a machine with a GPU, or drop --gpu"
+            ) from None
+        from ._backend import cupy_or_none  # noqa: PLC0415
+
+        if cupy_or_none() is None:
+            raise DeviceError("--gpu was given but no CUDA device is visible; drop --gpu")
+        return LocalCUDACluster(
+            threads_per_worker=threads_per_worker or 1,
+            memory_limit=memory_limit or "auto",
+            dashboard_address=":0",
+        )
+    from distributed import LocalCluster  # noqa: PLC0415
+
+    cores = os.cpu_count() or 1
+    threads = threads_per_worker or 1
+    workers = n_workers or max(cores // threads, 1)
+    if workers < 1 or threads < 1:
+        raise ParameterError("--workers and --threads-per-worker must be at least 1")
+    return LocalCluster(
+        n_workers=workers,
+        threads_per_worker=threads,
+        memory_limit=memory_limit or "auto",
+        processes=True,
+        dashboard_address=":0",
+        silence_logs=logging.ERROR,
+    )
+
+
+@contextlib.contextmanager
+def dask_client(
+    scheduler: str | None = None,
+    *,
+    scheduler_file: str | os.PathLike | None = None,
+    n_workers: int | None = None,
+    threads_per_worker: int | None = None,
+    memory_limit: str | None = None,
+    gpu: bool = False,
+    connect_timeout: float = 5.0,
+) -> Iterator[Any]:
+    """Yield a ``distributed.Client``: connected to a scheduler, or on a new local cluster.
+
+    Parameters
+    ----------
+    scheduler : str, optional
+        Scheduler address such as ``tcp://10.0.0.1:8786``.
+    scheduler_file : path-like, optional
+        JSON file written by ``dask scheduler --scheduler-file``.
+    n_workers, threads_per_worker, memory_limit
+        Size of the local cluster started when no scheduler is given.
+    gpu : bool
+        Start a ``LocalCUDACluster`` (one worker per GPU) instead of a CPU cluster.
+    connect_timeout : float
+        Seconds to wait for a remote scheduler before failing.
+
+    Raises
+    ------
+    SchedulerError
+        When the scheduler cannot be reached within ``connect_timeout``.
+    """
+    from distributed import Client  # noqa: PLC0415
+
+    if scheduler and scheduler_file:
+        raise ParameterError("give either --scheduler or --scheduler-file, not both")
+    if scheduler or scheduler_file:
+        if scheduler_file is not None and not Path(scheduler_file).exists():
+            raise SchedulerError(
+                f"scheduler file {str(scheduler_file)!r} does not exist; start the scheduler with "
+                "`dask scheduler --scheduler-file FILE` first"
+            )
+        where = scheduler or f"the address in {str(scheduler_file)!r}"
+        try:
+            client = Client(
+                address=scheduler,
+                scheduler_file=str(scheduler_file) if scheduler_file else None,
+                timeout=f"{connect_timeout}s",
+                set_as_default=True,
+            )
+        except (OSError, TimeoutError, ValueError) as exc:
+            raise SchedulerError(
+                f"cannot reach the Dask scheduler at {where} within {connect_timeout:g} s "
+                f"({type(exc).__name__}); check the address and that `dask scheduler` is running"
+            ) from None
+        try:
+            yield client
+        finally:
+            client.close()
+        return
+    cluster = _local_cluster(n_workers, threads_per_worker, memory_limit, gpu)
+    client = Client(cluster, set_as_default=True)
+    try:
+        yield client
+    finally:
+        client.close()
+        cluster.close()
+
+
+def dashboard_link(client: Any) -> str | None:
+    """The dashboard URL of the client's scheduler, or None when it has none."""
+    try:
+        return client.dashboard_link
+    except Exception:
+        return None

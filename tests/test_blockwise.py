@@ -1,0 +1,162 @@
+"""Chunk planning, map_overlap orchestration and Zarr writing against whole-volume results."""
+
+from __future__ import annotations
+
+import dask.array as da
+import numpy as np
+import pytest
+import zarr
+from conftest import smooth_volume
+
+from ssi_dask import deconvolve, write_zarr
+from ssi_dask.blockwise import (
+    check_write_alignment,
+    choose_working_chunks,
+    lr_default_depth,
+    parse_chunks,
+    plan_blocks,
+)
+from ssi_dask.errors import OutputError, ParameterError, PSFError
+from ssi_dask.lr import richardson_lucy
+
+
+def max_relative_error(result, reference):
+    return float(np.abs(result - reference).max() / np.abs(reference).max())
+
+
+@pytest.mark.parametrize("num_iter", [10, 30])
+def test_chunked_equals_whole_volume_3d(volume3d, psf3d, num_iter):
+    whole = richardson_lucy(volume3d, psf3d, num_iter=num_iter)
+    lazy = deconvolve(volume3d, psf3d, num_iter=num_iter, chunks=(24, 32, 24))
+    assert lazy.numblocks == (1, 2, 4)  # 8 chunks
+    chunked = lazy.compute(scheduler="threads")
+    assert chunked.dtype == np.float32 and chunked.shape == volume3d.shape
+    assert max_relative_error(chunked, whole) < 1e-3
+
+
+def test_chunked_equals_whole_volume_2d(psf2d):
+    image = smooth_volume((96, 128), seed=3)
+    whole = richardson_lucy(image, psf2d, num_iter=15)
+    chunked = deconvolve(image, psf2d, num_iter=15, chunks=32).compute(scheduler="threads")
+    assert max_relative_error(chunked, whole) < 1e-3
+
+
+def test_too_small_halo_is_visible(volume3d, psf3d):
+    """The comparison above is meaningful: a halo of 1 leaves clear seams."""
+    whole = richardson_lucy(volume3d, psf3d, num_iter=10)
+    seamy = deconvolve(volume3d, psf3d, num_iter=10, chunks=(24, 32, 24), depth=1).compute()
+    assert max_relative_error(seamy, whole) > 1e-2
+
+
+def test_psf_is_one_key_of_the_graph(volume3d, psf3d):
+    lazy = deconvolve(volume3d, psf3d, num_iter=2, chunks=(24, 32, 24))
+    graph = dict(lazy.__dask_graph__())
+    psf_keys = [key for key in graph if "shared-psf" in str(key)]
+    assert len(psf_keys) == 1
+
+
+def test_deconvolve_reads_zarr_path_and_dask(zarr3d, volume3d, psf3d):
+    from_path = deconvolve(str(zarr3d), psf3d, num_iter=5).compute()
+    from_dask = deconvolve(da.from_array(volume3d, chunks=16), psf3d, num_iter=5).compute()
+    whole = richardson_lucy(volume3d, psf3d, num_iter=5)
+    assert max_relative_error(from_path, whole) < 1e-3
+    assert max_relative_error(from_dask, whole) < 1e-3
+
+
+def test_deconvolve_rejects_bad_psf(volume3d):
+    with pytest.raises(PSFError, match="has 2 dimensions but the image has 3"):
+        deconvolve(volume3d, np.ones((3, 3)))
+    with pytest.raises(PSFError, match="NaN or Inf"):
+        deconvolve(volume3d, np.full((3, 3, 3), np.nan))
+
+
+def test_default_depth_grows_with_iterations():
+    assert lr_default_depth((17, 17, 17), 10) == (18, 18, 18)
+    assert lr_default_depth((17, 17, 17), 100) == (25, 25, 25)
+    assert lr_default_depth((9, 9), 0) == (9, 9)
+    with pytest.raises(ParameterError, match=">= 0"):
+        lr_default_depth((9, 9), -1)
+
+
+def test_working_chunks_are_multiples_of_store_chunks_and_keep_z_deep():
+    chunks = choose_working_chunks((200, 2048, 2048), (1, 256, 256))
+    assert chunks == (200, 256, 256) or chunks[0] == 200
+    chunks = choose_working_chunks((64, 4096, 4096), (16, 100, 100), target_voxels=64 * 400 * 400)
+    assert chunks[0] == 64 and chunks[1] % 100 == 0 and chunks[2] % 100 == 0
+    assert choose_working_chunks((8192, 8192), (512, 512)) == (2048, 2048)
+
+
+def test_plan_aligns_writes_and_counts_tasks():
+    plan = plan_blocks(
+        (64, 512, 512), "uint16", (17, 17, 17), num_iter=10, store_chunks=(16, 64, 64)
+    )
+    assert plan.working_chunks[0] == 64
+    assert all(w % c == 0 for w, c in zip(plan.working_chunks, plan.output_chunks))
+    assert plan.output_chunks == (16, 64, 64)
+    grid = [-(-s // w) for s, w in zip(plan.shape, plan.working_chunks)]
+    assert plan.n_chunks == int(np.prod(grid)) > 1 and plan.n_tasks > plan.n_chunks
+    assert plan.depth[0] == 0  # z is held whole: no halo needed there
+    assert "halo (depth)" in plan.summary()
+
+
+def test_misaligned_writes_are_refused():
+    with pytest.raises(OutputError, match="not multiples of the output chunk size 16"):
+        check_write_alignment(((24, 24, 16),), (16,), (64,))
+    with pytest.raises(OutputError, match="not multiples"):
+        plan_blocks((64, 64), "float32", (5, 5), num_iter=5, chunks=(30, 32), output_chunks=16)
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ("64,abc", "invalid chunk spec"),
+        ("64,64", "has 2 sizes but the image has 3"),
+        ("0", "must be positive"),
+    ],
+)
+def test_parse_chunks_errors(spec, message):
+    with pytest.raises(ParameterError, match=message):
+        parse_chunks(spec, 3)
+
+
+def test_halo_larger_than_chunk_is_refused():
+    with pytest.raises(ParameterError, match="halo 40 along axis 1 exceeds"):
+        plan_blocks((32, 128, 128), "float32", (5, 5, 5), num_iter=5, chunks=(32, 32, 32), depth=40)
+
+
+def test_write_zarr_on_local_cluster(tmp_path, zarr3d, volume3d, psf3d, local_client):
+    lazy = deconvolve(str(zarr3d), psf3d, num_iter=8, chunks=(24, 32, 32))
+    expected = lazy.compute(scheduler="threads")
+    progress = []
+    out = write_zarr(
+        lazy,
+        tmp_path / "out.zarr",
+        output_chunks=(24, 16, 16),
+        attrs={"ssi_dask": {"method": "lr"}},
+        input_path=str(zarr3d),
+        client=local_client,
+        progress=lambda done, total: progress.append((done, total)),
+    )
+    assert out.chunks == (24, 16, 16)
+    np.testing.assert_allclose(out[...], expected, rtol=1e-6, atol=1e-6)
+    assert progress[-1] == (6, 6)
+    assert out.attrs["ssi_dask"]["complete"] is True
+    assert out.attrs["ssi_dask"]["method"] == "lr"
+
+
+def test_write_zarr_v2_without_cluster(tmp_path, volume3d, psf3d):
+    lazy = deconvolve(volume3d, psf3d, num_iter=3, chunks=(24, 32, 48))
+    out = write_zarr(lazy, tmp_path / "v2.zarr", zarr_format=2)
+    assert (tmp_path / "v2.zarr" / ".zarray").exists()
+    reopened = zarr.open_array(str(tmp_path / "v2.zarr"), mode="r")
+    np.testing.assert_allclose(reopened[...], lazy.compute(), rtol=1e-6, atol=1e-6)
+    assert out.attrs["ssi_dask"]["chunks_written"] == 4
+
+
+def test_write_zarr_refuses_existing_output(tmp_path, volume3d, psf3d):
+    target = tmp_path / "exists.zarr"
+    zarr.create_array(store=str(target), shape=(2, 2), dtype="float32")[...] = 7
+    lazy = deconvolve(volume3d, psf3d, num_iter=1)
+    with pytest.raises(OutputError, match="already exists; choose a new path or pass --overwrite"):
+        write_zarr(lazy, target)
+    assert zarr.open_array(str(target), mode="r")[0, 0] == 7
