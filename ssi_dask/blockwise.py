@@ -15,7 +15,7 @@ import dask
 import dask.array as da
 import numpy as np
 
-from .errors import OutputError, ParameterError
+from .errors import DeviceError, OutputError, ParameterError
 
 #: Default working-chunk size in voxels: large enough that per-task compute dwarfs the
 #: scheduler's per-task overhead (DESIGN.md rule 4), small enough for ~1 GiB workers.
@@ -173,10 +173,22 @@ def estimate_lr_task_memory(
     return int(4 * math.prod(padded) + 4 * domain * 5 + 8 * domain)
 
 
-def _lr_chunk(block: np.ndarray, psf: np.ndarray, num_iter: int, options: dict) -> np.ndarray:
-    """Per-chunk task: Lucy-Richardson on one padded block (NumPy or CuPy)."""
+def _lr_chunk(
+    block: np.ndarray, psf: np.ndarray, num_iter: int, options: dict, device: str = "cpu"
+) -> np.ndarray:
+    """Per-chunk task: Lucy-Richardson on one padded block.
+
+    With ``device="gpu"`` the block goes to the worker's current CUDA device as a CuPy array,
+    the same kernel runs there, and the result comes back to host memory for writing.
+    """
     from .lr import richardson_lucy  # noqa: PLC0415
 
+    if device == "gpu":
+        import cupy  # noqa: PLC0415
+
+        restored = richardson_lucy(cupy.asarray(block), psf, num_iter=num_iter, **options)
+        return cupy.asnumpy(restored)
+    options = {"workers": 1, **options}  # Dask runs chunks in parallel: one FFT thread each
     return richardson_lucy(block, psf, num_iter=num_iter, **options)
 
 
@@ -189,6 +201,7 @@ def deconvolve(
     chunks: str | Sequence[int] | None = None,
     depth: int | Sequence[int] | None = None,
     target_voxels: int | None = None,
+    device: str = "cpu",
     **method_options: Any,
 ) -> da.Array:
     """Deconvolve an image chunk by chunk; returns a lazy Dask array (float32).
@@ -209,6 +222,9 @@ def deconvolve(
         Halo per axis; by default derived from the PSF support and ``num_iter``.
     target_voxels : int, optional
         Size of the automatically chosen working chunks.
+    device : {"cpu", "gpu"}
+        Where each chunk is computed: NumPy/SciPy on the CPU, or CuPy on the worker's GPU
+        (dask-cuda workers); the result is always returned in host memory.
     **method_options
         Passed to the per-chunk kernel (e.g. ``eps`` for :func:`ssi_dask.lr.richardson_lucy`).
 
@@ -227,6 +243,13 @@ def deconvolve(
     psf = normalize_psf(psf)
     if method != "lr":
         raise ParameterError(f"unknown method {method!r}; choose 'lr'")
+    if device not in ("cpu", "gpu"):
+        raise ParameterError(f"unknown device {device!r}; choose 'cpu' or 'gpu'")
+    if device == "gpu":
+        from ._backend import cupy_or_none  # noqa: PLC0415
+
+        if cupy_or_none() is None:
+            raise DeviceError("device='gpu' needs CuPy and a CUDA device; use device='cpu'")
     plan = plan_blocks(
         volume.shape,
         volume.data.dtype,
@@ -247,6 +270,7 @@ def deconvolve(
         shared={"psf": psf},
         num_iter=int(num_iter),
         options=dict(method_options),
+        device=device,
     )
 
 
