@@ -243,3 +243,42 @@ def test_help_documents_every_option():
                 assert option in text, (name, option)
             if action.option_strings and action.help is not None:
                 assert action.help.split()[0] in text
+
+
+def test_run_zarr_v2_input_gives_v2_output(tmp_path, volume3d, psf3d_file, psf3d):
+    source = tmp_path / "v2.zarr"
+    array = zarr.create_array(
+        store=str(source),
+        shape=volume3d.shape,
+        chunks=(24, 32, 32),
+        dtype="uint16",
+        zarr_format=2,
+    )
+    array[...] = np.round(volume3d * 1000).astype(np.uint16)
+    out = tmp_path / "out_v2.zarr"
+    result = run_cli(
+        "run",
+        source,
+        out,
+        "--psf",
+        psf3d_file,
+        "--iterations",
+        4,
+        "--workers",
+        1,
+        "--chunks",
+        "24,32,32",
+    )
+    assert result.returncode == 0, result.stderr
+    assert (out / ".zarray").exists()
+    expected = deconvolve(array[...], psf3d, num_iter=4, chunks=(24, 32, 32)).compute()
+    output = zarr.open_array(str(out), mode="r")
+    assert output.dtype == np.float32
+    np.testing.assert_allclose(output[...], expected, rtol=1e-5, atol=1e-3)
+
+
+def test_input_with_wrong_dimensionality(tmp_path, psf3d_file):
+    path = tmp_path / "4d.zarr"
+    zarr.create_array(store=str(path), shape=(2, 8, 8, 8), dtype="float32")
+    result = run_cli("run", path, tmp_path / "o.zarr", "--psf", psf3d_file)
+    _assert_clean_failure(result, "has 4 dimensions (2, 8, 8, 8); give a 2D (y, x) or 3D")
