@@ -15,6 +15,7 @@ import numpy as np
 from .errors import PSFError
 
 PSF_SUFFIXES = (".tif", ".tiff", ".npy", ".zarr")
+PROTOCOL_PSF_FILE = "protocol_psf_17.npy"
 
 
 def validate_psf(psf: np.ndarray, ndim: int | None = None, *, name: str = "PSF") -> None:
@@ -249,8 +250,12 @@ def protocol_psf(ndim: int = 2) -> np.ndarray:
     Gibson-Lanni widefield model, NA 0.8, refractive index 1.33, wavelength 0.6 um,
     0.406 um voxels, a 17x17x17 stack. In 2D, plane 0 of that stack (about 3.2 um out of
     focus, a ring), normalised to sum 1; in 3D, the whole stack.
+
+    The stack ships with the package (computed once with :func:`widefield_psf` and these
+    optics; ``tests/test_psf.py`` checks it against a fresh computation), so benchmarks are
+    reproducible across psfmodels versions and run where psfmodels is not installed.
     """
-    stack = widefield_psf((17, 17, 17), (0.406, 0.406, 0.406), na=0.8, wavelength=0.6)
+    stack = np.load(Path(__file__).with_name("data") / PROTOCOL_PSF_FILE)
     if ndim == 3:
         return stack
     if ndim == 2:

@@ -94,6 +94,11 @@ def test_widefield_psf_from_optics():
     assert low_na[8].max() < psf[8].max()
 
 
+def test_shipped_protocol_psf_matches_a_fresh_computation():
+    fresh = widefield_psf((17, 17, 17), (0.406, 0.406, 0.406), na=0.8, wavelength=0.6)
+    np.testing.assert_allclose(protocol_psf(3), fresh, rtol=1e-4, atol=1e-8)
+
+
 def test_protocol_psf_is_a_defocused_ring():
     ring = protocol_psf(2)
     assert ring.shape == (17, 17) and abs(float(ring.sum()) - 1) < 1e-5
