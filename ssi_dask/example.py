@@ -21,6 +21,7 @@ def make_example(
     shape: tuple[int, int, int] = (64, 512, 512),
     chunks: tuple[int, int, int] = (32, 128, 128),
     seed: int = 0,
+    psf: np.ndarray | None = None,
     overwrite: bool = False,
 ) -> dict[str, Path]:
     """Write ``volume.zarr`` (uint16, Zarr v3), ``ground_truth.zarr`` and ``psf.tif``.
@@ -55,7 +56,8 @@ def make_example(
     )
     truth = gaussian_filter(blobs[: shape[0], : shape[1], : shape[2]].astype(np.float32), 0.7)
     truth = 1000.0 * truth / truth.max() + 20.0
-    psf = widefield_psf((17, 17, 17), EXAMPLE_VOXEL_SIZE, **EXAMPLE_OPTICS)
+    if psf is None:
+        psf = widefield_psf((17, 17, 17), EXAMPLE_VOXEL_SIZE, **EXAMPLE_OPTICS)
     blurred = np.clip(blur(truth, psf), 0, None)
     noisy = rng.poisson(blurred).astype(np.float32) + rng.normal(100.0, 3.0, shape)
     volume = np.clip(np.round(noisy), 0, 65535).astype(np.uint16)

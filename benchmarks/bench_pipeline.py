@@ -1,0 +1,154 @@
+"""Pipeline benchmark: Zarr -> LR on a LocalCluster -> Zarr, against the kernel alone.
+
+Measured in one run on the same data and the same working chunks (with their halos):
+
+* serial: ``richardson_lucy`` on every padded working chunk, one after the other, in this
+  process with one FFT thread (no Dask, no I/O);
+* pipeline: ``ssi_dask.deconvolve`` + ``ssi_dask.write_zarr`` on a LocalCluster of
+  ``--workers`` single-threaded workers, reading and writing Zarr on disk.
+
+Parallel efficiency = serial time / (workers x pipeline wall time). Also reported: tasks per
+chunk in the graph, and each worker's peak resident memory (``ru_maxrss``) over the run.
+
+Usage: ``python benchmarks/bench_pipeline.py [--shape 64,512,512] [--workers 2] [--json F]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import resource
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import zarr
+
+
+def _peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shape", default="64,512,512")
+    parser.add_argument("--chunks", default="64,256,256", help="working chunks")
+    parser.add_argument("--store-chunks", default="32,128,128")
+    parser.add_argument("--iterations", type=int, default=10)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument(
+        "--gpu", action="store_true", help="CuPy chunks on a LocalCUDACluster (one worker per GPU)"
+    )
+    parser.add_argument("--json", help="write the figures to this file")
+    args = parser.parse_args()
+
+    from distributed import Client, LocalCluster
+
+    from ssi_dask import deconvolve, write_zarr
+    from ssi_dask.blockwise import plan_blocks
+    from ssi_dask.example import make_example
+    from ssi_dask.lr import richardson_lucy
+    from ssi_dask.psf import load_psf, protocol_psf
+
+    shape = tuple(int(v) for v in args.shape.split(","))
+    working = tuple(int(v) for v in args.chunks.split(","))
+    store_chunks = tuple(int(v) for v in args.store_chunks.split(","))
+    workdir = Path(tempfile.mkdtemp(prefix="ssi-dask-bench-"))
+    try:
+        paths = make_example(
+            workdir / "data", shape=shape, chunks=store_chunks, psf=protocol_psf(3)
+        )
+        psf = load_psf(paths["psf"], 3)
+        plan = plan_blocks(
+            shape,
+            "uint16",
+            psf.shape,
+            num_iter=args.iterations,
+            store_chunks=store_chunks,
+            chunks=working,
+        )
+        volume = zarr.open_array(str(paths["volume"]), mode="r")
+
+        # serial reference: the kernel on the same padded chunks, one process, one FFT thread
+        if args.gpu:
+            import cupy
+
+            def kernel(block):
+                out = richardson_lucy(cupy.asarray(block), psf, num_iter=args.iterations)
+                return cupy.asnumpy(out)
+        else:
+
+            def kernel(block):
+                return richardson_lucy(block, psf, num_iter=args.iterations, workers=1)
+
+        kernel(np.ones((32, 32, 32), np.float32))  # warm-up
+        serial = 0.0
+        grid = [range(0, s, w) for s, w in zip(shape, plan.working_chunks)]
+        for start in np.stack(np.meshgrid(*grid, indexing="ij"), -1).reshape(-1, 3):
+            region = tuple(
+                slice(max(int(o) - d, 0), min(int(o) + w + d, s))
+                for o, w, d, s in zip(start, plan.working_chunks, plan.depth, shape)
+            )
+            block = np.asarray(volume[region], dtype=np.float32)
+            t0 = time.perf_counter()
+            kernel(block)
+            serial += time.perf_counter() - t0
+
+        cluster = LocalCluster(
+            n_workers=args.workers,
+            threads_per_worker=1,
+            processes=True,
+            dashboard_address=":0",
+            silence_logs=logging.ERROR,
+        )
+        client = Client(cluster)
+        n_workers = len(client.scheduler_info()["workers"])
+        baseline = client.run(_peak_rss_mib)
+        lazy = deconvolve(
+            str(paths["volume"]),
+            psf,
+            num_iter=args.iterations,
+            chunks=plan.working_chunks,
+            depth=plan.depth,
+        )
+        n_tasks = len(lazy.__dask_graph__()) + plan.n_chunks  # + one write task per chunk
+        t0 = time.perf_counter()
+        write_zarr(lazy, workdir / "out.zarr", output_chunks=plan.output_chunks, client=client)
+        wall = time.perf_counter() - t0
+        peaks = client.run(_peak_rss_mib)
+        client.close()
+        cluster.close()
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+    efficiency = serial / (n_workers * wall)
+    figures = {
+        "shape": shape,
+        "working_chunks": plan.working_chunks,
+        "halo": plan.depth,
+        "n_chunks": plan.n_chunks,
+        "iterations": args.iterations,
+        "workers": n_workers,
+        "device": "gpu" if args.gpu else "cpu",
+        "serial_kernel_s": round(serial, 3),
+        "pipeline_wall_s": round(wall, 3),
+        "parallel_efficiency": round(efficiency, 3),
+        "tasks_per_chunk": round(n_tasks / plan.n_chunks, 1),
+        "voxels_per_s": round(math.prod(shape) / wall),
+        "worker_peak_rss_mib": [round(v, 1) for v in peaks.values()],
+        "worker_rss_before_mib": [round(v, 1) for v in baseline.values()],
+        "estimated_task_memory_mib": round(plan.memory_per_task / 2**20, 1),
+    }
+    print("| figure | value |\n| --- | --- |")
+    for key, value in figures.items():
+        print(f"| {key} | {value} |")
+    if args.json:
+        Path(args.json).write_text(json.dumps(figures, indent=2))
+
+
+if __name__ == "__main__":
+    main()
