@@ -7,6 +7,7 @@ out so that each task writes whole output chunks, and how much memory does a tas
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -192,6 +193,27 @@ def _lr_chunk(
     return richardson_lucy(block, psf, num_iter=num_iter, **options)
 
 
+def _ssi_chunk(block: np.ndarray, model: Any, device: str = "cpu") -> np.ndarray:
+    """Per-chunk task: apply a trained SSI network to one padded block.
+
+    The model object is a shared key of the graph: each worker receives it once and every task
+    on that worker uses the same object (and the same copy of the weights on its device).
+    """
+    from .ssi import predict_block  # noqa: PLC0415
+
+    torch_device = "cuda" if device == "gpu" else "cpu"
+    return predict_block(model, block, device=torch_device)
+
+
+def _shared_token(value: Any) -> str:
+    """A content token for a shared object: the array's bytes, or the model's content hash."""
+    if isinstance(value, np.ndarray):
+        return dask.base.tokenize(value)
+    from .ssi import content_hash  # noqa: PLC0415
+
+    return content_hash(value.config, value.network.state_dict())
+
+
 def deconvolve(
     image: Any,
     psf: np.ndarray,
@@ -202,6 +224,7 @@ def deconvolve(
     depth: int | Sequence[int] | None = None,
     target_voxels: int | None = None,
     device: str = "cpu",
+    model: Any = None,
     **method_options: Any,
 ) -> da.Array:
     """Deconvolve an image chunk by chunk; returns a lazy Dask array (float32).
@@ -212,8 +235,8 @@ def deconvolve(
         2D ``(y, x)`` or 3D ``(z, y, x)`` image, or a path to a Zarr array.
     psf : numpy.ndarray
         Point spread function with as many dimensions as the image (normalised here).
-    method : {"lr"}
-        ``"lr"``: Lucy-Richardson per chunk.
+    method : {"lr", "ssi"}
+        ``"lr"``: Lucy-Richardson per chunk; ``"ssi"``: apply a trained SSI model per chunk.
     num_iter : int
         Number of Lucy-Richardson iterations.
     chunks : str or sequence of int, optional
@@ -225,6 +248,11 @@ def deconvolve(
     device : {"cpu", "gpu"}
         Where each chunk is computed: NumPy/SciPy on the CPU, or CuPy on the worker's GPU
         (dask-cuda workers); the result is always returned in host memory.
+    model : SSIModel or path, optional
+        For ``method="ssi"``: the trained model (see :func:`ssi_dask.ssi.train_ssi`) or the
+        path of a checkpoint. The halo is the model's receptive-field radius rounded up to its
+        pooling alignment, and working chunks are multiples of that alignment, so the chunked
+        result equals a whole-image application.
     **method_options
         Passed to the per-chunk kernel (e.g. ``eps`` for :func:`ssi_dask.lr.richardson_lucy`).
 
@@ -241,8 +269,8 @@ def deconvolve(
     volume = open_volume(image)
     validate_psf(psf, volume.ndim)
     psf = normalize_psf(psf)
-    if method != "lr":
-        raise ParameterError(f"unknown method {method!r}; choose 'lr'")
+    if method not in ("lr", "ssi"):
+        raise ParameterError(f"unknown method {method!r}; choose 'lr' or 'ssi'")
     if device not in ("cpu", "gpu"):
         raise ParameterError(f"unknown device {device!r}; choose 'cpu' or 'gpu'")
     if device == "gpu":
@@ -250,6 +278,8 @@ def deconvolve(
 
         if cupy_or_none() is None:
             raise DeviceError("device='gpu' needs CuPy and a CUDA device; use device='cpu'")
+    if method == "ssi":
+        model = _resolve_model(model, volume.ndim)
     plan = plan_blocks(
         volume.shape,
         volume.data.dtype,
@@ -257,12 +287,17 @@ def deconvolve(
         num_iter=num_iter,
         store_chunks=volume.store_chunks,
         chunks=chunks,
-        depth=depth,
+        depth=(model.halo,) * volume.ndim if method == "ssi" and depth is None else depth,
         target_voxels=target_voxels,
+        alignment=model.alignment if method == "ssi" else 1,
     )
     data = volume.data
     if tuple(c[0] for c in data.chunks) != plan.working_chunks:
         data = data.rechunk(plan.working_chunks)
+    if method == "ssi":
+        return apply_chunked(
+            data, _ssi_chunk, depth=plan.depth, shared={"model": model}, device=device
+        )
     return apply_chunked(
         data,
         _lr_chunk,
@@ -272,6 +307,26 @@ def deconvolve(
         options=dict(method_options),
         device=device,
     )
+
+
+def _resolve_model(model: Any, ndim: int) -> Any:
+    """The SSI model given as an object or a checkpoint path, checked against the image."""
+    if model is None:
+        raise ParameterError(
+            "method 'ssi' needs a trained model: pass model= (train_ssi / load_checkpoint)"
+        )
+    if isinstance(model, (str, os.PathLike)):
+        from .ssi import load_checkpoint  # noqa: PLC0415
+
+        model = load_checkpoint(model)
+    if model.ndim != ndim:
+        from .errors import CheckpointError  # noqa: PLC0415
+
+        raise CheckpointError(
+            f"the model was trained on {model.ndim}D images but the input is {ndim}D; "
+            "train a model on this kind of data"
+        )
+    return model
 
 
 def apply_chunked(
@@ -288,7 +343,7 @@ def apply_chunked(
     moves each to a worker once instead of embedding a copy in every task (DESIGN.md rule 6).
     """
     shared_keys = {
-        name: dask.delayed(value, name=f"shared-{name}-{dask.base.tokenize(value)}")
+        name: dask.delayed(value, name=f"shared-{name}-{_shared_token(value)}", traverse=False)
         for name, value in shared.items()
     }
     # An axis held in one chunk needs no halo: boundary="none" leaves its edges as they are.
@@ -332,8 +387,12 @@ def plan_blocks(
     output_chunks: str | Sequence[int] | None = None,
     depth: int | Sequence[int] | None = None,
     target_voxels: int | None = None,
+    alignment: int = 1,
 ) -> BlockPlan:
-    """Choose working chunks, output chunks and halo for a volume; check write alignment."""
+    """Choose working chunks, output chunks and halo for a volume; check write alignment.
+
+    ``alignment`` (an SSI network's pooling grid) makes every working chunk a multiple of it.
+    """
     shape = tuple(int(s) for s in shape)
     ndim = len(shape)
     if depth is None:
@@ -351,10 +410,15 @@ def plan_blocks(
     user_chunks = parse_chunks(chunks, ndim)
     if user_chunks is not None:
         working = tuple(min(c, s) for c, s in zip(user_chunks, shape))
+        for axis, (c, s) in enumerate(zip(working, shape)):
+            if c % alignment and c != s:
+                raise ParameterError(
+                    f"working chunk size {c} along axis {axis} is not a multiple of the model's "
+                    f"alignment {alignment}; choose --chunks as multiples of {alignment}"
+                )
     else:
-        working = choose_working_chunks(
-            shape, store_chunks, target_voxels=target_voxels, min_size=depth
-        )
+        unit = tuple(math.lcm(int(u), alignment) for u in (store_chunks or (1,) * ndim))
+        working = choose_working_chunks(shape, unit, target_voxels=target_voxels, min_size=depth)
     out_chunks = parse_chunks(output_chunks, ndim)
     if out_chunks is None:
         if store_chunks is not None and all(

@@ -1,0 +1,41 @@
+"""Self-Supervised Inversion (SSI, Kobayashi et al. 2020): training, inference, checkpoints.
+
+Public API::
+
+    model = train_ssi(image, psf, seed=0)          # -> SSIModel
+    restored = predict(model, image)               # or model.predict(image)
+    save_checkpoint(model, "model.pt"); model = load_checkpoint("model.pt")
+    predict_block(model, block)                     # pure per-chunk kernel (halo = model.halo)
+"""
+
+from __future__ import annotations
+
+from .checkpoint import content_hash, load_checkpoint, save_checkpoint
+from .device import resolve_device
+from .forward import PSFOperator
+from .masking import bernoulli_mask, mask_input, rho_schedule, validation_mask
+from .model import SSIModel, UNet, receptive_field_radius
+from .predict import predict, predict_block
+from .sampler import PatchSampler, sample_statistics
+from .train import DEFAULTS, train_ssi
+
+__all__ = [
+    "DEFAULTS",
+    "PSFOperator",
+    "PatchSampler",
+    "SSIModel",
+    "UNet",
+    "bernoulli_mask",
+    "content_hash",
+    "load_checkpoint",
+    "mask_input",
+    "predict",
+    "predict_block",
+    "receptive_field_radius",
+    "resolve_device",
+    "rho_schedule",
+    "sample_statistics",
+    "save_checkpoint",
+    "train_ssi",
+    "validation_mask",
+]

@@ -1,0 +1,267 @@
+"""A small 2D/3D UNet for SSI, and its exact receptive field.
+
+Design (chosen for CPU speed and an affordable chunk halo):
+
+- ``depth`` resolution levels, each with two 3x3(x3) convolutions (+ optional BatchNorm, ReLU);
+- down-sampling by 2x2(x2) *average* pooling, up-sampling by nearest neighbour, skip connections by
+  concatenation, a 1x1 output convolution with no activation;
+- average pooling (not max pooling) keeps the network's dependence on every input pixel of its
+  receptive field, so the gradient-based test of :func:`receptive_field_radius` is exact.
+
+The network is not shift-equivariant for shifts that are not multiples of ``2 ** (depth - 1)``
+(the pooling grid): tiled or chunked application must start tiles on that grid (see
+:attr:`UNet.alignment`) and pad each tile's end up to a multiple of it.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import torch
+from torch import nn
+
+from ..errors import ParameterError
+
+__all__ = ["UNet", "receptive_field_radius"]
+
+
+def _conv(ndim: int):
+    return nn.Conv2d if ndim == 2 else nn.Conv3d
+
+
+def _norm(ndim: int):
+    return nn.BatchNorm2d if ndim == 2 else nn.BatchNorm3d
+
+
+class _DoubleConv(nn.Sequential):
+    def __init__(self, ndim: int, cin: int, cout: int, batch_norm: bool, kernel_size: int):
+        layers: list[nn.Module] = []
+        for c_in in (cin, cout):
+            layers.append(
+                _conv(ndim)(c_in, cout, kernel_size, padding=kernel_size // 2, bias=not batch_norm)
+            )
+            if batch_norm:
+                layers.append(_norm(ndim)(cout))
+            layers.append(nn.ReLU(inplace=True))
+        super().__init__(*layers)
+
+
+class UNet(nn.Module):
+    """UNet for 2D or 3D single-channel images.
+
+    Parameters
+    ----------
+    ndim : {2, 3}
+        Number of spatial dimensions.
+    depth : int
+        Number of resolution levels (1 = no down-sampling).
+    base_channels : int
+        Channels at the finest level; doubled at each coarser level up to ``max_channels``.
+    max_channels : int
+        Cap on the number of channels.
+    batch_norm : bool
+        BatchNorm after each convolution (folded into an affine map in eval mode).
+    kernel_size : int
+        Odd convolution kernel size (3 by default).
+    """
+
+    def __init__(
+        self,
+        ndim: int = 2,
+        depth: int = 3,
+        base_channels: int = 16,
+        max_channels: int = 64,
+        batch_norm: bool = True,
+        kernel_size: int = 3,
+    ):
+        super().__init__()
+        if ndim not in (2, 3):
+            raise ParameterError(f"ndim must be 2 or 3, got {ndim}")
+        if depth < 1 or base_channels < 1 or kernel_size < 1 or kernel_size % 2 == 0:
+            raise ParameterError(
+                "depth and base_channels must be >= 1 and kernel_size odd, got "
+                f"depth={depth}, base_channels={base_channels}, kernel_size={kernel_size}"
+            )
+        self.config = dict(
+            ndim=int(ndim),
+            depth=int(depth),
+            base_channels=int(base_channels),
+            max_channels=int(max_channels),
+            batch_norm=bool(batch_norm),
+            kernel_size=int(kernel_size),
+        )
+        chans = [min(base_channels * 2**i, max_channels) for i in range(depth)]
+        self.encoders = nn.ModuleList()
+        cin = 1
+        for c in chans:
+            self.encoders.append(_DoubleConv(ndim, cin, c, batch_norm, kernel_size))
+            cin = c
+        self.decoders = nn.ModuleList()
+        for level in range(depth - 2, -1, -1):
+            self.decoders.append(
+                _DoubleConv(
+                    ndim, chans[level] + chans[level + 1], chans[level], batch_norm, kernel_size
+                )
+            )
+        self.head = _conv(ndim)(chans[0], 1, 1)
+        self.pool = nn.AvgPool2d(2) if ndim == 2 else nn.AvgPool3d(2)
+        self.up = nn.Upsample(scale_factor=2, mode="nearest")
+
+    @property
+    def ndim(self) -> int:
+        return self.config["ndim"]
+
+    @property
+    def alignment(self) -> int:
+        """Tiles must start on multiples of this and have sizes that are multiples of it."""
+        return 2 ** (self.config["depth"] - 1)
+
+    @property
+    def receptive_field_radius(self) -> int:
+        """Exact one-sided receptive-field radius in pixels (worst case over positions)."""
+        return receptive_field_radius(self)
+
+    @property
+    def halo(self) -> int:
+        """Chunk halo that makes chunked application equal whole-image application.
+
+        The receptive-field radius rounded up to a multiple of :attr:`alignment`.
+        """
+        a = self.alignment
+        return -(-self.receptive_field_radius // a) * a
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        skips = []
+        for i, enc in enumerate(self.encoders):
+            x = enc(x)
+            if i < len(self.encoders) - 1:
+                skips.append(x)
+                x = self.pool(x)
+        for dec in self.decoders:
+            x = dec(torch.cat([skips.pop(), self.up(x)], dim=1))
+        return self.head(x)
+
+
+@lru_cache(maxsize=64)
+def _radius(depth: int, kernel_size: int) -> int:
+    """Exact receptive-field radius of the UNet above, by interval propagation in 1D.
+
+    Separable structure: the dependence along each axis is an interval [lo(i), hi(i)] of input
+    positions for output position i; it is periodic in i with period 2 ** (depth - 1).
+    """
+    k = kernel_size // 2  # radius of one convolution
+    conv2 = 2 * k  # two convolutions per block
+
+    def interval(level: int, i: int) -> tuple[int, int]:
+        # Sub-network from `level` downwards: input and output at that level's resolution.
+        if level == depth - 1:  # bottom: one double conv
+            return i - conv2, i + conv2
+        lo, hi = None, None
+        for j in range(i - conv2, i + conv2 + 1):  # decoder double conv
+            a, b = j - conv2, j + conv2  # skip branch: encoder double conv
+            sa, sb = interval(level + 1, j // 2)  # coarse branch at j // 2 (nearest up-sampling)
+            # coarse positions [sa, sb] <- pooled encoder output <- encoder at [2sa, 2sb + 1]
+            a = min(a, 2 * sa - conv2)
+            b = max(b, 2 * sb + 1 + conv2)
+            lo = a if lo is None else min(lo, a)
+            hi = b if hi is None else max(hi, b)
+        return lo, hi
+
+    period = 2 ** (depth - 1)
+    radius = 0
+    for i in range(period, 2 * period):
+        lo, hi = interval(0, i)
+        radius = max(radius, i - lo, hi - i)
+    return radius
+
+
+def receptive_field_radius(model) -> int:
+    """Exact receptive-field radius (pixels, one side) of a :class:`UNet` or an SSI model."""
+    net = getattr(model, "network", model)
+    cfg = net.config
+    return _radius(cfg["depth"], cfg["kernel_size"])
+
+
+class SSIModel:
+    """A trained SSI network with everything needed to apply it.
+
+    Attributes
+    ----------
+    network : UNet
+        The network (kept on the CPU between uses; moved to the inference device on demand).
+    normalisation : dict
+        ``offset`` and ``scale`` (network input = (image - offset) / scale) and ``output_range``
+        (the clip range of the output, in normalised units).
+    psf : numpy.ndarray
+        The PSF the model was trained for.
+    training : dict
+        The training settings.
+    log : list of dict
+        Training history (one entry per evaluation) and the run summaries.
+    """
+
+    def __init__(
+        self,
+        network: UNet,
+        normalisation: dict,
+        psf,
+        training: dict | None = None,
+        log: list | None = None,
+    ):
+        import numpy as np  # noqa: PLC0415
+
+        self.network = network
+        self.normalisation = {
+            "offset": float(normalisation["offset"]),
+            "scale": float(normalisation["scale"]),
+            "output_range": tuple(float(v) for v in normalisation.get("output_range", (0.0, 1.0))),
+        }
+        self.psf = np.asarray(psf, dtype=np.float32)
+        self.training = dict(training or {})
+        self.log = list(log or [])
+
+    @property
+    def config(self) -> dict:
+        return dict(self.network.config)
+
+    @property
+    def ndim(self) -> int:
+        return self.network.ndim
+
+    @property
+    def receptive_field_radius(self) -> int:
+        return receptive_field_radius(self.network)
+
+    @property
+    def halo(self) -> int:
+        return self.network.halo
+
+    @property
+    def alignment(self) -> int:
+        return self.network.alignment
+
+    @property
+    def symmetries(self) -> list:
+        """PSF symmetries (flip axes, swap) averaged at inference."""
+        sym = self.training.get("symmetries")
+        return [((), False)] if not sym else [(tuple(f), bool(w)) for f, w in sym]
+
+    @property
+    def value_range(self) -> tuple[float, float]:
+        """Clip range of the output in image units."""
+        lo, hi = self.normalisation["output_range"]
+        o, s = self.normalisation["offset"], self.normalisation["scale"]
+        return lo * s + o, hi * s + o
+
+    def predict(self, image, **kwargs):
+        """Restore ``image`` (see :func:`ssi_dask.ssi.predict`)."""
+        from .predict import predict  # noqa: PLC0415
+
+        return predict(self, image, **kwargs)
+
+    def __repr__(self) -> str:
+        c = self.config
+        return (
+            f"SSIModel({c['ndim']}D UNet depth={c['depth']} base_channels={c['base_channels']}, "
+            f"halo={self.halo}, psf={tuple(self.psf.shape)})"
+        )

@@ -1,0 +1,164 @@
+"""SSI inference: a pure per-array kernel and tiled whole-image prediction.
+
+``predict_block`` is the per-chunk kernel (array in, array out). Used inside
+``dask.array.map_overlap`` it needs ``depth = model.halo`` and chunk sizes that are multiples of
+``model.alignment`` so that every block starts on the network's pooling grid; then the chunked
+result equals the whole-image result (up to float rounding).
+
+``predict`` restores an in-memory image: it pads the image by the halo (reflect), cuts tiles on
+the pooling grid, runs each tile with its halo, and keeps the tile centres. Because the halo is at
+least the receptive-field radius, tiling changes nothing.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import torch
+
+from ..errors import ParameterError
+from .device import resolve_device
+from .symmetry import apply as apply_transform
+from .symmetry import invert as invert_transform
+
+__all__ = ["predict", "predict_block", "run_network"]
+
+
+def _autocast(dev: torch.device, amp: bool):
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=dev.type == "cuda" and amp)
+
+
+@torch.no_grad()
+def run_network(
+    network, blocks: np.ndarray, dev: torch.device, amp: bool = False, transforms=None
+) -> np.ndarray:
+    """Run the network on a batch of normalised blocks ``(N, *spatial)``.
+
+    With ``transforms`` (PSF symmetries), the result is the average over the transforms of the
+    network applied to the transformed block, transformed back (test-time averaging).
+
+    Each spatial size is padded at its *end* (reflect) up to a multiple of the network's
+    alignment, which keeps the pooling grid anchored at the block origin; the padding is cropped.
+    """
+    a = network.alignment
+    spatial = blocks.shape[1:]
+    pad = [(0, 0)] + [(0, (-s) % a) for s in spatial]
+    if any(p[1] for p in pad):
+        mode = "reflect" if all(s > p[1] for s, p in zip(spatial, pad[1:])) else "edge"
+        blocks = np.pad(blocks, pad, mode=mode)
+    x = torch.from_numpy(np.ascontiguousarray(blocks, dtype=np.float32))[:, None].to(dev)
+    transforms = transforms or [((), False)]
+    acc = None
+    for t in transforms:
+        with _autocast(dev, amp):
+            y = invert_transform(network(apply_transform(x, t).contiguous()), t).float()
+        acc = y if acc is None else acc + y
+    y = (acc / len(transforms))[:, 0].cpu().numpy()
+    return y[(slice(None), *[slice(0, s) for s in spatial])]
+
+
+def _prepare(model, device):
+    dev = resolve_device(device)
+    net = model.network
+    if next(net.parameters()).device != dev:
+        net = net.to(dev)
+        model.network = net
+    net.eval()
+    return net, dev
+
+
+def _normalise(model, x):
+    n = model.normalisation
+    return (np.asarray(x, dtype=np.float32) - np.float32(n["offset"])) / np.float32(n["scale"])
+
+
+def _denormalise(model, y):
+    n = model.normalisation
+    lo, hi = n["output_range"]
+    y = np.clip(y, lo, hi)
+    return (y * np.float32(n["scale"]) + np.float32(n["offset"])).astype(np.float32)
+
+
+def predict_block(model, block, device="auto", amp: bool = False, tta: bool = True) -> np.ndarray:
+    """Apply a trained model to one block (e.g. a chunk with its halo); same shape out.
+
+    Normalises with the stored statistics, runs the network, undoes the normalisation and clips
+    to the model's value range. Pure: no I/O, no global state.
+    """
+    net, dev = _prepare(model, device)
+    x = _normalise(model, block)
+    transforms = model.symmetries if tta else None
+    return _denormalise(model, run_network(net, x[None], dev, amp, transforms)[0])
+
+
+def predict(
+    model,
+    image,
+    tile_shape=None,
+    device="auto",
+    batch_size: int = 1,
+    amp: bool = False,
+    tta: bool = True,
+) -> np.ndarray:
+    """Restore an in-memory 2D/3D image with a trained SSI model.
+
+    Parameters
+    ----------
+    model : SSIModel
+        Trained model (see :func:`train_ssi`, :func:`load_checkpoint`).
+    image : array-like
+        Image with the model's number of dimensions.
+    tile_shape : int or sequence of int, optional
+        Size of the kept part of each tile (rounded up to the alignment); the network runs on
+        ``tile + 2 * halo``. Default: the whole image in one tile.
+    device : str
+        ``"auto"``, ``"cpu"`` or ``"cuda[:N]"``.
+    batch_size : int
+        Tiles per network call.
+    amp : bool
+        bfloat16 autocast on CUDA (faster, agrees with float32 to about 1e-2).
+    tta : bool
+        Average over the PSF's symmetries (flips / axis swaps; up to 8x the compute in 2D,
+        16x in 3D). Strongly reduces null-space artefacts.
+
+    Returns
+    -------
+    numpy.ndarray
+        float32 restoration, clipped to ``model.value_range``.
+    """
+    image = np.asarray(image)
+    if image.ndim != model.ndim:
+        raise ParameterError(f"the model is {model.ndim}D but the image has shape {image.shape}")
+    net, dev = _prepare(model, device)
+    a, halo = model.alignment, model.halo
+    shape = image.shape
+    if tile_shape is None:
+        tile = tuple(-(-s // a) * a for s in shape)
+    else:
+        tile = (int(tile_shape),) * image.ndim if np.isscalar(tile_shape) else tuple(tile_shape)
+        if len(tile) != image.ndim or min(tile) < 1:
+            raise ParameterError(f"tile_shape {tile_shape} does not fit a {image.ndim}D image")
+        tile = tuple(-(-min(t, s) // a) * a for t, s in zip(tile, shape))
+    counts = [-(-s // t) for s, t in zip(shape, tile)]
+    # pad: halo before, halo + the remainder of the last tile after
+    pad = [(halo, halo + c * t - s) for s, t, c in zip(shape, tile, counts)]
+    x = _normalise(model, image)
+    mode = "reflect" if all(s > max(p) for s, p in zip(shape, pad)) else "symmetric"
+    if mode == "symmetric" and any(s < max(p) for s, p in zip(shape, pad)):
+        mode = "edge"
+    xp = np.pad(x, pad, mode=mode)
+    out = np.empty(tuple(c * t for c, t in zip(counts, tile)), dtype=np.float32)
+    corners = list(itertools.product(*[range(0, c * t, t) for c, t in zip(counts, tile)]))
+    for i in range(0, len(corners), max(int(batch_size), 1)):
+        group = corners[i : i + batch_size]
+        blocks = np.stack(
+            [xp[tuple(slice(c, c + t + 2 * halo) for c, t in zip(cor, tile))] for cor in group]
+        )
+        res = run_network(net, blocks, dev, amp, model.symmetries if tta else None)
+        for cor, r in zip(group, res):
+            out[tuple(slice(c, c + t) for c, t in zip(cor, tile))] = r[
+                tuple(slice(halo, halo + t) for t in tile)
+            ]
+    out = out[tuple(slice(0, s) for s in shape)]
+    return _denormalise(model, out)

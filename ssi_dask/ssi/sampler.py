@@ -1,0 +1,74 @@
+"""Random patches from any array-like (NumPy, Zarr, Dask), reading only what is needed.
+
+The sampler never loads the whole image: each patch is read with a tuple of slices and converted
+with ``np.asarray`` (which computes a Dask slice or reads the Zarr chunks it touches).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..errors import ParameterError
+
+__all__ = ["PatchSampler", "read_region", "sample_statistics"]
+
+
+def read_region(array, origin, shape) -> np.ndarray:
+    """Read ``array[origin : origin + shape]`` as float32 NumPy."""
+    sl = tuple(slice(int(o), int(o) + int(s)) for o, s in zip(origin, shape))
+    return np.asarray(array[sl], dtype=np.float32)
+
+
+class PatchSampler:
+    """Draws random patch origins uniformly over the image and reads the patches.
+
+    Parameters
+    ----------
+    array : array-like
+        Anything with ``.shape`` and NumPy-style slice indexing.
+    patch_shape : sequence of int
+        Patch size per axis (clipped to the image size).
+    seed : int
+        Seed of the origin generator.
+    """
+
+    def __init__(self, array, patch_shape, seed: int = 0):
+        self.array = array
+        self.shape = tuple(int(s) for s in array.shape)
+        if len(patch_shape) != len(self.shape):
+            raise ParameterError(
+                f"patch shape {tuple(patch_shape)} does not match image shape {self.shape}"
+            )
+        self.patch_shape = tuple(min(int(p), s) for p, s in zip(patch_shape, self.shape))
+        self.rng = np.random.default_rng(seed)
+
+    def origins(self, n: int) -> np.ndarray:
+        highs = [s - p + 1 for s, p in zip(self.shape, self.patch_shape)]
+        return np.stack([self.rng.integers(0, h, size=n) for h in highs], axis=1)
+
+    def read(self, origin) -> np.ndarray:
+        return read_region(self.array, origin, self.patch_shape)
+
+    def batch(self, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """``n`` random patches, shape ``(n, *patch_shape)``, and their origins."""
+        origins = self.origins(n)
+        return np.stack([self.read(o) for o in origins]), origins
+
+
+def sample_statistics(
+    array, percentiles=(0.1, 99.9), n_patches: int = 64, patch_side: int = 64, seed: int = 0
+) -> tuple[float, float]:
+    """Robust low/high percentiles of the image from ``n_patches`` random patches."""
+    ndim = len(array.shape)
+    sampler = PatchSampler(array, (patch_side,) * ndim, seed=seed)
+    n_total = int(np.prod(array.shape))
+    if n_total <= n_patches * patch_side**ndim:
+        values = np.asarray(array, dtype=np.float32).ravel()
+    else:
+        values, _ = sampler.batch(n_patches)
+        values = values.ravel()
+    values = values[np.isfinite(values)]
+    if values.size == 0:
+        raise ParameterError("the image has no finite values to normalise with")
+    lo, hi = np.percentile(values, percentiles)
+    return float(lo), float(hi)

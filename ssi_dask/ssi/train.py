@@ -1,0 +1,481 @@
+"""SSI training: J-invariant masking, PSF forward model, validation pixels, restarts.
+
+One training run:
+
+1. normalisation statistics (robust percentiles) from random patches, stored with the model;
+2. a fixed validation set: random patches whose *validation pixels* (a deterministic ~10 % of the
+   image, a hash of the global coordinates) are hidden in the input and scored by the forward
+   model; these pixels never enter the training loss;
+3. ``steps`` Adam steps with a one-cycle learning rate, each on a batch of random patches drawn
+   from the whole image; masked L2 loss on the patch interior (cropped by the PSF radius, where
+   the forward model has full context) + the bounds penalty of the reference;
+4. the weights with the best validation loss are kept.
+
+Failure detection without ground truth: the validation loss is compared with that of the
+trivial solutions evaluated the same J-invariant way (the identity and Lucy-Richardson with 2, 5,
+10, 20 iterations, each on the masked input); a run that does not beat the best of them (or gives
+NaN) counts as failed and training restarts with another seed, up to ``restarts`` times, keeping
+the best run.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import sys
+import time
+from collections.abc import Callable
+
+import numpy as np
+import torch
+
+from ..errors import ParameterError
+from .device import resolve_device
+from .forward import PSFOperator
+from .masking import bernoulli_mask, mask_input, rho_schedule, validation_mask
+from .model import SSIModel, UNet
+from .sampler import PatchSampler, sample_statistics
+from .symmetry import apply as apply_transform
+from .symmetry import psf_symmetries
+
+__all__ = ["train_ssi", "DEFAULTS"]
+
+DEFAULTS = {
+    2: dict(patch_size=96, batch_size=16, steps=800, depth=3, base_channels=8),
+    3: dict(patch_size=48, batch_size=4, steps=600, depth=3, base_channels=8),
+}
+
+
+def _lr_baselines(op: PSFOperator, x_in: torch.Tensor, iters=(2, 5, 10, 20)) -> dict:
+    """Lucy-Richardson on a (masked) normalised batch; returns {n: estimate}."""
+    eps = 1e-6
+    y = x_in.clamp_min(0) + eps
+    est = torch.full_like(y, float(y.mean()))
+    out = {}
+    for n in range(1, max(iters) + 1):
+        ratio = y / op.same(est).clamp_min(eps)
+        est = est * op.same_transpose(ratio)
+        if n in iters:
+            out[n] = est.clone()
+    return out
+
+
+class _NullSpacePenalty:
+    """Energy per pixel of the output at poorly transmitted frequencies (1 - |OTF|^2 weights)."""
+
+    def __init__(self, op: PSFOperator, x_shape, device):
+        nd = len(x_shape)
+        win = torch.ones(x_shape, device=device)
+        for ax, n in enumerate(x_shape):
+            w = torch.hann_window(n, periodic=False, device=device) ** 0.5
+            shape = [1] * nd
+            shape[ax] = n
+            win = win * w.reshape(shape)
+        self.window = win
+        h2 = op._otf(x_shape).abs() ** 2
+        self.weight = (1 - h2 / h2.max()).clamp_min(0)
+        self.norm = float(win.pow(2).sum()) * float(np.prod(x_shape)) / 2
+        self.dims = tuple(range(-nd, 0))
+
+    def __call__(self, out: torch.Tensor) -> torch.Tensor:
+        f = torch.fft.rfftn(out.float() * self.window, dim=self.dims)
+        return (self.weight * (f.real**2 + f.imag**2)).sum() / (self.norm * out.shape[0])
+
+
+class _Validator:
+    """Fixed validation patches and their J-invariant loss."""
+
+    def __init__(self, patches, vmasks, op: PSFOperator, device):
+        self.x = torch.from_numpy(patches)[:, None].to(device)
+        self.v = torch.from_numpy(vmasks)[:, None].to(device)
+        self.op = op
+        self.x_in = mask_input(self.x, self.v)
+        self.weight = op.crop(self.v).float()
+        self.target = op.crop(self.x)
+
+    def loss_of(self, estimate: torch.Tensor, clip=(0.0, 1.0)) -> float:
+        blurred = self.op.valid(estimate.float().clamp(*clip))
+        err = (blurred - self.target) ** 2 * self.weight
+        return float(err.sum() / self.weight.sum().clamp_min(1))
+
+    @torch.no_grad()
+    def evaluate(self, net, clip, autocast, chunk: int = 4) -> float:
+        net.eval()
+        outs = []
+        for i in range(0, self.x_in.shape[0], chunk):
+            with autocast():
+                outs.append(net(self.x_in[i : i + chunk]).float())
+        net.train()
+        return self.loss_of(torch.cat(outs), clip)
+
+    @torch.no_grad()
+    def baselines(self, clip) -> dict:
+        res = {"identity": self.loss_of(self.x_in, clip)}
+        for n, est in _lr_baselines(self.op, self.x_in).items():
+            res[f"lr{n}"] = self.loss_of(est, clip)
+        return res
+
+
+def _progress_fn(progress) -> Callable[[dict], None] | None:
+    if callable(progress):
+        return progress
+    if progress:
+
+        def show(entry):
+            if "val_loss" in entry:
+                print(
+                    f"[ssi] run {entry['run']} step {entry['step']:5d}  "
+                    f"train {entry['train_loss']:.5f}  val {entry['val_loss']:.5f}  "
+                    f"rho {entry['rho']:.3f}  {entry['elapsed_s']:.0f}s",
+                    file=sys.stderr,
+                    flush=True,
+                )
+
+        return show
+    return None
+
+
+def train_ssi(
+    image,
+    psf,
+    *,
+    seed: int = 0,
+    device="auto",
+    steps: int | None = None,
+    patch_size: int | None = None,
+    batch_size: int | None = None,
+    depth: int | None = None,
+    base_channels: int | None = None,
+    max_channels: int = 64,
+    batch_norm: bool = True,
+    learning_rate: float = 4e-3,
+    weight_decay: float = 1e-5,
+    rho_start: float = 0.5,
+    rho_target: float = 0.1,
+    rho_decay_fraction: float = 0.25,
+    validation_density: float = 0.1,
+    validation_patches: int | None = None,
+    eval_every: int = 50,
+    patience: int | None = None,
+    restarts: int = 2,
+    norm_percentiles=(0.01, 99.99),
+    output_range=(0.0, 1.0),
+    bounds_weight: float = 0.1,
+    null_space_weight: float = 0.1,
+    augment: bool = True,
+    max_time: float | None = None,
+    num_threads: int | None = None,
+    progress=False,
+) -> SSIModel:
+    """Train an SSI network on one image (2D or 3D) without ground truth.
+
+    Parameters
+    ----------
+    image : array-like
+        2D or 3D image (NumPy, Zarr, Dask...). Only random patches are read.
+    psf : array-like
+        The PSF, same number of dimensions as the image.
+    seed : int
+        Seed of the weights, patch positions, masks (same seed and device -> same weights).
+        Restart ``r`` uses ``seed + 1000 * r``.
+    device : str
+        ``"auto"``, ``"cpu"`` or ``"cuda[:N]"``. Mixed precision (bfloat16 autocast) on CUDA.
+    steps : int
+        Optimiser steps per run (one-cycle schedule over them). Default 800 (2D), 600 (3D).
+    patch_size, batch_size : int
+        Patch side and patches per step. Defaults 96 / 16 (2D), 48 / 4 (3D).
+    depth, base_channels, max_channels, batch_norm :
+        UNet architecture (defaults: depth 3, 8 base channels).
+    learning_rate, weight_decay : float
+        Peak learning rate of the one-cycle schedule and AdamW weight decay.
+    rho_start, rho_target, rho_decay_fraction : float
+        Masking density decays from ``rho_start`` to ``rho_target`` over the first
+        ``rho_decay_fraction`` of the steps.
+    validation_density : float
+        Fraction of pixels held out from the training loss for validation.
+    validation_patches : int
+        Number of fixed validation patches (default: 2 batches' worth).
+    eval_every : int
+        Steps between validation evaluations.
+    patience : int, optional
+        Stop a run after this many evaluations without improvement (default: never before the
+        schedule ends).
+    restarts : int
+        Extra runs allowed when a run fails (does not beat the identity and LR baselines on the
+        validation loss).
+    norm_percentiles : (float, float)
+        Percentiles of the image that map to 0 and 1 for the network.
+    output_range : (float, float)
+        Clip range of the output in normalised units.
+    bounds_weight : float
+        Weight of the penalty on raw outputs outside ``output_range``.
+    null_space_weight : float
+        Weight of a Wiener-like penalty on the output's energy at frequencies the PSF transmits
+        poorly (weight ``1 - |OTF|^2``, Hann-tapered patch). The masked loss cannot see those
+        frequencies, so without it the network leaves noise-like textures there.
+    augment : bool
+        Random flips / axis swaps of each batch, restricted to the symmetries of the PSF (which
+        leave the forward model unchanged). The same symmetries are averaged at inference.
+    max_time : float, optional
+        Wall-clock budget in seconds for each run (stops early; not reproducible).
+    num_threads : int, optional
+        ``torch.set_num_threads`` for CPU training.
+    progress : bool or callable
+        Print progress lines, or call ``progress(entry)`` at each evaluation.
+
+    Returns
+    -------
+    SSIModel
+    """
+    ndim = len(image.shape)
+    if ndim not in (2, 3):
+        raise ParameterError(f"SSI needs a 2D or 3D image, got shape {tuple(image.shape)}")
+    psf = np.asarray(psf, dtype=np.float32)
+    if psf.ndim != ndim:
+        raise ParameterError(f"PSF has {psf.ndim} dimensions but the image has {ndim}")
+    psf = psf / psf.sum()
+    d = DEFAULTS[ndim]
+    steps = int(steps or d["steps"])
+    batch_size = int(batch_size or d["batch_size"])
+    depth = int(depth or d["depth"])
+    base_channels = int(base_channels or d["base_channels"])
+    align = 2 ** (depth - 1)
+    patch = int(patch_size or d["patch_size"])
+    patch_shape = tuple(max(min(patch, s) // align * align, align) for s in image.shape)
+    if any(p < k + 4 for p, k in zip(patch_shape, psf.shape)):
+        raise ParameterError(
+            f"patches {patch_shape} must be larger than the PSF {psf.shape} (+4); "
+            "use a larger image or patch_size, or crop the PSF"
+        )
+    if steps < 1 or batch_size < 1:
+        raise ParameterError("steps and batch_size must be >= 1")
+    if not 0 < rho_target <= rho_start < 1:
+        raise ParameterError("need 0 < rho_target <= rho_start < 1")
+    dev = resolve_device(device)
+    if num_threads and dev.type == "cpu":
+        torch.set_num_threads(int(num_threads))
+
+    lo, hi = sample_statistics(image, norm_percentiles, seed=seed)
+    scale = hi - lo if hi > lo else 1.0
+    normalisation = {"offset": lo, "scale": scale, "output_range": tuple(output_range)}
+    clip = tuple(float(v) for v in output_range)
+
+    op = PSFOperator(psf, dev)
+    n_val = int(validation_patches or 2 * batch_size)
+    val_sampler = PatchSampler(image, patch_shape, seed=seed + 7919)
+    vpatches, vorigins = val_sampler.batch(n_val)
+    vpatches = (vpatches - lo) / scale
+    vmasks = np.stack([validation_mask(o, patch_shape, validation_density, seed) for o in vorigins])
+    validator = _Validator(vpatches.astype(np.float32), vmasks, op, dev)
+    baselines = validator.baselines(clip)
+    best_baseline = min(baselines.values())
+    # A run fails when it does not capture at least half of the validation-loss gain that the
+    # best Lucy-Richardson baseline makes over the identity (the null-space penalty trades a
+    # little data fit for smoothness, so requiring a strictly lower loss than LR is too strict).
+    fail_threshold = best_baseline + 0.5 * (baselines["identity"] - best_baseline)
+
+    settings = dict(
+        seed=seed,
+        steps=steps,
+        patch_shape=list(patch_shape),
+        batch_size=batch_size,
+        learning_rate=learning_rate,
+        weight_decay=weight_decay,
+        rho_start=rho_start,
+        rho_target=rho_target,
+        rho_decay_fraction=rho_decay_fraction,
+        validation_density=validation_density,
+        validation_patches=n_val,
+        eval_every=eval_every,
+        patience=patience,
+        restarts=restarts,
+        norm_percentiles=list(norm_percentiles),
+        bounds_weight=bounds_weight,
+        null_space_weight=null_space_weight,
+        device=str(dev),
+        loss="masked L2 on PSF-valid interior",
+    )
+    symmetries = psf_symmetries(psf)
+    settings["symmetries"] = [[list(f), bool(w)] for f, w in symmetries]
+    report = _progress_fn(progress)
+    log: list[dict] = [{"baselines": baselines}]
+    best = None  # (val_loss, state_dict, run)
+    arch = dict(
+        ndim=ndim,
+        depth=depth,
+        base_channels=base_channels,
+        max_channels=max_channels,
+        batch_norm=batch_norm,
+    )
+    for run in range(restarts + 1):
+        run_seed = seed + 1000 * run
+        val, state, run_log = _train_run(
+            image,
+            arch,
+            op,
+            validator,
+            patch_shape,
+            normalisation,
+            run_seed,
+            run,
+            dev,
+            steps,
+            batch_size,
+            learning_rate,
+            weight_decay,
+            rho_start,
+            rho_target,
+            rho_decay_fraction,
+            validation_density,
+            seed,
+            eval_every,
+            patience,
+            clip,
+            bounds_weight,
+            null_space_weight,
+            max_time,
+            report,
+            symmetries if augment else [((), False)],
+        )
+        failed = not math.isfinite(val) or val >= fail_threshold
+        log.extend(run_log)
+        log.append(
+            {
+                "run": run,
+                "seed": run_seed,
+                "best_val_loss": val,
+                "failed": failed,
+                "best_baseline": best_baseline,
+                "fail_threshold": fail_threshold,
+            }
+        )
+        if math.isfinite(val) and (best is None or val < best[0]):
+            best = (val, state, run)
+        if not failed:
+            break
+    if best is None:
+        raise RuntimeError("SSI training diverged (NaN loss) in every run; lower learning_rate")
+    net = UNet(**arch)
+    net.load_state_dict(best[1])
+    net.eval()
+    settings["selected_run"] = best[2]
+    settings["val_loss"] = best[0]
+    settings["baseline_val_losses"] = baselines
+    settings["beats_baselines"] = bool(best[0] < fail_threshold)
+    return SSIModel(net, normalisation, psf, settings, log)
+
+
+def _train_run(
+    image,
+    arch,
+    op,
+    validator,
+    patch_shape,
+    normalisation,
+    run_seed,
+    run,
+    dev,
+    steps,
+    batch_size,
+    learning_rate,
+    weight_decay,
+    rho_start,
+    rho_target,
+    rho_decay_fraction,
+    validation_density,
+    val_seed,
+    eval_every,
+    patience,
+    clip,
+    bounds_weight,
+    null_space_weight,
+    max_time,
+    report,
+    symmetries,
+):
+    torch.manual_seed(run_seed)
+    net = UNet(**arch).to(dev)
+    use_cuda = dev.type == "cuda"
+    if use_cuda:
+        net = net.to(
+            memory_format=torch.channels_last if arch["ndim"] == 2 else torch.channels_last_3d
+        )
+
+    def autocast():
+        return torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_cuda)
+
+    null_penalty = _NullSpacePenalty(op, x_shape=patch_shape, device=dev)
+    opt = torch.optim.AdamW(net.parameters(), lr=learning_rate, weight_decay=weight_decay)
+    sched = torch.optim.lr_scheduler.OneCycleLR(
+        opt,
+        max_lr=learning_rate,
+        total_steps=steps,
+        pct_start=0.15,
+        div_factor=10,
+        final_div_factor=100,
+    )
+    gen = torch.Generator().manual_seed(run_seed)
+    sampler = PatchSampler(image, patch_shape, seed=run_seed + 1)
+    offset, scale = normalisation["offset"], normalisation["scale"]
+    best_val, best_state, since_best = math.inf, None, 0
+    run_log, running, t0 = [], [], time.perf_counter()
+    lo_c, hi_c = clip
+    for step in range(1, steps + 1):
+        patches, origins = sampler.batch(batch_size)
+        x = torch.from_numpy((patches - offset) / scale)[:, None].to(dev, non_blocking=True)
+        vmask = np.stack(
+            [validation_mask(o, patch_shape, validation_density, val_seed) for o in origins]
+        )
+        vmask = torch.from_numpy(vmask)[:, None].to(dev)
+        if len(symmetries) > 1:
+            t = symmetries[int(torch.randint(len(symmetries), (1,), generator=gen))]
+            x, vmask = apply_transform(x, t).contiguous(), apply_transform(vmask, t).contiguous()
+        rho = rho_schedule(step - 1, steps, rho_start, rho_target, rho_decay_fraction)
+        m = bernoulli_mask(x.shape, rho, gen, dev)
+        x_in = mask_input(x, m)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_cuda):
+            out = net(x_in)
+        out = out.float()
+        blurred = op.valid(out.clamp(lo_c, hi_c))
+        w = op.crop(m & ~vmask).float()
+        data = ((blurred - op.crop(x)) ** 2 * w).sum() / w.sum().clamp_min(1)
+        bounds = (torch.relu(lo_c - out) + torch.relu(out - hi_c)).mean() ** 2
+        loss = data + bounds_weight * bounds
+        if null_space_weight > 0:
+            loss = loss + null_space_weight * null_penalty(out)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        running.append(float(data.detach()))
+        last = step == steps
+        out_of_time = max_time is not None and time.perf_counter() - t0 > max_time
+        if step % eval_every == 0 or last or out_of_time:
+            val = validator.evaluate(net, clip, autocast)
+            entry = {
+                "run": run,
+                "step": step,
+                "train_loss": float(np.mean(running)),
+                "val_loss": val,
+                "rho": rho,
+                "lr": sched.get_last_lr()[0],
+                "elapsed_s": time.perf_counter() - t0,
+            }
+            running = []
+            run_log.append(entry)
+            if report:
+                report(entry)
+            if math.isfinite(val) and val < best_val:
+                best_val, since_best = val, 0
+                best_state = copy.deepcopy(
+                    {k: v.detach().cpu() for k, v in net.state_dict().items()}
+                )
+            else:
+                since_best += 1
+            if not math.isfinite(val) or (patience is not None and since_best >= patience):
+                break
+        if out_of_time:
+            break
+    if best_state is None:
+        return math.inf, None, run_log
+    return best_val, {k: v.contiguous() for k, v in best_state.items()}, run_log
