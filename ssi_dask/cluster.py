@@ -11,6 +11,19 @@ from typing import Any
 
 from .errors import DeviceError, ParameterError, SchedulerError
 
+#: Environment for worker processes. Dask's nanny sets ``MALLOC_TRIM_THRESHOLD_=65536``, which
+#: also switches off glibc's adaptive mmap threshold: every FFT buffer of a chunk (tens of MB)
+#: is then a fresh mmap and page-faults on first touch (~15k faults per LR iteration).
+#: Serving such buffers from the heap and trimming only above 256 MiB keeps them warm while
+#: memory still returns to the OS between chunks (benchmarks/RESULTS.md has the figures).
+WORKER_ALLOCATOR_ENV = {
+    "MALLOC_TRIM_THRESHOLD_": str(256 * 2**20),
+    "MALLOC_MMAP_THRESHOLD_": str(256 * 2**20),
+    "OMP_NUM_THREADS": "1",
+    "MKL_NUM_THREADS": "1",
+    "OPENBLAS_NUM_THREADS": "1",
+}
+
 
 def _local_cluster(
     n_workers: int | None,
@@ -35,6 +48,7 @@ def _local_cluster(
             memory_limit=memory_limit or "auto",
             dashboard_address=":0",
         )
+    import dask  # noqa: PLC0415
     from distributed import LocalCluster  # noqa: PLC0415
 
     cores = os.cpu_count() or 1
@@ -42,14 +56,15 @@ def _local_cluster(
     workers = n_workers or max(cores // threads, 1)
     if workers < 1 or threads < 1:
         raise ParameterError("--workers and --threads-per-worker must be at least 1")
-    return LocalCluster(
-        n_workers=workers,
-        threads_per_worker=threads,
-        memory_limit=memory_limit or "auto",
-        processes=True,
-        dashboard_address=":0",
-        silence_logs=logging.ERROR,
-    )
+    with dask.config.set({"distributed.nanny.pre-spawn-environ": WORKER_ALLOCATOR_ENV}):
+        return LocalCluster(
+            n_workers=workers,
+            threads_per_worker=threads,
+            memory_limit=memory_limit or "auto",
+            processes=True,
+            dashboard_address=":0",
+            silence_logs=logging.ERROR,
+        )
 
 
 @contextlib.contextmanager
