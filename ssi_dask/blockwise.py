@@ -22,6 +22,11 @@ from .errors import DeviceError, OutputError, ParameterError
 #: scheduler's per-task overhead (DESIGN.md rule 4), small enough for ~1 GiB workers.
 DEFAULT_TARGET_VOXELS = {2: 2048 * 2048, 3: 64 * 256 * 256}
 
+#: ``map_overlap`` boundary per method. LR keeps the Bertero-Boccacci treatment of the true
+#: edges ("none": edge chunks see the same edge as a whole-volume run); the SSI network needs
+#: context beyond the edge and gets the mirror image that ssi_dask.ssi.predict also uses.
+METHOD_BOUNDARY = {"lr": "none", "ssi": "reflect"}
+
 
 def lr_default_depth(psf_shape: Sequence[int], num_iter: int) -> tuple[int, ...]:
     """Halo for Lucy-Richardson from the PSF support and the iteration count.
@@ -167,11 +172,15 @@ def _human_bytes(n: float) -> str:
 def estimate_lr_task_memory(
     chunk: Sequence[int], depth: Sequence[int], psf_shape: Sequence[int]
 ) -> int:
-    """Bytes one LR task holds at its peak: the padded block plus the FFT working buffers."""
+    """Bytes one LR task holds at its peak: the padded block plus the FFT working buffers.
+
+    Calibrated on the pipeline benchmark (benchmarks/RESULTS.md): about ten float32 arrays and
+    two half-spectra of the working domain are alive at once (scipy.fft allocates its outputs),
+    plus the input block in several dtypes and the result.
+    """
     padded = [c + 2 * d for c, d in zip(chunk, depth)]
     domain = math.prod(p + s - 1 for p, s in zip(padded, psf_shape))
-    # input block (float32) + ~5 real working arrays + 2 half-spectra (complex64) of the domain
-    return int(4 * math.prod(padded) + 4 * domain * 5 + 8 * domain)
+    return int(12 * math.prod(padded) + 4 * domain * 10 + 8 * domain * 2)
 
 
 def _lr_chunk(
@@ -290,13 +299,21 @@ def deconvolve(
         depth=(model.halo,) * volume.ndim if method == "ssi" and depth is None else depth,
         target_voxels=target_voxels,
         alignment=model.alignment if method == "ssi" else 1,
+        boundary=METHOD_BOUNDARY[method],
     )
     data = volume.data
     if tuple(c[0] for c in data.chunks) != plan.working_chunks:
         data = data.rechunk(plan.working_chunks)
     if method == "ssi":
+        # The network needs context beyond the volume's edge too: mirror it there, exactly
+        # as ssi_dask.ssi.predict pads a whole image, so chunked == whole everywhere.
         return apply_chunked(
-            data, _ssi_chunk, depth=plan.depth, shared={"model": model}, device=device
+            data,
+            _ssi_chunk,
+            depth=plan.depth,
+            shared={"model": model},
+            boundary=METHOD_BOUNDARY["ssi"],
+            device=device,
         )
     return apply_chunked(
         data,
@@ -335,6 +352,7 @@ def apply_chunked(
     *,
     depth: Sequence[int],
     shared: dict[str, Any],
+    boundary: str = "none",
     **kwargs: Any,
 ) -> da.Array:
     """``map_overlap`` a per-chunk function, sending each large shared object once.
@@ -346,11 +364,14 @@ def apply_chunked(
         name: dask.delayed(value, name=f"shared-{name}-{_shared_token(value)}", traverse=False)
         for name, value in shared.items()
     }
-    # An axis held in one chunk needs no halo: boundary="none" leaves its edges as they are.
-    depth_map = {axis: int(d) if len(data.chunks[axis]) > 1 else 0 for axis, d in enumerate(depth)}
+    # With boundary="none" an axis held in one chunk needs no halo: its edges stay as they are.
+    depth_map = {
+        axis: int(d) if len(data.chunks[axis]) > 1 or boundary != "none" else 0
+        for axis, d in enumerate(depth)
+    }
     for axis, d in depth_map.items():
         smallest = min(data.chunks[axis])
-        if len(data.chunks[axis]) > 1 and d > smallest:
+        if (len(data.chunks[axis]) > 1 or boundary != "none") and d > smallest:
             raise ParameterError(
                 f"halo {d} along axis {axis} is larger than the smallest chunk ({smallest}); "
                 "use larger --chunks"
@@ -359,7 +380,7 @@ def apply_chunked(
         _as_float32(chunk_function),
         data,
         depth=depth_map,
-        boundary="none",
+        boundary=boundary,
         trim=True,
         dtype=np.float32,
         meta=np.empty((0,) * data.ndim, dtype=np.float32),
@@ -388,10 +409,13 @@ def plan_blocks(
     depth: int | Sequence[int] | None = None,
     target_voxels: int | None = None,
     alignment: int = 1,
+    boundary: str = "none",
 ) -> BlockPlan:
     """Choose working chunks, output chunks and halo for a volume; check write alignment.
 
     ``alignment`` (an SSI network's pooling grid) makes every working chunk a multiple of it.
+    ``boundary`` is the ``map_overlap`` boundary: with ``"none"`` (LR) an axis held in one
+    chunk needs no halo; with ``"reflect"`` (SSI) the volume's edges are mirrored by the halo.
     """
     shape = tuple(int(s) for s in shape)
     ndim = len(shape)
@@ -430,13 +454,15 @@ def plan_blocks(
     full = tuple(tuple(_split(s, w)) for s, w in zip(shape, working))
     check_write_alignment(full, out_chunks, shape)
     for axis, (d, sizes) in enumerate(zip(depth, full)):
-        if len(sizes) > 1 and d > min(sizes):
+        if (len(sizes) > 1 or boundary != "none") and d > min(sizes):
             raise ParameterError(
                 f"halo {d} along axis {axis} exceeds the smallest working chunk {min(sizes)}; "
                 "use larger --chunks"
             )
     n_chunks = math.prod(len(sizes) for sizes in full)
-    effective_depth = tuple(d if len(sizes) > 1 else 0 for d, sizes in zip(depth, full))
+    effective_depth = tuple(
+        d if len(sizes) > 1 or boundary != "none" else 0 for d, sizes in zip(depth, full)
+    )
     return BlockPlan(
         shape=shape,
         input_dtype=str(np.dtype(dtype)),

@@ -63,6 +63,27 @@ def _add_cluster_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_training_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("SSI training")
+    group.add_argument("--seed", type=int, default=0, help="training seed (default: 0)")
+    group.add_argument(
+        "--steps", type=int, metavar="N", help="training steps (default: tuned per 2D/3D)"
+    )
+    group.add_argument(
+        "--restarts",
+        type=int,
+        metavar="N",
+        help="extra runs with other seeds when a run fails its self-supervised check "
+        "(default: tuned)",
+    )
+    group.add_argument(
+        "--train-device",
+        default="auto",
+        metavar="DEVICE",
+        help="torch device for training: auto, cpu, cuda, cuda:1 (default: auto)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``ssi-dask`` and its subcommands."""
     parser = argparse.ArgumentParser(
@@ -90,7 +111,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="point spread function (.tif, .tiff, .npy or Zarr array) with the image's "
         "dimensionality; make one with `ssi-dask psf`",
     )
-    run.add_argument("--method", choices=["lr"], default="lr", help="deconvolution method")
+    run.add_argument(
+        "--method",
+        choices=["lr", "ssi"],
+        default="lr",
+        help="lr: Lucy-Richardson; ssi: Self-Supervised Inversion (trains on the input first "
+        "unless --model is given)",
+    )
     run.add_argument(
         "--iterations",
         type=int,
@@ -98,6 +125,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="Lucy-Richardson iterations (default: 10)",
     )
+    run.add_argument(
+        "--model", metavar="MODEL", help="ssi: trained checkpoint (from `ssi-dask train`)"
+    )
+    run.add_argument(
+        "--save-model", metavar="PATH", help="ssi: also save the model trained by this run"
+    )
+    _add_training_options(run)
     run.add_argument(
         "--chunks",
         metavar="SPEC",
@@ -177,6 +211,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     psf.add_argument("--overwrite", action="store_true", help="replace an existing OUT file")
     psf.set_defaults(handler=_psf_command)
+
+    train = commands.add_parser(
+        "train",
+        help="train an SSI model on an image and save a checkpoint",
+        description="Train a Self-Supervised Inversion network on INPUT (no clean data needed): "
+        "patches are read from anywhere in the image, normalisation statistics are sampled, "
+        "failed runs are detected with the self-supervised validation loss and restarted. "
+        "The checkpoint holds everything needed to apply it (`ssi-dask run --model`).",
+    )
+    train.add_argument("input", metavar="INPUT", help="image: Zarr array (v2 or v3) or TIFF")
+    train.add_argument("--psf", required=True, metavar="PSF", help="point spread function")
+    train.add_argument("--out", required=True, metavar="MODEL", help="checkpoint file to write")
+    train.add_argument("--overwrite", action="store_true", help="replace an existing MODEL")
+    _add_training_options(train)
+    train.set_defaults(handler=_train_command)
 
     example = commands.add_parser(
         "make-example",
@@ -301,8 +350,46 @@ def _psf_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train_model(args: argparse.Namespace, volume, psf):
+    """Train SSI on the opened volume with the CLI's training options."""
+    from .ssi import train_ssi  # noqa: PLC0415
+
+    if args.steps is not None and args.steps < 1:
+        raise ParameterError(f"--steps must be at least 1, got {args.steps}")
+    print(f"training SSI on {volume.path} {volume.shape} (seed {args.seed})")
+    started = time.perf_counter()
+    options = {"steps": args.steps} if args.steps else {}
+    if args.restarts is not None:
+        if args.restarts < 0:
+            raise ParameterError(f"--restarts must be >= 0, got {args.restarts}")
+        options["restarts"] = args.restarts
+    model = train_ssi(
+        volume.data, psf, seed=args.seed, device=args.train_device, progress=True, **options
+    )
+    print(f"trained in {time.perf_counter() - started:.0f} s")
+    return model
+
+
+def _train_command(args: argparse.Namespace) -> int:
+    from .io import open_volume  # noqa: PLC0415
+    from .psf import load_psf  # noqa: PLC0415
+    from .ssi import save_checkpoint  # noqa: PLC0415
+
+    out = Path(args.out)
+    if out.exists() and not args.overwrite:
+        raise ParameterError(f"{str(out)!r} already exists; choose a new name or pass --overwrite")
+    if not out.parent.exists():
+        raise ParameterError(f"the folder of {str(out)!r} does not exist; create it first")
+    volume = open_volume(args.input)
+    psf = load_psf(args.psf, volume.ndim)
+    model = _train_model(args, volume, psf)
+    digest = save_checkpoint(model, out)
+    print(f"wrote {out} (sha256 {digest[:16]}, halo {model.halo})")
+    return 0
+
+
 def _run_command(args: argparse.Namespace) -> int:
-    from .blockwise import deconvolve, plan_blocks  # noqa: PLC0415
+    from .blockwise import METHOD_BOUNDARY, deconvolve, plan_blocks  # noqa: PLC0415
     from .cluster import dashboard_link, dask_client  # noqa: PLC0415
     from .io import check_output_path, open_volume  # noqa: PLC0415
     from .psf import describe_psf, load_psf  # noqa: PLC0415
@@ -314,6 +401,13 @@ def _run_command(args: argparse.Namespace) -> int:
     if args.iterations < 0:
         raise ParameterError(f"--iterations must be >= 0, got {args.iterations}")
     depth = _parse_depth(args.depth, volume.ndim)
+    model = None
+    if args.method == "ssi":
+        model = _ssi_model_for_run(args, volume, psf)
+        if depth is None:
+            depth = (model.halo,) * volume.ndim
+    elif args.model or args.save_model:
+        raise ParameterError("--model and --save-model apply to --method ssi only")
     plan = plan_blocks(
         volume.shape,
         volume.data.dtype,
@@ -323,6 +417,8 @@ def _run_command(args: argparse.Namespace) -> int:
         chunks=args.chunks,
         output_chunks=args.output_chunks,
         depth=depth,
+        alignment=model.alignment if model is not None else 1,
+        boundary=METHOD_BOUNDARY[args.method],
     )
     print(f"ssi-dask {__version__}: {args.method} on {volume.path} -> {output}")
     print(plan.summary())
@@ -333,7 +429,6 @@ def _run_command(args: argparse.Namespace) -> int:
         "ssi_dask": {
             "version": __version__,
             "method": args.method,
-            "iterations": args.iterations,
             "psf": {**describe_psf(psf), "source": str(Path(args.psf).resolve())},
             "input": volume.path,
             "depth": list(plan.depth),
@@ -341,6 +436,10 @@ def _run_command(args: argparse.Namespace) -> int:
             "command": " ".join(sys.argv[1:]) if sys.argv else "",
         }
     }
+    if model is None:
+        provenance["ssi_dask"]["iterations"] = args.iterations
+    else:
+        provenance["ssi_dask"]["model"] = _model_summary(model, args)
     started = time.perf_counter()
     with dask_client(
         args.scheduler,
@@ -364,6 +463,7 @@ def _run_command(args: argparse.Namespace) -> int:
             chunks=plan.working_chunks,
             depth=plan.depth,
             device="gpu" if args.gpu else "cpu",
+            model=model,
         )
         write_zarr(
             result,
@@ -382,6 +482,46 @@ def _run_command(args: argparse.Namespace) -> int:
         voxels *= size
     print(f"done in {elapsed:.1f} s ({voxels / max(elapsed, 1e-9) / 1e6:.2f} Mvoxel/s): {output}")
     return 0
+
+
+def _ssi_model_for_run(args: argparse.Namespace, volume, psf):
+    """The model for ``run --method ssi``: loaded from --model, or trained on the input now."""
+    from .ssi import load_checkpoint, save_checkpoint  # noqa: PLC0415
+
+    if args.model:
+        model = load_checkpoint(args.model)
+        if model.ndim != volume.ndim:
+            from .errors import CheckpointError  # noqa: PLC0415
+
+            raise CheckpointError(
+                f"checkpoint {args.model!r} is for {model.ndim}D images but the input is "
+                f"{volume.ndim}D; train a model on this data (ssi-dask train)"
+            )
+        return model
+    if args.dry_run:
+        from .ssi import DEFAULTS, UNet  # noqa: PLC0415
+
+        defaults = DEFAULTS[volume.ndim]
+        return UNet(volume.ndim, depth=defaults["depth"], base_channels=defaults["base_channels"])
+    if args.save_model and Path(args.save_model).exists() and not args.overwrite:
+        raise ParameterError(f"{args.save_model!r} already exists; choose a new name")
+    model = _train_model(args, volume, psf)
+    if args.save_model:
+        digest = save_checkpoint(model, args.save_model)
+        print(f"saved the model to {args.save_model} (sha256 {digest[:16]})")
+    return model
+
+
+def _model_summary(model, args: argparse.Namespace) -> dict:
+    from .ssi import content_hash  # noqa: PLC0415
+
+    return {
+        "sha256": content_hash(model.config, model.network.state_dict()),
+        "source": str(Path(args.model).resolve()) if args.model else "trained by this run",
+        "seed": args.seed if not args.model else model.training.get("seed"),
+        "halo": model.halo,
+        "architecture": model.config,
+    }
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -144,9 +144,9 @@ def predict(
     # pad: halo before, halo + the remainder of the last tile after
     pad = [(halo, halo + c * t - s) for s, t, c in zip(shape, tile, counts)]
     x = _normalise(model, image)
-    mode = "reflect" if all(s > max(p) for s, p in zip(shape, pad)) else "symmetric"
-    if mode == "symmetric" and any(s < max(p) for s, p in zip(shape, pad)):
-        mode = "edge"
+    # "symmetric" (the edge pixel repeated) is what dask's map_overlap(boundary="reflect")
+    # does, so a chunked application on a cluster equals this whole-image one everywhere.
+    mode = "symmetric" if all(s >= max(p) for s, p in zip(shape, pad)) else "edge"
     xp = np.pad(x, pad, mode=mode)
     out = np.empty(tuple(c * t for c, t in zip(counts, tile)), dtype=np.float32)
     corners = list(itertools.product(*[range(0, c * t, t) for c, t in zip(counts, tile)]))
