@@ -282,3 +282,28 @@ def test_input_with_wrong_dimensionality(tmp_path, psf3d_file):
     zarr.create_array(store=str(path), shape=(2, 8, 8, 8), dtype="float32")
     result = run_cli("run", path, tmp_path / "o.zarr", "--psf", psf3d_file)
     _assert_clean_failure(result, "has 4 dimensions (2, 8, 8, 8); give a 2D (y, x) or 3D")
+
+
+def test_run_reads_tiff_lazily(tmp_path, volume3d, psf3d_file, psf3d):
+    source = tmp_path / "stack.tif"
+    tifffile.imwrite(source, volume3d, tile=(32, 32))
+    out = tmp_path / "from_tiff.zarr"
+    result = run_cli(
+        "run",
+        source,
+        out,
+        "--psf",
+        psf3d_file,
+        "--iterations",
+        3,
+        "--chunks",
+        "24,32,32",
+        "--workers",
+        1,
+        "--no-progress",
+    )
+    assert result.returncode == 0, result.stderr
+    expected = deconvolve(volume3d, psf3d, num_iter=3, chunks=(24, 32, 32)).compute()
+    output = zarr.open_array(str(out), mode="r")
+    np.testing.assert_allclose(output[...], expected, rtol=1e-5, atol=1e-6)
+    assert output.attrs["ssi_dask"]["input"] == str(source.resolve())
