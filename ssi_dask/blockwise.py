@@ -6,6 +6,7 @@ out so that each task writes whole output chunks, and how much memory does a tas
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from collections.abc import Callable, Sequence
@@ -390,11 +391,12 @@ def apply_chunked(
 
 
 def _as_float32(function: Callable[..., np.ndarray]) -> Callable[..., np.ndarray]:
-    def run_on_block(block, *args, **kwargs):
-        return function(block.astype(np.float32, copy=False), *args, **kwargs)
+    """Wrap a per-chunk function so it receives float32 blocks (a picklable partial)."""
+    return functools.partial(_call_on_float32, function)
 
-    run_on_block.__name__ = function.__name__.lstrip("_")
-    return run_on_block
+
+def _call_on_float32(function, block, *args, **kwargs):
+    return function(block.astype(np.float32, copy=False), *args, **kwargs)
 
 
 def plan_blocks(

@@ -150,22 +150,49 @@ def open_volume(source: Any, *, chunks: tuple[int, ...] | None = None) -> Volume
     )
 
 
+class TiffArray:
+    """A TIFF file as a lazily indexed array that pickles by path (for Dask workers).
+
+    Reads go through tifffile's Zarr interface, one region at a time; the open store is
+    cached per process and dropped when the object is pickled.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = str(path)
+        self._array = None
+        array = self._open()
+        self.shape = tuple(int(s) for s in array.shape)
+        self.dtype = np.dtype(array.dtype)
+        self.ndim = len(self.shape)
+        self.chunks = tuple(int(c) for c in array.chunks)
+
+    def _open(self):
+        if self._array is None:
+            import tifffile  # noqa: PLC0415
+            import zarr  # noqa: PLC0415
+
+            array = zarr.open(tifffile.imread(self.path, aszarr=True), mode="r")
+            if not hasattr(array, "shape"):  # multi-resolution TIFF: take level 0
+                array = array["0"]
+            self._array = array
+        return self._array
+
+    def __getitem__(self, region):
+        return np.asarray(self._open()[region])
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_array": None}
+
+
 def _open_tiff(path: Path, chunks: tuple[int, ...] | None) -> Volume:
     """Open a TIFF lazily through tifffile's Zarr interface (never loaded whole)."""
-    import tifffile  # noqa: PLC0415
-    import zarr  # noqa: PLC0415
-
     try:
-        store = tifffile.imread(path, aszarr=True)
-        array = zarr.open(store, mode="r")
+        array = TiffArray(path)
     except Exception as exc:
         raise InputError(f"input {str(path)!r} could not be read as TIFF ({exc})") from None
-    if not hasattr(array, "shape"):  # multi-resolution TIFF: take level 0
-        array = array["0"]
     check_image_array(array.shape, array.dtype, name=f"input {str(path)!r}")
-    store_chunks = tuple(int(c) for c in array.chunks)
-    data = da.from_array(array, chunks=chunks or store_chunks, lock=False)
-    return Volume(data=data, store_chunks=store_chunks, path=str(path.resolve()))
+    data = da.from_array(array, chunks=chunks or array.chunks, lock=False, asarray=False)
+    return Volume(data=data, store_chunks=array.chunks, path=str(path.resolve()))
 
 
 def check_output_path(
