@@ -47,6 +47,6 @@ def protocol_figure(result, path: str | os.PathLike, title: str = "") -> None:
         axis.axis("off")
     if title:
         figure.suptitle(title, fontsize=11)
-    figure.tight_layout()
+    figure.tight_layout(rect=(0, 0, 1, 0.92) if title else None)
     figure.savefig(path, dpi=110)
     plt.close(figure)
