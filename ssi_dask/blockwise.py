@@ -360,6 +360,7 @@ def apply_chunked(
 
     Objects in ``shared`` (the PSF, a model) become single keys of the graph, so the scheduler
     moves each to a worker once instead of embedding a copy in every task (DESIGN.md rule 6).
+    The halo has already been checked against the chunks by :func:`plan_blocks`.
     """
     shared_keys = {
         name: dask.delayed(value, name=f"shared-{name}-{_shared_token(value)}", traverse=False)
@@ -370,13 +371,6 @@ def apply_chunked(
         axis: int(d) if len(data.chunks[axis]) > 1 or boundary != "none" else 0
         for axis, d in enumerate(depth)
     }
-    for axis, d in depth_map.items():
-        smallest = min(data.chunks[axis])
-        if (len(data.chunks[axis]) > 1 or boundary != "none") and d > smallest:
-            raise ParameterError(
-                f"halo {d} along axis {axis} is larger than the smallest chunk ({smallest}); "
-                "use larger --chunks"
-            )
     return da.map_overlap(
         _as_float32(chunk_function),
         data,

@@ -140,13 +140,12 @@ def _run_with_progress(writes: list, *, client: Any, progress: bool | Callable) 
         from distributed import as_completed  # noqa: PLC0415
 
         futures = client.compute(writes)
-        try:
-            for done, future in enumerate(as_completed(futures, loop=client.loop), start=1):
-                future.result()
-                _tick(bar, callback, done, total)
-        except OSError as exc:
-            raise SchedulerError(f"lost the connection to the Dask scheduler: {exc}") from None
+        for done, future in enumerate(as_completed(futures, loop=client.loop), start=1):
+            future.result()
+            _tick(bar, callback, done, total)
     except OSError as exc:
+        # A lost scheduler surfaces as a connection error; any other OSError comes from a
+        # task's own write (disk full, read-only store) and must not be reported as the former.
         if isinstance(exc, (ConnectionError, TimeoutError)):
             raise SchedulerError(f"lost the Dask scheduler during the run: {exc}") from None
         raise OutputError(f"writing the output failed: {exc.strerror or exc}") from None

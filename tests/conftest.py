@@ -91,6 +91,14 @@ def local_client():
     cluster.close()
 
 
+def console_command(script: str, module: str) -> list[str]:
+    """The venv's console script ``script``, or ``python -m module`` where it is not installed."""
+    import sys
+
+    path = Path(sys.executable).with_name(script)
+    return [str(path)] if path.exists() else [sys.executable, "-m", module]
+
+
 def cli_env() -> dict:
     env = dict(os.environ)
     env.setdefault("PYTHONUNBUFFERED", "1")

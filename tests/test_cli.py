@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -12,20 +11,15 @@ import numpy as np
 import pytest
 import tifffile
 import zarr
-from conftest import cli_env, tree_digest
+from conftest import cli_env, console_command, tree_digest
 
 from ssi_dask import deconvolve
 from ssi_dask.cli import build_parser
 
 
-def ssi_dask_command() -> list[str]:
-    script = Path(sys.executable).with_name("ssi-dask")
-    return [str(script)] if script.exists() else [sys.executable, "-m", "ssi_dask"]
-
-
 def run_cli(*args, timeout=180) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [*ssi_dask_command(), *map(str, args)],
+        [*console_command("ssi-dask", "ssi_dask"), *map(str, args)],
         capture_output=True,
         text=True,
         timeout=timeout,

@@ -3,22 +3,15 @@
 from __future__ import annotations
 
 import subprocess
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
 import zarr
-from conftest import cli_env, tree_digest
+from conftest import cli_env, console_command, tree_digest
 from test_cli import free_port, run_cli
 
 from ssi_dask import deconvolve
-
-
-def _dask_command() -> list[str]:
-    script = Path(sys.executable).with_name("dask")
-    return [str(script)] if script.exists() else [sys.executable, "-m", "distributed.cli.dask"]
 
 
 @pytest.fixture
@@ -32,7 +25,7 @@ def scheduler_address(tmp_path):
     processes = [
         subprocess.Popen(
             [
-                *_dask_command(),
+                *console_command("dask", "distributed.cli.dask"),
                 "scheduler",
                 "--host",
                 "127.0.0.1",
@@ -50,7 +43,7 @@ def scheduler_address(tmp_path):
         processes.append(
             subprocess.Popen(
                 [
-                    *_dask_command(),
+                    *console_command("dask", "distributed.cli.dask"),
                     "worker",
                     address,
                     "--nthreads",
