@@ -17,6 +17,7 @@ Usage: ``python benchmarks/bench_pipeline.py [--shape 64,512,512] [--workers 2] 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import math
@@ -48,10 +49,12 @@ def main() -> None:
     parser.add_argument("--json", help="write the figures to this file")
     args = parser.parse_args()
 
+    import dask
     from distributed import Client, LocalCluster
 
     from ssi_dask import deconvolve, write_zarr
     from ssi_dask.blockwise import plan_blocks
+    from ssi_dask.cluster import WORKER_ALLOCATOR_ENV
     from ssi_dask.example import make_example
     from ssi_dask.lr import richardson_lucy
     from ssi_dask.psf import load_psf, protocol_psf
@@ -100,13 +103,19 @@ def main() -> None:
             kernel(block)
             serial += time.perf_counter() - t0
 
-        cluster = LocalCluster(
-            n_workers=args.workers,
-            threads_per_worker=1,
-            processes=True,
-            dashboard_address=":0",
-            silence_logs=logging.ERROR,
+        allocator = (
+            contextlib.nullcontext()
+            if args.dask_malloc
+            else dask.config.set({"distributed.nanny.pre-spawn-environ": WORKER_ALLOCATOR_ENV})
         )
+        with allocator:
+            cluster = LocalCluster(
+                n_workers=args.workers,
+                threads_per_worker=1,
+                processes=True,
+                dashboard_address=":0",
+                silence_logs=logging.ERROR,
+            )
         client = Client(cluster)
         n_workers = len(client.scheduler_info()["workers"])
         from distributed.diagnostics import MemorySampler

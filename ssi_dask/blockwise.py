@@ -302,9 +302,7 @@ def deconvolve(
         alignment=model.alignment if method == "ssi" else 1,
         boundary=METHOD_BOUNDARY[method],
     )
-    data = volume.data
-    if tuple(c[0] for c in data.chunks) != plan.working_chunks:
-        data = data.rechunk(plan.working_chunks)
+    data = volume.chunked(plan.working_chunks)
     if method == "ssi":
         # The network needs context beyond the volume's edge too: mirror it there, exactly
         # as ssi_dask.ssi.predict pads a whole image, so chunked == whole everywhere.

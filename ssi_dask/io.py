@@ -35,6 +35,8 @@ class Volume:
         2 or 3 for Zarr inputs.
     attrs : dict
         Attributes stored with the input.
+    source : array-like or None
+        The on-disk array behind ``data`` (Zarr array, TIFF reader), when there is one.
     """
 
     data: da.Array
@@ -42,6 +44,20 @@ class Volume:
     path: str | None = None
     zarr_format: int | None = None
     attrs: dict = field(default_factory=dict)
+    source: Any = None
+
+    def chunked(self, chunks: tuple[int, ...]) -> da.Array:
+        """The image as a Dask array with ``chunks``, one read task per chunk when on disk.
+
+        Reading each working chunk straight from the store (instead of rechunking a graph of
+        store-sized pieces) keeps the graph at one read task per chunk.
+        """
+        chunks = tuple(int(c) for c in chunks)
+        if tuple(c[0] for c in self.data.chunks) == chunks:
+            return self.data
+        if self.source is not None:
+            return da.from_array(self.source, chunks=chunks, asarray=False, lock=False)
+        return self.data.rechunk(chunks)
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -130,6 +146,7 @@ def open_volume(source: Any, *, chunks: tuple[int, ...] | None = None) -> Volume
             path=str(path.resolve()),
             zarr_format=int(array.metadata.zarr_format),
             attrs=dict(array.attrs),
+            source=array,
         )
     if isinstance(source, da.Array):
         check_image_array(source.shape, source.dtype, name="input array")
@@ -192,7 +209,7 @@ def _open_tiff(path: Path, chunks: tuple[int, ...] | None) -> Volume:
         raise InputError(f"input {str(path)!r} could not be read as TIFF ({exc})") from None
     check_image_array(array.shape, array.dtype, name=f"input {str(path)!r}")
     data = da.from_array(array, chunks=chunks or array.chunks, lock=False, asarray=False)
-    return Volume(data=data, store_chunks=array.chunks, path=str(path.resolve()))
+    return Volume(data=data, store_chunks=array.chunks, path=str(path.resolve()), source=array)
 
 
 def check_output_path(
