@@ -21,6 +21,7 @@ import contextlib
 import json
 import logging
 import math
+import os
 import shutil
 import tempfile
 import time
@@ -41,10 +42,10 @@ def main() -> None:
         "--gpu", action="store_true", help="CuPy chunks on a LocalCUDACluster (one worker per GPU)"
     )
     parser.add_argument(
-        "--dask-malloc",
+        "--dask-defaults",
         action="store_true",
-        help="keep Dask's default MALLOC_TRIM_THRESHOLD_=65536 for the workers instead of the "
-        "allocator settings ssi_dask.cluster applies",
+        help="start the workers with Dask's default settings instead of the ones ssi_dask.cluster "
+        "applies to a local cluster (allocator environment, no statistical profiler)",
     )
     parser.add_argument("--json", help="write the figures to this file")
     args = parser.parse_args()
@@ -54,7 +55,7 @@ def main() -> None:
 
     from ssi_dask import deconvolve, write_zarr
     from ssi_dask.blockwise import plan_blocks
-    from ssi_dask.cluster import WORKER_ALLOCATOR_ENV
+    from ssi_dask.cluster import LOCAL_WORKER_CONFIG
     from ssi_dask.example import make_example
     from ssi_dask.lr import richardson_lucy
     from ssi_dask.psf import load_psf, protocol_psf
@@ -91,6 +92,7 @@ def main() -> None:
                 return richardson_lucy(block, psf, num_iter=args.iterations, workers=1)
 
         kernel(np.ones((32, 32, 32), np.float32))  # warm-up
+        load_before = os.getloadavg()[0]  # > ~0.5 means other work shares the cores
         serial = 0.0
         grid = [range(0, s, w) for s, w in zip(shape, plan.working_chunks)]
         for start in np.stack(np.meshgrid(*grid, indexing="ij"), -1).reshape(-1, 3):
@@ -104,9 +106,7 @@ def main() -> None:
             serial += time.perf_counter() - t0
 
         allocator = (
-            contextlib.nullcontext()
-            if args.dask_malloc
-            else dask.config.set({"distributed.nanny.pre-spawn-environ": WORKER_ALLOCATOR_ENV})
+            contextlib.nullcontext() if args.dask_defaults else dask.config.set(LOCAL_WORKER_CONFIG)
         )
         with allocator:
             cluster = LocalCluster(
@@ -148,7 +148,8 @@ def main() -> None:
         "iterations": args.iterations,
         "workers": n_workers,
         "device": "gpu" if args.gpu else "cpu",
-        "worker_allocator": "dask default" if args.dask_malloc else "ssi_dask",
+        "worker_settings": "dask defaults" if args.dask_defaults else "ssi_dask.cluster",
+        "load_average_before": round(load_before, 2),
         "serial_kernel_s": round(serial, 3),
         "pipeline_wall_s": round(wall, 3),
         "parallel_efficiency": round(efficiency, 3),
