@@ -29,7 +29,9 @@ DEFAULT_TARGET_VOXELS = {2: 2048 * 2048, 3: 64 * 256 * 256}
 METHOD_BOUNDARY = {"lr": "none", "ssi": "reflect"}
 
 
-def lr_default_depth(psf_shape: Sequence[int], num_iter: int) -> tuple[int, ...]:
+def lr_default_depth(
+    psf_shape: Sequence[int], num_iter: int, back_projector: str = "classic"
+) -> tuple[int, ...]:
     """Halo for Lucy-Richardson from the PSF support and the iteration count.
 
     Each iteration spreads information by up to the PSF's full extent, but the influence of a
@@ -40,10 +42,19 @@ def lr_default_depth(psf_shape: Sequence[int], num_iter: int) -> tuple[int, ...]
     chunked against whole-volume results. Along a widefield PSF's optical axis the influence
     decays far more slowly (the missing cone), which is why the planner keeps z whole
     (DESIGN.md rule 3).
+
+    The Wiener-Butterworth back projector amplifies what it spreads (its transform inverts the
+    OTF up to the cut-off), so a cut's influence hardly decays within the ``n + 1`` radii an
+    ``n``-iteration run reaches: measured on the 7x9x9 test PSF, a halo of ``(n + 1)`` radii
+    keeps the error of a cut below 1e-4 for n = 2, 3 and 5 (2.5 radii left 1e-3 at n = 3).
+    Its rule is ``radius * max(2 + min(n, 100) / 100, n + 1) + 1``; it only needs few
+    iterations, so the halo stays small.
     """
     if num_iter < 0:
         raise ParameterError(f"the number of iterations must be >= 0, got {num_iter}")
     factor = 2.0 + min(num_iter, 100) / 100.0
+    if back_projector == "wiener-butterworth":
+        factor = max(factor, num_iter + 1.0)
     return tuple(int(math.ceil(factor * (s // 2))) + 1 for s in psf_shape)
 
 
@@ -301,6 +312,7 @@ def deconvolve(
         target_voxels=target_voxels,
         alignment=model.alignment if method == "ssi" else 1,
         boundary=METHOD_BOUNDARY[method],
+        back_projector=method_options.get("back_projector", "classic"),
     )
     data = volume.data
     if tuple(c[0] for c in data.chunks) != plan.working_chunks:
@@ -406,17 +418,19 @@ def plan_blocks(
     target_voxels: int | None = None,
     alignment: int = 1,
     boundary: str = "none",
+    back_projector: str = "classic",
 ) -> BlockPlan:
     """Choose working chunks, output chunks and halo for a volume; check write alignment.
 
     ``alignment`` (an SSI network's pooling grid) makes every working chunk a multiple of it.
     ``boundary`` is the ``map_overlap`` boundary: with ``"none"`` (LR) an axis held in one
     chunk needs no halo; with ``"reflect"`` (SSI) the volume's edges are mirrored by the halo.
+    ``back_projector`` (LR) selects the default halo rule (:func:`lr_default_depth`).
     """
     shape = tuple(int(s) for s in shape)
     ndim = len(shape)
     if depth is None:
-        depth = lr_default_depth(psf_shape, num_iter)
+        depth = lr_default_depth(psf_shape, num_iter, back_projector)
     elif isinstance(depth, int):
         depth = (depth,) * ndim
     depth = tuple(int(d) for d in depth)
