@@ -240,7 +240,7 @@ def deconvolve(
     psf: np.ndarray,
     method: str = "lr",
     *,
-    num_iter: int = 10,
+    num_iter: int | str = 10,
     chunks: str | Sequence[int] | None = None,
     depth: int | Sequence[int] | None = None,
     target_voxels: int | None = None,
@@ -258,8 +258,13 @@ def deconvolve(
         Point spread function with as many dimensions as the image (normalised here).
     method : {"lr", "ssi"}
         ``"lr"``: Lucy-Richardson per chunk; ``"ssi"``: apply a trained SSI model per chunk.
-    num_iter : int
-        Number of Lucy-Richardson iterations.
+    num_iter : int or "auto"
+        Number of Lucy-Richardson iterations. ``"auto"`` chooses it (and, with the
+        Wiener-Butterworth back projector, its alpha unless ``wiener_alpha`` is given) with
+        the self-supervised hold-out criterion of :func:`ssi_dask.lr_auto.choose_iterations`,
+        computed now on a few sampled chunks (on the active Dask client, if any); the choice
+        is attached to the result as ``result.auto_choice`` (an
+        :class:`~ssi_dask.lr_auto.AutoChoice`; ``.as_dict()`` for provenance).
     chunks : str or sequence of int, optional
         Working chunk shape; by default grown from the store's chunks to an efficient size.
     depth : int or sequence of int, optional
@@ -275,7 +280,9 @@ def deconvolve(
         pooling alignment, and working chunks are multiples of that alignment, so the chunked
         result equals a whole-image application.
     **method_options
-        Passed to the per-chunk kernel (e.g. ``eps`` for :func:`ssi_dask.lr.richardson_lucy`).
+        Passed to the per-chunk kernel (e.g. ``eps``, ``back_projector="wiener-butterworth"``,
+        ``wiener_alpha`` for :func:`ssi_dask.lr.richardson_lucy`). With ``num_iter="auto"``,
+        ``auto_options`` (a dict) is passed to :func:`~ssi_dask.lr_auto.choose_iterations`.
 
     Returns
     -------
@@ -301,6 +308,11 @@ def deconvolve(
             raise DeviceError("device='gpu' needs CuPy and a CUDA device; use device='cpu'")
     if method == "ssi":
         model = _resolve_model(model, volume.ndim)
+    method_options = dict(method_options)
+    auto_options = method_options.pop("auto_options", None) or {}
+    choice = None
+    if method == "lr":
+        num_iter, choice = _lr_iterations(volume, psf, num_iter, method_options, auto_options)
     plan = plan_blocks(
         volume.shape,
         volume.data.dtype,
@@ -328,7 +340,7 @@ def deconvolve(
             boundary=METHOD_BOUNDARY["ssi"],
             device=device,
         )
-    return apply_chunked(
+    result = apply_chunked(
         data,
         _lr_chunk,
         depth=plan.depth,
@@ -337,6 +349,31 @@ def deconvolve(
         options=dict(method_options),
         device=device,
     )
+    if choice is not None:
+        result.auto_choice = choice
+    return result
+
+
+def _lr_iterations(
+    volume: Any, psf: np.ndarray, num_iter: Any, options: dict, auto_options: dict
+) -> tuple[int, Any]:
+    """Validate the LR options; resolve ``num_iter="auto"`` (updating ``options``' alpha)."""
+    from .lr import resolve_back_projector  # noqa: PLC0415
+
+    bp_keys = ("back_projector", "wiener_alpha", "butterworth_order", "cutoff")
+    bp_options = {k: options[k] for k in bp_keys if k in options}
+    resolve_back_projector(psf, **bp_options)  # bad names or values fail here, not in a task
+    if not (isinstance(num_iter, str) and num_iter == "auto"):
+        if isinstance(num_iter, bool) or not isinstance(num_iter, (int, np.integer)):
+            raise ParameterError(f"num_iter must be an integer >= 0 or 'auto', got {num_iter!r}")
+        return int(num_iter), None
+    from .lr_auto import choose_iterations  # noqa: PLC0415
+
+    passed = {k: options[k] for k in ("edge_threshold", "eps") if k in options}
+    choice = choose_iterations(volume.data, psf, **bp_options, **passed, **auto_options)
+    if choice.wiener_alpha is not None:
+        options["wiener_alpha"] = choice.wiener_alpha
+    return choice.num_iter, choice
 
 
 def _resolve_model(model: Any, ndim: int) -> Any:

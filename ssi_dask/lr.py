@@ -713,10 +713,13 @@ class RLPlan(LinearConvolver):
         eps: float = 1e-6,
         clip: bool = False,
         workers: int = -1,
+        callback: Callable[[int, Any], None] | None = None,
     ) -> Any:
         """Run ``num_iter`` Lucy-Richardson iterations on ``image`` (see :func:`richardson_lucy`).
 
         ``image`` must have the plan's shape; it is moved to the plan's array module if needed.
+        ``callback(n, estimate)``, if given, is called after iteration ``n`` (1-based) with a
+        read-only view of the current estimate on the image region (copy it to keep it).
         """
         xp = self.xp
         self._check_shape(image)
@@ -724,7 +727,8 @@ class RLPlan(LinearConvolver):
         eps = _check_positive("eps", eps)
         threads = _check_workers(workers)
         y = xp.ascontiguousarray(_to_module(image, xp), dtype=xp.float32)
-        x = self._iterate(y, num_iter, eps, threads, self.inv_weights)
+        after = None if callback is None else (lambda n, x: callback(n, x[self.image_slices]))
+        x = self._iterate(y, num_iter, eps, threads, self.inv_weights, on_iteration=after)
         out = xp.ascontiguousarray(x[self.image_slices])
         if clip:
             xp.clip(out, -1, 1, out=out)
@@ -760,8 +764,9 @@ class RLPlan(LinearConvolver):
         Returns
         -------
         numpy.ndarray
-            ``float64`` array of ``num_iter + 1`` sums of squared prediction errors over the
-            held-out pixels (entry ``n``: after ``n`` iterations).
+            ``float64`` array of shape ``(num_iter + 1, 2)``: row ``n`` (after ``n``
+            iterations) holds the sum over the held-out pixels of the squared prediction
+            errors ``e^2`` and the sum of ``e^4`` (for the criterion's standard error).
         """
         xp = self.xp
         self._check_shape(image)
@@ -776,11 +781,11 @@ class RLPlan(LinearConvolver):
                 f"{self.image_shape}; pass a mask of the image's shape"
             )
         keep = (~held).astype(xp.float32)
-        errors: list[float] = []
+        errors: list[tuple[float, float]] = []
 
         def score(blurred_img: Any) -> None:
-            diff = (blurred_img - y)[held]
-            errors.append(float((diff.astype(xp.float64) ** 2).sum()))
+            squared = (blurred_img - y)[held].astype(xp.float64) ** 2
+            errors.append((float(squared.sum()), float((squared**2).sum())))
 
         x = self._iterate(
             y, num_iter, eps, threads, self._inverse_weights(keep), data_mask=keep, on_blurred=score
@@ -802,11 +807,13 @@ class RLPlan(LinearConvolver):
         *,
         data_mask: Any = None,
         on_blurred: Callable[[Any], None] | None = None,
+        on_iteration: Callable[[int, Any], None] | None = None,
     ) -> Any:
         """The iterations; returns the estimate on the working domain.
 
         ``data_mask`` (float32, image shape) multiplies the ratio; ``on_blurred`` receives the
-        re-blurred estimate on the image region at the start of each iteration.
+        re-blurred estimate on the image region at the start of each iteration;
+        ``on_iteration(n, x)`` the working-domain estimate after iteration ``n``.
         """
         xp, fft = self.xp, self.fft
         kw = {"workers": threads} if xp is np else {}
@@ -828,7 +835,7 @@ class RLPlan(LinearConvolver):
         update_step = _update if self.back_projector.kind == "classic" else _update_clamped
 
         with _BlockRunner(xp, threads) as run:
-            for _ in range(num_iter):
+            for iteration in range(1, num_iter + 1):
                 # h * x on the working domain
                 spectrum = xp.ascontiguousarray(fft.rfftn(x, **kw)).reshape(-1)
                 run(_mul_inplace, spectrum.size, spectrum, otf_flat)
@@ -854,6 +861,8 @@ class RLPlan(LinearConvolver):
                     inv_w_flat,
                 )
                 del update
+                if on_iteration is not None:
+                    on_iteration(iteration, x)
         return x
 
 
