@@ -63,9 +63,91 @@ def _add_cluster_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_back_projector_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("Lucy-Richardson back projector and --iterations auto")
+    group.add_argument(
+        "--back-projector",
+        choices=["classic", "wiener-butterworth"],
+        default="classic",
+        help="classic: the flipped PSF; wiener-butterworth: the unmatched back projector of "
+        "Guo et al. 2020, 2-5 iterations instead of tens (default: classic)",
+    )
+    group.add_argument(
+        "--wiener-alpha",
+        type=float,
+        metavar="A",
+        help="wiener-butterworth: Wiener parameter (default: 0.05, or chosen by --iterations auto)",
+    )
+    group.add_argument(
+        "--butterworth-order",
+        type=float,
+        metavar="P",
+        help="wiener-butterworth: order of the Butterworth filter (default: 10)",
+    )
+    group.add_argument(
+        "--cutoff",
+        metavar="F",
+        help="wiener-butterworth: cut-off in cycles per pixel, one value or one per axis "
+        "(default: where the OTF falls to 5%% of its peak)",
+    )
+    group.add_argument(
+        "--auto-max-iterations",
+        type=int,
+        metavar="N",
+        help="--iterations auto: largest count tried (default: 50 classic, 10 wiener-butterworth)",
+    )
+    group.add_argument(
+        "--auto-samples",
+        type=int,
+        default=4,
+        metavar="N",
+        help="--iterations auto: chunks sampled from the volume (default: 4; seeded by --seed)",
+    )
+
+
+def _lr_options(args: argparse.Namespace) -> dict:
+    """Back-projector keyword arguments of ``richardson_lucy`` from the command line."""
+    options: dict = {}
+    if args.back_projector != "classic":
+        options["back_projector"] = args.back_projector
+    if args.wiener_alpha is not None:
+        options["wiener_alpha"] = args.wiener_alpha
+    if args.butterworth_order is not None:
+        options["butterworth_order"] = args.butterworth_order
+    if args.cutoff is not None:
+        options["cutoff"] = _parse_floats(args.cutoff, "--cutoff")
+    if options and args.method != "lr":
+        raise ParameterError("--back-projector and its options apply to --method lr only")
+    if options.get("back_projector") is None and options:
+        raise ParameterError(
+            "--wiener-alpha, --butterworth-order and --cutoff need "
+            "--back-projector wiener-butterworth"
+        )
+    return options
+
+
+def _parse_iterations(text: str) -> int | str:
+    if text.strip().lower() == "auto":
+        return "auto"
+    try:
+        value = int(text)
+    except ValueError:
+        raise ParameterError(
+            f"--iterations must be an integer >= 0 or 'auto', got {text!r}"
+        ) from None
+    if value < 0:
+        raise ParameterError(f"--iterations must be >= 0, got {value}")
+    return value
+
+
 def _add_training_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("SSI training")
-    group.add_argument("--seed", type=int, default=0, help="training seed (default: 0)")
+    group.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="training seed; also seeds the chunks and pixels of --iterations auto (default: 0)",
+    )
     group.add_argument(
         "--steps", type=int, metavar="N", help="training steps (default: tuned per 2D/3D)"
     )
@@ -120,11 +202,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument(
         "--iterations",
-        type=int,
-        default=10,
+        default="10",
         metavar="N",
-        help="Lucy-Richardson iterations (default: 10)",
+        help="Lucy-Richardson iterations, or 'auto': chosen without ground truth by a "
+        "self-supervised hold-out criterion on a few sampled chunks (default: 10)",
     )
+    _add_back_projector_options(run)
     run.add_argument(
         "--model", metavar="MODEL", help="ssi: trained checkpoint (from `ssi-dask train`)"
     )
@@ -398,8 +481,13 @@ def _run_command(args: argparse.Namespace) -> int:
     volume = open_volume(args.input)
     psf = load_psf(args.psf, volume.ndim)
     output = check_output_path(args.output, input_path=volume.path, overwrite=args.overwrite)
-    if args.iterations < 0:
-        raise ParameterError(f"--iterations must be >= 0, got {args.iterations}")
+    iterations = _parse_iterations(args.iterations)
+    lr_options = _lr_options(args)
+    auto = iterations == "auto"
+    if auto and args.method != "lr":
+        raise ParameterError("--iterations auto applies to --method lr only")
+    if auto:
+        iterations = 1  # plan (and check the chunks) for now; re-planned once chosen
     depth = _parse_depth(args.depth, volume.ndim)
     model = None
     if args.method == "ssi":
@@ -412,16 +500,19 @@ def _run_command(args: argparse.Namespace) -> int:
         volume.shape,
         volume.data.dtype,
         psf.shape,
-        num_iter=args.iterations,
+        num_iter=iterations,
         store_chunks=volume.store_chunks,
         chunks=args.chunks,
         output_chunks=args.output_chunks,
         depth=depth,
         alignment=model.alignment if model is not None else 1,
         boundary=METHOD_BOUNDARY[args.method],
+        back_projector=lr_options.get("back_projector", "classic"),
     )
     print(f"ssi-dask {__version__}: {args.method} on {volume.path} -> {output}")
     print(plan.summary())
+    if auto:
+        print("  iterations      auto: chosen before the run (halo above for 1 iteration)")
     if args.dry_run:
         print("dry run: nothing computed or written")
         return 0
@@ -437,7 +528,11 @@ def _run_command(args: argparse.Namespace) -> int:
         }
     }
     if model is None:
-        provenance["ssi_dask"]["iterations"] = args.iterations
+        from .lr import resolve_back_projector  # noqa: PLC0415
+
+        provenance["ssi_dask"]["iterations"] = iterations
+        spec = resolve_back_projector(psf, **lr_options)
+        provenance["ssi_dask"].update(spec.as_dict())
     else:
         provenance["ssi_dask"]["model"] = _model_summary(model, args)
     started = time.perf_counter()
@@ -455,15 +550,26 @@ def _run_command(args: argparse.Namespace) -> int:
         print(
             f"dask: {workers} workers, dashboard at {link}" if link else f"dask: {workers} workers"
         )
+        if auto:
+            from .lr import resolve_back_projector  # noqa: PLC0415
+
+            plan, choice = _choose_iterations(args, volume, psf, lr_options, plan, depth)
+            iterations = choice.num_iter
+            provenance["ssi_dask"]["iterations"] = iterations
+            provenance["ssi_dask"]["auto_iterations"] = choice.as_dict()
+            provenance["ssi_dask"].update(resolve_back_projector(psf, **lr_options).as_dict())
+            provenance["ssi_dask"]["depth"] = list(plan.depth)
+            provenance["ssi_dask"]["working_chunks"] = list(plan.working_chunks)
         result = deconvolve(
             volume.data,
             psf,
             method=args.method,
-            num_iter=args.iterations,
+            num_iter=iterations,
             chunks=plan.working_chunks,
             depth=plan.depth,
             device="gpu" if args.gpu else "cpu",
             model=model,
+            **lr_options,
         )
         write_zarr(
             result,
@@ -482,6 +588,43 @@ def _run_command(args: argparse.Namespace) -> int:
         voxels *= size
     print(f"done in {elapsed:.1f} s ({voxels / max(elapsed, 1e-9) / 1e6:.2f} Mvoxel/s): {output}")
     return 0
+
+
+def _choose_iterations(args: argparse.Namespace, volume, psf, lr_options: dict, plan, depth):
+    """``--iterations auto``: choose on sampled chunks (on the cluster), print, re-plan.
+
+    Updates ``lr_options`` with the chosen Wiener alpha; returns the new plan and the
+    :class:`~ssi_dask.lr_auto.AutoChoice`.
+    """
+    from .blockwise import METHOD_BOUNDARY, plan_blocks  # noqa: PLC0415
+    from .lr_auto import choose_iterations  # noqa: PLC0415
+
+    started = time.perf_counter()
+    choice = choose_iterations(
+        volume.data,
+        psf,
+        max_iter=args.auto_max_iterations,
+        n_samples=args.auto_samples,
+        seed=args.seed,
+        **lr_options,
+    )
+    print(f"{choice.summary()} in {time.perf_counter() - started:.1f} s")
+    if choice.wiener_alpha is not None:
+        lr_options["wiener_alpha"] = choice.wiener_alpha
+    plan = plan_blocks(
+        volume.shape,
+        volume.data.dtype,
+        psf.shape,
+        num_iter=choice.num_iter,
+        store_chunks=volume.store_chunks,
+        chunks=args.chunks,
+        output_chunks=args.output_chunks,
+        depth=depth,
+        boundary=METHOD_BOUNDARY["lr"],
+        back_projector=lr_options.get("back_projector", "classic"),
+    )
+    print(f"  halo (depth)    {plan.depth} for {choice.num_iter} iterations")
+    return plan, choice
 
 
 def _ssi_model_for_run(args: argparse.Namespace, volume, psf):

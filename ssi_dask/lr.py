@@ -20,6 +20,40 @@ Layout of the working domain (per axis, ``M`` samples, ``c = (K - 1) // 2``): th
 occupies ``[0, N)``; the object margin beyond the image occupies ``[N, N + c)`` and, wrapped
 around, ``[M - (K - 1 - c), M)``. The PSF is stored rolled so that its centre sample ``c``
 sits at the origin.
+
+Back projectors
+---------------
+Classic Lucy-Richardson back-projects with the flipped PSF ``h^T``. The unmatched
+*Wiener-Butterworth* back projector of Guo et al. 2020 (Nat Biotech 38:1337, "Rapid image
+deconvolution and multiview fusion for optical microscopy") replaces it by a kernel ``b`` of the
+PSF's size whose transform is a Wiener filter times a Butterworth low-pass,
+
+``B(k) = (1 + alpha) * conj(H(k)) / (|H(k)|^2 + alpha) / sqrt(1 + eps^2 * r(k)^(2 p))``,
+``r(k)^2 = sum_i (k_i / kc_i)^2``, ``eps^2 = 1 / beta^2 - 1``,
+
+computed on the PSF's own grid (so ``b`` has the PSF's support and the linear working domain
+never wraps), normalised to unit sum. ``H(k) B(k)`` is close to 1 at low frequencies (where
+``|H|^2 >> alpha``); the Butterworth factor is ``beta`` at the cut-off, so the product is at
+most ``beta`` there and falls to about 0 beyond it, so a few iterations do the work of
+tens of classic ones. Defaults (:func:`wiener_butterworth_defaults`), following the paper's
+description with one level ``f = WB_SUPPORT_FRACTION = 0.05`` read off the PSF:
+
+* cut-off ``kc_i`` along each axis: the largest frequency (cycles per pixel) at which ``|H|``
+  is still at least ``f`` of its peak, i.e. the extent of the OTF's support. The paper uses
+  the resolution limit ``1 / FWHM``; for a Gaussian PSF ``|H|`` falls to about 3 % there and
+  to 5 % at ``0.92 / FWHM``, and unlike the FWHM the support is defined for any PSF (a
+  defocused ring, an axially long widefield PSF). An axis whose OTF stays above ``f`` up to
+  the Nyquist frequency gets no cut-off;
+* ``alpha = f``: the Wiener parameter equals the OTF's relative level at the cut-off (the
+  paper's option of taking it from the OTF at the resolution limit; its fixed defaults
+  1e-4 .. 1e-3 suit high-SNR light-sheet data and over-amplify noise on the protocol images);
+* ``beta = 0.01`` (the paper's range 0.001 .. 0.01) and order ``p = 10`` (the paper's code
+  default; range 4 .. 15).
+
+Measured on the 2D protocol image usaf (ring PSF, heavy noise) these defaults reach the best
+classic PSNR (any n <= 50) in one iteration; ``--iterations auto`` also chooses alpha. The
+update ``x * (b * ratio) / (b * 1)`` can turn negative where ``b``'s side lobes
+dominate; it is clamped at zero.
 """
 
 from __future__ import annotations
@@ -30,8 +64,9 @@ import numbers
 import os
 import threading
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
 
@@ -41,13 +76,30 @@ from ssi_dask._backend import get_array_module, get_fft_module
 from ssi_dask.errors import InputError, ParameterError, PSFError
 
 __all__ = [
+    "BACK_PROJECTORS",
+    "BackProjector",
     "LinearConvolver",
     "RLPlan",
     "clear_plan_cache",
     "convolve_same",
     "get_plan",
+    "otf_cutoff",
+    "resolve_back_projector",
     "richardson_lucy",
+    "wiener_butterworth_defaults",
+    "wiener_butterworth_kernel",
 ]
+
+#: Names accepted by ``back_projector``.
+BACK_PROJECTORS = ("classic", "wiener-butterworth")
+#: The OTF's relative level that defines its support (cut-off) and the default Wiener alpha.
+WB_SUPPORT_FRACTION = 0.05
+#: Wiener parameter alpha by default: the OTF's relative level at the cut-off.
+WB_DEFAULT_ALPHA = WB_SUPPORT_FRACTION
+#: Butterworth order by default (Guo et al. 2020: 4 .. 15; their code's default).
+WB_DEFAULT_ORDER = 10
+#: Gain of the Butterworth filter at the cut-off (Guo et al. 2020: 0.001 .. 0.01).
+WB_BETA = 0.01
 
 _PLAN_CACHE_SIZE = 4
 _plan_cache: OrderedDict[tuple, LinearConvolver] = OrderedDict()
@@ -182,6 +234,12 @@ def _cupy_kernels() -> dict[str, Any]:
         "update": cupy.ElementwiseKernel(
             "float32 u, float32 w", "float32 x", "x = x * (u * w)", "ssi_lr_update"
         ),
+        "update_clamped": cupy.ElementwiseKernel(
+            "float32 u, float32 w",
+            "float32 x",
+            "x = max(x * (u * w), 0.0f)",
+            "ssi_lr_update_clamped",
+        ),
     }
 
 
@@ -223,6 +281,25 @@ def _update(
         np.multiply(x[i:j], u, out=x[i:j])
 
 
+def _update_clamped(
+    start: int, stop: int, block: int | None, x: Any, update: Any, inv_weights: Any
+) -> None:
+    """Like :func:`_update`, then ``x = max(x, 0)`` (unmatched back projectors have lobes)."""
+    xp = get_array_module(x)
+    if xp is not np:
+        _cupy_kernels()["update_clamped"](
+            update[start:stop], inv_weights[start:stop], x[start:stop]
+        )
+        return
+    step = block or stop - start
+    for i in range(start, stop, step):
+        j = min(i + step, stop)
+        u = update[i:j]
+        np.multiply(u, inv_weights[i:j], out=u)
+        np.multiply(x[i:j], u, out=x[i:j])
+        np.maximum(x[i:j], 0, out=x[i:j])
+
+
 class _BlockRunner:
     """Run an elementwise step over ``[0, n)``: threaded and blocked on NumPy, whole on CuPy."""
 
@@ -253,6 +330,227 @@ class _BlockRunner:
         ]
         for future in futures:
             future.result()
+
+
+# --------------------------------------------------------------------------------------------
+# back projectors
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class BackProjector:
+    """A back projector with every parameter resolved (no defaults left open).
+
+    Attributes
+    ----------
+    kind : {"classic", "wiener-butterworth"}
+        ``"classic"``: the flipped PSF. ``"wiener-butterworth"``: the kernel of
+        :func:`wiener_butterworth_kernel` with the parameters below.
+    wiener_alpha : float or None
+        Wiener parameter ``alpha`` (``> 0``).
+    butterworth_order : float or None
+        Butterworth order ``p`` (``> 0``).
+    cutoff : tuple of float or None
+        Cut-off frequency per axis in cycles per pixel (``inf``: no cut-off on that axis).
+    beta : float or None
+        Gain of the Butterworth filter at the cut-off, in ``(0, 1)``.
+    """
+
+    kind: str = "classic"
+    wiener_alpha: float | None = None
+    butterworth_order: float | None = None
+    cutoff: tuple[float, ...] | None = None
+    beta: float | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-friendly description for provenance (``inf`` cut-offs become ``None``)."""
+        out: dict[str, Any] = {"back_projector": self.kind}
+        if self.kind == "wiener-butterworth":
+            out.update(
+                wiener_alpha=self.wiener_alpha,
+                butterworth_order=self.butterworth_order,
+                cutoff=[None if not np.isfinite(c) else round(c, 6) for c in self.cutoff or ()],
+                butterworth_beta=self.beta,
+            )
+        return out
+
+
+def _rfft_frequencies(shape: Sequence[int]) -> list[np.ndarray]:
+    """Frequencies (cycles per sample) of each axis of an ``rfftn`` of ``shape``, broadcastable."""
+    ndim = len(shape)
+    freqs = []
+    for axis, n in enumerate(shape):
+        f = np.fft.rfftfreq(n) if axis == ndim - 1 else np.fft.fftfreq(n)
+        view = [1] * ndim
+        view[axis] = f.size
+        freqs.append(f.reshape(view))
+    return freqs
+
+
+def _rolled_otf(psf: np.ndarray, shape: Sequence[int]) -> np.ndarray:
+    """``rfftn`` (float64) of ``psf`` zero-padded to ``shape`` with its centre at the origin."""
+    work = np.zeros(tuple(shape), dtype=np.float64)
+    work[tuple(slice(0, k) for k in psf.shape)] = psf
+    work = np.roll(work, [-((k - 1) // 2) for k in psf.shape], axis=tuple(range(psf.ndim)))
+    return np.fft.rfftn(work)
+
+
+def otf_cutoff(psf: Any, fraction: float = WB_SUPPORT_FRACTION) -> tuple[float, ...]:
+    """Extent of the OTF's support per axis, in cycles per pixel.
+
+    Along each axis, the largest ``|k_i|`` over all frequencies where ``|OTF(k)|`` is at least
+    ``fraction`` of its peak, measured on a finely sampled transform (the PSF zero-padded to at
+    least 4 times its size and 64 samples per axis). ``inf`` where the OTF stays above the
+    fraction up to the Nyquist frequency (no cut-off needed on that axis).
+
+    Parameters
+    ----------
+    psf : array
+        Non-negative PSF (normalised here).
+    fraction : float, optional
+        Relative level that defines the support's edge; default ``WB_SUPPORT_FRACTION``.
+
+    Returns
+    -------
+    tuple of float
+        One cut-off per axis.
+    """
+    fraction = _check_positive("fraction", fraction)
+    h = _prepare_psf(psf, np.ndim(psf), normalize=True).astype(np.float64)
+    fine = tuple(max(4 * k, 64) for k in h.shape)
+    magnitude = np.abs(_rolled_otf(h, fine))
+    inside = magnitude >= fraction * magnitude.max()
+    cutoffs = []
+    for f in _rfft_frequencies(fine):
+        extent = float(np.max(np.abs(np.broadcast_to(f, inside.shape)[inside])))
+        nyquist = float(np.max(np.abs(f)))
+        cutoffs.append(float("inf") if extent >= nyquist - 1e-9 else extent)
+    return tuple(cutoffs)
+
+
+def wiener_butterworth_defaults(psf: Any) -> dict[str, Any]:
+    """Default Wiener-Butterworth parameters for ``psf`` (see the module notes).
+
+    Returns
+    -------
+    dict
+        ``wiener_alpha`` (0.05, the OTF's level at the cut-off), ``butterworth_order`` (10),
+        ``cutoff`` (per axis, from :func:`otf_cutoff` at 5 % of the OTF's peak) and ``beta``
+        (0.01).
+    """
+    return {
+        "wiener_alpha": WB_DEFAULT_ALPHA,
+        "butterworth_order": float(WB_DEFAULT_ORDER),
+        "cutoff": otf_cutoff(psf, WB_SUPPORT_FRACTION),
+        "beta": WB_BETA,
+    }
+
+
+def _check_cutoff(cutoff: Any, ndim: int) -> tuple[float, ...]:
+    values = np.atleast_1d(np.asarray(cutoff, dtype=object))
+    if values.size == 1:
+        values = np.repeat(values, ndim)
+    if values.ndim != 1 or values.size != ndim:
+        raise ParameterError(
+            f"cutoff must be one number or {ndim} numbers (cycles per pixel per axis), "
+            f"got {cutoff!r}"
+        )
+    out = []
+    for v in values:
+        try:
+            v = float(v)
+        except (TypeError, ValueError):
+            raise ParameterError(f"cutoff must be numbers, got {cutoff!r}") from None
+        if not v > 0:  # inf allowed: no cut-off on that axis
+            raise ParameterError(f"cutoff must be > 0 cycles per pixel, got {cutoff!r}")
+        out.append(v)
+    return tuple(out)
+
+
+def resolve_back_projector(
+    psf: Any,
+    back_projector: str = "classic",
+    *,
+    wiener_alpha: float | None = None,
+    butterworth_order: float | None = None,
+    cutoff: float | Sequence[float] | None = None,
+) -> BackProjector:
+    """Validate a back projector's name and parameters, filling defaults from ``psf``.
+
+    Raises
+    ------
+    ParameterError
+        For an unknown name, a non-positive parameter, or Wiener-Butterworth parameters given
+        with the classic back projector.
+    """
+    if back_projector not in BACK_PROJECTORS:
+        raise ParameterError(
+            f"unknown back projector {back_projector!r}; choose 'classic' or 'wiener-butterworth'"
+        )
+    if back_projector == "classic":
+        given = [
+            name
+            for name, value in (
+                ("wiener_alpha", wiener_alpha),
+                ("butterworth_order", butterworth_order),
+                ("cutoff", cutoff),
+            )
+            if value is not None
+        ]
+        if given:
+            raise ParameterError(
+                f"{', '.join(given)} only apply to the Wiener-Butterworth back projector; "
+                "pass back_projector='wiener-butterworth' or drop them"
+            )
+        return BackProjector("classic")
+    ndim = np.ndim(psf)
+    alpha = (
+        WB_DEFAULT_ALPHA if wiener_alpha is None else _check_positive("wiener_alpha", wiener_alpha)
+    )
+    order = (
+        float(WB_DEFAULT_ORDER)
+        if butterworth_order is None
+        else _check_positive("butterworth_order", butterworth_order)
+    )
+    cut = otf_cutoff(psf) if cutoff is None else _check_cutoff(cutoff, ndim)
+    return BackProjector("wiener-butterworth", alpha, order, cut, WB_BETA)
+
+
+def wiener_butterworth_kernel(psf: Any, spec: BackProjector | None = None) -> np.ndarray:
+    """The Wiener-Butterworth back projector as a kernel of the PSF's shape (float32, sum 1).
+
+    The kernel takes the place of the flipped PSF ``h^T``: Lucy-Richardson back-projects with
+    ``scipy.signal.fftconvolve(ratio, kernel)`` where the classic algorithm uses the flipped
+    PSF. Its transform on the PSF's grid is the formula in the module notes.
+
+    Parameters
+    ----------
+    psf : array
+        Non-negative PSF (normalised here).
+    spec : BackProjector, optional
+        Parameters; default :func:`resolve_back_projector` with the PSF's defaults.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``float32`` kernel of the PSF's shape.
+    """
+    h = _prepare_psf(psf, np.ndim(psf), normalize=True).astype(np.float64)
+    if spec is None:
+        spec = resolve_back_projector(h, "wiener-butterworth")
+    if spec.kind != "wiener-butterworth":
+        raise ParameterError(f"expected a Wiener-Butterworth back projector, got {spec.kind!r}")
+    otf = _rolled_otf(h, h.shape)
+    alpha = float(spec.wiener_alpha)
+    wiener = np.conj(otf) / (np.abs(otf) ** 2 + alpha)
+    radius2 = sum(
+        (f / c) ** 2 for f, c in zip(_rfft_frequencies(h.shape), spec.cutoff) if np.isfinite(c)
+    )
+    eps2 = 1.0 / float(spec.beta) ** 2 - 1.0
+    butterworth = 1.0 / np.sqrt(1.0 + eps2 * np.asarray(radius2) ** float(spec.butterworth_order))
+    transform = wiener * butterworth
+    kernel = np.fft.irfftn(transform, s=h.shape)
+    # origin (offset 0) back to sample K - 1 - (K - 1) // 2, where the flipped PSF has its centre
+    kernel = np.roll(kernel, [k - 1 - (k - 1) // 2 for k in h.shape], axis=tuple(range(h.ndim)))
+    return (kernel / kernel.sum()).astype(np.float32)
 
 
 # --------------------------------------------------------------------------------------------
@@ -338,7 +636,7 @@ class LinearConvolver:
 
 
 class RLPlan(LinearConvolver):
-    """Everything Lucy-Richardson needs for one (PSF, image shape): OTF, conjugate, edge weights.
+    """Everything Lucy-Richardson needs for one (PSF, image shape): OTF, back projector, weights.
 
     Parameters
     ----------
@@ -347,15 +645,19 @@ class RLPlan(LinearConvolver):
     image_shape : tuple of int
         Shape of the images (chunks) this plan deconvolves.
     edge_threshold : float, optional
-        Edge weights ``w = h^T * 1_image`` below ``edge_threshold * max(w)`` are treated as
-        zero: the estimate is set to zero there. Default ``1e-3``.
+        Edge weights ``w = b * 1_image`` (``b``: the back projector, ``h^T`` for classic LR)
+        below ``edge_threshold * max(w)`` are treated as zero: the estimate is set to zero
+        there. Default ``1e-3``.
     xp : module, optional
         Array module (``numpy`` or ``cupy``); default ``numpy``.
+    back_projector : BackProjector, optional
+        Resolved back projector (:func:`resolve_back_projector`); default classic.
 
     Notes
     -----
     The plan stores the reciprocal of the thresholded edge weights on the working domain, so the
-    per-iteration cost is four real FFTs plus a few elementwise passes.
+    per-iteration cost is four real FFTs plus a few elementwise passes, whichever the back
+    projector.
     """
 
     def __init__(
@@ -365,22 +667,43 @@ class RLPlan(LinearConvolver):
         *,
         edge_threshold: float = 1e-3,
         xp: ModuleType = np,
+        back_projector: BackProjector | None = None,
     ) -> None:
         psf = _prepare_psf(psf, len(tuple(image_shape)), normalize=True)
         super().__init__(psf, image_shape, xp=xp)
         self.edge_threshold = _check_edge_threshold(edge_threshold)
-        weights = self._apply(self._embed(1.0), self.otf_conj)
+        self.back_projector = back_projector or BackProjector("classic")
+        if self.back_projector.kind == "classic":
+            self.bp_otf = self.otf_conj
+        else:
+            kernel = wiener_butterworth_kernel(psf, self.back_projector)
+            work = np.zeros(self.work_shape, dtype=np.float32)
+            work[tuple(slice(0, k) for k in kernel.shape)] = kernel
+            # the kernel's origin (sample K - 1 - c, like the flipped PSF) goes to index 0
+            work = np.roll(
+                work, [-(k - 1 - (k - 1) // 2) for k in kernel.shape], axis=tuple(range(psf.ndim))
+            )
+            self.bp_otf = self.fft.rfftn(xp.asarray(work), **self._kw).astype(
+                xp.complex64, copy=False
+            )
+        self.inv_weights = self._inverse_weights(1.0)
+
+    def _inverse_weights(self, data_mask: Any) -> Any:
+        """``1 / (b * mask)`` where above the threshold, 0 elsewhere (working domain)."""
+        xp = self.xp
+        weights = self._apply(self._embed(data_mask), self.bp_otf)
         keep = weights > self.edge_threshold * float(weights.max())
         # 1 / w where kept, 0 elsewhere; the divisor is set to 1 where not kept to avoid warnings
         inv = xp.where(keep, weights, xp.float32(1))
         xp.reciprocal(inv, out=inv)
         xp.multiply(inv, keep, out=inv)
-        self.inv_weights = inv.astype(xp.float32, copy=False)
+        return inv.astype(xp.float32, copy=False)
 
     @property
     def nbytes(self) -> int:
         """Device or host memory held by the plan, in bytes."""
-        return super().nbytes + int(self.inv_weights.nbytes)
+        extra = 0 if self.bp_otf is self.otf_conj else int(self.bp_otf.nbytes)
+        return super().nbytes + int(self.inv_weights.nbytes) + extra
 
     def deconvolve(
         self,
@@ -390,58 +713,163 @@ class RLPlan(LinearConvolver):
         eps: float = 1e-6,
         clip: bool = False,
         workers: int = -1,
+        callback: Callable[[int, Any], None] | None = None,
     ) -> Any:
         """Run ``num_iter`` Lucy-Richardson iterations on ``image`` (see :func:`richardson_lucy`).
 
         ``image`` must have the plan's shape; it is moved to the plan's array module if needed.
+        ``callback(n, estimate)``, if given, is called after iteration ``n`` (1-based) with a
+        read-only view of the current estimate on the image region (copy it to keep it).
         """
-        xp, fft = self.xp, self.fft
+        xp = self.xp
         self._check_shape(image)
         num_iter = _check_num_iter(num_iter)
         eps = _check_positive("eps", eps)
         threads = _check_workers(workers)
-        kw = {"workers": threads} if xp is np else {}
         y = xp.ascontiguousarray(_to_module(image, xp), dtype=xp.float32)
+        after = None if callback is None else (lambda n, x: callback(n, x[self.image_slices]))
+        x = self._iterate(y, num_iter, eps, threads, self.inv_weights, on_iteration=after)
+        out = xp.ascontiguousarray(x[self.image_slices])
+        if clip:
+            xp.clip(out, -1, 1, out=out)
+        return out
+
+    def holdout_errors(
+        self,
+        image: Any,
+        holdout: Any,
+        num_iter: int,
+        *,
+        eps: float = 1e-6,
+        workers: int = -1,
+    ) -> np.ndarray:
+        """Prediction errors of held-out pixels after 0, 1, ..., ``num_iter`` iterations.
+
+        The pixels where ``holdout`` is True get zero weight in the data term (their ratio is
+        set to zero and the edge weights become ``b * (1 - holdout)``), so the estimate never
+        sees them; after each iteration they are predicted through the forward model
+        (``h * x``) and compared with the image. Because the noise of those pixels is
+        independent of everything the estimate saw, the error measures how well the estimate
+        explains new data (a J-invariant criterion, as in Noise2Self and SSI). With the
+        sharpening Wiener-Butterworth kernel the masked run can diverge after a few
+        iterations where the weights ``b * (1 - holdout)`` come close to zero (so can the
+        unmasked run with a small alpha); the criterion then reports large errors and those
+        counts are not chosen. (Filling the held-out pixels with the prediction instead, the
+        EM treatment of missing data, was measured too: it chose worse alphas on the
+        protocol images.)
+
+        Parameters
+        ----------
+        image : array
+            Image of the plan's shape.
+        holdout : array of bool
+            Pixels to hold out, the image's shape.
+        num_iter : int
+            Largest iteration count scored.
+
+        Returns
+        -------
+        numpy.ndarray
+            ``float64`` array of shape ``(num_iter + 1, 2)``: row ``n`` (after ``n``
+            iterations) holds the sum over the held-out pixels of the squared prediction
+            errors ``e^2`` and the sum of ``e^4`` (for the criterion's standard error).
+        """
+        xp = self.xp
+        self._check_shape(image)
+        num_iter = _check_num_iter(num_iter)
+        eps = _check_positive("eps", eps)
+        threads = _check_workers(workers)
+        y = xp.ascontiguousarray(_to_module(image, xp), dtype=xp.float32)
+        held = xp.asarray(_to_module(holdout, xp), dtype=bool)
+        if tuple(held.shape) != self.image_shape:
+            raise InputError(
+                f"the hold-out mask has shape {tuple(held.shape)} but the image has "
+                f"{self.image_shape}; pass a mask of the image's shape"
+            )
+        keep = (~held).astype(xp.float32)
+        errors: list[tuple[float, float]] = []
+
+        def score(blurred_img: Any) -> None:
+            squared = (blurred_img - y)[held].astype(xp.float64) ** 2
+            errors.append((float(squared.sum()), float((squared**2).sum())))
+
+        x = self._iterate(
+            y, num_iter, eps, threads, self._inverse_weights(keep), data_mask=keep, on_blurred=score
+        )
+        score(self.convolve_work(x)[self.image_slices])
+        return np.asarray(errors, dtype=np.float64)
+
+    def convolve_work(self, work: Any) -> Any:
+        """Circular convolution of a working-domain array with the PSF (float32)."""
+        return self._apply(work, self.otf)
+
+    def _iterate(
+        self,
+        y: Any,
+        num_iter: int,
+        eps: float,
+        threads: int,
+        inv_weights: Any,
+        *,
+        data_mask: Any = None,
+        on_blurred: Callable[[Any], None] | None = None,
+        on_iteration: Callable[[int, Any], None] | None = None,
+    ) -> Any:
+        """The iterations; returns the estimate on the working domain.
+
+        ``data_mask`` (float32, image shape) multiplies the ratio; ``on_blurred`` receives the
+        re-blurred estimate on the image region at the start of each iteration;
+        ``on_iteration(n, x)`` the working-domain estimate after iteration ``n``.
+        """
+        xp, fft = self.xp, self.fft
+        kw = {"workers": threads} if xp is np else {}
         img = self.image_slices
         shape = self.work_shape
-        mean = float(y.mean(dtype=xp.float64))
+        if data_mask is None:
+            mean = float(y.mean(dtype=xp.float64))
+        else:
+            mean = float((y * data_mask).sum(dtype=xp.float64) / max(float(data_mask.sum()), 1.0))
         x = xp.full(shape, mean, dtype=xp.float32)
         ratio = xp.zeros(shape, dtype=xp.float32)  # zero outside the image region, always
         ratio_img = ratio[img]
         eps32 = xp.float32(eps)
         x_flat = x.reshape(-1)
-        inv_w_flat = self.inv_weights.reshape(-1)
+        inv_w_flat = inv_weights.reshape(-1)
         otf_flat = self.otf.reshape(-1)
-        otf_conj_flat = self.otf_conj.reshape(-1)
+        bp_flat = self.bp_otf.reshape(-1)
         n_planes = y.shape[0]
+        update_step = _update if self.back_projector.kind == "classic" else _update_clamped
 
         with _BlockRunner(xp, threads) as run:
-            for _ in range(num_iter):
+            for iteration in range(1, num_iter + 1):
                 # h * x on the working domain
                 spectrum = xp.ascontiguousarray(fft.rfftn(x, **kw)).reshape(-1)
                 run(_mul_inplace, spectrum.size, spectrum, otf_flat)
                 blurred = fft.irfftn(spectrum.reshape(self.otf.shape), s=shape, **kw)
                 del spectrum
+                if on_blurred is not None:
+                    on_blurred(blurred[img])
                 # ratio y / max(h * x, eps) on the image region (zero elsewhere, by construction)
                 run(_ratio, n_planes, y, blurred[img], ratio_img, eps32)
                 del blurred
-                # back-projection h^T * ratio, edge weights, multiplicative update
+                if data_mask is not None:
+                    xp.multiply(ratio_img, data_mask, out=ratio_img)
+                # back-projection b * ratio, edge weights, multiplicative update
                 spectrum = xp.ascontiguousarray(fft.rfftn(ratio, **kw)).reshape(-1)
-                run(_mul_inplace, spectrum.size, spectrum, otf_conj_flat)
+                run(_mul_inplace, spectrum.size, spectrum, bp_flat)
                 update = fft.irfftn(spectrum.reshape(self.otf.shape), s=shape, **kw)
                 del spectrum
                 run(
-                    _update,
+                    update_step,
                     x_flat.size,
                     x_flat,
                     xp.ascontiguousarray(update).reshape(-1),
                     inv_w_flat,
                 )
                 del update
-        out = xp.ascontiguousarray(x[img])
-        if clip:
-            xp.clip(out, -1, 1, out=out)
-        return out
+                if on_iteration is not None:
+                    on_iteration(iteration, x)
+        return x
 
 
 def get_plan(
@@ -451,12 +879,13 @@ def get_plan(
     edge_threshold: float = 1e-3,
     xp: ModuleType = np,
     kind: str = "rl",
+    back_projector: BackProjector | None = None,
 ) -> LinearConvolver:
     """Return a cached :class:`RLPlan` (``kind='rl'``) or :class:`LinearConvolver` (``'conv'``).
 
     Plans are kept in a small least-recently-used cache keyed by the PSF's bytes (hashed), its
-    shape, the image shape, the dtype, the array module and the edge threshold, so the PSF's
-    transform is computed once per chunk shape.
+    shape, the image shape, the dtype, the array module, the edge threshold and the back
+    projector, so the PSF's transforms are computed once per chunk shape.
     """
     image_shape = tuple(int(n) for n in image_shape)
     host_psf = _prepare_psf(psf, len(image_shape), normalize=False)
@@ -469,6 +898,7 @@ def get_plan(
         "float32",
         xp.__name__,
         float(edge_threshold) if kind == "rl" else None,
+        (back_projector or BackProjector("classic")) if kind == "rl" else None,
     )
     with _plan_lock:
         plan = _plan_cache.get(key)
@@ -476,7 +906,13 @@ def get_plan(
             _plan_cache.move_to_end(key)
             return plan
     if kind == "rl":
-        plan = RLPlan(host_psf, image_shape, edge_threshold=edge_threshold, xp=xp)
+        plan = RLPlan(
+            host_psf,
+            image_shape,
+            edge_threshold=edge_threshold,
+            xp=xp,
+            back_projector=back_projector,
+        )
     elif kind == "conv":
         plan = LinearConvolver(host_psf, image_shape, xp=xp)
     else:
@@ -507,13 +943,19 @@ def richardson_lucy(
     edge_threshold: float = 1e-3,
     clip: bool = False,
     workers: int = -1,
+    back_projector: str = "classic",
+    wiener_alpha: float | None = None,
+    butterworth_order: float | None = None,
+    cutoff: float | Sequence[float] | None = None,
 ) -> Any:
     """Deconvolve a 2D or 3D image with the Lucy-Richardson algorithm.
 
-    ``x_{k+1} = x_k * (h^T * (y / (h * x_k))) / (h^T * 1)``, started from the image mean, on a
+    ``x_{k+1} = x_k * (b * (y / (h * x_k))) / (b * 1)``, started from the image mean, on a
     linear working domain (image + PSF - 1 per axis, rounded up to a fast FFT size) with
     Bertero-Boccacci edge weights, so the result has no wrap-around artefacts and is reliable up
-    to the image border.
+    to the image border. The back projector ``b`` is the flipped PSF ``h^T`` (classic) or the
+    Wiener-Butterworth kernel of Guo et al. 2020, which needs far fewer iterations (2-5 instead
+    of tens; see the module notes for its defaults).
 
     Parameters
     ----------
@@ -539,6 +981,17 @@ def richardson_lucy(
         CPU threads for the FFTs (``scipy.fft`` ``workers``) and the elementwise steps; ``-1``
         (default) uses every available core. Pass ``1`` when many Dask threads run the kernel
         at once. Ignored on the GPU.
+    back_projector : {"classic", "wiener-butterworth"}, optional
+        Back projector; default ``"classic"`` (the flipped PSF).
+    wiener_alpha : float, optional
+        Wiener-Butterworth only: Wiener parameter ``alpha > 0`` (default 0.05, the OTF's
+        relative level at the cut-off); larger values regularise more (noisy data).
+    butterworth_order : float, optional
+        Wiener-Butterworth only: order of the Butterworth low-pass (default 10).
+    cutoff : float or sequence of float, optional
+        Wiener-Butterworth only: cut-off frequency in cycles per pixel, one for every axis or
+        one per axis (``inf``: none); default the extent of the OTF's support at 5 % of its
+        peak (:func:`otf_cutoff`).
 
     Returns
     -------
@@ -554,7 +1007,8 @@ def richardson_lucy(
         finite.
     ParameterError
         If ``num_iter`` is not an integer ``>= 0``, ``eps`` is not ``> 0``,
-        ``edge_threshold`` is not in ``(0, 1)`` or ``workers`` is not ``-1`` or ``>= 1``.
+        ``edge_threshold`` is not in ``(0, 1)``, ``workers`` is not ``-1`` or ``>= 1``, the
+        back projector is unknown or one of its parameters is not ``> 0``.
 
     Examples
     --------
@@ -571,7 +1025,16 @@ def richardson_lucy(
     eps = _check_positive("eps", eps)
     edge_threshold = _check_edge_threshold(edge_threshold)
     host_psf = _prepare_psf(psf, image.ndim, normalize=True)
-    plan = get_plan(host_psf, tuple(image.shape), edge_threshold=edge_threshold, xp=xp)
+    spec = resolve_back_projector(
+        host_psf,
+        back_projector,
+        wiener_alpha=wiener_alpha,
+        butterworth_order=butterworth_order,
+        cutoff=cutoff,
+    )
+    plan = get_plan(
+        host_psf, tuple(image.shape), edge_threshold=edge_threshold, xp=xp, back_projector=spec
+    )
     return plan.deconvolve(image, num_iter, eps=eps, clip=clip, workers=workers)
 
 
