@@ -7,6 +7,7 @@ no traceback.
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 import time
 from collections.abc import Sequence
@@ -520,6 +521,13 @@ def _run_command(args: argparse.Namespace) -> int:
     if args.dry_run:
         print("dry run: nothing computed or written")
         return 0
+    # The client logs its own view of a lost scheduler or worker (with tracebacks); this
+    # command reports those cases itself in one line, keeping the progress for --resume.
+    import distributed  # noqa: F401, PLC0415  (its import sets the logging levels first)
+
+    for name in ["distributed", *logging.root.manager.loggerDict]:
+        if name.startswith("distributed"):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
     started = time.perf_counter()
     with dask_client(
         args.scheduler,

@@ -10,6 +10,7 @@ only when every chunk has one.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import datetime as _dt
 import errno
 import itertools
@@ -397,7 +398,8 @@ def _compute_on_cluster(client, writes, bar, callback, output, regions, worker_t
     except OSError as exc:
         raise _lost_scheduler(exc, output) from None
     index_of = {future.key: index for future, index in zip(futures, indices)}
-    pending = set(futures)
+    pending, total = set(futures), len(futures)
+    del futures
     done = 0
     alone_since = None
     try:
@@ -408,13 +410,19 @@ def _compute_on_cluster(client, writes, bar, callback, output, regions, worker_t
                 )
             except (TimeoutError, asyncio.TimeoutError):
                 finished = set()
+            except (concurrent.futures.CancelledError, asyncio.CancelledError) as exc:
+                raise _lost_scheduler(exc, output) from None  # futures cancelled with it
             for future in finished:
-                try:
-                    future.result()
-                except Exception as exc:
-                    raise _task_failure(exc, output, regions, index_of.get(future.key)) from None
+                # Never gather: a finished write's small result may sit on a worker that has
+                # since died, and gathering it would wait for a recomputation.
+                if future.status == "error":
+                    exc = future.exception()
+                    raise _task_failure(exc, output, regions, index_of.get(future.key))
+                if future.status == "cancelled":
+                    raise _lost_scheduler(ConnectionError("cancelled"), output)
+                future.release()  # a lost worker must not make the scheduler redo this write
                 done += 1
-                _tick(bar, callback, done, len(futures))
+                _tick(bar, callback, done, total)
             if finished:
                 continue
             if _worker_count(client, output):
@@ -472,7 +480,6 @@ def _task_failure(
     exc: BaseException, output: Path, regions: dict, index: tuple | None
 ) -> SsiDaskError:
     """Turn the exception of a chunk task into a one-line error that keeps the progress."""
-    import concurrent.futures  # noqa: PLC0415
 
     where = f" (chunk {records.region_text(regions[index])})" if index in regions else ""
     if isinstance(exc, SsiDaskError):
