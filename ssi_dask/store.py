@@ -481,7 +481,8 @@ def _task_failure(
 ) -> SsiDaskError:
     """Turn the exception of a chunk task into a one-line error that keeps the progress."""
 
-    where = f" (chunk {records.region_text(regions[index])})" if index in regions else ""
+    region = records.region_text(regions[index]) if index in regions else ""
+    where = f" (chunk {region})" if region else ""
     if isinstance(exc, SsiDaskError):
         return type(exc)(f"{exc}{where}")
     if type(exc).__name__ == "KilledWorker":
@@ -513,8 +514,9 @@ def _task_failure(
         )
     detail = str(exc).splitlines()[0] if str(exc) else ""
     return RunError(
-        f"a chunk task failed{where}: {type(exc).__name__}: {detail}; "
-        f"{_kept(output, regions)}, re-run with --resume once fixed"
+        f"computing the chunk {region} failed ({type(exc).__name__}: {detail}); check the input "
+        f"there (a corrupt or unreadable file?), then re-run with --resume "
+        f"({_kept(output, regions)})"
     )
 
 
