@@ -437,7 +437,15 @@ def _as_float32(function: Callable[..., np.ndarray]) -> Callable[..., np.ndarray
 
 
 def _call_on_float32(function, block, *args, **kwargs):
-    return function(block.astype(np.float32, copy=False), *args, **kwargs)
+    block = block.astype(np.float32, copy=False)
+    if not np.isfinite(block).all():  # one pass over the block: cheap next to the kernel
+        from .errors import InputError  # noqa: PLC0415
+
+        raise InputError(
+            "the input contains NaN or Inf values; replace them (e.g. numpy.nan_to_num) "
+            "before deconvolving"
+        )
+    return function(block, *args, **kwargs)
 
 
 def plan_blocks(

@@ -7,6 +7,7 @@ no traceback.
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 import time
 from collections.abc import Sequence
@@ -53,6 +54,14 @@ def _add_cluster_options(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="local cluster: one dask-cuda worker per GPU "
         "(needs the 'gpu' extra and a CUDA device)",
+    )
+    group.add_argument(
+        "--worker-timeout",
+        type=float,
+        default=120.0,
+        metavar="SECONDS",
+        help="give up, keeping the progress for --resume, when no worker has been connected "
+        "for this long (default: 120)",
     )
     group.add_argument(
         "--connect-timeout",
@@ -239,7 +248,20 @@ def build_parser() -> argparse.ArgumentParser:
         choices=[2, 3],
         help="Zarr format of the output (default: the input's)",
     )
+    run.add_argument(
+        "--output-shards",
+        metavar="SPEC",
+        help="Zarr v3 only: shard shape of the output, multiples of the output chunks "
+        "(default: no sharding); every working chunk must be made of whole shards",
+    )
     run.add_argument("--overwrite", action="store_true", help="replace an existing OUTPUT store")
+    run.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue an interrupted run: keep the chunks OUTPUT records as written and "
+        "compute only the others (refused if OUTPUT was made with other parameters, PSF or "
+        "model); starts a new OUTPUT when there is none",
+    )
     run.add_argument(
         "--dry-run",
         action="store_true",
@@ -248,6 +270,21 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--no-progress", action="store_true", help="do not show a progress bar")
     _add_cluster_options(run)
     run.set_defaults(handler=_run_command)
+
+    verify = commands.add_parser(
+        "verify",
+        help="check that an output has every chunk recorded as written",
+        description="List the chunks of OUTPUT (written by `ssi-dask run`) that are not recorded "
+        "as written. Exit status 0 when the output is complete, 1 when chunks are missing or "
+        "damaged, 2 when OUTPUT is not an ssi-dask output.",
+    )
+    verify.add_argument("output", metavar="OUTPUT", help="output Zarr array of `ssi-dask run`")
+    verify.add_argument(
+        "--check-data",
+        action="store_true",
+        help="also re-read every recorded chunk and compare it with its recorded checksum",
+    )
+    verify.set_defaults(handler=_verify_command)
 
     psf = commands.add_parser(
         "psf",
@@ -349,6 +386,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.set_defaults(handler=_demo_command)
     return parser
+
+
+def _verify_command(args: argparse.Namespace) -> int:
+    from .verify import verify_output  # noqa: PLC0415
+
+    report = verify_output(args.output, check_data=args.check_data)
+    print(report.summary())
+    return 0 if report.ok else 1
 
 
 def _demo_command(args: argparse.Namespace) -> int:
@@ -472,20 +517,36 @@ def _train_command(args: argparse.Namespace) -> int:
 
 
 def _run_command(args: argparse.Namespace) -> int:
-    from .blockwise import METHOD_BOUNDARY, deconvolve, plan_blocks  # noqa: PLC0415
+    from .blockwise import METHOD_BOUNDARY, deconvolve, parse_chunks, plan_blocks  # noqa: PLC0415
     from .cluster import dashboard_link, dask_client  # noqa: PLC0415
     from .io import check_output_path, open_volume  # noqa: PLC0415
     from .psf import describe_psf, load_psf  # noqa: PLC0415
-    from .store import write_zarr  # noqa: PLC0415
+    from .store import (  # noqa: PLC0415
+        check_resume,
+        check_shard_alignment,
+        output_provenance,
+        recorded_chunks,
+        write_zarr,
+    )
 
+    if args.resume and args.overwrite:
+        raise ParameterError("--resume keeps OUTPUT and --overwrite deletes it; give only one")
     volume = open_volume(args.input)
     psf = load_psf(args.psf, volume.ndim)
-    output = check_output_path(args.output, input_path=volume.path, overwrite=args.overwrite)
+    if args.resume and Path(args.output).exists():
+        output = Path(args.output).resolve()  # write_zarr checks it belongs to this run
+    else:
+        output = check_output_path(args.output, input_path=volume.path, overwrite=args.overwrite)
     iterations = _parse_iterations(args.iterations)
     lr_options = _lr_options(args)
     auto = iterations == "auto"
     if auto and args.method != "lr":
         raise ParameterError("--iterations auto applies to --method lr only")
+    if auto and args.resume:
+        raise ParameterError(
+            "--resume needs a fixed --iterations; give the count the first run chose "
+            "(ssi_dask.iterations in OUTPUT's attributes)"
+        )
     if auto:
         iterations = 1  # plan (and check the chunks) for now; re-planned once chosen
     depth = _parse_depth(args.depth, volume.ndim)
@@ -509,13 +570,23 @@ def _run_command(args: argparse.Namespace) -> int:
         boundary=METHOD_BOUNDARY[args.method],
         back_projector=lr_options.get("back_projector", "classic"),
     )
+    zarr_format = args.zarr_format or volume.zarr_format or 3
+    shards = parse_chunks(args.output_shards, volume.ndim)
+    check_shard_alignment(
+        _grid(plan.shape, plan.working_chunks), plan.output_chunks, shards, plan.shape, zarr_format
+    )
     print(f"ssi-dask {__version__}: {args.method} on {volume.path} -> {output}")
+    print(
+        f"  input           {plan.shape} {volume.data.dtype}, stored in chunks "
+        f"{volume.store_chunks}"
+    )
+    print(
+        f"  output          {plan.shape} float32, Zarr v{zarr_format}, chunks "
+        f"{plan.output_chunks}" + (f", shards {shards}" if shards else "")
+    )
     print(plan.summary())
     if auto:
         print("  iterations      auto: chosen before the run (halo above for 1 iteration)")
-    if args.dry_run:
-        print("dry run: nothing computed or written")
-        return 0
     provenance = {
         "ssi_dask": {
             "version": __version__,
@@ -535,6 +606,28 @@ def _run_command(args: argparse.Namespace) -> int:
         provenance["ssi_dask"].update(spec.as_dict())
     else:
         provenance["ssi_dask"]["model"] = _model_summary(model, args)
+    if args.resume and output.exists() and (model is None or args.model or not args.dry_run):
+        layout = output_provenance(
+            provenance,
+            shape=plan.shape,
+            grid=_grid(plan.shape, plan.working_chunks),
+            output_chunks=plan.output_chunks,
+            output_shards=shards,
+            zarr_format=zarr_format,
+        )
+        existing = check_resume(output, layout, input_path=volume.path)  # before any work
+        done = recorded_chunks(output, existing)
+        print(f"  resume          {done} of {plan.n_chunks} chunks already written")
+    if args.dry_run:
+        print("dry run: nothing computed or written")
+        return 0
+    # The client logs its own view of a lost scheduler or worker (with tracebacks); this
+    # command reports those cases itself in one line, keeping the progress for --resume.
+    import distributed  # noqa: F401, PLC0415  (its import sets the logging levels first)
+
+    for name in ["distributed", *logging.root.manager.loggerDict]:
+        if name.startswith("distributed"):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
     started = time.perf_counter()
     with dask_client(
         args.scheduler,
@@ -575,12 +668,15 @@ def _run_command(args: argparse.Namespace) -> int:
             result,
             output,
             output_chunks=plan.output_chunks,
-            zarr_format=args.zarr_format or volume.zarr_format or 3,
+            zarr_format=zarr_format,
             attrs=provenance,
             input_path=volume.path,
             overwrite=args.overwrite,
             client=client,
             progress=not args.no_progress,
+            resume=args.resume,
+            output_shards=shards,
+            worker_timeout=args.worker_timeout,
         )
     elapsed = time.perf_counter() - started
     voxels = 1
@@ -625,6 +721,11 @@ def _choose_iterations(args: argparse.Namespace, volume, psf, lr_options: dict, 
     )
     print(f"  halo (depth)    {plan.depth} for {choice.num_iter} iterations")
     return plan, choice
+
+
+def _grid(shape: tuple[int, ...], working: tuple[int, ...]) -> tuple[tuple[int, ...], ...]:
+    """The working-chunk sizes along each axis (the last chunk of an axis may be shorter)."""
+    return tuple(tuple([w] * (s // w) + ([s % w] if s % w else [])) for s, w in zip(shape, working))
 
 
 def _ssi_model_for_run(args: argparse.Namespace, volume, psf):

@@ -73,7 +73,7 @@ def _local_cluster(
             memory_limit=memory_limit or "auto",
             processes=True,
             dashboard_address=":0",
-            silence_logs=logging.ERROR,
+            silence_logs=logging.CRITICAL,  # task errors are reported by the command itself
         )
 
 

@@ -39,3 +39,7 @@ class CheckpointError(SsiDaskError):
 
 class DeviceError(SsiDaskError):
     """A requested compute device (e.g. a CUDA GPU) is not available."""
+
+
+class RunError(SsiDaskError):
+    """A run could not finish (a chunk failed); the chunks already written are kept."""

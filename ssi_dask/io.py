@@ -261,8 +261,13 @@ def create_output_array(
     zarr_format: int = 3,
     attrs: dict | None = None,
     overwrite: bool = False,
+    shards: tuple[int, ...] | None = None,
 ):
-    """Create an empty on-disk Zarr array for the result (after :func:`check_output_path`)."""
+    """Create an empty on-disk Zarr array for the result (after :func:`check_output_path`).
+
+    ``shards`` (Zarr v3) groups chunks into shard files; the caller checks that every write
+    covers whole shards.
+    """
     import zarr  # noqa: PLC0415
 
     path = Path(path)
@@ -278,6 +283,7 @@ def create_output_array(
             fill_value=0,
             attributes=attrs or {},
             overwrite=False,
+            **({"shards": tuple(int(s) for s in shards)} if shards else {}),
         )
     except OSError as exc:
         raise OutputError(f"cannot create output {str(path)!r}: {exc.strerror or exc}") from None

@@ -1,24 +1,39 @@
-"""Write a lazy result into a Zarr array, one task per working chunk, with progress.
+"""Write a lazy result into a Zarr array, one task per working chunk, with progress and resume.
 
-Each task computes one working chunk and writes it into the output region it covers; the plan
-guarantees that region is made of whole output chunks, so no two tasks touch the same chunk.
+Each task computes one working chunk, writes it into the output region it covers and then
+records it as finished (:mod:`ssi_dask.progress`); the plan guarantees that region is made of
+whole output chunks (whole shards for sharded Zarr v3), so no two tasks touch the same chunk.
+A resumed run computes only the chunks without a record, and the output is marked complete
+only when every chunk has one.
 """
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import datetime as _dt
+import errno
 import itertools
 import os
+import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import dask
 import dask.array as da
 import numpy as np
 
+from . import progress as records
 from .blockwise import check_write_alignment
-from .errors import OutputError, SchedulerError
-from .io import check_output_path, create_output_array
+from .errors import OutputError, RunError, SchedulerError, SsiDaskError
+from .io import check_output_path, create_output_array, is_zarr_path
+
+#: Seconds between checks of the cluster while waiting for chunks.
+POLL_SECONDS = 0.5
+
+#: errno values that mean "no room left" for a write.
+DISK_FULL_ERRNOS = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT}
 
 
 def block_regions(chunks: tuple[tuple[int, ...], ...]) -> list[tuple[tuple[int, ...], tuple]]:
@@ -33,15 +48,59 @@ def block_regions(chunks: tuple[tuple[int, ...], ...]) -> list[tuple[tuple[int, 
     return regions
 
 
-def _write_block(block: np.ndarray, path: str, region: tuple) -> int:
-    """Task: write one computed block into its region of the output array."""
+def _write_block(block: np.ndarray, path: str, region: tuple, record: dict) -> int:
+    """Task: write one computed block into its region of the output, then record it done."""
     import zarr  # noqa: PLC0415
 
     if hasattr(block, "get"):  # CuPy -> NumPy before touching the store
         block = block.get()
     array = zarr.open_array(path, mode="r+")
-    array[region] = np.asarray(block, dtype=array.dtype)
+    data = np.ascontiguousarray(block, dtype=array.dtype)
+    array[region] = data
+    # Only now, with the data in the store, may the chunk count as finished.
+    records.write_record(
+        path,
+        record["index"],
+        region,
+        run_fingerprint=record["fingerprint"],
+        checksum=records.data_checksum(data),
+        run_id=record["run"],
+    )
     return int(np.prod(block.shape))
+
+
+def check_shard_alignment(
+    working_chunks: tuple[tuple[int, ...], ...],
+    output_chunks: tuple[int, ...],
+    output_shards: tuple[int, ...] | None,
+    shape: tuple[int, ...],
+    zarr_format: int,
+) -> None:
+    """Refuse shards that Zarr cannot make or that two tasks would share.
+
+    A shard is the unit Zarr rewrites as a whole, so with sharding every working chunk must be
+    made of whole shards (not just whole chunks).
+    """
+    if output_shards is None:
+        return
+    if zarr_format != 3:
+        raise OutputError("sharding needs a Zarr v3 output; drop --output-shards or use v3")
+    if len(output_shards) != len(shape):
+        raise OutputError(f"invalid output shards {output_shards} for shape {shape}")
+    for axis, (shard, chunk) in enumerate(zip(output_shards, output_chunks)):
+        if shard % chunk:
+            raise OutputError(
+                f"shard size {shard} along axis {axis} is not a multiple of the output chunk "
+                f"size {chunk}; choose --output-shards as multiples of {tuple(output_chunks)}"
+            )
+    for axis, (sizes, shard) in enumerate(zip(working_chunks, output_shards)):
+        bad = [int(e) for e in np.cumsum(sizes)[:-1] if e % shard]
+        if bad:
+            raise OutputError(
+                f"working chunks along axis {axis} end at {bad[:3]} which are not multiples of the "
+                f"shard size {shard}: two tasks would rewrite the same shard; choose --chunks as "
+                f"multiples of the shards {tuple(output_shards)}"
+            )
 
 
 def write_zarr(
@@ -55,23 +114,28 @@ def write_zarr(
     overwrite: bool = False,
     client: Any = None,
     progress: bool | Callable[[int, int], None] = False,
+    resume: bool = False,
+    output_shards: tuple[int, ...] | None = None,
+    worker_timeout: float = 120.0,
 ):
-    """Compute ``result`` and store it as a new Zarr array at ``output``.
+    """Compute ``result`` and store it as a Zarr array at ``output``, chunk by chunk.
 
     Parameters
     ----------
     result : dask.array.Array
         Lazy result, e.g. from :func:`ssi_dask.deconvolve`.
     output : str or path-like
-        Path of the Zarr array to create.
+        Path of the Zarr array to create (or to complete, with ``resume``).
     output_chunks : tuple of int, optional
         Chunk shape on disk; defaults to the result's (first) chunk shape. Every working
         chunk must be made of whole output chunks.
     zarr_format : {2, 3}
         Zarr format of the output.
     attrs : dict, optional
-        Attributes to store (provenance); ``{"ssi_dask": {"complete": True}}`` is added once
-        every chunk is written.
+        Attributes to store (provenance). Under ``"ssi_dask"`` this adds ``complete`` (True
+        once every chunk is recorded), ``fingerprint`` and ``layout``. The ``"ssi_dask"``
+        entries other than run-specific ones (command, times, file paths) identify the
+        computation: a resume refuses an output whose entries differ.
     input_path : str, optional
         Path of the input, to refuse writing over it.
     overwrite : bool
@@ -80,45 +144,223 @@ def write_zarr(
         Compute on this cluster; otherwise the current Dask scheduler is used.
     progress : bool or callable
         Show a progress bar (tqdm) or call ``progress(done, total)`` after each chunk.
+    resume : bool
+        When ``output`` exists, keep every chunk recorded as finished and compute only the
+        others (after checking the output was made by the same computation). When it does not
+        exist, start a new output.
+    output_shards : tuple of int, optional
+        Zarr v3 shard shape (multiples of ``output_chunks``); every working chunk must then be
+        made of whole shards.
+    worker_timeout : float
+        With a cluster: give up (keeping the progress) when no worker has been connected for
+        this many seconds.
 
     Returns
     -------
     zarr.Array
         The output array, opened read-only.
+
+    Raises
+    ------
+    OutputError
+        Bad output path, misaligned chunks or shards, a resume of a different computation, a
+        failed write (e.g. disk full), or chunks missing at the end.
+    SchedulerError
+        The scheduler or every worker was lost; the chunks written so far are kept.
     """
     import zarr  # noqa: PLC0415
 
-    path = check_output_path(output, input_path=input_path, overwrite=overwrite)
     shape = tuple(int(s) for s in result.shape)
-    output_chunks = tuple(output_chunks or (c[0] for c in result.chunks))
+    output_chunks = tuple(int(c) for c in (output_chunks or (c[0] for c in result.chunks)))
+    if output_shards is not None:
+        output_shards = tuple(int(s) for s in output_shards)
     check_write_alignment(result.chunks, output_chunks, shape)
+    check_shard_alignment(result.chunks, output_chunks, output_shards, shape, zarr_format)
+    regions = dict(block_regions(result.chunks))
     metadata = dict(attrs or {})
-    provenance = dict(metadata.get("ssi_dask", {}))
-    provenance.update(complete=False, started=_now())
-    metadata["ssi_dask"] = provenance
-    create_output_array(
-        path,
+    provenance = output_provenance(
+        metadata,
         shape=shape,
-        chunks=output_chunks,
-        dtype=np.float32,
+        grid=result.chunks,
+        output_chunks=output_chunks,
+        output_shards=output_shards,
         zarr_format=zarr_format,
-        attrs=metadata,
-        overwrite=overwrite,
     )
-    blocks = result.to_delayed().ravel()
-    regions = block_regions(result.chunks)
-    writes = [
-        dask.delayed(_write_block, pure=False)(block, str(path), region)
-        for block, (_, region) in zip(blocks, regions)
-    ]
-    _run_with_progress(writes, client=client, progress=progress)
+    run_fingerprint = provenance["fingerprint"]
+    if resume and Path(output).exists():
+        path = Path(output).resolve()
+        provenance = check_resume(path, provenance, input_path=input_path)
+        provenance["resumed"] = [*provenance.get("resumed", []), _now()]
+        provenance["complete"] = False
+        zarr.open_array(str(path), mode="r+").attrs["ssi_dask"] = provenance
+    else:
+        if resume and overwrite:
+            raise OutputError("--resume and --overwrite contradict each other; give one")
+        path = check_output_path(output, input_path=input_path, overwrite=overwrite)
+        provenance["started"] = _now()
+        metadata["ssi_dask"] = provenance
+        create_output_array(
+            path,
+            shape=shape,
+            chunks=output_chunks,
+            dtype=np.float32,
+            zarr_format=zarr_format,
+            attrs=metadata,
+            overwrite=overwrite,
+            **({"shards": output_shards} if output_shards else {}),
+        )
+    done = records.read_records(path, run_fingerprint=run_fingerprint, regions=regions)
+    todo = records.missing_blocks(regions, done)
+    if resume and done:
+        print(
+            f"resuming {path}: {len(done)} of {len(regions)} chunks already written, "
+            f"computing {len(todo)}",
+            flush=True,
+        )
+    run_id = records.new_run_id()
+    blocks = result.to_delayed()
+    writes = {
+        index: dask.delayed(_write_block, pure=False)(
+            blocks[index],
+            str(path),
+            regions[index],
+            {"index": list(index), "fingerprint": run_fingerprint, "run": run_id},
+        )
+        for index in todo
+    }
+    if writes:
+        _run_with_progress(
+            writes,
+            client=client,
+            progress=progress,
+            output=path,
+            regions=regions,
+            worker_timeout=worker_timeout,
+        )
+    finished = records.read_records(path, run_fingerprint=run_fingerprint, regions=regions)
+    missing = records.missing_blocks(regions, finished)
+    if missing:
+        raise OutputError(
+            f"only {len(finished)} of {len(regions)} chunks of {str(path)!r} are recorded as "
+            f"written (first missing: {records.region_text(regions[missing[0]])}); the output is "
+            "incomplete: re-run with --resume"
+        )
     array = zarr.open_array(str(path), mode="r+")
-    provenance.update(complete=True, finished=_now(), chunks_written=len(writes))
+    provenance.update(complete=True, finished=_now(), chunks_written=len(finished))
     array.attrs["ssi_dask"] = provenance
     return zarr.open_array(str(path), mode="r")
 
 
-def _run_with_progress(writes: list, *, client: Any, progress: bool | Callable) -> None:
+def output_provenance(
+    attrs: dict | None,
+    *,
+    shape: tuple[int, ...],
+    grid: tuple[tuple[int, ...], ...],
+    output_chunks: tuple[int, ...],
+    output_shards: tuple[int, ...] | None,
+    zarr_format: int,
+) -> dict:
+    """The ``ssi_dask`` attributes of a new output: provenance, layout, fingerprint.
+
+    The fingerprint hashes every entry that identifies the computation (see
+    :func:`ssi_dask.progress.parameters_of`) together with the layout of the working chunks
+    and of the store; records of other computations never count for this output.
+    """
+    provenance = {
+        key: value
+        for key, value in dict((attrs or {}).get("ssi_dask", {})).items()
+        if key not in ("fingerprint", "complete")
+    }
+    provenance["layout"] = {
+        "shape": [int(s) for s in shape],
+        "grid": [[int(s) for s in sizes] for sizes in grid],
+        "chunks_total": int(np.prod([len(sizes) for sizes in grid])),
+        "output_chunks": [int(c) for c in output_chunks],
+        "output_shards": [int(s) for s in output_shards] if output_shards else None,
+        "zarr_format": int(zarr_format),
+        "dtype": "float32",
+    }
+    provenance["fingerprint"] = records.fingerprint(records.parameters_of(provenance))
+    provenance["complete"] = False
+    return provenance
+
+
+def check_resume(
+    output: str | os.PathLike, provenance: dict, *, input_path: str | None = None
+) -> dict:
+    """Check, without changing anything, that ``output`` can be resumed by this computation.
+
+    Parameters
+    ----------
+    output : str or path-like
+        The existing output.
+    provenance : dict
+        The new run's attributes, from :func:`output_provenance`.
+    input_path : str, optional
+        The input, to refuse an output that is the input.
+
+    Returns
+    -------
+    dict
+        The existing output's ``ssi_dask`` attributes.
+
+    Raises
+    ------
+    OutputError
+        When ``output`` is not an ssi-dask output or was made by a different computation
+        (parameters, PSF, model, chunk layout); the message names the differences.
+    """
+    import zarr  # noqa: PLC0415
+
+    path = Path(output).resolve()
+    if not is_zarr_path(path):
+        raise OutputError(
+            f"output {str(path)!r} exists and is not a Zarr store; cannot resume into it, "
+            "choose another output"
+        )
+    check_output_path(path, input_path=input_path, overwrite=True)  # nothing is deleted here
+    try:
+        existing = dict(zarr.open_array(str(path), mode="r").attrs.get("ssi_dask") or {})
+    except Exception as exc:
+        raise OutputError(
+            f"output {str(path)!r} cannot be opened as a Zarr array ({type(exc).__name__}); "
+            "cannot resume it, choose a new output or pass --overwrite"
+        ) from None
+    if "fingerprint" not in existing:
+        raise OutputError(
+            f"output {str(path)!r} has no ssi-dask progress records; cannot resume it, choose a "
+            "new output or pass --overwrite"
+        )
+    if existing["fingerprint"] != provenance["fingerprint"]:
+        old = records.parameters_of(existing)
+        new = records.parameters_of(provenance)
+        differences = records.describe_differences(old, new) or ["stored fingerprint"]
+        raise OutputError(
+            f"output {str(path)!r} was made with different parameters "
+            f"({'; '.join(differences[:4])}); resume with the same parameters, PSF and model, "
+            "or pass --overwrite to start again"
+        )
+    return existing
+
+
+def recorded_chunks(output: str | os.PathLike, provenance: dict) -> int:
+    """How many working chunks of ``output`` are recorded as written for this computation."""
+    grid = tuple(tuple(sizes) for sizes in provenance["layout"]["grid"])
+    regions = dict(block_regions(grid))
+    return len(
+        records.read_records(output, run_fingerprint=provenance["fingerprint"], regions=regions)
+    )
+
+
+def _run_with_progress(
+    writes: dict,
+    *,
+    client: Any,
+    progress: bool | Callable,
+    output: Path,
+    regions: dict,
+    worker_timeout: float,
+) -> None:
     total = len(writes)
     callback = progress if callable(progress) else None
     bar = None
@@ -135,23 +377,147 @@ def _run_with_progress(writes: list, *, client: Any, progress: bool | Callable) 
             except (ImportError, ValueError):
                 client = None
         if client is None:
-            _compute_locally(writes, bar, callback)
+            try:
+                _compute_locally(list(writes.values()), bar, callback)
+            except Exception as exc:
+                raise _task_failure(exc, output, regions, None) from None
             return
-        from distributed import as_completed  # noqa: PLC0415
-
-        futures = client.compute(writes)
-        for done, future in enumerate(as_completed(futures, loop=client.loop), start=1):
-            future.result()
-            _tick(bar, callback, done, total)
-    except OSError as exc:
-        # A lost scheduler surfaces as a connection error; any other OSError comes from a
-        # task's own write (disk full, read-only store) and must not be reported as the former.
-        if isinstance(exc, (ConnectionError, TimeoutError)):
-            raise SchedulerError(f"lost the Dask scheduler during the run: {exc}") from None
-        raise OutputError(f"writing the output failed: {exc.strerror or exc}") from None
+        _compute_on_cluster(client, writes, bar, callback, output, regions, worker_timeout)
     finally:
         if bar is not None:
             bar.close()
+
+
+def _compute_on_cluster(client, writes, bar, callback, output, regions, worker_timeout) -> None:
+    """Submit every chunk write and wait, watching for lost workers and a lost scheduler."""
+    from distributed import wait  # noqa: PLC0415
+
+    indices = list(writes)
+    try:
+        futures = client.compute([writes[index] for index in indices])
+    except OSError as exc:
+        raise _lost_scheduler(exc, output) from None
+    index_of = {future.key: index for future, index in zip(futures, indices)}
+    pending, total = set(futures), len(futures)
+    del futures
+    done = 0
+    alone_since = None
+    try:
+        while pending:
+            try:
+                finished, pending = wait(
+                    pending, timeout=POLL_SECONDS, return_when="FIRST_COMPLETED"
+                )
+            except (TimeoutError, asyncio.TimeoutError):
+                finished = set()
+            except (concurrent.futures.CancelledError, asyncio.CancelledError) as exc:
+                raise _lost_scheduler(exc, output) from None  # futures cancelled with it
+            for future in finished:
+                # Never gather: a finished write's small result may sit on a worker that has
+                # since died, and gathering it would wait for a recomputation.
+                if future.status == "error":
+                    exc = future.exception()
+                    raise _task_failure(exc, output, regions, index_of.get(future.key))
+                if future.status == "cancelled":
+                    raise _lost_scheduler(ConnectionError("cancelled"), output)
+                future.release()  # a lost worker must not make the scheduler redo this write
+                done += 1
+                _tick(bar, callback, done, total)
+            if finished:
+                continue
+            if _worker_count(client, output):
+                alone_since = None
+                continue
+            alone_since = alone_since or time.monotonic()
+            if time.monotonic() - alone_since > worker_timeout:
+                raise SchedulerError(
+                    f"no Dask worker left for {worker_timeout:g} s (all workers gone); "
+                    f"{_kept(output, regions)}: start workers and re-run with --resume"
+                )
+    except BaseException:
+        try:
+            client.cancel(list(pending))
+        except Exception:
+            pass
+        raise
+
+
+def _worker_count(client: Any, output: Path) -> int:
+    """Workers connected to the scheduler now; a failure to ask means the scheduler is gone."""
+    if client.status not in ("running", "newly-created"):
+        raise _lost_scheduler(ConnectionError(f"client status {client.status}"), output)
+    try:
+        return len(client.nthreads())
+    except (OSError, RuntimeError) as exc:
+        raise _lost_scheduler(exc, output) from None
+
+
+def _lost_scheduler(exc: BaseException, output: Path) -> SchedulerError:
+    return SchedulerError(
+        f"lost the Dask scheduler during the run ({type(exc).__name__}); the chunks written to "
+        f"{str(output)!r} so far are kept: restart the scheduler and workers and re-run with "
+        "--resume"
+    )
+
+
+def _kept(output: Path, regions: dict) -> str:
+    """``N of M chunks of OUTPUT are kept`` from the records on disk."""
+    fingerprint = _stored_fingerprint(output)
+    done = records.read_records(output, run_fingerprint=fingerprint, regions=regions)
+    return f"{len(done)} of {len(regions)} chunks of {str(output)!r} are written and kept"
+
+
+def _stored_fingerprint(output: Path) -> str:
+    import zarr  # noqa: PLC0415
+
+    try:
+        return zarr.open_array(str(output), mode="r").attrs["ssi_dask"]["fingerprint"]
+    except Exception:
+        return ""
+
+
+def _task_failure(
+    exc: BaseException, output: Path, regions: dict, index: tuple | None
+) -> SsiDaskError:
+    """Turn the exception of a chunk task into a one-line error that keeps the progress."""
+
+    region = records.region_text(regions[index]) if index in regions else ""
+    where = f" (chunk {region})" if region else ""
+    if isinstance(exc, SsiDaskError):
+        return type(exc)(f"{exc}{where}")
+    if type(exc).__name__ == "KilledWorker":
+        return SchedulerError(
+            f"a chunk{where} was lost with its worker too many times (the worker died: out of "
+            f"memory?); use smaller --chunks or a larger --memory-limit, then re-run with "
+            f"--resume ({_kept(output, regions)})"
+        )
+    if isinstance(exc, (asyncio.CancelledError, concurrent.futures.CancelledError)):
+        return _lost_scheduler(exc, output)
+    if isinstance(exc, (ConnectionError, TimeoutError)):
+        return _lost_scheduler(exc, output)
+    if isinstance(exc, OSError):
+        reason = exc.strerror or str(exc)
+        filename = str(exc.filename or "")
+        if exc.errno in DISK_FULL_ERRNOS:
+            return OutputError(
+                f"the disk is full writing {str(output)!r} ({reason}); free space or choose "
+                f"another output, then re-run with --resume ({_kept(output, regions)})"
+            )
+        if filename and not filename.startswith(str(output)):
+            return RunError(
+                f"reading {filename!r} failed{where} ({reason}); check the input, then re-run "
+                f"with --resume ({_kept(output, regions)})"
+            )
+        return OutputError(
+            f"writing the output failed{where} ({reason}); re-run with --resume once fixed "
+            f"({_kept(output, regions)})"
+        )
+    detail = str(exc).splitlines()[0] if str(exc) else ""
+    return RunError(
+        f"computing the chunk {region} failed ({type(exc).__name__}: {detail}); check the input "
+        f"there (a corrupt or unreadable file?), then re-run with --resume "
+        f"({_kept(output, regions)})"
+    )
 
 
 def _compute_locally(writes: list, bar, callback) -> None:

@@ -1,0 +1,194 @@
+"""Per-chunk completion records: what a resumed run may skip and what ``verify`` checks.
+
+Each working chunk of an output gets one small JSON record in ``OUTPUT/.ssi_dask_progress/``,
+written by the task *after* the chunk's data is in the store. A record is written to a private
+temporary file, flushed to disk and renamed into place, so a reader sees either no record or
+a whole one; a task killed half-way through its data write leaves no record and the chunk is
+recomputed. Records carry the run's parameter fingerprint (a record from another computation
+never counts) and a checksum of the chunk's data as written (``verify --check-data`` re-reads
+the data and compares).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import uuid
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+#: Folder of the records, inside the output array's directory (removed with it by
+#: ``--overwrite``; ignored by Zarr, which only reads its own metadata and chunk keys).
+PROGRESS_FOLDER = ".ssi_dask_progress"
+
+#: Provenance entries that describe one run rather than the computation: they may differ
+#: between the first run and a resumed one.
+RUN_SPECIFIC_KEYS = frozenset(
+    {
+        "command",
+        "started",
+        "finished",
+        "resumed",
+        "complete",
+        "chunks_written",
+        "source",
+        "fingerprint",
+    }
+)
+
+BlockIndex = tuple[int, ...]
+
+
+def progress_folder(output: str | os.PathLike) -> Path:
+    """The folder holding the completion records of ``output``."""
+    return Path(output) / PROGRESS_FOLDER
+
+
+def record_name(index: Sequence[int]) -> str:
+    """File name of the record of the working chunk at grid position ``index``."""
+    return ".".join(str(int(i)) for i in index)
+
+
+def parameters_of(provenance: dict[str, Any]) -> dict[str, Any]:
+    """The entries of a provenance dict that identify the computation (recursively).
+
+    Drops run-specific entries (command line, timestamps, file paths of the PSF and model,
+    whose content hashes stay), so the same computation started again compares equal.
+    """
+    result = {}
+    for key, value in provenance.items():
+        if key in RUN_SPECIFIC_KEYS:
+            continue
+        result[key] = parameters_of(value) if isinstance(value, dict) else value
+    return result
+
+
+def fingerprint(parameters: dict[str, Any]) -> str:
+    """A short content hash of a parameter dict (canonical JSON)."""
+    text = json.dumps(parameters, sort_keys=True, default=str, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:24]
+
+
+def describe_differences(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
+    """``key: old there, new now`` for every leaf that differs between two parameter dicts."""
+    lines = []
+    for key in sorted(set(old) | set(new), key=str):
+        name = f"{prefix}{key}"
+        a, b = old.get(key, "<unset>"), new.get(key, "<unset>")
+        if isinstance(a, dict) and isinstance(b, dict):
+            lines.extend(describe_differences(a, b, prefix=f"{name}."))
+        elif _normalise(a) != _normalise(b):
+            lines.append(f"{name}: {_short(a)} there, {_short(b)} now")
+    return lines
+
+
+def _normalise(value: Any) -> Any:
+    return json.loads(json.dumps(value, default=str))
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value, default=str)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def region_text(region: Sequence[slice]) -> str:
+    """A region as ``[z0:z1, y0:y1, x0:x1]`` for messages."""
+    return "[" + ", ".join(f"{s.start}:{s.stop}" for s in region) + "]"
+
+
+def data_checksum(block: np.ndarray) -> str:
+    """Checksum of a chunk's data exactly as stored (C-ordered bytes of its dtype)."""
+    contiguous = np.ascontiguousarray(block)
+    return hashlib.blake2b(memoryview(contiguous).cast("B"), digest_size=16).hexdigest()
+
+
+def write_record(
+    output: str | os.PathLike,
+    index: Sequence[int],
+    region: Sequence[slice],
+    *,
+    run_fingerprint: str,
+    checksum: str,
+    run_id: str,
+) -> Path:
+    """Record that the working chunk at ``index`` is written; atomic and safe to repeat.
+
+    The record goes to a temporary file unique to this writer, is flushed and fsynced, and is
+    then renamed over the final name: two writers of the same chunk (a task retried while its
+    first attempt still runs) each leave a whole record, and a crash leaves no record at all.
+    """
+    folder = progress_folder(output)
+    folder.mkdir(exist_ok=True)
+    final = folder / record_name(index)
+    temporary = folder / f".{final.name}.{uuid.uuid4().hex}.tmp"
+    record = {
+        "index": [int(i) for i in index],
+        "region": [[int(s.start), int(s.stop)] for s in region],
+        "fingerprint": run_fingerprint,
+        "checksum": checksum,
+        "run": run_id,
+    }
+    try:
+        with open(temporary, "w") as handle:
+            json.dump(record, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, final)
+    finally:
+        if temporary.exists():
+            temporary.unlink()
+    return final
+
+
+def read_records(
+    output: str | os.PathLike,
+    *,
+    run_fingerprint: str,
+    regions: dict[BlockIndex, tuple[slice, ...]],
+) -> dict[BlockIndex, dict[str, Any]]:
+    """Valid completion records of ``output``, by block index.
+
+    A record counts only when it parses as a whole, carries ``run_fingerprint`` and names a
+    block of the grid with exactly the expected region; anything else (a leftover temporary
+    file, a record of another computation) is ignored, so that chunk is treated as missing.
+    """
+    folder = progress_folder(output)
+    if not folder.is_dir():
+        return {}
+    records: dict[BlockIndex, dict[str, Any]] = {}
+    for entry in folder.iterdir():
+        if entry.name.startswith("."):
+            continue
+        try:
+            record = json.loads(entry.read_text())
+            index = tuple(int(i) for i in record["index"])
+            expected = regions.get(index)
+            region = [tuple(pair) for pair in record["region"]]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        if (
+            expected is None
+            or entry.name != record_name(index)
+            or record.get("fingerprint") != run_fingerprint
+            or region != [(s.start, s.stop) for s in expected]
+        ):
+            continue
+        records[index] = record
+    return records
+
+
+def missing_blocks(
+    regions: dict[BlockIndex, tuple[slice, ...]], records: Iterable[BlockIndex]
+) -> list[BlockIndex]:
+    """Block indices of ``regions`` without a record, in C order."""
+    done = set(records)
+    return [index for index in sorted(regions) if index not in done]
+
+
+def new_run_id() -> str:
+    """A short identifier of one run attempt (stored in the records it writes)."""
+    return uuid.uuid4().hex[:12]
