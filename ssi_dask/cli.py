@@ -693,13 +693,42 @@ def _choose_iterations(args: argparse.Namespace, volume, psf, lr_options: dict, 
     :class:`~ssi_dask.lr_auto.AutoChoice`.
     """
     from .blockwise import METHOD_BOUNDARY, plan_blocks  # noqa: PLC0415
-    from .lr_auto import choose_iterations  # noqa: PLC0415
+    from .lr_auto import DEFAULT_MAX_ITER, choose_iterations  # noqa: PLC0415
 
+    back_projector = lr_options.get("back_projector", "classic")
+
+    def plan_for(num_iter: int):
+        return plan_blocks(
+            volume.shape,
+            volume.data.dtype,
+            psf.shape,
+            num_iter=num_iter,
+            store_chunks=volume.store_chunks,
+            chunks=args.chunks,
+            output_chunks=args.output_chunks,
+            depth=depth,
+            boundary=METHOD_BOUNDARY["lr"],
+            back_projector=back_projector,
+        )
+
+    max_iter = args.auto_max_iterations or DEFAULT_MAX_ITER[back_projector]
+    if args.chunks is not None and depth is None:
+        # with the user's chunks, only try counts whose halo fits them (the halo grows with n)
+        fitting = max_iter
+        while fitting > 1:
+            try:
+                plan_for(fitting)
+                break
+            except ParameterError:
+                fitting -= 1
+        if fitting < max_iter:
+            print(f"auto iterations: trying 1..{fitting} (the halo of more exceeds --chunks)")
+        max_iter = fitting
     started = time.perf_counter()
     choice = choose_iterations(
         volume.data,
         psf,
-        max_iter=args.auto_max_iterations,
+        max_iter=max_iter,
         n_samples=args.auto_samples,
         seed=args.seed,
         **lr_options,
@@ -707,18 +736,7 @@ def _choose_iterations(args: argparse.Namespace, volume, psf, lr_options: dict, 
     print(f"{choice.summary()} in {time.perf_counter() - started:.1f} s")
     if choice.wiener_alpha is not None:
         lr_options["wiener_alpha"] = choice.wiener_alpha
-    plan = plan_blocks(
-        volume.shape,
-        volume.data.dtype,
-        psf.shape,
-        num_iter=choice.num_iter,
-        store_chunks=volume.store_chunks,
-        chunks=args.chunks,
-        output_chunks=args.output_chunks,
-        depth=depth,
-        boundary=METHOD_BOUNDARY["lr"],
-        back_projector=lr_options.get("back_projector", "classic"),
-    )
+    plan = plan_for(choice.num_iter)
     print(f"  halo (depth)    {plan.depth} for {choice.num_iter} iterations")
     return plan, choice
 

@@ -118,7 +118,8 @@ class AutoChoice:
         alpha = f", wiener alpha {self.wiener_alpha:g}" if self.wiener_alpha is not None else ""
         return (
             f"auto iterations: {self.num_iter}{alpha} ({self.back_projector} back projector; "
-            f"hold-out criterion on {len(self.samples)} sampled chunks of "
+            f"hold-out criterion on {len(self.samples)} sampled "
+            f"chunk{'s' if len(self.samples) != 1 else ''} of "
             f"{'x'.join(map(str, self.sample_shape))}, {self.held_out_pixels} held-out pixels)"
         )
 

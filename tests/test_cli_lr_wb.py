@@ -39,8 +39,6 @@ def test_run_wb_auto_on_a_local_cluster(tmp_path, zarr3d, psf3d_file, psf3d, vol
         "auto",
         "--auto-samples",
         2,
-        "--auto-max-iterations",
-        4,  # the halo of 4 WB iterations fits the 32-wide chunks
         "--seed",
         5,
         "--chunks",
@@ -50,9 +48,11 @@ def test_run_wb_auto_on_a_local_cluster(tmp_path, zarr3d, psf3d_file, psf3d, vol
         "--no-progress",
     )
     assert result.returncode == 0, result.stderr
+    # 10 WB iterations would need a halo of 45 > 32: only counts whose halo fits are tried
+    assert "auto iterations: trying 1..6 (the halo of more exceeds --chunks)" in result.stdout
     # the same choice as the Python API with the same settings
     choice = choose_iterations(
-        volume3d, psf3d, back_projector="wiener-butterworth", n_samples=2, seed=5, max_iter=4
+        volume3d, psf3d, back_projector="wiener-butterworth", n_samples=2, seed=5, max_iter=6
     )
     assert f"auto iterations: {choice.num_iter}, wiener alpha {choice.wiener_alpha:g}" in (
         result.stdout
