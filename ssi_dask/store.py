@@ -187,6 +187,8 @@ def write_zarr(
         zarr_format=zarr_format,
     )
     run_fingerprint = provenance["fingerprint"]
+    if resume and overwrite:
+        raise OutputError("--resume keeps OUTPUT and --overwrite deletes it; give only one")
     if resume and Path(output).exists():
         path = Path(output).resolve()
         provenance = check_resume(path, provenance, input_path=input_path)
@@ -194,8 +196,6 @@ def write_zarr(
         provenance["complete"] = False
         zarr.open_array(str(path), mode="r+").attrs["ssi_dask"] = provenance
     else:
-        if resume and overwrite:
-            raise OutputError("--resume and --overwrite contradict each other; give one")
         path = check_output_path(output, input_path=input_path, overwrite=overwrite)
         provenance["started"] = _now()
         metadata["ssi_dask"] = provenance
