@@ -35,6 +35,28 @@ LOCAL_WORKER_CONFIG = {
 }
 
 
+def worker_env(memory_limit: str | None) -> dict[str, str]:
+    """:data:`WORKER_ALLOCATOR_ENV`, with the heap kept below an eighth of a small memory limit.
+
+    Freed heap below the trim threshold stays in the process's resident memory; with a limit of
+    a few hundred MiB, 256 MiB of it would hold the worker above Dask's pause threshold (80 %
+    of the limit) for good, and the run would stall (measured by benchmarks/bench_memory.py).
+    """
+    env = dict(WORKER_ALLOCATOR_ENV)
+    if memory_limit and memory_limit != "auto":
+        from dask.utils import parse_bytes  # noqa: PLC0415
+
+        try:
+            limit = parse_bytes(memory_limit)
+        except (ValueError, TypeError):
+            return env
+        if limit < 64 * 2**20:  # a fraction of the machine's memory, not a size
+            return env
+        threshold = str(min(256 * 2**20, max(limit // 8, 2**20)))
+        env.update(MALLOC_TRIM_THRESHOLD_=threshold, MALLOC_MMAP_THRESHOLD_=threshold)
+    return env
+
+
 def _local_cluster(
     n_workers: int | None,
     threads_per_worker: int | None,
@@ -66,7 +88,11 @@ def _local_cluster(
     workers = n_workers or max(cores // threads, 1)
     if workers < 1 or threads < 1:
         raise ParameterError("--workers and --threads-per-worker must be at least 1")
-    with dask.config.set(LOCAL_WORKER_CONFIG):
+    config = {
+        **LOCAL_WORKER_CONFIG,
+        "distributed.nanny.pre-spawn-environ": worker_env(memory_limit),
+    }
+    with dask.config.set(config):
         return LocalCluster(
             n_workers=workers,
             threads_per_worker=threads,

@@ -30,7 +30,7 @@ from .errors import OutputError, RunError, SchedulerError, SsiDaskError
 from .io import check_output_path, create_output_array, is_zarr_path
 
 #: Seconds between checks of the cluster while waiting for chunks.
-POLL_SECONDS = 0.5
+POLL_SECONDS = 0.2
 
 #: errno values that mean "no room left" for a write.
 DISK_FULL_ERRNOS = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT}
@@ -187,6 +187,8 @@ def write_zarr(
         zarr_format=zarr_format,
     )
     run_fingerprint = provenance["fingerprint"]
+    if resume and overwrite:
+        raise OutputError("--resume keeps OUTPUT and --overwrite deletes it; give only one")
     if resume and Path(output).exists():
         path = Path(output).resolve()
         provenance = check_resume(path, provenance, input_path=input_path)
@@ -194,8 +196,6 @@ def write_zarr(
         provenance["complete"] = False
         zarr.open_array(str(path), mode="r+").attrs["ssi_dask"] = provenance
     else:
-        if resume and overwrite:
-            raise OutputError("--resume and --overwrite contradict each other; give one")
         path = check_output_path(output, input_path=input_path, overwrite=overwrite)
         provenance["started"] = _now()
         metadata["ssi_dask"] = provenance
@@ -390,7 +390,7 @@ def _run_with_progress(
 
 def _compute_on_cluster(client, writes, bar, callback, output, regions, worker_timeout) -> None:
     """Submit every chunk write and wait, watching for lost workers and a lost scheduler."""
-    from distributed import wait  # noqa: PLC0415
+    from distributed import as_completed  # noqa: PLC0415
 
     indices = list(writes)
     try:
@@ -398,33 +398,28 @@ def _compute_on_cluster(client, writes, bar, callback, output, regions, worker_t
     except OSError as exc:
         raise _lost_scheduler(exc, output) from None
     index_of = {future.key: index for future, index in zip(futures, indices)}
-    pending, total = set(futures), len(futures)
+    total = len(futures)
+    waiting = as_completed(futures, loop=client.loop)
     del futures
     done = 0
     alone_since = None
     try:
-        while pending:
-            try:
-                finished, pending = wait(
-                    pending, timeout=POLL_SECONDS, return_when="FIRST_COMPLETED"
-                )
-            except (TimeoutError, asyncio.TimeoutError):
-                finished = set()
-            except (concurrent.futures.CancelledError, asyncio.CancelledError) as exc:
-                raise _lost_scheduler(exc, output) from None  # futures cancelled with it
+        while not waiting.is_empty():
+            finished = waiting.next_batch(block=False) if waiting.has_ready() else []
             for future in finished:
                 # Never gather: a finished write's small result may sit on a worker that has
                 # since died, and gathering it would wait for a recomputation.
                 if future.status == "error":
                     exc = future.exception()
                     raise _task_failure(exc, output, regions, index_of.get(future.key))
-                if future.status == "cancelled":
+                if future.status == "cancelled":  # cancelled with the scheduler connection
                     raise _lost_scheduler(ConnectionError("cancelled"), output)
                 future.release()  # a lost worker must not make the scheduler redo this write
                 done += 1
                 _tick(bar, callback, done, total)
             if finished:
                 continue
+            time.sleep(POLL_SECONDS)
             if _worker_count(client, output):
                 alone_since = None
                 continue
@@ -436,7 +431,7 @@ def _compute_on_cluster(client, writes, bar, callback, output, regions, worker_t
                 )
     except BaseException:
         try:
-            client.cancel(list(pending))
+            client.cancel(list(waiting.futures))
         except Exception:
             pass
         raise

@@ -97,3 +97,24 @@ def test_resume_refuses_another_model(tmp_path, capsys):
     shutil.copy(model_a, copy)  # the same model from another path may resume
     assert main([*map(str, args), "--model", str(copy), "--resume", "--dry-run"]) == 0
     assert "resume          4 of 4 chunks already written" in capsys.readouterr().out
+
+
+def test_dry_run_prints_the_whole_plan_and_writes_nothing(tmp_path, zarr3d, psf3d_file, capsys):
+    out = tmp_path / "planned.zarr"
+    before = sorted(p.name for p in tmp_path.iterdir())
+    args = ["run", str(zarr3d), str(out), "--psf", str(psf3d_file), "--chunks", "24,32,32",
+            "--output-shards", "24,32,32", "--dry-run"]  # fmt: skip
+    assert main(args) == 0
+    text = capsys.readouterr().out
+    for line in [
+        "input           (24, 64, 96) float32, stored in chunks (24, 16, 16)",
+        "output          (24, 64, 96) float32, Zarr v3, chunks (24, 16, 16), shards (24, 32, 32)",
+        "working chunks  (24, 32, 32) -> 6 chunks",
+        "halo (depth)    (0, 10, 10)",
+        "tasks in graph  ",
+        "memory per task ~",
+        "output size     576.0 KiB (uncompressed)",
+        "dry run: nothing computed or written",
+    ]:
+        assert line in text, line
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
