@@ -7,7 +7,7 @@ import os
 import dask
 import pytest
 
-from ssi_dask.cluster import WORKER_ALLOCATOR_ENV, dask_client
+from ssi_dask.cluster import dask_client, worker_env
 from ssi_dask.errors import ParameterError
 
 
@@ -25,11 +25,17 @@ def test_local_workers_get_allocator_environment_and_no_profiler():
         assert len(client.scheduler_info()["workers"]) == 1
     assert settings == {
         "profile": False,
-        "malloc_trim": WORKER_ALLOCATOR_ENV["MALLOC_TRIM_THRESHOLD_"],
+        "malloc_trim": str(128 * 2**20),  # an eighth of the 1 GiB limit (see worker_env)
         "omp_threads": "1",
     }
     # the client's own configuration is left as it was
     assert dask.config.get("distributed.worker.profile.enabled") is True
+
+
+def test_allocator_threshold_follows_small_memory_limits():
+    assert worker_env(None)["MALLOC_TRIM_THRESHOLD_"] == str(256 * 2**20)
+    assert worker_env("8GiB")["MALLOC_TRIM_THRESHOLD_"] == str(256 * 2**20)
+    assert worker_env("512MiB")["MALLOC_MMAP_THRESHOLD_"] == str(64 * 2**20)
 
 
 def test_both_scheduler_and_file_is_refused(tmp_path):
