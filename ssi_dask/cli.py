@@ -7,6 +7,7 @@ no traceback.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 from collections.abc import Sequence
@@ -14,6 +15,7 @@ from pathlib import Path
 
 from . import __version__
 from .errors import ParameterError, PSFError, SsiDaskError
+from .ome_run import add_image_options
 
 
 def _add_cluster_options(parser: argparse.ArgumentParser) -> None:
@@ -106,10 +108,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("output", metavar="OUTPUT", help="output Zarr array to create")
     run.add_argument(
         "--psf",
-        required=True,
         metavar="PSF",
         help="point spread function (.tif, .tiff, .npy or Zarr array) with the image's "
-        "dimensionality; make one with `ssi-dask psf`",
+        "dimensionality; make one with `ssi-dask psf`; one per channel separated by commas; "
+        "without it, --na and --wavelength compute one at the image's voxel size",
     )
     run.add_argument(
         "--method",
@@ -164,6 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--no-progress", action="store_true", help="do not show a progress bar")
     _add_cluster_options(run)
+    add_image_options(run)
     run.set_defaults(handler=_run_command)
 
     psf = commands.add_parser(
@@ -392,11 +395,20 @@ def _run_command(args: argparse.Namespace) -> int:
     from .blockwise import METHOD_BOUNDARY, deconvolve, plan_blocks  # noqa: PLC0415
     from .cluster import dashboard_link, dask_client  # noqa: PLC0415
     from .io import check_output_path, open_volume  # noqa: PLC0415
-    from .psf import describe_psf, load_psf  # noqa: PLC0415
+    from .ome import is_ome_zarr  # noqa: PLC0415
+    from .ome_run import check_not_ome_options, parse_voxel_size, resolve_psfs  # noqa: PLC0415
     from .store import write_zarr  # noqa: PLC0415
+    from .summary import ChunkProgress, run_summary  # noqa: PLC0415
 
+    if is_ome_zarr(args.input):
+        from .ome_run import run_ome  # noqa: PLC0415
+
+        return run_ome(args)
+    check_not_ome_options(args)
     volume = open_volume(args.input)
-    psf = load_psf(args.psf, volume.ndim)
+    voxel_size = parse_voxel_size(args.voxel_size, volume.ndim)
+    psfs, psf_info = resolve_psfs(args, volume.ndim, voxel_size, image_shape=volume.shape)
+    psf = psfs[0]
     output = check_output_path(args.output, input_path=volume.path, overwrite=args.overwrite)
     if args.iterations < 0:
         raise ParameterError(f"--iterations must be >= 0, got {args.iterations}")
@@ -429,7 +441,7 @@ def _run_command(args: argparse.Namespace) -> int:
         "ssi_dask": {
             "version": __version__,
             "method": args.method,
-            "psf": {**describe_psf(psf), "source": str(Path(args.psf).resolve())},
+            "psf": psf_info[0],
             "input": volume.path,
             "depth": list(plan.depth),
             "working_chunks": list(plan.working_chunks),
@@ -474,13 +486,20 @@ def _run_command(args: argparse.Namespace) -> int:
             input_path=volume.path,
             overwrite=args.overwrite,
             client=client,
-            progress=not args.no_progress,
+            progress=False if args.no_progress else ChunkProgress(math.prod(volume.shape)),
+            shards=plan.working_chunks if args.shards else None,
         )
     elapsed = time.perf_counter() - started
-    voxels = 1
-    for size in volume.shape:
-        voxels *= size
-    print(f"done in {elapsed:.1f} s ({voxels / max(elapsed, 1e-9) / 1e6:.2f} Mvoxel/s): {output}")
+    print(
+        run_summary(
+            output=str(output),
+            shape=volume.shape,
+            seconds=elapsed,
+            method=args.method,
+            chunks=math.prod(result.numblocks),
+            ome_zarr=False,
+        )
+    )
     return 0
 
 

@@ -55,6 +55,8 @@ def write_zarr(
     overwrite: bool = False,
     client: Any = None,
     progress: bool | Callable[[int, int], None] = False,
+    shards: tuple[int, ...] | None = None,
+    dimension_names: tuple[str, ...] | None = None,
 ):
     """Compute ``result`` and store it as a new Zarr array at ``output``.
 
@@ -80,6 +82,11 @@ def write_zarr(
         Compute on this cluster; otherwise the current Dask scheduler is used.
     progress : bool or callable
         Show a progress bar (tqdm) or call ``progress(done, total)`` after each chunk.
+    shards : tuple of int, optional
+        Zarr v3 shard shape (a multiple of ``output_chunks``); give the working chunk shape
+        so that every task writes whole shards.
+    dimension_names : tuple of str, optional
+        Axis names stored with a Zarr v3 array.
 
     Returns
     -------
@@ -92,6 +99,8 @@ def write_zarr(
     shape = tuple(int(s) for s in result.shape)
     output_chunks = tuple(output_chunks or (c[0] for c in result.chunks))
     check_write_alignment(result.chunks, output_chunks, shape)
+    if shards is not None:  # concurrent writes into one shard would lose data
+        check_write_alignment(result.chunks, shards, shape)
     metadata = dict(attrs or {})
     provenance = dict(metadata.get("ssi_dask", {}))
     provenance.update(complete=False, started=_now())
@@ -104,6 +113,8 @@ def write_zarr(
         zarr_format=zarr_format,
         attrs=metadata,
         overwrite=overwrite,
+        shards=shards,
+        dimension_names=dimension_names,
     )
     blocks = result.to_delayed().ravel()
     regions = block_regions(result.chunks)
