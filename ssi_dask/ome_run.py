@@ -381,7 +381,7 @@ def run_ome(args: argparse.Namespace) -> int:
                 axes=image.axes,
                 paths=paths,
                 transforms=level_transforms(image.scale, image.translation, factors),
-                name=f"{Path(image.path).stem} deconvolved ({args.method})",
+                name=f"{_image_name(image.path)} deconvolved ({args.method})",
                 provenance=provenance,
                 omero=output_omero(
                     output,
@@ -405,6 +405,13 @@ def run_ome(args: argparse.Namespace) -> int:
         )
     )
     return 0
+
+
+def _image_name(path: str) -> str:
+    name = Path(path).name
+    for suffix in (".zarr", ".ome"):
+        name = name.removesuffix(suffix)
+    return name
 
 
 def _selected_shapes(image: Any, selected_shape: Sequence[int]) -> list[tuple[int, ...]]:
