@@ -61,8 +61,16 @@ def write_ome_input(path: Path, version: str, *, sharded: bool = False) -> np.nd
     )
     omero = {
         "channels": [
-            {"label": "GFP", "color": "00FF00", "window": {"min": 0, "max": 2, "start": 0, "end": 1}},
-            {"label": "RFP", "color": "FF0000", "window": {"min": 0, "max": 2, "start": 0, "end": 1}},
+            {
+                "label": "GFP",
+                "color": "00FF00",
+                "window": {"min": 0, "max": 2, "start": 0, "end": 1},
+            },
+            {
+                "label": "RFP",
+                "color": "FF0000",
+                "window": {"min": 0, "max": 2, "start": 0, "end": 1},
+            },
         ]
     }
     if version == "0.4":
