@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -149,7 +150,8 @@ def test_ome_zarr_in_and_out(tmp_path, version, local_client, capsys):
     assert [c["label"] for c in channels] == ["GFP", "RFP"]
     assert channels[1]["window"]["max"] == pytest.approx(float(mean[:, 1].max()), rel=1e-5)
 
-    # the end-of-run summary
+    # the progress bar (chunks done / total, throughput) and the end-of-run summary
+    assert re.search(r"deconvolving: 100%.* 4/4 .*voxel/s", printed.err)
     assert "done in" in printed.out and "voxel/s" in printed.out
     assert f"napari --plugin napari-ome-zarr {out.resolve()}" in printed.out
 
