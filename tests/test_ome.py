@@ -339,3 +339,52 @@ def test_resolve_psfs_one_per_wavelength():
         np.testing.assert_allclose(psf, normalize_psf(crop_psf(reference)), rtol=1e-6)
     assert [i["wavelength_um"] for i in info] == [0.5, 0.6]
     assert not np.allclose(psfs[0].shape, psfs[1].shape) or not np.allclose(psfs[0], psfs[1])
+
+
+@pytest.mark.slow
+def test_ssi_model_on_a_2d_multichannel_ome_zarr(tmp_path, local_client, capsys):
+    from ome_zarr.format import FormatV05
+    from ome_zarr.writer import write_multiscale
+
+    from ssi_dask.psf import protocol_psf
+    from ssi_dask.ssi import content_hash, load_checkpoint, predict, save_checkpoint, train_ssi
+    from ssi_dask.synthetic import degrade, ground_truth_2d
+
+    psf = protocol_psf(2)
+    truth = ground_truth_2d("camera", size=96)
+    data = np.stack([degrade(truth, psf, seed=s) for s in range(2)]).astype(np.float32)
+    source = tmp_path / "cells.ome.zarr"
+    group = zarr.open_group(str(source), mode="w", zarr_format=3)
+    write_multiscale(
+        [data],
+        group,
+        fmt=FormatV05(),
+        axes=[AXES[1], AXES[3], AXES[4]],
+        coordinate_transformations=[[{"type": "scale", "scale": [1.0, 0.406, 0.406]}]],
+        storage_options={"chunks": (1, 48, 48)},
+    )
+    psf_path = tmp_path / "psf.tif"
+    save_psf(psf_path, psf, (0.406, 0.406))
+    model_path = tmp_path / "model.pt"
+    small = {"base_channels": 4, "depth": 2, "batch_size": 2, "patch_size": 32}
+    model = train_ssi(
+        data[0], psf, seed=0, steps=2, restarts=0, device="cpu", validation_patches=2, **small
+    )
+    save_checkpoint(model, model_path)
+    out = tmp_path / "out.ome.zarr"
+    status = run(
+        "run", source, out, "--psf", psf_path, "--method", "ssi", "--model", model_path,
+        "--chunks", "48,48", "--no-progress", "--scheduler", local_client.scheduler.address,
+    )  # fmt: skip
+    assert status == 0, capsys.readouterr().err
+    model = load_checkpoint(model_path)
+    full = zarr.open_array(str(out / "0"), mode="r")[...]
+    for c in range(2):
+        expected = predict(model, data[c], device="cpu")
+        np.testing.assert_allclose(full[c], expected, atol=1e-4 * float(np.ptp(expected)))
+    attrs = dict(zarr.open_group(str(out), mode="r").attrs)
+    ngff_zarr.validate(attrs, version="0.5")
+    provenance = attrs["ssi_dask"]
+    assert provenance["method"] == "ssi"
+    assert provenance["model"]["sha256"] == content_hash(model.config, model.network.state_dict())
+    assert provenance["psf"]["voxel_size_um"] == [0.406, 0.406]
