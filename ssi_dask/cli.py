@@ -405,6 +405,10 @@ def _run_command(args: argparse.Namespace) -> int:
 
         return run_ome(args)
     check_not_ome_options(args)
+    if args.output_format == "ome-zarr":  # a plain array or TIFF written as OME-Zarr
+        from .ome_run import plain_as_ome, run_ome  # noqa: PLC0415
+
+        return run_ome(args, image=plain_as_ome(args))
     volume = open_volume(args.input)
     voxel_size = parse_voxel_size(args.voxel_size, volume.ndim)
     psfs, psf_info = resolve_psfs(args, volume.ndim, voxel_size, image_shape=volume.shape)

@@ -64,7 +64,8 @@ def add_image_options(parser: argparse.ArgumentParser) -> None:
         "--output-format",
         choices=["auto", "ome-zarr", "zarr"],
         default="auto",
-        help="auto (default): OME-Zarr for an OME-Zarr input, a plain Zarr array otherwise",
+        help="auto (default): OME-Zarr for an OME-Zarr input, a plain Zarr array otherwise; "
+        "ome-zarr also for a plain Zarr/TIFF input (scale from --voxel-size)",
     )
     group.add_argument(
         "--shards",
@@ -203,8 +204,47 @@ def select_channels(text: str | None, image: Any) -> list[int] | None:
     return chosen
 
 
-def run_ome(args: argparse.Namespace) -> int:
-    """``ssi-dask run`` with an OME-Zarr image group as INPUT."""
+def plain_as_ome(args: argparse.Namespace) -> Any:
+    """A plain Zarr array or TIFF seen as a one-level OME image (axes ``(z)yx``), so that
+    ``--output-format ome-zarr`` can write it as OME-Zarr; the scale is ``--voxel-size``
+    (micrometres) or 1 without a unit."""
+    from .io import TiffArray, open_zarr_array  # noqa: PLC0415
+    from .ome import OmeImage  # noqa: PLC0415
+
+    path = Path(args.input)
+    if path.suffix.lower() in (".tif", ".tiff") and path.is_file():
+        try:
+            array, zarr_format = TiffArray(path), None
+        except Exception as exc:
+            raise InputError(f"input {str(path)!r} could not be read as TIFF ({exc})") from None
+    else:
+        array = open_zarr_array(path)
+        zarr_format = int(array.metadata.zarr_format)
+    if array.ndim not in (2, 3):
+        raise InputError(
+            f"input {str(path)!r} has {array.ndim} dimensions {tuple(array.shape)}; give a 2D "
+            "(y, x) or 3D (z, y, x) image"
+        )
+    names = "zyx"[-array.ndim :]
+    voxel_size = parse_voxel_size(args.voxel_size, array.ndim)
+    unit = {"unit": "micrometer"} if voxel_size else {}
+    return OmeImage(
+        path=str(path.resolve()),
+        version="0.4" if zarr_format == 2 else "0.5",
+        axes=[{"name": n, "type": "space", **unit} for n in names],
+        level=0,
+        level_path="",
+        scale=list(voxel_size or (1.0,) * array.ndim),
+        translation=[0.0] * array.ndim,
+        array=array,
+        n_levels=1,
+        level_shapes=[tuple(int(v) for v in array.shape)],
+    )
+
+
+def run_ome(args: argparse.Namespace, image: Any = None) -> int:
+    """``ssi-dask run`` with an OME-Zarr image group as INPUT (or ``image``, an
+    :class:`~ssi_dask.ome.OmeImage` built another way, e.g. by :func:`plain_as_ome`)."""
     import dask.array as da  # noqa: PLC0415
 
     from . import __version__  # noqa: PLC0415
@@ -224,7 +264,8 @@ def run_ome(args: argparse.Namespace) -> int:
     from .store import write_zarr  # noqa: PLC0415
     from .summary import ChunkProgress, run_summary  # noqa: PLC0415
 
-    image = open_ome_zarr(args.input, level=args.level or 0)
+    if image is None:
+        image = open_ome_zarr(args.input, level=args.level or 0)
     array = image.array
     n_spatial = len(image.spatial_axes)
     n_lead = array.ndim - n_spatial
@@ -432,8 +473,3 @@ def check_not_ome_options(args: argparse.Namespace) -> None:
             raise InputError(
                 f"{option} applies to OME-Zarr image groups; {args.input!r} is a plain array"
             )
-    if args.output_format == "ome-zarr":
-        raise ParameterError(
-            "--output-format ome-zarr needs an OME-Zarr input (axes and scales come from it); "
-            "write a plain Zarr array or convert the input first"
-        )

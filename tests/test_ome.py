@@ -388,3 +388,30 @@ def test_ssi_model_on_a_2d_multichannel_ome_zarr(tmp_path, local_client, capsys)
     assert provenance["method"] == "ssi"
     assert provenance["model"]["sha256"] == content_hash(model.config, model.network.state_dict())
     assert provenance["psf"]["voxel_size_um"] == [0.406, 0.406]
+
+
+def test_tiff_to_ome_zarr_with_voxel_size(tmp_path, local_client, capsys):
+    import tifffile
+
+    volume = smooth_volume((12, 130, 140), seed=7)
+    source = tmp_path / "stack.tif"
+    tifffile.imwrite(source, volume, tile=(32, 32))
+    psf_path, psf = psf_file(tmp_path, VOXEL)
+    out = tmp_path / "stack.ome.zarr"
+    status = run(
+        "run", source, out, "--psf", psf_path, "--voxel-size", "0.3,0.15,0.15",
+        "--output-format", "ome-zarr", "--iterations", 2, "--no-progress",
+        "--scheduler", local_client.scheduler.address,
+    )  # fmt: skip
+    assert status == 0, capsys.readouterr().err
+    multiscales = ngff_zarr.from_ngff_zarr(str(out), validate=True, version="0.5")
+    assert [a.name for a in multiscales.metadata.axes] == ["z", "y", "x"]
+    assert [a.unit for a in multiscales.metadata.axes] == ["micrometer"] * 3
+    assert multiscales.images[0].scale == {"z": 0.3, "y": 0.15, "x": 0.15}
+    # default pyramid: y, x halved while both stay >= 64 (130 x 140 -> 65 x 70)
+    assert [im.data.shape for im in multiscales.images] == [(12, 130, 140), (12, 65, 70)]
+    expected = richardson_lucy(volume, psf, num_iter=2)
+    full = np.asarray(multiscales.images[0].data)
+    np.testing.assert_allclose(full, expected, rtol=1e-4, atol=1e-5)
+    mean = full[:, :130, :140].reshape(12, 65, 2, 70, 2).mean(axis=(2, 4))
+    np.testing.assert_allclose(np.asarray(multiscales.images[1].data), mean, rtol=1e-6, atol=1e-6)
