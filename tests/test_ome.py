@@ -415,3 +415,20 @@ def test_tiff_to_ome_zarr_with_voxel_size(tmp_path, local_client, capsys):
     np.testing.assert_allclose(full, expected, rtol=1e-4, atol=1e-5)
     mean = full[:, :130, :140].reshape(12, 65, 2, 70, 2).mean(axis=(2, 4))
     np.testing.assert_allclose(np.asarray(multiscales.images[1].data), mean, rtol=1e-6, atol=1e-6)
+
+
+def test_ome_input_to_plain_zarr_array(tmp_path, local_client, capsys):
+    source = tmp_path / "image.ome.zarr"
+    data = write_ome_input(source, "0.4")
+    psf_path, psf = psf_file(tmp_path, VOXEL)
+    out = tmp_path / "plain.zarr"
+    status = run(
+        "run", source, out, "--psf", psf_path, "--channel", "RFP", "--output-format", "zarr",
+        "--iterations", 2, "--no-progress", "--scheduler", local_client.scheduler.address,
+    )  # fmt: skip
+    assert status == 0, capsys.readouterr().err
+    array = zarr.open_array(str(out), mode="r")
+    assert array.shape == (2, 1, 12, 48, 48) and array.metadata.zarr_format == 2
+    assert "multiscales" not in array.attrs and array.attrs["ssi_dask"]["channels"] == [1]
+    expected = richardson_lucy(data[1, 1], psf, num_iter=2)
+    np.testing.assert_allclose(array[1, 0], expected, rtol=1e-4, atol=1e-5)
