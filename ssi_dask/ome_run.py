@@ -283,6 +283,9 @@ def run_ome(args: argparse.Namespace, image: Any = None) -> int:
     output = check_output_path(args.output, input_path=image.path, overwrite=args.overwrite)
     if args.iterations < 0:
         raise ParameterError(f"--iterations must be >= 0, got {args.iterations}")
+    zarr_format = args.zarr_format or (3 if image.version == "0.5" else 2)
+    if args.shards and zarr_format != 3:
+        raise ParameterError("--shards needs Zarr format 3; add --zarr-format 3")
     spatial_shape = tuple(int(s) for s in data.shape[n_lead:])
     model = None
     depth = None
@@ -314,9 +317,6 @@ def run_ome(args: argparse.Namespace, image: Any = None) -> int:
         boundary=METHOD_BOUNDARY[args.method],
     )
     ome_out = args.output_format in ("auto", "ome-zarr")
-    zarr_format = args.zarr_format or (3 if image.version == "0.5" else 2)
-    if args.shards and zarr_format != 3:
-        raise ParameterError("--shards needs Zarr format 3; add --zarr-format 3")
     n_volumes = int(np.prod(data.shape[:n_lead])) if n_lead else 1
     names = image.axis_names
     print(f"ssi-dask {__version__}: {args.method} on {image.path} -> {output}")
