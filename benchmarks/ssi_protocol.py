@@ -51,6 +51,7 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--steps", type=int, help="override SSI training steps")
     parser.add_argument("--json", help="write all figures here")
+    parser.add_argument("--png", metavar="DIR", help="also write one PNG figure per run here")
     args = parser.parse_args()
 
     from ssi_dask.protocol import run_protocol
@@ -62,6 +63,13 @@ def main() -> None:
         for seed in seeds:
             started = time.perf_counter()
             result = run_protocol(truth, psf, seed=seed, device=args.device, ssi_options=options)
+            if args.png:
+                from ssi_dask.figures import protocol_figure
+
+                Path(args.png).mkdir(parents=True, exist_ok=True)
+                protocol_figure(
+                    result, Path(args.png) / f"{name}_seed{seed}.png", title=f"{name}, seed {seed}"
+                )
             record = {
                 "image": name,
                 "shape": list(truth.shape),

@@ -252,8 +252,11 @@ def deconvolve(
 
     Parameters
     ----------
-    image : numpy.ndarray, dask.array.Array, zarr.Array or str
-        2D ``(y, x)`` or 3D ``(z, y, x)`` image, or a path to a Zarr array.
+    image : numpy.ndarray, dask.array.Array, zarr.Array, str or xarray.DataArray
+        2D ``(y, x)`` or 3D ``(z, y, x)`` image, or a path to a Zarr array. A DataArray
+        may have ``t``/``c`` dims before ``(z,) y, x``; every volume is deconvolved and a
+        DataArray with the same dims, coords and attrs (plus ``attrs["ssi_dask"]``
+        provenance) is returned (see :mod:`ssi_dask.xarray_support`).
     psf : numpy.ndarray
         Point spread function with as many dimensions as the image (normalised here).
     method : {"lr", "ssi"}
@@ -293,7 +296,13 @@ def deconvolve(
     """
     from .io import open_volume  # noqa: PLC0415
     from .psf import normalize_psf, validate_psf  # noqa: PLC0415
+    from .xarray_support import deconvolve_dataarray, is_dataarray  # noqa: PLC0415
 
+    if is_dataarray(image):  # DataArray in, DataArray out (one volume per t, c)
+        return deconvolve_dataarray(
+            image, psf, method, num_iter=num_iter, chunks=chunks, depth=depth,
+            target_voxels=target_voxels, device=device, model=model, **method_options,
+        )  # fmt: skip
     volume = open_volume(image)
     validate_psf(psf, volume.ndim)
     psf = normalize_psf(psf)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import sys
 import time
 from collections.abc import Sequence
@@ -15,6 +16,7 @@ from pathlib import Path
 
 from . import __version__
 from .errors import ParameterError, PSFError, SsiDaskError
+from .ome_run import add_image_options
 
 
 def _add_cluster_options(parser: argparse.ArgumentParser) -> None:
@@ -197,10 +199,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("output", metavar="OUTPUT", help="output Zarr array to create")
     run.add_argument(
         "--psf",
-        required=True,
         metavar="PSF",
         help="point spread function (.tif, .tiff, .npy or Zarr array) with the image's "
-        "dimensionality; make one with `ssi-dask psf`",
+        "dimensionality; make one with `ssi-dask psf`; one per channel separated by commas; "
+        "without it, --na and --wavelength compute one at the image's voxel size",
     )
     run.add_argument(
         "--method",
@@ -269,6 +271,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--no-progress", action="store_true", help="do not show a progress bar")
     _add_cluster_options(run)
+    add_image_options(run)
     run.set_defaults(handler=_run_command)
 
     verify = commands.add_parser(
@@ -520,7 +523,8 @@ def _run_command(args: argparse.Namespace) -> int:
     from .blockwise import METHOD_BOUNDARY, deconvolve, parse_chunks, plan_blocks  # noqa: PLC0415
     from .cluster import dashboard_link, dask_client  # noqa: PLC0415
     from .io import check_output_path, open_volume  # noqa: PLC0415
-    from .psf import describe_psf, load_psf  # noqa: PLC0415
+    from .ome import is_ome_zarr  # noqa: PLC0415
+    from .ome_run import check_not_ome_options, parse_voxel_size, resolve_psfs  # noqa: PLC0415
     from .store import (  # noqa: PLC0415
         check_resume,
         check_shard_alignment,
@@ -528,11 +532,26 @@ def _run_command(args: argparse.Namespace) -> int:
         recorded_chunks,
         write_zarr,
     )
+    from .summary import ChunkProgress, run_summary  # noqa: PLC0415
 
     if args.resume and args.overwrite:
         raise ParameterError("--resume keeps OUTPUT and --overwrite deletes it; give only one")
+    if is_ome_zarr(args.input) or args.output_format == "ome-zarr":
+        if args.resume:
+            raise ParameterError(
+                "--resume is not supported for OME-Zarr outputs yet; re-run with --overwrite"
+            )
+        from .ome_run import plain_as_ome, run_ome  # noqa: PLC0415
+
+        if is_ome_zarr(args.input):
+            return run_ome(args)
+        check_not_ome_options(args)
+        return run_ome(args, image=plain_as_ome(args))  # a plain array or TIFF as OME-Zarr
+    check_not_ome_options(args)
     volume = open_volume(args.input)
-    psf = load_psf(args.psf, volume.ndim)
+    voxel_size = parse_voxel_size(args.voxel_size, volume.ndim)
+    psfs, psf_info = resolve_psfs(args, volume.ndim, voxel_size, image_shape=volume.shape)
+    psf = psfs[0]
     if args.resume and Path(args.output).exists():
         output = Path(args.output).resolve()  # write_zarr checks it belongs to this run
     else:
@@ -572,6 +591,10 @@ def _run_command(args: argparse.Namespace) -> int:
     )
     zarr_format = args.zarr_format or volume.zarr_format or 3
     shards = parse_chunks(args.output_shards, volume.ndim)
+    if args.shards:
+        if shards is not None:
+            raise ParameterError("give --shards or --output-shards SPEC, not both")
+        shards = plan.working_chunks
     check_shard_alignment(
         _grid(plan.shape, plan.working_chunks), plan.output_chunks, shards, plan.shape, zarr_format
     )
@@ -591,7 +614,7 @@ def _run_command(args: argparse.Namespace) -> int:
         "ssi_dask": {
             "version": __version__,
             "method": args.method,
-            "psf": {**describe_psf(psf), "source": str(Path(args.psf).resolve())},
+            "psf": psf_info[0],
             "input": volume.path,
             "depth": list(plan.depth),
             "working_chunks": list(plan.working_chunks),
@@ -673,16 +696,22 @@ def _run_command(args: argparse.Namespace) -> int:
             input_path=volume.path,
             overwrite=args.overwrite,
             client=client,
-            progress=not args.no_progress,
+            progress=False if args.no_progress else ChunkProgress(math.prod(volume.shape)),
             resume=args.resume,
             output_shards=shards,
             worker_timeout=args.worker_timeout,
         )
     elapsed = time.perf_counter() - started
-    voxels = 1
-    for size in volume.shape:
-        voxels *= size
-    print(f"done in {elapsed:.1f} s ({voxels / max(elapsed, 1e-9) / 1e6:.2f} Mvoxel/s): {output}")
+    print(
+        run_summary(
+            output=str(output),
+            shape=volume.shape,
+            seconds=elapsed,
+            method=args.method,
+            chunks=math.prod(result.numblocks),
+            ome_zarr=False,
+        )
+    )
     return 0
 
 

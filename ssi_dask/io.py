@@ -262,17 +262,25 @@ def create_output_array(
     attrs: dict | None = None,
     overwrite: bool = False,
     shards: tuple[int, ...] | None = None,
+    dimension_names: tuple[str, ...] | None = None,
 ):
     """Create an empty on-disk Zarr array for the result (after :func:`check_output_path`).
 
-    ``shards`` (Zarr v3) groups chunks into shard files; the caller checks that every write
-    covers whole shards.
+    ``shards`` (Zarr v3 only) stores that many chunks per file; ``dimension_names`` (v3)
+    names the axes (OME-Zarr 0.5 needs them).
     """
     import zarr  # noqa: PLC0415
 
     path = Path(path)
     if path.exists() and overwrite:
         shutil.rmtree(path)
+    extra: dict[str, Any] = {}
+    if shards is not None:
+        if zarr_format != 3:
+            raise OutputError("sharding needs Zarr format 3; drop --shards or use --zarr-format 3")
+        extra["shards"] = tuple(int(s) for s in shards)
+    if dimension_names is not None and zarr_format == 3:
+        extra["dimension_names"] = list(dimension_names)
     try:
         array = zarr.create_array(
             store=str(path),
@@ -283,7 +291,7 @@ def create_output_array(
             fill_value=0,
             attributes=attrs or {},
             overwrite=False,
-            **({"shards": tuple(int(s) for s in shards)} if shards else {}),
+            **extra,
         )
     except OSError as exc:
         raise OutputError(f"cannot create output {str(path)!r}: {exc.strerror or exc}") from None

@@ -117,6 +117,7 @@ def write_zarr(
     resume: bool = False,
     output_shards: tuple[int, ...] | None = None,
     worker_timeout: float = 120.0,
+    dimension_names: tuple[str, ...] | None = None,
 ):
     """Compute ``result`` and store it as a Zarr array at ``output``, chunk by chunk.
 
@@ -154,6 +155,8 @@ def write_zarr(
     worker_timeout : float
         With a cluster: give up (keeping the progress) when no worker has been connected for
         this many seconds.
+    dimension_names : tuple of str, optional
+        Axis names stored with a Zarr v3 array (OME-Zarr 0.5 needs them).
 
     Returns
     -------
@@ -207,7 +210,8 @@ def write_zarr(
             zarr_format=zarr_format,
             attrs=metadata,
             overwrite=overwrite,
-            **({"shards": output_shards} if output_shards else {}),
+            shards=output_shards,
+            dimension_names=dimension_names,
         )
     done = records.read_records(path, run_fingerprint=run_fingerprint, regions=regions)
     todo = records.missing_blocks(regions, done)

@@ -1,0 +1,523 @@
+"""OME-Zarr (NGFF 0.4 and 0.5) images: read axes, voxel sizes and resolution levels; write
+an OME-Zarr result with its multiscale pyramid and metadata.
+
+Reading goes through ``ngff-zarr`` (which knows both NGFF versions); the multiscales metadata
+is written with ``ome-zarr-py``'s writer. Orchestration-side only: kernels never import this.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import dask.array as da
+import numpy as np
+
+from .errors import InputError, OutputError, ParameterError, PSFError
+
+#: Factor from an NGFF space unit to micrometres (the unit of every voxel size in ssi-dask).
+SPACE_UNITS_UM = {
+    "angstrom": 1e-4,
+    "nanometer": 1e-3,
+    "micrometer": 1.0,
+    "millimeter": 1e3,
+    "centimeter": 1e4,
+    "meter": 1e6,
+}
+NGFF_VERSIONS = ("0.4", "0.5")
+SPATIAL_ORDER = ("z", "y", "x")
+
+
+def ome_attributes(attrs: dict) -> tuple[dict | None, str | None]:
+    """The OME block of a group's attributes and its NGFF version (0.5 nests it under "ome")."""
+    if isinstance(attrs.get("ome"), dict) and "multiscales" in attrs["ome"]:
+        return attrs["ome"], str(attrs["ome"].get("version", "0.5"))
+    if "multiscales" in attrs:
+        multiscales = attrs["multiscales"]
+        version = multiscales[0].get("version") if multiscales else None
+        return attrs, str(version) if version else None
+    return None, None
+
+
+def is_ome_zarr(path: str | os.PathLike) -> bool:
+    """True when ``path`` is a Zarr group with OME-NGFF multiscales metadata."""
+    import zarr  # noqa: PLC0415
+
+    path = Path(path)
+    if not (path / "zarr.json").exists() and not (path / ".zgroup").exists():
+        return False
+    try:
+        node = zarr.open(str(path), mode="r")
+    except Exception:
+        return False
+    if hasattr(node, "shape"):
+        return False
+    return ome_attributes(dict(node.attrs))[0] is not None
+
+
+@dataclass
+class OmeImage:
+    """One resolution level of an OME-Zarr image, opened lazily.
+
+    Attributes
+    ----------
+    path : str
+        The image group.
+    version : str
+        NGFF version, "0.4" or "0.5".
+    axes : list of dict
+        NGFF axes (``name``, ``type``, optional ``unit``) in array order.
+    level : int
+        The resolution level opened (0 is full resolution).
+    level_path : str
+        Path of that level's array inside the group.
+    scale, translation : list of float
+        The level's coordinate transformations, one value per axis.
+    array : zarr.Array
+        The level's array, read-only.
+    n_levels : int
+        Number of resolution levels in the group.
+    level_shapes : list of tuple
+        Shape of every level (to mirror the pyramid's factors).
+    attrs : dict
+        The group's attributes (``omero`` channel metadata, name, ...).
+    """
+
+    path: str
+    version: str
+    axes: list[dict]
+    level: int
+    level_path: str
+    scale: list[float]
+    translation: list[float]
+    array: Any
+    n_levels: int
+    level_shapes: list[tuple[int, ...]] = field(default_factory=list)
+    attrs: dict = field(default_factory=dict)
+
+    @property
+    def axis_names(self) -> list[str]:
+        return [axis["name"] for axis in self.axes]
+
+    @property
+    def spatial_axes(self) -> list[int]:
+        """Positions of the space axes (the last 2 or 3)."""
+        return [i for i, axis in enumerate(self.axes) if axis.get("type") == "space"]
+
+    @property
+    def channel_axis(self) -> int | None:
+        found = [i for i, axis in enumerate(self.axes) if axis.get("type") == "channel"]
+        return found[0] if found else None
+
+    @property
+    def voxel_size_um(self) -> tuple[float, ...] | None:
+        """Voxel size of the spatial axes in micrometres, or None when a unit is missing."""
+        sizes = []
+        for i in self.spatial_axes:
+            unit = self.axes[i].get("unit")
+            if unit not in SPACE_UNITS_UM:
+                return None
+            sizes.append(float(self.scale[i]) * SPACE_UNITS_UM[unit])
+        return tuple(sizes)
+
+    @property
+    def channel_names(self) -> list[str] | None:
+        channels = (self.attrs.get("omero") or {}).get("channels")
+        if not channels:
+            return None
+        return [str(c.get("label", i)) for i, c in enumerate(channels)]
+
+
+def open_ome_zarr(path: str | os.PathLike, level: int = 0) -> OmeImage:
+    """Open one resolution level of an OME-Zarr image group (NGFF 0.4 or 0.5).
+
+    Parameters
+    ----------
+    path : str or path-like
+        The image group (the folder holding the ``multiscales`` metadata).
+    level : int
+        Resolution level, 0 for full resolution.
+
+    Returns
+    -------
+    OmeImage
+
+    Raises
+    ------
+    InputError
+        When the metadata cannot be read or the axes are not ``[t][c][z]yx``.
+    ParameterError
+        When ``level`` does not exist.
+    """
+    import ngff_zarr  # noqa: PLC0415
+    import zarr  # noqa: PLC0415
+
+    path = Path(path)
+    group = zarr.open_group(str(path), mode="r")
+    attrs = dict(group.attrs)
+    block, version = ome_attributes(attrs)
+    if block is None:
+        raise InputError(f"input {str(path)!r} has no OME-NGFF multiscales metadata")
+    if version not in NGFF_VERSIONS:
+        raise InputError(
+            f"input {str(path)!r} is OME-NGFF {version}; ssi-dask reads versions "
+            f"{' and '.join(NGFF_VERSIONS)} (convert it, e.g. with ngff-zarr)"
+        )
+    try:
+        multiscales = ngff_zarr.from_ngff_zarr(str(path), version=version)
+    except Exception as exc:
+        raise InputError(
+            f"input {str(path)!r} has unreadable OME-NGFF metadata ({type(exc).__name__}: {exc})"
+        ) from None
+    datasets = multiscales.metadata.datasets
+    if not 0 <= level < len(datasets):
+        raise ParameterError(
+            f"--level {level} does not exist in {str(path)!r}; it has levels 0 to "
+            f"{len(datasets) - 1} (0 is full resolution)"
+        )
+    axes = [
+        {k: v for k, v in (("name", a.name), ("type", a.type), ("unit", a.unit)) if v is not None}
+        for a in multiscales.metadata.axes
+    ]
+    _check_axes(axes, path)
+    image = multiscales.images[level]
+    names = [a["name"] for a in axes]
+    level_path = datasets[level].path
+    array = zarr.open_array(str(path / level_path), mode="r")
+    return OmeImage(
+        path=str(path.resolve()),
+        version=version,
+        axes=axes,
+        level=level,
+        level_path=level_path,
+        scale=[float(image.scale.get(n, 1.0)) for n in names],
+        translation=[float(image.translation.get(n, 0.0)) for n in names],
+        array=array,
+        n_levels=len(datasets),
+        level_shapes=[tuple(int(s) for s in im.data.shape) for im in multiscales.images],
+        attrs={k: v for k, v in block.items() if k not in ("multiscales", "version")},
+    )
+
+
+def _check_axes(axes: list[dict], path: Path) -> None:
+    types = [a.get("type") for a in axes]
+    names = [a["name"] for a in axes]
+    n_space = types.count("space")
+    spatial = [a for a, t in zip(names, types) if t == "space"]
+    lead = [t for t in types[: len(types) - n_space]]
+    ok = (
+        n_space in (2, 3)
+        and types[len(types) - n_space :] == ["space"] * n_space
+        and lead in ([], ["time"], ["channel"], ["time", "channel"])
+    )
+    if not ok:
+        raise InputError(
+            f"input {str(path)!r} has axes {names} ({types}); ssi-dask needs [time] [channel] "
+            "then 2 or 3 space axes, space last"
+        )
+    if tuple(spatial) != SPATIAL_ORDER[-n_space:]:
+        raise InputError(
+            f"input {str(path)!r} has space axes {spatial}; "
+            f"expected {list(SPATIAL_ORDER[-n_space:])}"
+        )
+
+
+# --------------------------------------------------------------------------- voxel sizes
+
+
+def declared_psf_voxel_size(path: str | os.PathLike) -> tuple[float, ...] | None:
+    """Voxel size (micrometres, ``z, y, x`` order) a PSF file declares, or None.
+
+    Read from the TIFF metadata written by ``ssi-dask psf`` (``voxel_size_um``), from ImageJ
+    metadata (``spacing`` and the resolution tags, unit micron) or from an OME-Zarr PSF group.
+    ``.npy`` files declare nothing.
+    """
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix in (".tif", ".tiff"):
+        import tifffile  # noqa: PLC0415
+
+        try:
+            with tifffile.TiffFile(path) as tif:
+                shaped = tif.shaped_metadata
+                if shaped and "voxel_size_um" in shaped[0]:
+                    return tuple(float(v) for v in shaped[0]["voxel_size_um"])
+                imagej = tif.imagej_metadata
+                if imagej and str(imagej.get("unit", "")).lower() in ("micron", "um", "µm"):
+                    page = tif.pages.first
+                    xres = page.tags.get("XResolution")
+                    yres = page.tags.get("YResolution")
+                    if xres is None or yres is None:
+                        return None
+                    dx = xres.value[1] / xres.value[0]
+                    dy = yres.value[1] / yres.value[0]
+                    if "spacing" in imagej and len(tif.series[0].shape) > 2:
+                        return (float(imagej["spacing"]), float(dy), float(dx))
+                    return (float(dy), float(dx))
+        except Exception:
+            return None
+        return None
+    if is_ome_zarr(path):
+        return open_ome_zarr(path).voxel_size_um
+    return None
+
+
+def check_psf_voxel_size(
+    psf_path: str | os.PathLike,
+    image_voxel_size: Sequence[float] | None,
+    *,
+    rtol: float = 0.02,
+) -> tuple[float, ...] | None:
+    """Refuse a PSF file sampled at another voxel size than the image.
+
+    Returns the PSF's declared voxel size (None when it declares none, or the image's is
+    unknown: nothing to compare).
+
+    Raises
+    ------
+    PSFError
+        When both are known and differ by more than ``rtol`` on any axis.
+    """
+    declared = declared_psf_voxel_size(psf_path)
+    if declared is None or image_voxel_size is None:
+        return declared
+    image = tuple(float(v) for v in image_voxel_size)
+    if len(declared) != len(image) or not np.allclose(declared, image, rtol=rtol, atol=0):
+        wanted = ",".join(f"{v:g}" for v in image)
+        raise PSFError(
+            f"PSF file {str(psf_path)!r} was sampled at voxel size "
+            f"{tuple(round(v, 6) for v in declared)} um but the image has "
+            f"{tuple(round(v, 6) for v in image)} um; regenerate it "
+            f"(ssi-dask psf --voxel-size {wanted}) or use the image's --level that matches"
+        )
+    return declared
+
+
+def default_psf_shape(
+    voxel_size: Sequence[float], na: float, wavelength: float, refractive_index: float = 1.33
+) -> tuple[int, ...]:
+    """A PSF size covering the main lobes: lateral radius 1.5 lambda/NA, axial 3 n lambda/NA^2.
+
+    Lateral sizes are equal and odd (as :func:`ssi_dask.psf.widefield_psf` needs).
+    """
+    lateral = 2 * int(np.ceil(1.5 * wavelength / na / float(voxel_size[-1]))) + 1
+    lateral = max(lateral, 7)
+    if len(voxel_size) == 2:
+        return (lateral, lateral)
+    axial = 2 * int(np.ceil(3.0 * refractive_index * wavelength / na**2 / float(voxel_size[0]))) + 1
+    return (max(axial, 3), lateral, lateral)
+
+
+# --------------------------------------------------------------------------- writing
+
+
+def pyramid_factors(
+    shape: Sequence[int],
+    spatial_axes: Sequence[int],
+    *,
+    input_shapes: Sequence[Sequence[int]] | None = None,
+    min_size: int = 64,
+    max_levels: int = 5,
+) -> list[tuple[int, ...]]:
+    """Per-level downsampling factors (relative to the previous level) for the pyramid.
+
+    Mirrors the input's pyramid (the integer ratios between its consecutive levels) when
+    it has one; otherwise halves y and x until the smaller of them would drop below
+    ``min_size``.
+    """
+    factors: list[tuple[int, ...]] = []
+    if input_shapes and len(input_shapes) > 1:
+        for upper, lower in zip(input_shapes[:-1], input_shapes[1:]):
+            step = tuple(max(int(round(u / max(l_, 1))), 1) for u, l_ in zip(upper, lower))
+            factors.append(step)
+        current = list(shape)
+        kept = []
+        for step in factors:
+            if any(current[a] // step[a] < 1 for a in range(len(current))):
+                break
+            current = [c // s for c, s in zip(current, step)]
+            kept.append(step)
+        return kept
+    current = list(shape)
+    yx = list(spatial_axes)[-2:]
+    while len(factors) < max_levels and min(current[a] // 2 for a in yx) >= min_size:
+        step = tuple(2 if a in yx else 1 for a in range(len(shape)))
+        current = [c // s for c, s in zip(current, step)]
+        factors.append(step)
+    return factors
+
+
+def level_transforms(
+    scale: Sequence[float], translation: Sequence[float], factors: Sequence[Sequence[int]]
+) -> list[tuple[list[float], list[float]]]:
+    """Scale and translation of every level: each coarse voxel covers ``factor`` fine ones,
+    so its centre moves by ``(factor - 1) / 2`` fine voxels."""
+    out = [([float(s) for s in scale], [float(t) for t in translation])]
+    for step in factors:
+        prev_scale, prev_translation = out[-1]
+        out.append(
+            (
+                [s * f for s, f in zip(prev_scale, step)],
+                [t + (f - 1) / 2 * s for t, s, f in zip(prev_translation, prev_scale, step)],
+            )
+        )
+    return out
+
+
+def _downsample_block_mean(level: da.Array, step: Sequence[int], write_chunks: Sequence[int]):
+    """Mean over ``step``-sized blocks, read in chunks that give whole ``write_chunks``."""
+    shape = [s // f * f for s, f in zip(level.shape, step)]
+    trimmed = level[tuple(slice(0, s) for s in shape)]
+    trimmed = trimmed.rechunk(tuple(c * f for c, f in zip(write_chunks, step)))
+    return da.coarsen(np.mean, trimmed, dict(enumerate(step)), trim_excess=True).astype(np.float32)
+
+
+def write_pyramid(
+    group_path: str | os.PathLike,
+    base: str,
+    factors: Sequence[Sequence[int]],
+    *,
+    chunks: Sequence[int],
+    shards: Sequence[int] | None = None,
+    zarr_format: int = 3,
+    dimension_names: Sequence[str] | None = None,
+    client: Any = None,
+) -> list[str]:
+    """Write the coarser levels ``1, 2, ...`` of a pyramid below the level at ``base``.
+
+    Each level is the block mean of the level above it, read back from disk (the
+    deconvolution is not recomputed); every task writes whole chunks (whole shards).
+
+    Returns
+    -------
+    list of str
+        The paths (inside the group) of the levels written.
+    """
+    import zarr  # noqa: PLC0415
+
+    group_path = Path(group_path)
+    paths = []
+    source = base
+    for number, step in enumerate(factors, start=1):
+        upper = da.from_zarr(str(group_path / source))
+        shape = tuple(s // f for s, f in zip(upper.shape, step))
+        level_chunks = tuple(min(c, s) for c, s in zip(chunks, shape))
+        level_shards = None
+        if shards is not None:
+            level_shards = tuple(
+                min(max(sh // c, 1) * c, -(-s // c) * c)
+                for sh, c, s in zip(shards, level_chunks, shape)
+            )
+        write_chunks = level_shards or level_chunks
+        lower = _downsample_block_mean(upper, step, write_chunks)
+        path = str(number)
+        options: dict[str, Any] = {}
+        if zarr_format == 3 and dimension_names is not None:
+            options["dimension_names"] = list(dimension_names)
+        if level_shards is not None:
+            options["shards"] = level_shards
+        target = zarr.create_array(
+            store=str(group_path / path),
+            shape=shape,
+            chunks=level_chunks,
+            dtype=np.float32,
+            zarr_format=zarr_format,
+            fill_value=0,
+            **options,
+        )
+        stored = da.store(lower, target, lock=False, compute=False)
+        if client is not None:
+            client.compute(stored).result()
+        else:
+            stored.compute()
+        paths.append(path)
+        source = path
+    return paths
+
+
+def write_ome_metadata(
+    group_path: str | os.PathLike,
+    *,
+    version: str,
+    axes: Sequence[dict],
+    paths: Sequence[str],
+    transforms: Sequence[tuple[Sequence[float], Sequence[float]]],
+    name: str,
+    provenance: dict,
+    omero: dict | None = None,
+) -> None:
+    """Write the multiscales metadata (ome-zarr-py's writer) and the provenance."""
+    import zarr  # noqa: PLC0415
+    from ome_zarr.format import FormatV04, FormatV05  # noqa: PLC0415
+    from ome_zarr.writer import write_multiscales_metadata  # noqa: PLC0415
+
+    fmt = {"0.4": FormatV04, "0.5": FormatV05}[version]()
+    group = zarr.open_group(str(group_path), mode="r+")
+    datasets = [
+        {
+            "path": path,
+            "coordinateTransformations": [
+                {"type": "scale", "scale": [float(v) for v in scale]},
+                {"type": "translation", "translation": [float(v) for v in translation]},
+            ],
+        }
+        for path, (scale, translation) in zip(paths, transforms)
+    ]
+    extra = {"metadata": {"description": "ssi-dask deconvolution; coarser levels are block means"}}
+    write_multiscales_metadata(group, datasets, fmt=fmt, axes=list(axes), name=name, **extra)
+    if omero is not None:  # channel names and colours, copied as the input had them
+        if version == "0.4":
+            group.attrs["omero"] = omero
+        else:
+            group.attrs["ome"] = {**dict(group.attrs["ome"]), "omero": omero}
+    group.attrs["ssi_dask"] = provenance
+
+
+def create_ome_group(path: str | os.PathLike, *, zarr_format: int) -> None:
+    """Create the (empty) output image group."""
+    import zarr  # noqa: PLC0415
+
+    try:
+        zarr.open_group(str(path), mode="w-", zarr_format=zarr_format)
+    except OSError as exc:
+        raise OutputError(f"cannot create output {str(path)!r}: {exc.strerror or exc}") from None
+
+
+def output_omero(
+    group_path: str | os.PathLike,
+    smallest: str,
+    *,
+    channel_axis: int | None,
+    input_omero: dict | None,
+    channels: Sequence[int] | None,
+) -> dict | None:
+    """``omero`` display metadata for the output: the input's channel labels and colours,
+    with contrast windows from the output's own range (read on its smallest level)."""
+    if channel_axis is None:
+        return None
+    level = da.from_zarr(str(Path(group_path) / smallest))
+    other = tuple(a for a in range(level.ndim) if a != channel_axis)
+    low, high = da.compute(level.min(axis=other), level.max(axis=other))
+    entries = list((input_omero or {}).get("channels") or [])
+    chosen = list(channels) if channels is not None else list(range(len(low)))
+    result = []
+    for position, index in enumerate(chosen):
+        source = entries[index] if index < len(entries) else {}
+        color = source.get("color")
+        result.append(
+            {
+                "label": str(source.get("label", f"channel {index}")),
+                "color": color if isinstance(color, str) and len(color) == 6 else "FFFFFF",
+                "active": True,
+                "window": {
+                    "min": float(low[position]),
+                    "max": float(high[position]),
+                    "start": float(low[position]),
+                    "end": float(high[position]),
+                },
+            }
+        )
+    return {"channels": result}

@@ -1,0 +1,127 @@
+"""``xarray.DataArray`` in, ``DataArray`` out: dims, coords and attrs kept, provenance added.
+
+Dimensions are named like OME-Zarr axes: the spatial ones ``z``, ``y``, ``x`` (or ``y``, ``x``)
+last, optionally preceded by ``t`` and/or ``c``; every (t, c) volume is deconvolved on its own.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from .errors import InputError, PSFError
+
+SPATIAL_DIMS = ("z", "y", "x")
+LEAD_DIMS = ("t", "c")
+
+
+def is_dataarray(obj: Any) -> bool:
+    """True for an ``xarray.DataArray`` (without importing xarray for other inputs)."""
+    return type(obj).__name__ == "DataArray" and type(obj).__module__.startswith("xarray")
+
+
+def _check_dims(dims: tuple[str, ...]) -> int:
+    """Number of spatial dims; refuse dims not named ``[t][c](z)yx``."""
+    n_spatial = 3 if len(dims) >= 3 and tuple(dims[-3:]) == SPATIAL_DIMS else 2
+    lead = tuple(dims[: len(dims) - n_spatial])
+    if tuple(dims[-n_spatial:]) != SPATIAL_DIMS[-n_spatial:] or lead not in (
+        (),
+        ("t",),
+        ("c",),
+        ("t", "c"),
+    ):
+        raise InputError(
+            f"DataArray dims {tuple(dims)} are not OME-like; name them [t] [c] then z, y, x "
+            "(or y, x) in that order, e.g. with .rename() and .transpose()"
+        )
+    return n_spatial
+
+
+def deconvolve_dataarray(
+    array: Any,
+    psf: np.ndarray | Sequence[np.ndarray] | Mapping[Any, np.ndarray],
+    method: str = "lr",
+    **options: Any,
+) -> Any:
+    """Deconvolve a DataArray; returns a lazy (Dask-backed) DataArray like the input.
+
+    Parameters
+    ----------
+    array : xarray.DataArray
+        Dims ``[t] [c] (z) y x``; NumPy- or Dask-backed.
+    psf : numpy.ndarray, sequence or mapping of numpy.ndarray
+        One PSF for every volume, one per channel in order, or a mapping from the ``c``
+        coordinate's values to PSFs.
+    method : {"lr", "ssi"}
+        As for :func:`ssi_dask.deconvolve`.
+    **options
+        ``num_iter``, ``chunks``, ``depth``, ``model``, ``device``... (see
+        :func:`ssi_dask.deconvolve`).
+
+    Returns
+    -------
+    xarray.DataArray
+        float32, same dims, coords, name and attrs, plus ``attrs["ssi_dask"]`` (method,
+        parameters, PSF summary, model hash, package version).
+    """
+    import dask.array as da  # noqa: PLC0415
+    import xarray as xr  # noqa: PLC0415
+
+    from . import __version__  # noqa: PLC0415
+    from .blockwise import _resolve_model  # noqa: PLC0415
+    from .multivolume import deconvolve_stack  # noqa: PLC0415
+    from .psf import describe_psf  # noqa: PLC0415
+
+    dims = tuple(str(d) for d in array.dims)
+    n_spatial = _check_dims(dims)
+    n_lead = len(dims) - n_spatial
+    data = array.data
+    if not isinstance(data, da.Array):
+        data = da.from_array(np.asarray(data), chunks=(1,) * n_lead + tuple(array.shape[n_lead:]))
+    channel_axis = dims.index("c") if "c" in dims else None
+    psfs: Any = psf
+    if isinstance(psf, Mapping):
+        if channel_axis is None:
+            raise PSFError("a PSF per channel was given but the DataArray has no 'c' dim")
+        keys = (
+            array.coords["c"].values.tolist()
+            if "c" in array.coords
+            else list(range(data.shape[channel_axis]))
+        )
+        missing = [k for k in keys if k not in psf]
+        if missing:
+            raise PSFError(f"no PSF for channel(s) {missing}; give one for every 'c' value {keys}")
+        psfs = [np.asarray(psf[k]) for k in keys]
+    elif not isinstance(psf, np.ndarray):
+        psfs = [np.asarray(p) for p in psf]
+    if method == "ssi":
+        options["model"] = _resolve_model(options.get("model"), n_spatial)
+    result = deconvolve_stack(
+        data, n_spatial, psfs, channel_axis=channel_axis, method=method, **options
+    )
+    provenance: dict[str, Any] = {
+        "version": __version__,
+        "method": method,
+        "psf": describe_psf(psfs)
+        if isinstance(psfs, np.ndarray)
+        else [describe_psf(p) for p in psfs],
+    }
+    if method == "ssi":
+        from .ssi import content_hash  # noqa: PLC0415
+
+        model = options["model"]
+        provenance["model"] = {
+            "sha256": content_hash(model.config, model.network.state_dict()),
+            "halo": model.halo,
+        }
+    else:
+        provenance["iterations"] = int(options.get("num_iter", 10))
+    return xr.DataArray(
+        result,
+        dims=dims,
+        coords=array.coords,
+        name=array.name,
+        attrs={**dict(array.attrs), "ssi_dask": provenance},
+    )
