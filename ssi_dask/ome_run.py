@@ -281,8 +281,15 @@ def run_ome(args: argparse.Namespace, image: Any = None) -> int:
         args, n_spatial, voxel_size, n_channels, image_shape=data.shape[n_lead:]
     )
     output = check_output_path(args.output, input_path=image.path, overwrite=args.overwrite)
-    if args.iterations < 0:
-        raise ParameterError(f"--iterations must be >= 0, got {args.iterations}")
+    from .cli import _lr_options, _parse_iterations  # noqa: PLC0415
+
+    iterations = _parse_iterations(args.iterations)
+    if iterations == "auto":
+        raise ParameterError(
+            "--iterations auto is not supported for OME-Zarr runs yet; give a number, e.g. "
+            "the one `ssi-dask run` chooses on one volume exported as a Zarr array"
+        )
+    lr_options = _lr_options(args)
     zarr_format = args.zarr_format or (3 if image.version == "0.5" else 2)
     if args.shards and zarr_format != 3:
         raise ParameterError("--shards needs Zarr format 3; add --zarr-format 3")
@@ -308,13 +315,14 @@ def run_ome(args: argparse.Namespace, image: Any = None) -> int:
         spatial_shape,
         data.dtype,
         psf_shape,
-        num_iter=args.iterations,
+        num_iter=iterations,
         store_chunks=read_chunks[n_lead:],
         chunks=args.chunks,
         output_chunks=args.output_chunks,
         depth=depth,
         alignment=model.alignment if model is not None else 1,
         boundary=METHOD_BOUNDARY[args.method],
+        back_projector=lr_options.get("back_projector", "classic"),
     )
     ome_out = args.output_format in ("auto", "ome-zarr")
     n_volumes = int(np.prod(data.shape[:n_lead])) if n_lead else 1
@@ -341,7 +349,10 @@ def run_ome(args: argparse.Namespace, image: Any = None) -> int:
         "command": " ".join(sys.argv[1:]) if sys.argv else "",
     }
     if model is None:
-        provenance["iterations"] = args.iterations
+        from .lr import resolve_back_projector  # noqa: PLC0415
+
+        provenance["iterations"] = iterations
+        provenance.update(resolve_back_projector(psfs[0], **lr_options).as_dict())
     else:
         from .cli import _model_summary  # noqa: PLC0415
 
@@ -369,11 +380,12 @@ def run_ome(args: argparse.Namespace, image: Any = None) -> int:
             psfs if len(psfs) > 1 else psfs[0],
             channel_axis=image.channel_axis,
             method=args.method,
-            num_iter=args.iterations,
+            num_iter=iterations,
             chunks=plan.working_chunks,
             depth=plan.depth,
             device="gpu" if args.gpu else "cpu",
             model=model,
+            **lr_options,
         )
         progress = False if args.no_progress else ChunkProgress(int(np.prod(result.shape)))
         target = output
