@@ -74,3 +74,24 @@ def test_dataarray_errors(psf3d, two_psfs):
     )
     with pytest.raises(PSFError, match=r"no PSF for channel\(s\) \['DAPI'\]"):
         deconvolve(image, two_psfs)
+
+
+def test_dataarray_with_an_ssi_model_equals_whole_image_prediction(psf2d):
+    from ssi_dask.ssi import content_hash, predict, train_ssi
+
+    values = np.stack([smooth_volume((64, 72), seed=s) for s in range(2)])
+    image = xr.DataArray(values, dims=("t", "y", "x"), coords={"t": [0, 30]}, attrs={"run": 7})
+    model = train_ssi(
+        values[0], psf2d, seed=0, steps=2, restarts=0, device="cpu", validation_patches=2,
+        base_channels=4, depth=2, batch_size=2, patch_size=32,
+    )  # fmt: skip
+    result = deconvolve(image, psf2d, method="ssi", model=model, chunks=(32, 72))
+    assert result.dims == ("t", "y", "x") and list(result.coords["t"].values) == [0, 30]
+    assert result.attrs["run"] == 7
+    provenance = result.attrs["ssi_dask"]
+    assert provenance["method"] == "ssi"
+    assert provenance["model"]["sha256"] == content_hash(model.config, model.network.state_dict())
+    computed = result.values
+    for index in range(2):  # chunked along y, each time point on its own: equal to whole-image
+        expected = predict(model, values[index], device="cpu")
+        np.testing.assert_allclose(computed[index], expected, atol=1e-4 * float(np.ptp(expected)))
