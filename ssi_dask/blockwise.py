@@ -287,7 +287,7 @@ def deconvolve(
         raise ParameterError(f"unknown method {method!r}; choose 'lr' or 'ssi'")
     if device not in ("cpu", "gpu"):
         raise ParameterError(f"unknown device {device!r}; choose 'cpu' or 'gpu'")
-    if device == "gpu":
+    if device == "gpu" and method == "lr":  # SSI needs torch's CUDA on the workers only
         from ._backend import cupy_or_none  # noqa: PLC0415
 
         if cupy_or_none() is None:

@@ -266,3 +266,20 @@ def test_predict_chunk_on_gpu_matches_cpu():
     cpu = predict_chunk(model, block, device="cpu")
     gpu = predict_chunk(model, block, device="cuda")
     np.testing.assert_allclose(gpu, cpu, atol=1e-4)
+
+
+@pytest.mark.gpu
+def test_ssi_on_local_cuda_cluster_matches_cpu(sampled_model, psf3d):
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device visible to torch")
+    pytest.importorskip("dask_cuda", reason="dask-cuda is not installed")
+    from ssi_dask.cluster import dask_client
+
+    path, volume, model, checkpoint = sampled_model
+    lazy = ssi_dask.deconvolve(
+        str(path), psf3d, method="ssi", model=str(checkpoint), chunks=(16, 32, 32), device="gpu"
+    )
+    with dask_client(gpu=True) as client:
+        result = client.compute(lazy).result()
+    whole = predict(load_checkpoint(checkpoint), volume, device="cpu")
+    assert np.abs(result - whole).max() <= 1e-3 * float(np.ptp(whole))
