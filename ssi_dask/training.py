@@ -111,6 +111,8 @@ def sample_regions(
         )
     if not 0 <= background < 1:
         raise ParameterError(f"background must be in [0, 1), got {background}")
+    if region == shape:  # one region is the whole volume: read it once
+        n_regions = n_candidates = 1
     rng = np.random.default_rng(seed)
     highs = [s - r + 1 for s, r in zip(shape, region)]
     origins = np.stack([rng.integers(0, h, size=n_candidates) for h in highs], axis=1)
