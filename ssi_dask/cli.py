@@ -477,7 +477,8 @@ def _train_model(args: argparse.Namespace, volume, psf, client=None):
     info = model.training["sampling"]
     print(
         f"sampled {info['candidates']} regions of {tuple(info['region_shape'])} "
-        f"({100 * info['sampled_fraction']:.1f} % of the volume), kept {info['kept']}, "
+        f"({100 * info['sampled_fraction']:.1f} % of the volume's voxels, overlaps counted), "
+        f"kept {info['kept']}, "
         f"{info['rejected_as_background']} rejected as background"
     )
     print(f"trained in {time.perf_counter() - started:.0f} s")
