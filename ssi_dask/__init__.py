@@ -13,6 +13,7 @@ from .io import open_volume  # noqa: E402
 from .lr import richardson_lucy  # noqa: E402
 from .psf import load_psf, protocol_psf, widefield_psf  # noqa: E402
 from .store import write_zarr  # noqa: E402
+from .training import train  # noqa: E402
 
 __all__ = [
     "__version__",
@@ -22,6 +23,7 @@ __all__ = [
     "plan_blocks",
     "protocol_psf",
     "richardson_lucy",
+    "train",
     "widefield_psf",
     "write_zarr",
 ]

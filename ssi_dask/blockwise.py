@@ -214,16 +214,20 @@ def _lr_chunk(
     return richardson_lucy(block, psf, num_iter=num_iter, **options)
 
 
-def _ssi_chunk(block: np.ndarray, model: Any, device: str = "cpu") -> np.ndarray:
+def _ssi_chunk(
+    block: np.ndarray, model: Any, device: str = "cpu", margin: Sequence[int] | None = None
+) -> np.ndarray:
     """Per-chunk task: apply a trained SSI network to one padded block.
 
     The model object is a shared key of the graph: each worker receives it once and every task
-    on that worker uses the same object (and the same copy of the weights on its device).
+    on that worker uses the same object (and the same copy of the weights on its device). The
+    block is cut into tiles sized from the device's free memory and run in batches
+    (:func:`ssi_dask.ssi.predict_chunk`); ``margin`` is the halo ``map_overlap`` added.
     """
-    from .ssi import predict_block  # noqa: PLC0415
+    from .ssi import predict_chunk  # noqa: PLC0415
 
     torch_device = "cuda" if device == "gpu" else "cpu"
-    return predict_block(model, block, device=torch_device)
+    return predict_chunk(model, block, margin, device=torch_device)
 
 
 def _shared_token(value: Any) -> str:
@@ -310,7 +314,7 @@ def deconvolve(
         raise ParameterError(f"unknown method {method!r}; choose 'lr' or 'ssi'")
     if device not in ("cpu", "gpu"):
         raise ParameterError(f"unknown device {device!r}; choose 'cpu' or 'gpu'")
-    if device == "gpu":
+    if device == "gpu" and method == "lr":  # SSI needs torch's CUDA on the workers only
         from ._backend import cupy_or_none  # noqa: PLC0415
 
         if cupy_or_none() is None:
@@ -346,6 +350,7 @@ def deconvolve(
             shared={"model": model},
             boundary=METHOD_BOUNDARY["ssi"],
             device=device,
+            margin=tuple(plan.depth),
         )
     result = apply_chunked(
         data,

@@ -170,10 +170,48 @@ def _add_training_options(parser: argparse.ArgumentParser) -> None:
         "(default: tuned)",
     )
     group.add_argument(
+        "--patch-size", type=int, metavar="N", help="training patch side (default: 96 2D, 48 3D)"
+    )
+    group.add_argument(
+        "--batch-size", type=int, metavar="N", help="patches per step (default: 16 2D, 4 3D)"
+    )
+    group.add_argument(
+        "--net-depth", type=int, metavar="N", help="UNet resolution levels (default: 3)"
+    )
+    group.add_argument(
+        "--base-channels",
+        type=int,
+        metavar="N",
+        help="UNet channels at full resolution (default: 8)",
+    )
+    group.add_argument(
         "--train-device",
         default="auto",
         metavar="DEVICE",
         help="torch device for training: auto, cpu, cuda, cuda:1 (default: auto)",
+    )
+
+
+def _add_sampling_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("SSI training regions (read through Dask)")
+    group.add_argument(
+        "--regions",
+        type=int,
+        metavar="N",
+        help="regions sampled across the volume for training (default: 24)",
+    )
+    group.add_argument(
+        "--region-size",
+        metavar="SPEC",
+        help="size of each region, e.g. 96 or 48,96,96 (default: two training patches)",
+    )
+    group.add_argument(
+        "--background",
+        type=float,
+        default=0.05,
+        metavar="F",
+        help="reject regions whose 99th percentile is below lo + F * (hi - lo) of the "
+        "global range as empty background (default: 0.05; 0 keeps all)",
     )
 
 
@@ -226,6 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--save-model", metavar="PATH", help="ssi: also save the model trained by this run"
     )
     _add_training_options(run)
+    _add_sampling_options(run)
     run.add_argument(
         "--chunks",
         metavar="SPEC",
@@ -348,6 +387,34 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--out", required=True, metavar="MODEL", help="checkpoint file to write")
     train.add_argument("--overwrite", action="store_true", help="replace an existing MODEL")
     _add_training_options(train)
+    _add_sampling_options(train)
+    remote = train.add_argument_group("cluster (default: read the regions with local threads)")
+    where = remote.add_mutually_exclusive_group()
+    where.add_argument(
+        "--scheduler", metavar="ADDRESS", help="read the regions on this Dask scheduler's workers"
+    )
+    where.add_argument(
+        "--scheduler-file", metavar="FILE", help="scheduler file of a running Dask scheduler"
+    )
+    remote.add_argument(
+        "--connect-timeout",
+        type=float,
+        default=5.0,
+        metavar="SECONDS",
+        help="seconds to wait for the scheduler (default: 5)",
+    )
+    remote.add_argument(
+        "--train-on",
+        choices=["client", "worker"],
+        default="client",
+        help="train in this process (default) or on a worker of the cluster, e.g. a "
+        "`dask cuda worker` (needs --scheduler)",
+    )
+    remote.add_argument(
+        "--gpu",
+        action="store_true",
+        help="train on a CUDA GPU (this machine's, or the worker's with --train-on worker)",
+    )
     train.set_defaults(handler=_train_command)
 
     example = commands.add_parser(
@@ -481,21 +548,69 @@ def _psf_command(args: argparse.Namespace) -> int:
     return 0
 
 
-def _train_model(args: argparse.Namespace, volume, psf):
-    """Train SSI on the opened volume with the CLI's training options."""
-    from .ssi import train_ssi  # noqa: PLC0415
+def _train_model(args: argparse.Namespace, volume, psf, client=None):
+    """Train SSI on regions sampled from the opened volume with the CLI's options."""
+    from .blockwise import parse_chunks  # noqa: PLC0415
+    from .training import DEFAULT_REGIONS, train  # noqa: PLC0415
 
     if args.steps is not None and args.steps < 1:
         raise ParameterError(f"--steps must be at least 1, got {args.steps}")
-    print(f"training SSI on {volume.path} {volume.shape} (seed {args.seed})")
+    if args.regions is not None and args.regions < 1:
+        raise ParameterError(f"--regions must be at least 1, got {args.regions}")
+    on_worker = getattr(args, "train_on", "client") == "worker"
+    device = args.train_device
+    if getattr(args, "gpu", False) and device == "auto":
+        device = "cuda"
+    if device.startswith("cuda") and not on_worker:
+        from .ssi import resolve_device  # noqa: PLC0415
+
+        try:
+            resolve_device(device)
+        except SsiDaskError:
+            from .errors import DeviceError  # noqa: PLC0415
+
+            raise DeviceError(
+                "--gpu/--train-device cuda needs a CUDA GPU visible to torch on this machine; "
+                "drop it, or train on a GPU worker with --scheduler ... --train-on worker"
+            ) from None
+    where = "a worker" if on_worker else f"this process ({device})"
+    print(f"training SSI on {volume.path} {volume.shape} (seed {args.seed}) in {where}")
     started = time.perf_counter()
     options = {"steps": args.steps} if args.steps else {}
     if args.restarts is not None:
         if args.restarts < 0:
             raise ParameterError(f"--restarts must be >= 0, got {args.restarts}")
         options["restarts"] = args.restarts
-    model = train_ssi(
-        volume.data, psf, seed=args.seed, device=args.train_device, progress=True, **options
+    for name, key in (
+        ("patch_size", "patch_size"),
+        ("batch_size", "batch_size"),
+        ("net_depth", "depth"),
+        ("base_channels", "base_channels"),
+    ):
+        value = getattr(args, name, None)
+        if value is not None:
+            if value < 1:
+                raise ParameterError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+            options[key] = value
+    model = train(
+        volume.data,
+        psf,
+        seed=args.seed,
+        device=device,
+        n_regions=args.regions or DEFAULT_REGIONS,
+        region_shape=parse_chunks(args.region_size, volume.ndim),
+        background=args.background,
+        client=client,
+        on_worker=on_worker,
+        progress=True,
+        **options,
+    )
+    info = model.training["sampling"]
+    print(
+        f"sampled {info['candidates']} regions of {tuple(info['region_shape'])} "
+        f"({100 * info['sampled_fraction']:.1f} % of the volume's voxels, overlaps counted), "
+        f"kept {info['kept']}, "
+        f"{info['rejected_as_background']} rejected as background"
     )
     print(f"trained in {time.perf_counter() - started:.0f} s")
     return model
@@ -513,7 +628,21 @@ def _train_command(args: argparse.Namespace) -> int:
         raise ParameterError(f"the folder of {str(out)!r} does not exist; create it first")
     volume = open_volume(args.input)
     psf = load_psf(args.psf, volume.ndim)
-    model = _train_model(args, volume, psf)
+    if args.train_on == "worker" and not (args.scheduler or args.scheduler_file):
+        raise ParameterError("--train-on worker needs --scheduler or --scheduler-file")
+    if args.scheduler or args.scheduler_file:
+        from .cluster import dask_client  # noqa: PLC0415
+
+        with dask_client(
+            args.scheduler,
+            scheduler_file=args.scheduler_file,
+            connect_timeout=args.connect_timeout,
+        ) as client:
+            workers = len(client.scheduler_info().get("workers", {}))
+            print(f"dask: {workers} workers read the training regions")
+            model = _train_model(args, volume, psf, client=client)
+    else:
+        model = _train_model(args, volume, psf)
     digest = save_checkpoint(model, out)
     print(f"wrote {out} (sha256 {digest[:16]}, halo {model.halo})")
     return 0

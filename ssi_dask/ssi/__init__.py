@@ -6,6 +6,7 @@ Public API::
     restored = predict(model, image)               # or model.predict(image)
     save_checkpoint(model, "model.pt"); model = load_checkpoint("model.pt")
     predict_block(model, block)                     # pure per-chunk kernel (halo = model.halo)
+    predict_chunk(model, block)                     # the same in batched, memory-sized tiles
 """
 
 from __future__ import annotations
@@ -16,26 +17,32 @@ from .forward import PSFOperator
 from .masking import bernoulli_mask, mask_input, rho_schedule, validation_mask
 from .model import SSIModel, UNet, receptive_field_radius
 from .predict import predict, predict_block
+from .regions import RegionPool
 from .sampler import PatchSampler, sample_statistics
+from .tiling import choose_tile, predict_chunk, tile_budget
 from .train import DEFAULTS, train_ssi
 
 __all__ = [
     "DEFAULTS",
     "PSFOperator",
     "PatchSampler",
+    "RegionPool",
     "SSIModel",
     "UNet",
     "bernoulli_mask",
+    "choose_tile",
     "content_hash",
     "load_checkpoint",
     "mask_input",
     "predict",
     "predict_block",
+    "predict_chunk",
     "receptive_field_radius",
     "resolve_device",
     "rho_schedule",
     "sample_statistics",
     "save_checkpoint",
+    "tile_budget",
     "train_ssi",
     "validation_mask",
 ]

@@ -265,3 +265,16 @@ class SSIModel:
             f"SSIModel({c['ndim']}D UNet depth={c['depth']} base_channels={c['base_channels']}, "
             f"halo={self.halo}, psf={tuple(self.psf.shape)})"
         )
+
+
+def _register_sizeof() -> None:
+    """Tell Dask how big a model is (weights + PSF), for its memory and transfer accounting."""
+    from dask.sizeof import sizeof  # noqa: PLC0415
+
+    @sizeof.register(SSIModel)
+    def _sizeof_model(model: SSIModel) -> int:
+        weights = sum(t.numel() * t.element_size() for t in model.network.state_dict().values())
+        return int(weights + model.psf.nbytes + 1024)
+
+
+_register_sizeof()

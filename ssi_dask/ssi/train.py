@@ -46,6 +46,13 @@ DEFAULTS = {
 }
 
 
+def _patch_sampler(image, patch_shape, seed: int):
+    """Random patches of an image, or of a RegionPool's regions (global origins either way)."""
+    if hasattr(image, "patch_sampler"):
+        return image.patch_sampler(patch_shape, seed=seed)
+    return PatchSampler(image, patch_shape, seed=seed)
+
+
 def _lr_baselines(op: PSFOperator, x_in: torch.Tensor, iters=(2, 5, 10, 20)) -> dict:
     """Lucy-Richardson on a (masked) normalised batch; returns {n: estimate}."""
     eps = 1e-6
@@ -184,8 +191,11 @@ def train_ssi(
 
     Parameters
     ----------
-    image : array-like
-        2D or 3D image (NumPy, Zarr, Dask...). Only random patches are read.
+    image : array-like or RegionPool
+        2D or 3D image (NumPy, Zarr, Dask...). Only random patches are read. Or a
+        :class:`~ssi_dask.ssi.regions.RegionPool` of regions sampled from a large volume
+        (:func:`ssi_dask.train`): patches are drawn inside the regions and the normalisation
+        statistics come from the pool.
     psf : array-like
         The PSF, same number of dimensions as the image.
     seed : int
@@ -280,14 +290,17 @@ def train_ssi(
     if num_threads and dev.type == "cpu":
         torch.set_num_threads(int(num_threads))
 
-    lo, hi = sample_statistics(image, norm_percentiles, seed=seed)
+    if hasattr(image, "statistics"):  # a RegionPool: global statistics from its samples
+        lo, hi = image.statistics(norm_percentiles)
+    else:
+        lo, hi = sample_statistics(image, norm_percentiles, seed=seed)
     scale = hi - lo if hi > lo else 1.0
     normalisation = {"offset": lo, "scale": scale, "output_range": tuple(output_range)}
     clip = tuple(float(v) for v in output_range)
 
     op = PSFOperator(psf, dev)
     n_val = int(validation_patches or 2 * batch_size)
-    val_sampler = PatchSampler(image, patch_shape, seed=seed + 7919)
+    val_sampler = _patch_sampler(image, patch_shape, seed=seed + 7919)
     vpatches, vorigins = val_sampler.batch(n_val)
     vpatches = (vpatches - lo) / scale
     vmasks = np.stack([validation_mask(o, patch_shape, validation_density, seed) for o in vorigins])
@@ -454,7 +467,7 @@ def _train_run(
         final_div_factor=100,
     )
     gen = torch.Generator().manual_seed(run_seed)
-    sampler = PatchSampler(image, patch_shape, seed=run_seed + 1)
+    sampler = _patch_sampler(image, patch_shape, seed=run_seed + 1)
     offset, scale = normalisation["offset"], normalisation["scale"]
     best_val, best_state, since_best = math.inf, None, 0
     run_log, running, t0 = [], [], time.perf_counter()

@@ -1,0 +1,165 @@
+"""Apply an SSI model to one chunk in device-sized tiles, several tiles per network call.
+
+A chunk of a large volume (with its halo, as ``map_overlap`` hands it over) can be far larger
+than what a GPU holds in activations. :func:`predict_chunk` cuts the chunk's interior into tiles
+on the network's pooling grid, gives each tile the model's halo of context from the chunk
+itself, runs tiles of the same shape together as one batch, and stitches the tile centres. The
+tile size comes from the device's free memory (:func:`tile_budget`, :func:`choose_tile`), and
+the result equals :func:`ssi_dask.ssi.predict_block` on the whole chunk (the halo covers the
+receptive field and every tile starts on the pooling grid).
+
+Pure per-chunk code: array in, array out.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from ..errors import ParameterError
+from .device import resolve_device
+from .predict import _denormalise, _normalise, _prepare, run_network
+
+__all__ = ["bytes_per_voxel", "choose_tile", "predict_chunk", "tile_budget"]
+
+#: Memory budget for one network call on the CPU (activations of a batch of tiles).
+CPU_BUDGET_BYTES = 512 * 2**20
+#: Share of the GPU's free memory a network call may use.
+GPU_FREE_FRACTION = 0.5
+
+
+def bytes_per_voxel(network) -> int:
+    """Estimated peak activation bytes per input voxel of one inference call (float32).
+
+    The peak is at the finest decoder level: the skip tensor, the up-sampled coarse tensor,
+    their concatenation and two convolution outputs are alive together (``3 c0 + 2 c1``
+    channels), plus the input and output copies; doubled for convolution workspaces and
+    allocator slack.
+    """
+    cfg = network.config
+    c0 = min(cfg["base_channels"], cfg["max_channels"])
+    c1 = min(2 * cfg["base_channels"], cfg["max_channels"]) if cfg["depth"] > 1 else 0
+    return 2 * 4 * (3 * c0 + 2 * c1 + 4)
+
+
+def tile_budget(device, fraction: float = GPU_FREE_FRACTION) -> int:
+    """Bytes one network call may use: a share of the free GPU memory, or a fixed CPU budget."""
+    dev = resolve_device(device)
+    if dev.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(dev)
+        return int(free * fraction)
+    return CPU_BUDGET_BYTES
+
+
+def choose_tile(
+    interior: Sequence[int], halo: int, alignment: int, budget: int, per_voxel: int
+) -> tuple[int, ...]:
+    """Largest tile (kept part, multiples of ``alignment``) whose input fits in ``budget``.
+
+    Starts from the whole interior (rounded up to the alignment) and halves the longest side
+    until ``prod(tile + 2 * halo) * per_voxel <= budget`` or every side is one alignment step.
+    """
+    a = int(alignment)
+    tile = [max(-(-int(s) // a) * a, a) for s in interior]
+    while math.prod(t + 2 * halo for t in tile) * per_voxel > budget:
+        axis = max(range(len(tile)), key=lambda i: (tile[i], -i))
+        if tile[axis] <= a:
+            break
+        tile[axis] = max(-(-(tile[axis] // 2) // a) * a, a)
+    return tuple(tile)
+
+
+def _axis_tiles(size: int, margin: int, tile: int, halo: int, a: int):
+    """Per axis: (output start, output end, input start, input end) of each tile."""
+    interior = max(size - 2 * margin, 1)
+    count = -(-interior // tile)
+    cuts = [0] + [margin + k * tile for k in range(1, count)] + [size]
+    spans = []
+    for lo, hi in zip(cuts[:-1], cuts[1:]):
+        start = max(0, (lo - halo) // a * a)
+        stop = min(size, start + -(-(hi + halo - start) // a) * a)
+        spans.append((lo, hi, start, stop))
+    return spans
+
+
+def predict_chunk(
+    model,
+    block,
+    margin: int | Sequence[int] | None = None,
+    *,
+    device="auto",
+    tile_shape: int | Sequence[int] | None = None,
+    budget: int | None = None,
+    amp: bool = False,
+    tta: bool = True,
+) -> np.ndarray:
+    """Apply ``model`` to one chunk with its halo, in batched tiles; same shape out.
+
+    Parameters
+    ----------
+    model : SSIModel
+        The trained model; its stored (global) normalisation is used for every chunk.
+    block : numpy.ndarray
+        The chunk with ``margin`` voxels of context on each side (``map_overlap``'s block).
+    margin : int or sequence of int, optional
+        The halo ``map_overlap`` added around the chunk (default ``model.halo``).
+    device : str
+        ``"auto"``, ``"cpu"`` or ``"cuda[:N]"``.
+    tile_shape : int or sequence of int, optional
+        Kept part of each tile; default from the memory budget (:func:`choose_tile`).
+    budget : int, optional
+        Bytes per network call (default :func:`tile_budget` of the device).
+    amp, tta :
+        As in :func:`ssi_dask.ssi.predict_block`.
+
+    Returns
+    -------
+    numpy.ndarray
+        float32, the shape of ``block``; equal to ``predict_block(model, block)``.
+    """
+    block = np.asarray(block)
+    if block.ndim != model.ndim:
+        raise ParameterError(f"the model is {model.ndim}D but the block has shape {block.shape}")
+    net, dev = _prepare(model, device)
+    a, halo = model.alignment, model.halo
+    ndim = block.ndim
+    margins = (
+        (halo,) * ndim
+        if margin is None
+        else ((int(margin),) * ndim if np.isscalar(margin) else tuple(int(m) for m in margin))
+    )
+    interior = [max(s - 2 * m, 1) for s, m in zip(block.shape, margins)]
+    per_voxel = bytes_per_voxel(net)
+    budget = int(budget if budget is not None else tile_budget(dev))
+    if tile_shape is None:
+        tile = choose_tile(interior, halo, a, budget, per_voxel)
+    else:
+        tile = (int(tile_shape),) * ndim if np.isscalar(tile_shape) else tuple(tile_shape)
+        if len(tile) != ndim or min(tile) < 1:
+            raise ParameterError(f"tile_shape {tile_shape} does not fit a {ndim}D block")
+        tile = tuple(-(-int(t) // a) * a for t in tile)
+    x = _normalise(model, block)
+    axes = [_axis_tiles(s, m, t, halo, a) for s, m, t in zip(block.shape, margins, tile)]
+    groups: dict[tuple[int, ...], list] = {}
+    for spans in itertools.product(*axes):
+        in_shape = tuple(stop - start for _, _, start, stop in spans)
+        groups.setdefault(in_shape, []).append(spans)
+    out = np.empty(block.shape, dtype=np.float32)
+    transforms = model.symmetries if tta else None
+    for in_shape, members in groups.items():
+        per_call = max(1, budget // max(math.prod(in_shape) * per_voxel, 1))
+        for i in range(0, len(members), per_call):
+            batch = members[i : i + per_call]
+            inputs = np.stack(
+                [x[tuple(slice(start, stop) for _, _, start, stop in spans)] for spans in batch]
+            )
+            results = run_network(net, inputs, dev, amp, transforms)
+            for spans, res in zip(batch, results):
+                dst = tuple(slice(lo, hi) for lo, hi, _, _ in spans)
+                src = tuple(slice(lo - start, hi - start) for lo, hi, start, _ in spans)
+                out[dst] = res[src]
+    return _denormalise(model, out)
