@@ -7,13 +7,13 @@ in one run with the same working chunks:
 * small: a volume of ``--small-fraction`` of the large one's lateral size (the reference);
 * large: ``--shape``, at least 4x the total memory limit of the workers.
 
-Reported: each worker's peak resident memory (``ru_maxrss`` of the worker process, read on
-the worker after the run, so nothing is missed between samples), the workers' memory right
+Reported: each worker's peak resident memory (``VmHWM`` of the worker process, read on the
+worker after the run, so nothing is missed between samples), the workers' memory right
 before the run (imports done), throughput, and the ratios large/small. Peak memory that does
 not grow with the volume (ratio ~1) is the goal; throughput should not drop either.
 
-Usage: ``python benchmarks/bench_memory.py [--shape 64,4096,4096] [--workers 2]
-[--memory-limit 512MiB] [--iterations 2] [--folder DIR] [--json F]``
+Usage: ``python benchmarks/bench_memory.py [--shape 64,4096,5120] [--workers 2]
+[--memory-limit 640MiB] [--iterations 2] [--folder DIR] [--json F]``
 """
 
 from __future__ import annotations
@@ -22,7 +22,6 @@ import argparse
 import json
 import logging
 import math
-import resource
 import shutil
 import tempfile
 import time
@@ -33,8 +32,14 @@ import zarr
 
 
 def _peak_rss() -> int:
-    """This process's peak resident memory in bytes (run on a worker)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    """This process's peak resident memory in bytes (run on a worker).
+
+    ``VmHWM`` of /proc/self/status, not ``ru_maxrss``: the latter survives fork + exec, so a
+    spawned worker would report its parent's size at spawn time if that was larger.
+    """
+    with open("/proc/self/status") as status:
+        line = next(line for line in status if line.startswith("VmHWM:"))
+    return int(line.split()[1]) * 1024
 
 
 def _rss() -> int:
@@ -120,12 +125,12 @@ def run_case(shape, chunks, store_chunks, iterations, workers, memory_limit, fol
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--shape", default="64,4096,4096", help="the large volume")
+    parser.add_argument("--shape", default="64,4096,5120", help="the large volume")
     parser.add_argument("--chunks", default="64,128,128", help="working chunks")
     parser.add_argument("--store-chunks", default="64,128,128")
     parser.add_argument("--iterations", type=int, default=2)
     parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--memory-limit", default="512MiB", help="per worker")
+    parser.add_argument("--memory-limit", default="640MiB", help="per worker")
     parser.add_argument(
         "--small-fraction", type=int, default=4, help="the reference is 1/N laterally"
     )

@@ -48,10 +48,19 @@ def block_regions(chunks: tuple[tuple[int, ...], ...]) -> list[tuple[tuple[int, 
     return regions
 
 
-def _write_block(block: np.ndarray, path: str, region: tuple, record: dict) -> int:
-    """Task: write one computed block into its region of the output, then record it done."""
+def _write_block(
+    block: np.ndarray, path: str, fingerprint: str, run: str, block_info: dict | None = None
+) -> np.ndarray:
+    """Per-block function: write one computed block into its region, then record it done.
+
+    Applied with ``map_blocks`` on the result, so Dask fuses it into the task that computes
+    the block: a computed block is never held in memory waiting for a separate write task.
+    Returns a one-element array per block.
+    """
     import zarr  # noqa: PLC0415
 
+    info = block_info[0]
+    region = tuple(slice(int(a), int(b)) for a, b in info["array-location"])
     if hasattr(block, "get"):  # CuPy -> NumPy before touching the store
         block = block.get()
     array = zarr.open_array(path, mode="r+")
@@ -60,13 +69,13 @@ def _write_block(block: np.ndarray, path: str, region: tuple, record: dict) -> i
     # Only now, with the data in the store, may the chunk count as finished.
     records.write_record(
         path,
-        record["index"],
+        info["chunk-location"],
         region,
-        run_fingerprint=record["fingerprint"],
+        run_fingerprint=fingerprint,
         checksum=records.data_checksum(data),
-        run_id=record["run"],
+        run_id=run,
     )
-    return int(np.prod(block.shape))
+    return np.ones((1,) * data.ndim, dtype=np.int8)
 
 
 def check_shard_alignment(
@@ -222,16 +231,18 @@ def write_zarr(
             flush=True,
         )
     run_id = records.new_run_id()
-    blocks = result.to_delayed()
-    writes = {
-        index: dask.delayed(_write_block, pure=False)(
-            blocks[index],
-            str(path),
-            regions[index],
-            {"index": list(index), "fingerprint": run_fingerprint, "run": run_id},
-        )
-        for index in todo
-    }
+    written = result.map_blocks(
+        _write_block,
+        str(path),
+        run_fingerprint,
+        run_id,
+        chunks=tuple((1,) * len(sizes) for sizes in result.chunks),
+        dtype=np.int8,
+        meta=np.empty((0,) * result.ndim, dtype=np.int8),
+        name=f"_write_block-{run_id}",
+    )
+    blocks = written.to_delayed()  # the graph is optimised (write fused with the kernel)
+    writes = {index: blocks[index] for index in todo}
     if writes:
         _run_with_progress(
             writes,

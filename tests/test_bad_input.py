@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import re
 import resource
 import subprocess
 from pathlib import Path
@@ -210,17 +209,12 @@ def test_unreadable_chunk_of_the_input(ws):
     chunk.write_bytes(b"garbage" * 10)  # a damaged file in the input store
     before = _digests(ws)
     out = ws["dir"] / "out.zarr"
+    # one working chunk: no neighbour reads the damaged file first
     status, stderr = _as_command(
-        "run", ws["input"], out, "--psf", ws["psf"], "--chunks", "24,16,16", "--workers", 1,
+        "run", ws["input"], out, "--psf", ws["psf"], "--chunks", "24,64,96", "--workers", 1,
         "--iterations", 2, "--no-progress",
     )  # fmt: skip
-    line = _check(status, stderr, "computing the chunk [0:24, ", before, ws)
-    # the damaged chunk [0:24, 16:32, 32:48] is read by its own task and by its neighbours'
-    # halos: whichever of those fails first is named
-    y0, y1, x0, x1 = map(
-        int, re.search(r"chunk \[0:24, (\d+):(\d+), (\d+):(\d+)\] failed", line).groups()
-    )
-    assert (y1 - y0, x1 - x0) == (16, 16) and abs(y0 - 16) <= 16 and abs(x0 - 32) <= 16, line
+    line = _check(status, stderr, "computing the chunk [0:24, 0:64, 0:96] failed", before, ws)
     assert "check the input there (a corrupt or unreadable file?)" in line
     assert "re-run with --resume" in line
 
