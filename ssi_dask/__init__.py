@@ -13,7 +13,6 @@ from .io import open_volume  # noqa: E402
 from .lr import richardson_lucy  # noqa: E402
 from .psf import load_psf, protocol_psf, widefield_psf  # noqa: E402
 from .store import write_zarr  # noqa: E402
-from .training import train  # noqa: E402
 
 __all__ = [
     "__version__",
@@ -27,3 +26,13 @@ __all__ = [
     "widefield_psf",
     "write_zarr",
 ]
+
+
+def __getattr__(name: str):
+    # ``train`` needs torch: imported on first use, so that LR workers (and ``import ssi_dask``)
+    # do not pay torch's import time and ~180 MiB of memory.
+    if name == "train":
+        from .training import train  # noqa: PLC0415
+
+        return train
+    raise AttributeError(f"module 'ssi_dask' has no attribute {name!r}")

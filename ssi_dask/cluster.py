@@ -35,6 +35,21 @@ LOCAL_WORKER_CONFIG = {
 }
 
 
+@contextlib.contextmanager
+def _environ(values: dict[str, str]) -> Iterator[None]:
+    """Set environment variables for the duration of the block, then restore the old ones."""
+    saved = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
 def worker_env(memory_limit: str | None) -> dict[str, str]:
     """:data:`WORKER_ALLOCATOR_ENV`, with the heap kept below an eighth of a small memory limit.
 
@@ -92,7 +107,10 @@ def _local_cluster(
         **LOCAL_WORKER_CONFIG,
         "distributed.nanny.pre-spawn-environ": worker_env(memory_limit),
     }
-    with dask.config.set(config):
+    # Dask lets variables already in os.environ override pre-spawn-environ, and every nanny
+    # started in this process leaves its own (e.g. MALLOC_TRIM_THRESHOLD_=65536) there: set
+    # ours for the time the workers are spawned, then restore the process's environment.
+    with dask.config.set(config), _environ(config["distributed.nanny.pre-spawn-environ"]):
         return LocalCluster(
             n_workers=workers,
             threads_per_worker=threads,

@@ -19,7 +19,9 @@ def _worker_settings() -> dict:
     }
 
 
-def test_local_workers_get_allocator_environment_and_no_profiler():
+def test_local_workers_get_allocator_environment_and_no_profiler(monkeypatch):
+    # what an earlier default LocalCluster in this process leaves behind must not win
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "65536")
     with dask_client(n_workers=1, threads_per_worker=1, memory_limit="1GiB") as client:
         (settings,) = client.run(_worker_settings).values()
         assert len(client.scheduler_info()["workers"]) == 1
@@ -28,8 +30,9 @@ def test_local_workers_get_allocator_environment_and_no_profiler():
         "malloc_trim": str(128 * 2**20),  # an eighth of the 1 GiB limit (see worker_env)
         "omp_threads": "1",
     }
-    # the client's own configuration is left as it was
+    # the client's own configuration and environment are left as they were
     assert dask.config.get("distributed.worker.profile.enabled") is True
+    assert os.environ["MALLOC_TRIM_THRESHOLD_"] == "65536"
 
 
 def test_allocator_threshold_follows_small_memory_limits():
