@@ -21,7 +21,9 @@ def _psf(n=9, sigma=1.5):
 def _patches(signal_amp, noise_std, n=64, side=48, seed=0):
     """Blurred white 'signal' plus white noise, patch by patch."""
     rng = np.random.default_rng(seed)
-    sig = np.stack([fftconvolve(rng.standard_normal((side, side)), _psf(), "same") for _ in range(n)])
+    sig = np.stack(
+        [fftconvolve(rng.standard_normal((side, side)), _psf(), "same") for _ in range(n)]
+    )
     return signal_amp * sig + noise_std * rng.standard_normal((n, side, side))
 
 
