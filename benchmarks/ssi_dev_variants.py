@@ -75,6 +75,7 @@ def main():
             f"LR{c['best']} {bl[0]:.2f}/{bl[1]:.3f} SSI {p:.2f}/{s:.3f} "
             f"d {p - bl[0]:+.2f}/{s - bl[1]:+.3f} train {t1 - t0:.0f}s pred {t2 - t1:.1f}s "
             f"run {tr['selected_run']} val {tr['val_loss']:.5f} "
+            f"nsw {tr['null_space_weight']:.4f} snr {tr.get('signal_to_noise')} "
             f"base {min(tr['baseline_val_losses'].values()):.5f}"
         )
         print(line, flush=True)

@@ -10,6 +10,7 @@ Usage::
 
     python benchmarks/ssi_protocol.py --seeds 0,1,2 --json benchmarks/ssi_protocol.json
     python benchmarks/ssi_protocol.py --images none --volume3d --seeds 0
+    python benchmarks/ssi_protocol.py --merge s0.json s1.json s2.json --json all.json
 """
 
 from __future__ import annotations
@@ -52,7 +53,17 @@ def main() -> None:
     parser.add_argument("--steps", type=int, help="override SSI training steps")
     parser.add_argument("--json", help="write all figures here")
     parser.add_argument("--png", metavar="DIR", help="also write one PNG figure per run here")
+    parser.add_argument(
+        "--merge", nargs="+", metavar="JSON", help="print the tables of earlier runs' JSON files"
+    )
     args = parser.parse_args()
+    if args.merge:
+        records = [r for f in args.merge for r in json.loads(Path(f).read_text())]
+        records.sort(key=lambda r: (r["image"], r["seed"]))
+        print(_tables(records))
+        if args.json:
+            Path(args.json).write_text(json.dumps(records, indent=2))
+        return
 
     from ssi_dask.protocol import run_protocol
 

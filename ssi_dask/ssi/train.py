@@ -38,7 +38,7 @@ from .sampler import PatchSampler, sample_statistics
 from .symmetry import apply as apply_transform
 from .symmetry import psf_symmetries
 
-__all__ = ["train_ssi", "DEFAULTS"]
+__all__ = ["train_ssi", "estimate_signal_to_noise", "DEFAULTS"]
 
 DEFAULTS = {
     2: dict(patch_size=96, batch_size=16, steps=800, depth=3, base_channels=8),
@@ -87,6 +87,54 @@ class _NullSpacePenalty:
     def __call__(self, out: torch.Tensor) -> torch.Tensor:
         f = torch.fft.rfftn(out.float() * self.window, dim=self.dims)
         return (self.weight * (f.real**2 + f.imag**2)).sum() / (self.norm * out.shape[0])
+
+
+def estimate_signal_to_noise(
+    patches: np.ndarray, op: PSFOperator, band: float = 0.3, null: float = 0.01
+) -> float:
+    """Signal-to-noise power ratio of an image, from patches, without ground truth.
+
+    Welch estimate of the power spectrum (mean over Hann-tapered, mean-free patches). The noise
+    floor is the power at frequencies the PSF does not transmit (``|OTF| < null * max``; there
+    the measurement is noise only; the median of an exponential-distributed power is
+    ``ln 2`` times its mean). The signal is the median power above that floor at well
+    transmitted frequencies (``|OTF| >= band * max``, DC excluded), relative to the floor.
+
+    Parameters
+    ----------
+    patches : numpy.ndarray
+        ``(N, *patch_shape)`` patches of the image (any common scale).
+    op : PSFOperator
+        The PSF operator (its OTF on the patch grid is used).
+    band, null : float
+        Relative OTF moduli bounding the signal and noise-only frequency sets.
+
+    Returns
+    -------
+    float
+        ``median(P_signal) / noise_floor - 1`` (>= 0); ``inf`` when the PSF transmits every
+        frequency above ``null`` (no noise-only frequencies to measure the floor on).
+    """
+    nd = patches.ndim - 1
+    shape = patches.shape[1:]
+    axes = tuple(range(1, nd + 1))
+    win = np.ones(shape)
+    for ax, n in enumerate(shape):
+        w = np.hanning(n)
+        win = win * w.reshape([n if i == ax else 1 for i in range(nd)])
+    x = patches - patches.mean(axis=axes, keepdims=True)
+    power = (np.abs(np.fft.rfftn(x * win, axes=axes)) ** 2).mean(axis=0)
+    h = op._otf(shape).abs().cpu().numpy()
+    h = h / h.max()
+    noise_only = h < null
+    signal = h >= band
+    signal.flat[0] = False
+    if noise_only.sum() < 16 or not signal.any():
+        return math.inf
+    floor = float(np.median(power[noise_only])) / math.log(2)
+    if floor <= 0:
+        return math.inf
+    return max(float(np.median(power[signal])) / floor - 1.0, 0.0)
 
 
 def _noise_sigma(patches: np.ndarray) -> float:
@@ -178,7 +226,8 @@ def train_ssi(
     norm_percentiles=(0.01, 99.99),
     output_range=(0.0, 1.0),
     bounds_weight: float = 0.1,
-    null_space_weight: float = 0.02,
+    null_space_weight: float | str = "auto",
+    null_space_scale: float = 1.5,
     null_space_threshold: float = 1.0,
     noise_penalty_weight: float = 0.0,
     noise_penalty_fraction: float = 0.25,
@@ -232,10 +281,17 @@ def train_ssi(
         Clip range of the output in normalised units.
     bounds_weight : float
         Weight of the penalty on raw outputs outside ``output_range``.
-    null_space_weight : float
+    null_space_weight : float or "auto"
         Weight of a Wiener-like penalty on the output's energy at frequencies the PSF transmits
         poorly (weight ``1 - |OTF|^2``, Hann-tapered patch). The masked loss cannot see those
-        frequencies, so without it the network leaves noise-like textures there.
+        frequencies, so without it the network leaves noise-like textures there. ``"auto"``
+        sets it per image from the measured signal-to-noise ratio (see
+        :func:`estimate_signal_to_noise` on 128 random patches): ``null_space_scale /
+        max(snr, 2)**2``, so that noisy, low-contrast images are regularised and sharp,
+        high-contrast ones keep their edges. The value used is stored in the model's
+        ``training`` settings (with ``signal_to_noise``).
+    null_space_scale : float
+        Constant of the ``"auto"`` rule.
     null_space_threshold : float
         Relative OTF modulus below which the null-space penalty acts: weight
         ``max(0, 1 - |OTF|^2 / (threshold^2 max|OTF|^2))`` (1 = all attenuated frequencies).
@@ -307,6 +363,18 @@ def train_ssi(
     validator = _Validator(vpatches.astype(np.float32), vmasks, op, dev)
     baselines = validator.baselines(clip)
     noise_sigma = _noise_sigma(vpatches)
+    snr = None
+    if isinstance(null_space_weight, str):
+        if null_space_weight != "auto":
+            raise ParameterError(
+                f"null_space_weight must be a number >= 0 or 'auto', got {null_space_weight!r}"
+            )
+        spatches, _ = PatchSampler(image, patch_shape, seed=seed + 4253).batch(128)
+        snr = estimate_signal_to_noise((spatches - lo) / scale, op)
+        null_space_weight = float(null_space_scale) / max(snr, 2.0) ** 2
+    null_space_weight = float(null_space_weight)
+    if null_space_weight < 0:
+        raise ParameterError(f"null_space_weight must be >= 0, got {null_space_weight}")
     best_baseline = min(baselines.values())
     # A run fails when it does not capture at least half of the validation-loss gain that the
     # best Lucy-Richardson baseline makes over the identity (the null-space penalty trades a
@@ -331,6 +399,8 @@ def train_ssi(
         norm_percentiles=list(norm_percentiles),
         bounds_weight=bounds_weight,
         null_space_weight=null_space_weight,
+        signal_to_noise=snr,
+        null_space_scale=null_space_scale,
         null_space_threshold=null_space_threshold,
         noise_penalty_weight=noise_penalty_weight,
         noise_penalty_fraction=noise_penalty_fraction,
