@@ -25,12 +25,26 @@ import logging
 import math
 import os
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import zarr
+
+
+def _same_allocator_as_workers(args) -> None:
+    """Run this process (the serial reference) with the allocator settings of the workers.
+
+    glibc reads ``MALLOC_*`` at start-up, so the script re-executes itself once with them;
+    otherwise the reference would pay page faults the workers do not (RESULTS.md).
+    """
+    from ssi_dask.cluster import worker_env
+
+    wanted = {} if args.dask_defaults else worker_env(None)
+    if wanted and any(os.environ.get(k) != v for k, v in wanted.items()):
+        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **wanted})
 
 
 def main() -> None:
@@ -58,6 +72,7 @@ def main() -> None:
     )
     parser.add_argument("--json", help="write the figures to this file")
     args = parser.parse_args()
+    _same_allocator_as_workers(args)
 
     import dask
     from distributed import Client, LocalCluster
