@@ -7,12 +7,14 @@ no traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import math
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 from . import __version__
 from .errors import ParameterError, PSFError, SsiDaskError
@@ -648,9 +650,28 @@ def _train_command(args: argparse.Namespace) -> int:
     return 0
 
 
+@contextlib.contextmanager
+def run_client(args: argparse.Namespace) -> Iterator[Any]:
+    """The Dask client of a ``run``: its cluster options, and the dashboard address printed."""
+    from .cluster import dashboard_link, dask_client  # noqa: PLC0415
+
+    with dask_client(
+        args.scheduler,
+        scheduler_file=args.scheduler_file,
+        n_workers=args.workers,
+        threads_per_worker=args.threads_per_worker,
+        memory_limit=args.memory_limit,
+        gpu=args.gpu,
+        connect_timeout=args.connect_timeout,
+    ) as client:
+        link = dashboard_link(client)
+        workers = len(client.scheduler_info().get("workers", {}))
+        print(f"dask: {workers} workers" + (f", dashboard at {link}" if link else ""))
+        yield client
+
+
 def _run_command(args: argparse.Namespace) -> int:
     from .blockwise import METHOD_BOUNDARY, deconvolve, parse_chunks, plan_blocks  # noqa: PLC0415
-    from .cluster import dashboard_link, dask_client  # noqa: PLC0415
     from .io import check_output_path, open_volume  # noqa: PLC0415
     from .ome import is_ome_zarr  # noqa: PLC0415
     from .ome_run import check_not_ome_options, parse_voxel_size, resolve_psfs  # noqa: PLC0415
@@ -781,20 +802,7 @@ def _run_command(args: argparse.Namespace) -> int:
         if name.startswith("distributed"):
             logging.getLogger(name).setLevel(logging.CRITICAL)
     started = time.perf_counter()
-    with dask_client(
-        args.scheduler,
-        scheduler_file=args.scheduler_file,
-        n_workers=args.workers,
-        threads_per_worker=args.threads_per_worker,
-        memory_limit=args.memory_limit,
-        gpu=args.gpu,
-        connect_timeout=args.connect_timeout,
-    ) as client:
-        link = dashboard_link(client)
-        workers = len(client.scheduler_info().get("workers", {}))
-        print(
-            f"dask: {workers} workers, dashboard at {link}" if link else f"dask: {workers} workers"
-        )
+    with run_client(args) as client:
         if auto:
             from .lr import resolve_back_projector  # noqa: PLC0415
 

@@ -75,12 +75,9 @@ def add_image_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _floats(text: str, option: str) -> tuple[float, ...]:
-    try:
-        return tuple(float(part) for part in text.split(","))
-    except ValueError:
-        raise ParameterError(
-            f"{option} must be numbers separated by commas, got {text!r}"
-        ) from None
+    from .cli import _parse_floats  # noqa: PLC0415  (cli imports this module lazily)
+
+    return _parse_floats(text, option)
 
 
 def parse_voxel_size(text: str | None, ndim: int) -> tuple[float, ...] | None:
@@ -249,7 +246,6 @@ def run_ome(args: argparse.Namespace, image: Any = None) -> int:
 
     from . import __version__  # noqa: PLC0415
     from .blockwise import METHOD_BOUNDARY, plan_blocks  # noqa: PLC0415
-    from .cluster import dashboard_link, dask_client  # noqa: PLC0415
     from .io import Volume, check_image_array, check_output_path  # noqa: PLC0415
     from .multivolume import deconvolve_stack  # noqa: PLC0415
     from .ome import (  # noqa: PLC0415
@@ -362,18 +358,9 @@ def run_ome(args: argparse.Namespace, image: Any = None) -> int:
     dimension_names = tuple(names) if zarr_format == 3 else None
     started = time.perf_counter()
     levels = 1
-    with dask_client(
-        args.scheduler,
-        scheduler_file=args.scheduler_file,
-        n_workers=args.workers,
-        threads_per_worker=args.threads_per_worker,
-        memory_limit=args.memory_limit,
-        gpu=args.gpu,
-        connect_timeout=args.connect_timeout,
-    ) as client:
-        link = dashboard_link(client)
-        workers = len(client.scheduler_info().get("workers", {}))
-        print(f"dask: {workers} workers" + (f", dashboard at {link}" if link else ""))
+    from .cli import run_client  # noqa: PLC0415
+
+    with run_client(args) as client:
         result = deconvolve_stack(
             data,
             n_spatial,
