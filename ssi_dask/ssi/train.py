@@ -369,7 +369,7 @@ def train_ssi(
             raise ParameterError(
                 f"null_space_weight must be a number >= 0 or 'auto', got {null_space_weight!r}"
             )
-        spatches, _ = PatchSampler(image, patch_shape, seed=seed + 4253).batch(128)
+        spatches, _ = _patch_sampler(image, patch_shape, seed=seed + 4253).batch(128)
         snr = estimate_signal_to_noise((spatches - lo) / scale, op)
         null_space_weight = float(null_space_scale) / max(snr, 2.0) ** 2
     null_space_weight = float(null_space_weight)
