@@ -518,7 +518,7 @@ def plan_blocks(
             out_chunks = tuple(min(c, s) for c, s in zip(store_chunks, shape))
         else:
             out_chunks = working
-    full = tuple(tuple(_split(s, w)) for s, w in zip(shape, working))
+    full = chunk_grid(shape, working)
     check_write_alignment(full, out_chunks, shape)
     for axis, (d, sizes) in enumerate(zip(depth, full)):
         if (len(sizes) > 1 or boundary != "none") and d > min(sizes):
@@ -541,6 +541,11 @@ def plan_blocks(
         memory_per_task=estimate_lr_task_memory(working, effective_depth, psf_shape),
         output_bytes=4 * math.prod(shape),
     )
+
+
+def chunk_grid(shape: Sequence[int], chunks: Sequence[int]) -> tuple[tuple[int, ...], ...]:
+    """The chunk sizes along each axis when ``shape`` is cut into ``chunks`` (last may be short)."""
+    return tuple(tuple(_split(int(s), int(c))) for s, c in zip(shape, chunks))
 
 
 def _split(size: int, chunk: int) -> list[int]:

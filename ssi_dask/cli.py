@@ -671,7 +671,13 @@ def run_client(args: argparse.Namespace) -> Iterator[Any]:
 
 
 def _run_command(args: argparse.Namespace) -> int:
-    from .blockwise import METHOD_BOUNDARY, deconvolve, parse_chunks, plan_blocks  # noqa: PLC0415
+    from .blockwise import (  # noqa: PLC0415
+        METHOD_BOUNDARY,
+        chunk_grid,
+        deconvolve,
+        parse_chunks,
+        plan_blocks,
+    )
     from .io import check_output_path, open_volume  # noqa: PLC0415
     from .ome import is_ome_zarr  # noqa: PLC0415
     from .ome_run import check_not_ome_options, parse_voxel_size, resolve_psfs  # noqa: PLC0415
@@ -746,7 +752,11 @@ def _run_command(args: argparse.Namespace) -> int:
             raise ParameterError("give --shards or --output-shards SPEC, not both")
         shards = plan.working_chunks
     check_shard_alignment(
-        _grid(plan.shape, plan.working_chunks), plan.output_chunks, shards, plan.shape, zarr_format
+        chunk_grid(plan.shape, plan.working_chunks),
+        plan.output_chunks,
+        shards,
+        plan.shape,
+        zarr_format,
     )
     print(f"ssi-dask {__version__}: {args.method} on {volume.path} -> {output}")
     print(
@@ -783,7 +793,7 @@ def _run_command(args: argparse.Namespace) -> int:
         layout = output_provenance(
             provenance,
             shape=plan.shape,
-            grid=_grid(plan.shape, plan.working_chunks),
+            grid=chunk_grid(plan.shape, plan.working_chunks),
             output_chunks=plan.output_chunks,
             output_shards=shards,
             zarr_format=zarr_format,
@@ -905,11 +915,6 @@ def _choose_iterations(args: argparse.Namespace, volume, psf, lr_options: dict, 
     plan = plan_for(choice.num_iter)
     print(f"  halo (depth)    {plan.depth} for {choice.num_iter} iterations")
     return plan, choice
-
-
-def _grid(shape: tuple[int, ...], working: tuple[int, ...]) -> tuple[tuple[int, ...], ...]:
-    """The working-chunk sizes along each axis (the last chunk of an axis may be shorter)."""
-    return tuple(tuple([w] * (s // w) + ([s % w] if s % w else [])) for s, w in zip(shape, working))
 
 
 def _ssi_model_for_run(args: argparse.Namespace, volume, psf):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -103,3 +104,15 @@ def cli_env() -> dict:
     env = dict(os.environ)
     env.setdefault("PYTHONUNBUFFERED", "1")
     return env
+
+
+def run_cli(*args, timeout: float = 240, **options) -> subprocess.CompletedProcess:
+    """Run ``ssi-dask ARGS`` as a real command; stdout and stderr captured as text."""
+    return subprocess.run(
+        [*console_command("ssi-dask", "ssi_dask"), *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=cli_env(),
+        **options,
+    )

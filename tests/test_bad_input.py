@@ -15,7 +15,7 @@ import pytest
 import tifffile
 import zarr
 from _processes import free_port
-from conftest import cli_env, console_command, tree_digest
+from conftest import run_cli, tree_digest
 
 from ssi_dask.cli import main
 
@@ -45,14 +45,7 @@ def _in_process(capsys, *args) -> tuple[int, str]:
 
 
 def _as_command(*args, preexec_fn=None) -> tuple[int, str]:
-    result = subprocess.run(
-        [*console_command("ssi-dask", "ssi_dask"), *map(str, args)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=cli_env(),
-        preexec_fn=preexec_fn,
-    )
+    result = run_cli(*args, timeout=300, preexec_fn=preexec_fn)
     return result.returncode, result.stderr
 
 

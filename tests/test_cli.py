@@ -11,20 +11,10 @@ import numpy as np
 import pytest
 import tifffile
 import zarr
-from conftest import cli_env, console_command, tree_digest
+from conftest import run_cli, tree_digest
 
 from ssi_dask import deconvolve
 from ssi_dask.cli import build_parser
-
-
-def run_cli(*args, timeout=180) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [*console_command("ssi-dask", "ssi_dask"), *map(str, args)],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=cli_env(),
-    )
 
 
 def free_port() -> int:

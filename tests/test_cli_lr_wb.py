@@ -2,26 +2,14 @@
 
 from __future__ import annotations
 
-import subprocess
-
 import numpy as np
 import pytest
 import zarr
-from conftest import cli_env, console_command, tree_digest
+from conftest import run_cli, tree_digest
 
 from ssi_dask import deconvolve
 from ssi_dask.cli import main
 from ssi_dask.lr_auto import choose_iterations
-
-
-def run_cli(*args, timeout=240) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [*console_command("ssi-dask", "ssi_dask"), *map(str, args)],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=cli_env(),
-    )
 
 
 def test_run_wb_auto_on_a_local_cluster(tmp_path, zarr3d, psf3d_file, psf3d, volume3d):
