@@ -172,6 +172,13 @@ def _add_training_options(parser: argparse.ArgumentParser) -> None:
         "(default: tuned)",
     )
     group.add_argument(
+        "--ensemble",
+        type=int,
+        metavar="N",
+        help="networks trained with different seeds and averaged: less variation between "
+        "seeds, N times the compute (default 1)",
+    )
+    group.add_argument(
         "--patch-size", type=int, metavar="N", help="training patch side (default: 96 2D, 48 3D)"
     )
     group.add_argument(
@@ -584,6 +591,7 @@ def _train_model(args: argparse.Namespace, volume, psf, client=None):
             raise ParameterError(f"--restarts must be >= 0, got {args.restarts}")
         options["restarts"] = args.restarts
     for name, key in (
+        ("ensemble", "ensemble"),
         ("patch_size", "patch_size"),
         ("batch_size", "batch_size"),
         ("net_depth", "depth"),

@@ -83,6 +83,8 @@ def test_run_ssi_trains_when_no_model_is_given(tmp_path, degraded_zarr):
         3,
         "--restarts",
         0,
+        "--ensemble",
+        2,
         "--save-model",
         saved,
         "--workers",
@@ -92,6 +94,8 @@ def test_run_ssi_trains_when_no_model_is_given(tmp_path, degraded_zarr):
     assert result.returncode == 0, result.stderr
     assert "training SSI" in result.stdout
     model = load_checkpoint(saved)
+    # two networks trained and averaged; the chunked run applies the average
+    assert model.config["members"] == 2 and len(model.training["selected_runs"]) == 2
     output = zarr.open_array(str(out), mode="r")[...]
     np.testing.assert_allclose(
         output, predict(model, image, device="cpu"), atol=1e-4 * float(np.ptp(output))
@@ -119,3 +123,10 @@ def test_ssi_bad_checkpoint(tmp_path, degraded_zarr):
     )
     _assert_clean_failure(missing, "does not exist; train a model first")
     assert not (tmp_path / "o.zarr").exists()
+
+
+def test_ssi_bad_ensemble_size(tmp_path, degraded_zarr):
+    path, psf_path, _ = degraded_zarr
+    result = run_cli("train", path, "--psf", psf_path, "--out", tmp_path / "m.pt", "--ensemble", 0)
+    _assert_clean_failure(result, "--ensemble must be at least 1, got 0")
+    assert not (tmp_path / "m.pt").exists()

@@ -9,6 +9,7 @@ from scipy.signal import fftconvolve
 
 from ssi_dask.errors import CheckpointError, ParameterError
 from ssi_dask.ssi import (
+    EnsembleUNet,
     SSIModel,
     UNet,
     load_checkpoint,
@@ -194,3 +195,81 @@ def test_progress_callback():
     y = _degrade(_scene(), _psf())
     train_ssi(y, _psf(), seed=0, restarts=0, progress=seen.append, **FAST)
     assert seen and {"step", "val_loss", "train_loss"} <= set(seen[0])
+
+
+def test_weight_average_is_the_mean_of_the_states():
+    from ssi_dask.ssi.train import _WeightAverage
+
+    nets = []
+    for seed in range(3):
+        torch.manual_seed(seed)
+        net = UNet(ndim=2, depth=2, base_channels=4)
+        net.train()
+        net(torch.rand(2, 1, 16, 16))  # moves the BatchNorm running statistics
+        nets.append(net)
+    average = _WeightAverage()
+    for net in nets:
+        average.add(net)
+    state = average.state()
+    for key, value in nets[0].state_dict().items():
+        stacked = np.stack([n.state_dict()[key].numpy() for n in nets])
+        if value.is_floating_point():
+            np.testing.assert_allclose(state[key].numpy(), stacked.mean(0), rtol=1e-6, atol=1e-7)
+        else:  # step counters: the latest
+            assert state[key].item() == nets[-1].state_dict()[key].item()
+
+
+def test_training_averages_the_last_part_of_the_run():
+    y = _degrade(_scene(), _psf())
+    model = train_ssi(y, _psf(), seed=0, restarts=0, average_fraction=0.25, **FAST)
+    averaged = [e for e in model.log if "averaged_steps" in e]
+    assert len(averaged) == 1 and averaged[0]["averaged_steps"] == FAST["steps"] // 4
+    assert model.training["val_loss"] == averaged[0]["val_loss"]
+    assert model.training["average_fraction"] == 0.25
+    # without averaging, the best snapshot's validation loss is the run's
+    plain = train_ssi(y, _psf(), seed=0, restarts=0, average_fraction=0, **FAST)
+    assert not [e for e in plain.log if "averaged_steps" in e]
+    snapshots = [e["val_loss"] for e in plain.log if "train_loss" in e]
+    assert plain.training["val_loss"] == min(snapshots)
+
+
+def test_ensemble_network_is_the_mean_of_its_members():
+    torch.manual_seed(0)
+    ensemble = EnsembleUNet(3, ndim=2, depth=2, base_channels=4).eval()
+    single = UNet(ndim=2, depth=2, base_channels=4)
+    assert (ensemble.halo, ensemble.alignment) == (single.halo, single.alignment)
+    assert ensemble.config == dict(single.config, members=3)
+    x = torch.rand(2, 1, 24, 24)
+    with torch.no_grad():
+        expected = sum(m(x) for m in ensemble.members) / 3
+        np.testing.assert_allclose(ensemble(x).numpy(), expected.numpy(), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ParameterError, match="at least one member"):
+        EnsembleUNet(0, ndim=2)
+
+
+def test_training_an_ensemble(tmp_path):
+    y = _degrade(_scene(), _psf())
+    model = train_ssi(y, _psf(), seed=0, restarts=0, ensemble=2, **FAST)
+    assert isinstance(model.network, EnsembleUNet) and model.config["members"] == 2
+    assert set(model.training["selected_runs"]) == {0, 1}
+    losses = model.training["member_val_losses"]
+    assert losses == sorted(losses)  # members ordered by their validation loss
+    runs = [e for e in model.log if "failed" in e]
+    assert len(runs) == 2 and {r["seed"] for r in runs} == {0, 1000}
+    # the members' outputs are averaged (checked on the raw network outputs)
+    x = torch.from_numpy(
+        (y[:32, :32] - model.normalisation["offset"]) / model.normalisation["scale"]
+    )
+    x = x[None, None].float()
+    with torch.no_grad():
+        members = [m(x) for m in model.network.members]
+        np.testing.assert_allclose(
+            model.network(x).numpy(), ((members[0] + members[1]) / 2).numpy(), atol=1e-6
+        )
+    # an ensemble survives a checkpoint round trip
+    save_checkpoint(model, tmp_path / "ensemble.pt")
+    loaded = load_checkpoint(tmp_path / "ensemble.pt")
+    assert loaded.config == model.config
+    np.testing.assert_array_equal(predict(loaded, y), predict(model, y))
+    with pytest.raises(ParameterError, match="need ensemble >= 1 and restarts >= 0, got 0 and 0"):
+        train_ssi(y, _psf(), ensemble=0, restarts=0, **FAST)

@@ -15,7 +15,7 @@ from .checkpoint import content_hash, load_checkpoint, save_checkpoint
 from .device import resolve_device
 from .forward import PSFOperator
 from .masking import bernoulli_mask, mask_input, rho_schedule, validation_mask
-from .model import SSIModel, UNet, receptive_field_radius
+from .model import EnsembleUNet, SSIModel, UNet, build_network, receptive_field_radius
 from .predict import predict, predict_block
 from .regions import RegionPool
 from .sampler import PatchSampler, sample_statistics
@@ -24,12 +24,14 @@ from .train import DEFAULTS, train_ssi
 
 __all__ = [
     "DEFAULTS",
+    "EnsembleUNet",
     "PSFOperator",
     "PatchSampler",
     "RegionPool",
     "SSIModel",
     "UNet",
     "bernoulli_mask",
+    "build_network",
     "choose_tile",
     "content_hash",
     "load_checkpoint",

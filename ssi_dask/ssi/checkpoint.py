@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from ..errors import CheckpointError
-from .model import SSIModel, UNet
+from .model import SSIModel, build_network
 
 __all__ = ["save_checkpoint", "load_checkpoint", "content_hash"]
 
@@ -106,7 +106,7 @@ def load_checkpoint(path: str | os.PathLike) -> SSIModel:
             f"{where} failed its content check (sha256 mismatch): the file is corrupted or edited"
         )
     try:
-        net = UNet(**config)
+        net = build_network(config)
         net.load_state_dict(state)
     except Exception as exc:
         raise CheckpointError(

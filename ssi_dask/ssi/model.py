@@ -22,7 +22,7 @@ from torch import nn
 
 from ..errors import ParameterError
 
-__all__ = ["UNet", "receptive_field_radius"]
+__all__ = ["EnsembleUNet", "UNet", "build_network", "receptive_field_radius"]
 
 
 def _conv(ndim: int):
@@ -142,6 +142,50 @@ class UNet(nn.Module):
         return self.head(x)
 
 
+class EnsembleUNet(nn.Module):
+    """Mean of the outputs of several :class:`UNet` of the same architecture.
+
+    Independently trained SSI networks agree on what the PSF transmits (the data fix it) and
+    disagree, noise-like, on what it barely transmits (only the penalties constrain it), so their
+    mean keeps the first and attenuates the second. Same receptive field, halo and alignment as
+    one member; ``members`` times the inference compute.
+
+    Parameters
+    ----------
+    members : int
+        Number of networks.
+    **config
+        :class:`UNet` architecture shared by the members.
+    """
+
+    def __init__(self, members: int = 2, **config):
+        super().__init__()
+        if int(members) < 1:
+            raise ParameterError(f"an ensemble needs at least one member, got {members}")
+        self.members = nn.ModuleList(UNet(**config) for _ in range(int(members)))
+        self.config = dict(self.members[0].config, members=int(members))
+
+    ndim = UNet.ndim
+    alignment = UNet.alignment
+    receptive_field_radius = UNet.receptive_field_radius
+    halo = UNet.halo
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        total = None
+        for member in self.members:
+            y = member(x)
+            total = y if total is None else total + y
+        return total / len(self.members)
+
+
+def build_network(config: dict) -> nn.Module:
+    """The network a config describes: a :class:`UNet`, or an :class:`EnsembleUNet` when the
+    config has ``members`` (> 1)."""
+    config = dict(config)
+    members = int(config.pop("members", 1))
+    return EnsembleUNet(members, **config) if members > 1 else UNet(**config)
+
+
 @lru_cache(maxsize=64)
 def _radius(depth: int, kernel_size: int) -> int:
     """Exact receptive-field radius of the UNet above, by interval propagation in 1D.
@@ -187,7 +231,7 @@ class SSIModel:
 
     Attributes
     ----------
-    network : UNet
+    network : UNet or EnsembleUNet
         The network (kept on the CPU between uses; moved to the inference device on demand).
     normalisation : dict
         ``offset`` and ``scale`` (network input = (image - offset) / scale) and ``output_range``
@@ -261,9 +305,10 @@ class SSIModel:
 
     def __repr__(self) -> str:
         c = self.config
+        members = f" x{c['members']}" if c.get("members", 1) > 1 else ""
         return (
-            f"SSIModel({c['ndim']}D UNet depth={c['depth']} base_channels={c['base_channels']}, "
-            f"halo={self.halo}, psf={tuple(self.psf.shape)})"
+            f"SSIModel({c['ndim']}D UNet{members} depth={c['depth']} "
+            f"base_channels={c['base_channels']}, halo={self.halo}, psf={tuple(self.psf.shape)})"
         )
 
 
