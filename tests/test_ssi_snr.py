@@ -70,7 +70,7 @@ def test_auto_null_space_weight_follows_the_measured_snr():
     noisy = train_ssi(_image(0.1), _psf(), seed=0, **FAST).training
     for t in (clean, noisy):
         assert t["null_space_weight"] == pytest.approx(
-            t["null_space_scale"] / max(t["signal_to_noise"], 2.0) ** 2
+            min(t["null_space_scale"] / max(t["signal_to_noise"], 2.0) ** 2, 0.1)
         )
     # ten times the noise std: about 100x lower SNR, so a much stronger penalty
     assert noisy["signal_to_noise"] < clean["signal_to_noise"] / 20
@@ -93,3 +93,10 @@ def test_bad_null_space_weight(value, message):
     with pytest.raises(ParameterError) as err:
         train_ssi(_image(0.05), _psf(), null_space_weight=value, **FAST)
     assert str(err.value) == message
+
+
+def test_auto_null_space_weight_is_capped():
+    t = train_ssi(_image(0.1), _psf(), seed=0, null_space_max=0.002, **FAST).training
+    uncapped = t["null_space_scale"] / max(t["signal_to_noise"], 2.0) ** 2
+    assert uncapped > 0.002 and t["null_space_weight"] == 0.002
+    assert t["null_space_max"] == 0.002

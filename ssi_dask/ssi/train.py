@@ -18,7 +18,7 @@ One training run:
 
 Failure detection without ground truth: the validation loss is compared with that of the
 trivial solutions evaluated the same J-invariant way (the identity and Lucy-Richardson with 2, 5,
-10, 20 iterations, each on the masked input); a run that does not capture half of the best
+10, 20 iterations, each on the masked input); a run that does not capture a tenth of the best
 one's gain over the identity (or gives NaN) counts as failed and another seed is run, up to
 ``restarts`` extra runs.
 
@@ -274,6 +274,7 @@ def train_ssi(
     bounds_weight: float = 0.1,
     null_space_weight: float | str = "auto",
     null_space_scale: float = 2.5,
+    null_space_max: float = 0.1,
     null_space_threshold: float = 1.0,
     noise_penalty_weight: float = 0.0,
     noise_penalty_fraction: float = 0.25,
@@ -320,8 +321,8 @@ def train_ssi(
         Stop a run after this many evaluations without improvement (default: never before the
         schedule ends).
     restarts : int
-        Extra runs allowed when a run fails (does not capture half of the validation-loss gain
-        of the best Lucy-Richardson baseline over the identity, or diverges).
+        Extra runs allowed when a run fails (does not capture a tenth of the validation-loss
+        gain of the best Lucy-Richardson baseline over the identity, or diverges).
     ensemble : int
         Number of independently seeded runs whose networks are averaged (an
         :class:`~ssi_dask.ssi.model.EnsembleUNet`): the result lands near the mean quality of
@@ -339,11 +340,14 @@ def train_ssi(
         frequencies, so without it the network leaves noise-like textures there. ``"auto"``
         sets it per image from the measured signal-to-noise ratio (see
         :func:`estimate_signal_to_noise` on 128 to 512 random patches, about 4 Mpixels):
-        ``null_space_scale / max(snr, 2)**2``, so that noisy, low-contrast images are
-        regularised and sharp, high-contrast ones keep their edges. The value used is stored
-        in the model's ``training`` settings (with ``signal_to_noise``).
-    null_space_scale : float
-        Constant of the ``"auto"`` rule.
+        ``min(null_space_scale / max(snr, 2)**2, null_space_max)``, so that noisy,
+        low-contrast images are regularised and sharp, high-contrast ones keep their edges.
+        The value used is stored in the model's ``training`` settings (with
+        ``signal_to_noise``).
+    null_space_scale, null_space_max : float
+        Constant and cap of the ``"auto"`` rule. Above the cap the penalty costs more data fit
+        than the self-supervised check accepts (runs flagged as failed and restarted) and, on
+        drosophila, more PSNR than it gains (0.1 was worse than 0.05-0.06).
     null_space_threshold : float
         Relative OTF modulus below which the null-space penalty acts: weight
         ``max(0, 1 - |OTF|^2 / (threshold^2 max|OTF|^2))`` (1 = all attenuated frequencies).
@@ -433,15 +437,18 @@ def train_ssi(
         n_snr = int(np.clip(2**22 // int(np.prod(patch_shape)), 128, 512))
         spatches, _ = _patch_sampler(image, patch_shape, seed=seed + 4253).batch(n_snr)
         snr = estimate_signal_to_noise((spatches - lo) / scale, op)
-        null_space_weight = float(null_space_scale) / max(snr, 2.0) ** 2
+        null_space_weight = min(float(null_space_scale) / max(snr, 2.0) ** 2, float(null_space_max))
     null_space_weight = float(null_space_weight)
     if null_space_weight < 0:
         raise ParameterError(f"null_space_weight must be >= 0, got {null_space_weight}")
     best_baseline = min(baselines.values())
-    # A run fails when it does not capture at least half of the validation-loss gain that the
-    # best Lucy-Richardson baseline makes over the identity (the null-space penalty trades a
-    # little data fit for smoothness, so requiring a strictly lower loss than LR is too strict).
-    fail_threshold = best_baseline + 0.5 * (baselines["identity"] - best_baseline)
+    # A run fails when it does not capture at least a tenth of the validation-loss gain that
+    # the best Lucy-Richardson baseline makes over the identity. The null-space penalty trades a
+    # little data fit for smoothness, and on very noisy images the whole gain is ~1.5 % of the
+    # loss (the demo's camera image: identity 0.01090, best LR 0.01074, a weight-averaged run
+    # 0.01085 that beats LR in PSNR and SSIM), so a stricter threshold flags good runs; failed
+    # runs in the reference's sense end far above the identity.
+    fail_threshold = baselines["identity"] - 0.1 * (baselines["identity"] - best_baseline)
 
     settings = dict(
         seed=seed,
@@ -464,6 +471,7 @@ def train_ssi(
         null_space_weight=null_space_weight,
         signal_to_noise=snr,
         null_space_scale=null_space_scale,
+        null_space_max=null_space_max,
         null_space_threshold=null_space_threshold,
         noise_penalty_weight=noise_penalty_weight,
         noise_penalty_fraction=noise_penalty_fraction,
