@@ -620,9 +620,7 @@ def _train_run(
             memory_format=torch.channels_last if arch["ndim"] == 2 else torch.channels_last_3d
         )
 
-    def autocast():
-        return torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_cuda)
-
+    autocast = _autocast_for(dev)
     null_penalty = _NullSpacePenalty(
         op, x_shape=patch_shape, device=dev, threshold=null_space_threshold
     )
@@ -664,7 +662,7 @@ def _train_run(
                 * noise_pen["sigma"]
             )
             x_in = torch.cat([x_in, x_in[:n_noisy] + delta])
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_cuda):
+        with autocast():
             out = net(x_in)
         out = out.float()
         if n_noisy:
