@@ -194,11 +194,41 @@ def _add_training_options(parser: argparse.ArgumentParser) -> None:
         help="UNet channels at full resolution (default: 8)",
     )
     group.add_argument(
+        "--clipping",
+        default="auto",
+        metavar="SPEC",
+        help="values at which the detector clipped the noisy signal, modelled in training: "
+        "auto (detect a pile-up at the image's min/max), none, or LO,HI with either side "
+        "empty, e.g. 0, (default: auto)",
+    )
+    group.add_argument(
         "--train-device",
         default="auto",
         metavar="DEVICE",
         help="torch device for training: auto, cpu, cuda, cuda:1 (default: auto)",
     )
+
+
+def parse_clipping(spec: str):
+    """``--clipping``: "auto", "none" or "LO,HI" (either side may be empty) -> train option."""
+    text = str(spec).strip().lower()
+    if text == "auto":
+        return "auto"
+    if text == "none":
+        return None
+    parts = text.split(",")
+    bad = ParameterError(
+        f"--clipping must be auto, none or LO,HI with either side empty (e.g. 0,), got {spec!r}"
+    )
+    if len(parts) != 2 or not any(p.strip() for p in parts):
+        raise bad
+    try:
+        lower, upper = (float(p) if p.strip() else None for p in parts)
+    except ValueError:
+        raise bad from None
+    if lower is not None and upper is not None and not lower < upper:
+        raise ParameterError(f"--clipping needs LO < HI, got {spec!r}")
+    return lower, upper
 
 
 def _add_sampling_options(parser: argparse.ArgumentParser) -> None:
@@ -602,6 +632,7 @@ def _train_model(args: argparse.Namespace, volume, psf, client=None):
             if value < 1:
                 raise ParameterError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
             options[key] = value
+    options["sensor_clipping"] = parse_clipping(getattr(args, "clipping", "auto"))
     model = train(
         volume.data,
         psf,
@@ -631,6 +662,7 @@ def _train_command(args: argparse.Namespace) -> int:
     from .psf import load_psf  # noqa: PLC0415
     from .ssi import save_checkpoint  # noqa: PLC0415
 
+    parse_clipping(args.clipping)  # a bad value fails before any work
     out = Path(args.out)
     if out.exists() and not args.overwrite:
         raise ParameterError(f"{str(out)!r} already exists; choose a new name or pass --overwrite")
@@ -700,6 +732,7 @@ def _run_command(args: argparse.Namespace) -> int:
 
     if args.resume and args.overwrite:
         raise ParameterError("--resume keeps OUTPUT and --overwrite deletes it; give only one")
+    parse_clipping(args.clipping)  # a bad value fails before any work
     if is_ome_zarr(args.input) or args.output_format == "ome-zarr":
         if args.resume:
             raise ParameterError(

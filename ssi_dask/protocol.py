@@ -133,12 +133,18 @@ def run_protocol(
     return ProtocolResult(metrics, best, times, images, info)
 
 
+def _is_scalar(value: Any) -> bool:
+    return isinstance(value, (int, float, str, bool)) or value is None
+
+
 def _training_summary(model: Any) -> dict[str, Any]:
     """The JSON-friendly parts of a model's training record."""
     summary: dict[str, Any] = {}
     record = getattr(model, "training", None) or getattr(model, "training_log", None) or {}
     if isinstance(record, dict):
         for key, value in record.items():
-            if isinstance(value, (int, float, str, bool)) or value is None:
+            if _is_scalar(value):
                 summary[key] = value
+            elif isinstance(value, dict) and all(_is_scalar(v) for v in value.values()):
+                summary[key] = dict(value)  # e.g. the sensor model, the baselines' losses
     return summary

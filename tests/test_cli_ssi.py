@@ -130,3 +130,53 @@ def test_ssi_bad_ensemble_size(tmp_path, degraded_zarr):
     result = run_cli("train", path, "--psf", psf_path, "--out", tmp_path / "m.pt", "--ensemble", 0)
     _assert_clean_failure(result, "--ensemble must be at least 1, got 0")
     assert not (tmp_path / "m.pt").exists()
+
+
+@pytest.mark.parametrize(
+    "spec, expected",
+    # auto: 8.7 % of this image sits at 0, only 0.06 % at 1 (below the 0.1 % rule)
+    [("auto", (0.0, None)), ("none", None), ("0,1", (0.0, 1.0)), (",1", (None, 1.0))],
+)
+def test_ssi_clipping_option_reaches_the_checkpoint(tmp_path, degraded_zarr, spec, expected):
+    path, psf_path, image = degraded_zarr
+    assert (image == 0).any() and (image == 1).any()  # the protocol's degradation clips both
+    model_path = tmp_path / "m.pt"
+    result = run_cli(
+        "train",
+        path,
+        "--psf",
+        psf_path,
+        "--out",
+        model_path,
+        "--steps",
+        2,
+        "--restarts",
+        0,
+        "--clipping",
+        spec,
+    )
+    assert result.returncode == 0, result.stderr
+    sensor = load_checkpoint(model_path).training["sensor"]
+    if expected is None:
+        assert sensor is None
+    else:
+        assert (sensor["lower_raw"], sensor["upper_raw"]) == pytest.approx(expected, abs=1e-6)
+
+
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        (
+            "maybe",
+            "--clipping must be auto, none or LO,HI with either side empty (e.g. 0,), got 'maybe'",
+        ),
+        ("1,0", "--clipping needs LO < HI, got '1,0'"),
+    ],
+)
+def test_ssi_bad_clipping(tmp_path, degraded_zarr, spec, message):
+    path, psf_path, _ = degraded_zarr
+    result = run_cli(
+        "train", path, "--psf", psf_path, "--out", tmp_path / "m.pt", "--clipping", spec
+    )
+    _assert_clean_failure(result, message)
+    assert not (tmp_path / "m.pt").exists()

@@ -19,10 +19,12 @@ from .model import EnsembleUNet, SSIModel, UNet, build_network, receptive_field_
 from .predict import predict, predict_block
 from .regions import RegionPool
 from .sampler import PatchSampler, sample_statistics
+from .sensor import ClippedSensor, detect_clip_bounds, estimate_noise_model
 from .tiling import choose_tile, predict_chunk, tile_budget
 from .train import DEFAULTS, train_ssi
 
 __all__ = [
+    "ClippedSensor",
     "DEFAULTS",
     "EnsembleUNet",
     "PSFOperator",
@@ -34,6 +36,8 @@ __all__ = [
     "build_network",
     "choose_tile",
     "content_hash",
+    "detect_clip_bounds",
+    "estimate_noise_model",
     "load_checkpoint",
     "mask_input",
     "predict",

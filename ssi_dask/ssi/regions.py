@@ -92,8 +92,8 @@ class RegionPool:
     def __len__(self) -> int:
         return len(self.regions)
 
-    def statistics(self, percentiles=(0.1, 99.9)) -> tuple[float, float]:
-        """Low/high percentiles used to normalise the network's input (global, from samples)."""
+    def sample_values(self) -> np.ndarray:
+        """The finite values the pool's statistics come from (global samples, or the regions)."""
         values = self._stat_values
         if values is None:
             values = np.concatenate([r.ravel() for r in self.regions])
@@ -101,7 +101,11 @@ class RegionPool:
         values = values[np.isfinite(values)]
         if values.size == 0:
             raise ParameterError("the sampled regions have no finite values to normalise with")
-        lo, hi = np.percentile(values, percentiles)
+        return values
+
+    def statistics(self, percentiles=(0.1, 99.9)) -> tuple[float, float]:
+        """Low/high percentiles used to normalise the network's input (global, from samples)."""
+        lo, hi = np.percentile(self.sample_values(), percentiles)
         return float(lo), float(hi)
 
     def patch_sampler(self, patch_shape: Sequence[int], seed: int = 0) -> RegionPatchSampler:

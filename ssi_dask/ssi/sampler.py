@@ -10,7 +10,7 @@ import numpy as np
 
 from ..errors import ParameterError
 
-__all__ = ["PatchSampler", "read_region", "sample_statistics"]
+__all__ = ["PatchSampler", "read_region", "sample_statistics", "sample_values"]
 
 
 def read_region(array, origin, shape) -> np.ndarray:
@@ -55,20 +55,26 @@ class PatchSampler:
         return np.stack([self.read(o) for o in origins]), origins
 
 
-def sample_statistics(
-    array, percentiles=(0.1, 99.9), n_patches: int = 64, patch_side: int = 64, seed: int = 0
-) -> tuple[float, float]:
-    """Robust low/high percentiles of the image from ``n_patches`` random patches."""
+def sample_values(array, n_patches: int = 64, patch_side: int = 64, seed: int = 0) -> np.ndarray:
+    """Finite values of the image from ``n_patches`` random patches (all of it when smaller)."""
     ndim = len(array.shape)
-    sampler = PatchSampler(array, (patch_side,) * ndim, seed=seed)
     n_total = int(np.prod(array.shape))
     if n_total <= n_patches * patch_side**ndim:
         values = np.asarray(array, dtype=np.float32).ravel()
     else:
+        sampler = PatchSampler(array, (patch_side,) * ndim, seed=seed)
         values, _ = sampler.batch(n_patches)
         values = values.ravel()
     values = values[np.isfinite(values)]
     if values.size == 0:
         raise ParameterError("the image has no finite values to normalise with")
+    return values
+
+
+def sample_statistics(
+    array, percentiles=(0.1, 99.9), n_patches: int = 64, patch_side: int = 64, seed: int = 0
+) -> tuple[float, float]:
+    """Robust low/high percentiles of the image from ``n_patches`` random patches."""
+    values = sample_values(array, n_patches, patch_side, seed)
     lo, hi = np.percentile(values, percentiles)
     return float(lo), float(hi)
