@@ -61,7 +61,7 @@ __all__ = ["train_ssi", "estimate_signal_to_noise", "DEFAULTS"]
 
 DEFAULTS = {
     2: dict(patch_size=96, batch_size=16, steps=800, depth=3, base_channels=8),
-    3: dict(patch_size=48, batch_size=4, steps=600, depth=3, base_channels=8),
+    3: dict(patch_size=64, batch_size=2, steps=600, depth=3, base_channels=8),
 }
 
 
