@@ -63,6 +63,10 @@ def test_train_and_run_ssi_on_scheduler_processes(
     assert sampling["trained_on"] == "worker" and sampling["kept"] == 3
     assert sampling["volume_shape"] == list(volume3d.shape)
     out = tmp_path / "ssi.zarr"
+    # Dask's active memory manager may drop an idle replica of the model between chunks, and
+    # the worker would fetch it again: off for this check of the graph (one model key)
+    with Client(scheduler_address, timeout="30s") as client:
+        client.amm.stop()
     result = run_cli(
         "run",
         zarr3d,
@@ -89,6 +93,7 @@ def test_train_and_run_ssi_on_scheduler_processes(
     assert tree_digest(zarr3d) == before
     # the model's graph key reached each worker at most once (one computes it, one fetches it)
     with Client(scheduler_address, timeout="30s") as client:
+        client.amm.start()
         logs = client.run(
             lambda dask_worker: [
                 key
@@ -98,7 +103,7 @@ def test_train_and_run_ssi_on_scheduler_processes(
             ]
         )
     fetched = [len(keys) for keys in logs.values()]
-    assert len(fetched) == 2 and all(n <= 1 for n in fetched)
+    assert len(fetched) == 2 and sum(fetched) <= 1
 
 
 def test_gpu_without_cuda_is_one_line(tmp_path, zarr3d, psf3d_file):
