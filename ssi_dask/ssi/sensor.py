@@ -16,7 +16,8 @@ whose clipped, noisy measurement matches the data on average.
 
 This module holds the pure parts: detecting the clip bounds from samples of the image (a pile-up
 of values at the minimum or maximum), estimating the noise model ``sigma^2(s) = gain * s + floor``
-from pixels away from the bounds, and the expectation above in torch.
+(from blocks away from the bounds and from the clipped background itself), and the expectation
+above in torch.
 """
 
 from __future__ import annotations
@@ -30,7 +31,6 @@ from scipy import ndimage, special
 
 __all__ = ["ClippedSensor", "detect_clip_bounds", "estimate_noise_model"]
 
-_SQRT2 = math.sqrt(2.0)
 _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
 
 
@@ -58,7 +58,7 @@ def detect_clip_bounds(values: np.ndarray, min_fraction: float = 1e-3) -> tuple:
 
 
 def estimate_noise_model(
-    patches: np.ndarray, lower=None, upper=None, block: int = 8, min_blocks: int = 50
+    patches: np.ndarray, lower=None, upper=None, block: int = 8
 ) -> tuple[float, float]:
     """Fit ``sigma^2(s) = gain * s + floor`` to an image's noise, from patches.
 
@@ -71,18 +71,17 @@ def estimate_noise_model(
       variance ``v (1 + 1 / (2 ndim))``); the block's variance is the median of the squared
       residuals over its chi-square median, so isolated outliers such as salt-and-pepper do
       not count;
-    * only when fewer than ``min_blocks`` blocks of the first kind exist (an image that is
-      mostly clipped, such as sparse beads on a background clipped at 0): a block that
-      touches a bound with at least 30 % of its pixels unclipped is taken as flat signal
-      plus censored noise, and a probit regression of its sorted unclipped values (ranks
-      5-95 %) against the normal quantiles of their ranks gives the level (intercept) and
-      the standard deviation (slope); blocks whose clipped fraction disagrees with that fit
-      are left out (they hold an edge). These blocks are fewer clean ones per image than the
-      first kind (on the protocol images, edges between clipped and bright regions inflate a
-      good part of them), so they only fill in.
+    * a block that touches a bound with at least 30 % of its pixels unclipped (the clipped
+      background, where the first way finds no block: on an image of sparse beads on black
+      there is none of the first kind at all) is taken as flat signal plus censored noise: a
+      probit regression of its sorted unclipped values (ranks 5-95 %) against the normal
+      quantiles of their ranks gives the level (intercept) and the standard deviation
+      (slope). Blocks whose clipped fraction disagrees with that fit hold an edge and are
+      left out, and a trimmed median per bound drops the remaining edge blocks, whose sigma
+      is larger (:func:`_flat_background_bin`).
 
-    The first kind is binned by level (ten quantile bins); the second gives one bin per
-    bound (and the first kind one bin, if any). The line is a least-squares fit through the
+    The first kind is binned by level (ten quantile bins), the second gives one bin per bound
+    (measuring the noise where the clipping acts). The line is a least-squares fit through the
     bins' median variances, each bin weighted by its number of blocks, with ``gain >= 0``.
 
     Returns
@@ -102,10 +101,9 @@ def estimate_noise_model(
     if censored:
         level = np.concatenate([c[0] for c in censored])
         variance = np.concatenate([c[1] for c in censored])
-        for bound in (lower, upper):
+        for bound, other in ((lower, upper), (upper, lower)):
             if bound is None:
                 continue
-            other = upper if bound == lower else lower
             mine = np.ones(level.shape, dtype=bool)
             if other is not None:  # each block to its nearer bound
                 mine = np.abs(level - bound) <= np.abs(level - other)
@@ -113,11 +111,10 @@ def estimate_noise_model(
     if not bins:  # too little to fit: one variance for all levels
         return 0.0, residual[2]
     xs, ys, counts = (np.asarray(column, dtype=np.float64) for column in zip(*bins))
+    gain = floor = -1.0
     if xs.size >= 2 and np.ptp(xs) > 0:
         gain, floor = np.polyfit(xs, ys, 1, w=np.sqrt(counts))
-    else:
-        gain, floor = 0.0, float(np.average(ys, weights=counts))
-    if gain < 0:
+    if gain < 0:  # one level, or variance falling with the signal: a constant
         gain, floor = 0.0, float(np.average(ys, weights=counts))
     floor = max(float(floor), 1e-6 * max(float(np.median(ys)), 1e-12), 1e-12)
     return float(gain), floor
@@ -294,14 +291,12 @@ class ClippedSensor:
         out = s
         if self.lower is not None:
             a = (self.lower - s) / sigma
-            cdf_a = 0.5 * (1 + torch.erf(a / _SQRT2))
             pdf_a = torch.exp(-0.5 * a * a) * _INV_SQRT_2PI
-            out = out + (self.lower - s) * cdf_a + sigma * pdf_a
+            out = out + (self.lower - s) * torch.special.ndtr(a) + sigma * pdf_a
         if self.upper is not None:
             b = (self.upper - s) / sigma
-            sf_b = 0.5 * (1 - torch.erf(b / _SQRT2))
             pdf_b = torch.exp(-0.5 * b * b) * _INV_SQRT_2PI
-            out = out + (self.upper - s) * sf_b - sigma * pdf_b
+            out = out + (self.upper - s) * torch.special.ndtr(-b) - sigma * pdf_b
         return out
 
     def as_dict(self) -> dict:
