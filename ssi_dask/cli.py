@@ -19,6 +19,7 @@ from typing import Any
 from . import __version__
 from .errors import ParameterError, PSFError, SsiDaskError
 from .ome_run import add_image_options
+from .safety import check_replaceable_file
 
 
 def _add_cluster_options(parser: argparse.ArgumentParser) -> None:
@@ -537,6 +538,11 @@ def _example_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def _psf_files(args: argparse.Namespace) -> list[str]:
+    """The PSF files named by ``--psf`` (none when the PSF is computed from optics)."""
+    return [part for part in str(getattr(args, "psf", None) or "").split(",") if part]
+
+
 def _parse_floats(text: str, option: str) -> tuple[float, ...]:
     try:
         return tuple(float(part) for part in text.split(","))
@@ -568,8 +574,10 @@ def _psf_command(args: argparse.Namespace) -> int:
     out = Path(args.output)
     if out.suffix.lower() not in (".tif", ".tiff", ".npy"):
         raise PSFError(f"cannot write a PSF to {out.suffix!r}; name the output .tif, .tiff or .npy")
-    if out.exists() and not args.overwrite:
-        raise PSFError(f"{str(out)!r} already exists; choose a new name or pass --overwrite")
+    try:
+        check_replaceable_file(out, overwrite=args.overwrite)
+    except SsiDaskError as exc:
+        raise PSFError(str(exc)) from None
     shape = tuple(int(v) for v in _parse_floats(args.shape, "--shape"))
     voxel_size = _parse_floats(args.voxel_size, "--voxel-size")
     psf = widefield_psf(
@@ -664,8 +672,7 @@ def _train_command(args: argparse.Namespace) -> int:
 
     parse_clipping(args.clipping)  # a bad value fails before any work
     out = Path(args.out)
-    if out.exists() and not args.overwrite:
-        raise ParameterError(f"{str(out)!r} already exists; choose a new name or pass --overwrite")
+    check_replaceable_file(out, overwrite=args.overwrite, inputs=[args.input, *_psf_files(args)])
     if not out.parent.exists():
         raise ParameterError(f"the folder of {str(out)!r} does not exist; create it first")
     volume = open_volume(args.input)
@@ -752,7 +759,11 @@ def _run_command(args: argparse.Namespace) -> int:
     if args.resume and Path(args.output).exists():
         output = Path(args.output).resolve()  # write_zarr checks it belongs to this run
     else:
-        output = check_output_path(args.output, input_path=volume.path, overwrite=args.overwrite)
+        output = check_output_path(
+            args.output,
+            input_path=[volume.path, *_psf_files(args), args.model],
+            overwrite=args.overwrite,
+        )
     iterations = _parse_iterations(args.iterations)
     lr_options = _lr_options(args)
     auto = iterations == "auto"
@@ -881,7 +892,7 @@ def _run_command(args: argparse.Namespace) -> int:
             output_chunks=plan.output_chunks,
             zarr_format=zarr_format,
             attrs=provenance,
-            input_path=volume.path,
+            input_path=[volume.path, *_psf_files(args), args.model],
             overwrite=args.overwrite,
             client=client,
             progress=False if args.no_progress else ChunkProgress(math.prod(volume.shape)),
@@ -977,8 +988,12 @@ def _ssi_model_for_run(args: argparse.Namespace, volume, psf):
 
         defaults = DEFAULTS[volume.ndim]
         return UNet(volume.ndim, depth=defaults["depth"], base_channels=defaults["base_channels"])
-    if args.save_model and Path(args.save_model).exists() and not args.overwrite:
-        raise ParameterError(f"{args.save_model!r} already exists; choose a new name")
+    if args.save_model:
+        check_replaceable_file(
+            args.save_model,
+            overwrite=args.overwrite,
+            inputs=[args.input, *_psf_files(args)],
+        )
     model = _train_model(args, volume, psf)
     if args.save_model:
         digest = save_checkpoint(model, args.save_model)

@@ -9,6 +9,7 @@ import numpy as np
 
 from .errors import OutputError
 from .psf import save_psf, widefield_psf
+from .safety import check_output_target, check_replaceable_file, claim_output
 
 #: Optics of the example: a water-immersion widefield microscope.
 EXAMPLE_VOXEL_SIZE = (0.4, 0.2, 0.2)
@@ -45,9 +46,17 @@ def make_example(
         "ground_truth": directory / "ground_truth.zarr",
         "psf": directory / "psf.tif",
     }
-    existing = [str(p) for p in paths.values() if p.exists()]
-    if existing and not overwrite:
-        raise OutputError(f"{existing[0]!r} already exists; choose another folder or --overwrite")
+    if directory.is_symlink() and not directory.exists():
+        raise OutputError(
+            f"{str(directory)!r} is a broken symbolic link; give a real folder for the example"
+        )
+    if directory.exists() and not directory.is_dir():
+        raise OutputError(f"{str(directory)!r} exists and is not a folder; choose another DIR")
+    # Every check before anything is written or deleted: only stores this tool made are
+    # replaced (see ssi_dask.safety), and the PSF only when it is a plain file.
+    for name in ("volume", "ground_truth"):
+        check_output_target(paths[name], overwrite=overwrite)
+    check_replaceable_file(paths["psf"], overwrite=overwrite)
     directory.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     # Blobs and filaments on the requested shape itself (skimage's binary_blobs only makes
@@ -62,17 +71,14 @@ def make_example(
     noisy = rng.poisson(blurred).astype(np.float32) + rng.normal(100.0, 3.0, shape)
     volume = np.clip(np.round(noisy), 0, 65535).astype(np.uint16)
     for name, data, dtype in (("volume", volume, "uint16"), ("ground_truth", truth, "float32")):
-        if paths[name].exists():
-            import shutil  # noqa: PLC0415
-
-            shutil.rmtree(paths[name])
-        array = zarr.create_array(
-            store=str(paths[name]),
-            shape=shape,
-            chunks=chunks,
-            dtype=dtype,
-            attributes={"voxel_size_um": list(EXAMPLE_VOXEL_SIZE)},
-        )
-        array[...] = data
+        with claim_output(paths[name], overwrite=overwrite) as store:
+            array = zarr.create_array(
+                store=str(store),
+                shape=shape,
+                chunks=chunks,
+                dtype=dtype,
+                attributes={"voxel_size_um": list(EXAMPLE_VOXEL_SIZE)},
+            )
+            array[...] = data
     save_psf(paths["psf"], psf, EXAMPLE_VOXEL_SIZE)
     return paths

@@ -6,7 +6,7 @@ Everything here is orchestration-side I/O; kernels never import this module.
 from __future__ import annotations
 
 import os
-import shutil
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,6 +15,7 @@ import dask.array as da
 import numpy as np
 
 from .errors import InputError, OutputError
+from .safety import check_output_target
 
 ZARR_METADATA_FILES = (".zarray", ".zgroup", "zarr.json")
 
@@ -213,43 +214,27 @@ def _open_tiff(path: Path, chunks: tuple[int, ...] | None) -> Volume:
 
 
 def check_output_path(
-    output: str | os.PathLike, *, input_path: str | None, overwrite: bool
+    output: str | os.PathLike,
+    *,
+    input_path: str | os.PathLike | Sequence[str | os.PathLike | None] | None,
+    overwrite: bool,
 ) -> Path:
     """Refuse an output that would destroy data; return the resolved output path.
+
+    A read-only check (see :mod:`ssi_dask.safety`): nothing is created or deleted here.
 
     Raises
     ------
     OutputError
-        When the output equals the input (or contains it), exists without ``overwrite``,
-        exists and is not a Zarr store, or its parent folder does not exist.
+        When the output equals, lies inside or contains the input (after resolving symbolic
+        links), exists without ``overwrite``, exists and is not a store this tool made (or is a
+        symbolic link), or its parent folder is missing or read-only.
     """
-    output = Path(output).resolve()
-    if input_path is not None:
-        source = Path(input_path).resolve()
-        if output == source or output in source.parents:
-            raise OutputError(
-                f"output {str(output)!r} is the input (or contains it); choose another output path"
-            )
-    if output.exists():
-        if not overwrite:
-            raise OutputError(
-                f"output {str(output)!r} already exists; choose a new path or pass --overwrite"
-            )
-        if not is_zarr_path(output):
-            raise OutputError(
-                f"output {str(output)!r} exists and is not a Zarr store; refusing to delete it "
-                "with --overwrite, remove it yourself or choose another path"
-            )
-    if not output.parent.exists():
-        raise OutputError(
-            f"the folder of output {str(output)!r} does not exist; "
-            f"create {str(output.parent)!r} first"
-        )
-    if not os.access(output.parent, os.W_OK):
-        raise OutputError(
-            f"cannot write to {str(output.parent)!r} (read-only); choose another output"
-        )
-    return output
+    if input_path is None or isinstance(input_path, (str, os.PathLike)):
+        inputs = [input_path]
+    else:
+        inputs = list(input_path)
+    return check_output_target(output, inputs=inputs, overwrite=overwrite)
 
 
 def create_output_array(
@@ -260,20 +245,19 @@ def create_output_array(
     dtype: Any = np.float32,
     zarr_format: int = 3,
     attrs: dict | None = None,
-    overwrite: bool = False,
     shards: tuple[int, ...] | None = None,
     dimension_names: tuple[str, ...] | None = None,
 ):
-    """Create an empty on-disk Zarr array for the result (after :func:`check_output_path`).
+    """Create an empty on-disk Zarr array in a folder claimed for it.
 
+    ``path`` is a folder made by :func:`ssi_dask.safety.claim_output` (empty but for this
+    tool's marker and lock), or a new path inside such an output (an OME-Zarr level).
     ``shards`` (Zarr v3 only) stores that many chunks per file; ``dimension_names`` (v3)
     names the axes (OME-Zarr 0.5 needs them).
     """
     import zarr  # noqa: PLC0415
 
     path = Path(path)
-    if path.exists() and overwrite:
-        shutil.rmtree(path)
     extra: dict[str, Any] = {}
     if shards is not None:
         if zarr_format != 3:

@@ -480,8 +480,13 @@ def create_ome_group(path: str | os.PathLike, *, zarr_format: int) -> None:
     """Create the (empty) output image group."""
     import zarr  # noqa: PLC0415
 
+    path = Path(path)
+    if any((path / name).exists() for name in (".zgroup", ".zarray", "zarr.json")):
+        raise OutputError(f"cannot create output {str(path)!r}: it already holds a Zarr node")
     try:
-        zarr.open_group(str(path), mode="w-", zarr_format=zarr_format)
+        # mode "a": the folder was just claimed for this run (it holds this tool's marker and
+        # lock, which mode "w-" would count as existing data)
+        zarr.open_group(str(path), mode="a", zarr_format=zarr_format)
     except OSError as exc:
         raise OutputError(f"cannot create output {str(path)!r}: {exc.strerror or exc}") from None
 

@@ -8,7 +8,7 @@ and the provenance in its attributes.
 from __future__ import annotations
 
 import argparse
-import shutil
+import contextlib
 import sys
 import time
 from collections.abc import Sequence
@@ -257,6 +257,7 @@ def run_ome(args: argparse.Namespace, image: Any = None) -> int:
         write_ome_metadata,
         write_pyramid,
     )
+    from .safety import claim_output  # noqa: PLC0415
     from .store import write_zarr  # noqa: PLC0415
     from .summary import ChunkProgress, run_summary  # noqa: PLC0415
 
@@ -276,7 +277,10 @@ def run_ome(args: argparse.Namespace, image: Any = None) -> int:
     psfs, psf_info = resolve_psfs(
         args, n_spatial, voxel_size, n_channels, image_shape=data.shape[n_lead:]
     )
-    output = check_output_path(args.output, input_path=image.path, overwrite=args.overwrite)
+    from .cli import _psf_files  # noqa: PLC0415
+
+    protected = [image.path, *_psf_files(args), args.model]
+    output = check_output_path(args.output, input_path=protected, overwrite=args.overwrite)
     from .cli import _lr_options, _parse_iterations  # noqa: PLC0415
 
     iterations = _parse_iterations(args.iterations)
@@ -376,61 +380,63 @@ def run_ome(args: argparse.Namespace, image: Any = None) -> int:
         )
         progress = False if args.no_progress else ChunkProgress(int(np.prod(result.shape)))
         target = output
-        if ome_out:
-            if output.exists():  # check_output_path allowed it: --overwrite of a Zarr store
-                shutil.rmtree(output)
-            create_ome_group(output, zarr_format=zarr_format)
-            target = output / "0"
-        write_zarr(
-            result,
-            target,
-            output_chunks=lead + plan.output_chunks,
-            zarr_format=zarr_format,
-            attrs={"ssi_dask": provenance},
-            input_path=image.path,
-            overwrite=args.overwrite and not ome_out,
-            client=client,
-            progress=progress,
-            output_shards=shards,
-            dimension_names=dimension_names,
-        )
-        if ome_out:
-            factors = pyramid_factors(
-                result.shape,
-                image.spatial_axes,
-                input_shapes=_selected_shapes(image, data.shape),
+        with contextlib.ExitStack() as claim:
+            if ome_out:  # the group is this run's: made new (or replaced), locked while written
+                claim.enter_context(
+                    claim_output(output, inputs=protected, overwrite=args.overwrite)
+                )
+                create_ome_group(output, zarr_format=zarr_format)
+                target = output / "0"
+            write_zarr(
+                result,
+                target,
+                output_chunks=lead + plan.output_chunks,
+                zarr_format=zarr_format,
+                attrs={"ssi_dask": provenance},
+                input_path=protected,
+                overwrite=args.overwrite and not ome_out,
+                client=client,
+                progress=progress,
+                output_shards=shards,
+                dimension_names=dimension_names,
             )
-            paths = [
-                "0",
-                *write_pyramid(
-                    output,
+            if ome_out:
+                factors = pyramid_factors(
+                    result.shape,
+                    image.spatial_axes,
+                    input_shapes=_selected_shapes(image, data.shape),
+                )
+                paths = [
                     "0",
-                    factors,
-                    chunks=lead + plan.output_chunks,
-                    shards=shards,
-                    zarr_format=zarr_format,
-                    dimension_names=dimension_names,
-                    client=client,
-                ),
-            ]
-            levels = len(paths)
-            provenance.update(complete=True, pyramid_factors=[list(f) for f in factors])
-            write_ome_metadata(
-                output,
-                version="0.5" if zarr_format == 3 else "0.4",
-                axes=image.axes,
-                paths=paths,
-                transforms=level_transforms(image.scale, image.translation, factors),
-                name=f"{_image_name(image.path)} deconvolved ({args.method})",
-                provenance=provenance,
-                omero=output_omero(
+                    *write_pyramid(
+                        output,
+                        "0",
+                        factors,
+                        chunks=lead + plan.output_chunks,
+                        shards=shards,
+                        zarr_format=zarr_format,
+                        dimension_names=dimension_names,
+                        client=client,
+                    ),
+                ]
+                levels = len(paths)
+                provenance.update(complete=True, pyramid_factors=[list(f) for f in factors])
+                write_ome_metadata(
                     output,
-                    paths[-1],
-                    channel_axis=image.channel_axis,
-                    input_omero=image.attrs.get("omero"),
-                    channels=channels,
-                ),
-            )
+                    version="0.5" if zarr_format == 3 else "0.4",
+                    axes=image.axes,
+                    paths=paths,
+                    transforms=level_transforms(image.scale, image.translation, factors),
+                    name=f"{_image_name(image.path)} deconvolved ({args.method})",
+                    provenance=provenance,
+                    omero=output_omero(
+                        output,
+                        paths[-1],
+                        channel_axis=image.channel_axis,
+                        input_omero=image.attrs.get("omero"),
+                        channels=channels,
+                    ),
+                )
     elapsed = time.perf_counter() - started
     print(
         run_summary(

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import datetime as _dt
 import errno
 import itertools
@@ -25,9 +26,10 @@ import dask.array as da
 import numpy as np
 
 from . import progress as records
+from . import safety
 from .blockwise import check_write_alignment
 from .errors import OutputError, RunError, SchedulerError, SsiDaskError
-from .io import check_output_path, create_output_array, is_zarr_path
+from .io import create_output_array, is_zarr_path
 
 #: Seconds between checks of the cluster while waiting for chunks.
 POLL_SECONDS = 0.2
@@ -119,7 +121,7 @@ def write_zarr(
     output_chunks: tuple[int, ...] | None = None,
     zarr_format: int = 3,
     attrs: dict | None = None,
-    input_path: str | None = None,
+    input_path: str | os.PathLike | list | None = None,
     overwrite: bool = False,
     client: Any = None,
     progress: bool | Callable[[int, int], None] = False,
@@ -146,10 +148,14 @@ def write_zarr(
         once every chunk is recorded), ``fingerprint`` and ``layout``. The ``"ssi_dask"``
         entries other than run-specific ones (command, times, file paths) identify the
         computation: a resume refuses an output whose entries differ.
-    input_path : str, optional
-        Path of the input, to refuse writing over it.
+    input_path : path-like or list of path-like, optional
+        The input(s) (image, PSF and model files). The output may not be, lie inside or
+        contain any of them, nor any file or Zarr store that ``result`` reads (found in its
+        graph, so this holds even when ``input_path`` is not given).
     overwrite : bool
-        Replace an existing output Zarr store.
+        Replace an existing output, only when it is a store ssi-dask made that holds nothing
+        but its Zarr files (see :mod:`ssi_dask.safety`). The output is locked while written:
+        a second run on the same output is refused.
     client : distributed.Client, optional
         Compute on this cluster; otherwise the current Dask scheduler is used.
     progress : bool or callable
@@ -198,30 +204,61 @@ def write_zarr(
         output_shards=output_shards,
         zarr_format=zarr_format,
     )
-    run_fingerprint = provenance["fingerprint"]
     if resume and overwrite:
         raise OutputError("--resume keeps OUTPUT and --overwrite deletes it; give only one")
-    if resume and Path(output).exists():
-        path = Path(output).resolve()
-        provenance = check_resume(path, provenance, input_path=input_path)
-        provenance["resumed"] = [*provenance.get("resumed", []), _now()]
-        provenance["complete"] = False
-        zarr.open_array(str(path), mode="r+").attrs["ssi_dask"] = provenance
-    else:
-        path = check_output_path(output, input_path=input_path, overwrite=overwrite)
-        provenance["started"] = _now()
-        metadata["ssi_dask"] = provenance
-        create_output_array(
+    given = input_path if isinstance(input_path, (list, tuple)) else [input_path]
+    inputs = [*given, *safety.source_paths(result)]
+    with contextlib.ExitStack() as claim:
+        if resume and Path(output).exists():
+            path = safety.check_not_input(output, inputs)
+            claim.enter_context(safety.output_lock(path))  # one run at a time
+            provenance = check_resume(path, provenance, input_path=inputs)
+            provenance["resumed"] = [*provenance.get("resumed", []), _now()]
+            provenance["complete"] = False
+            zarr.open_array(str(path), mode="r+").attrs["ssi_dask"] = provenance
+        else:
+            path = claim.enter_context(
+                safety.claim_output(output, inputs=inputs, overwrite=overwrite)
+            )
+            provenance["started"] = _now()
+            metadata["ssi_dask"] = provenance
+            create_output_array(
+                path,
+                shape=shape,
+                chunks=output_chunks,
+                dtype=np.float32,
+                zarr_format=zarr_format,
+                attrs=metadata,
+                shards=output_shards,
+                dimension_names=dimension_names,
+            )
+        return _compute_into(
+            result,
             path,
-            shape=shape,
-            chunks=output_chunks,
-            dtype=np.float32,
-            zarr_format=zarr_format,
-            attrs=metadata,
-            overwrite=overwrite,
-            shards=output_shards,
-            dimension_names=dimension_names,
+            provenance=provenance,
+            regions=regions,
+            resume=resume,
+            client=client,
+            progress=progress,
+            worker_timeout=worker_timeout,
         )
+
+
+def _compute_into(
+    result: da.Array,
+    path: Path,
+    *,
+    provenance: dict,
+    regions: dict,
+    resume: bool,
+    client: Any,
+    progress: bool | Callable[[int, int], None],
+    worker_timeout: float,
+):
+    """Compute the chunks of ``result`` that ``path`` has no record of; mark it complete."""
+    import zarr  # noqa: PLC0415
+
+    run_fingerprint = provenance["fingerprint"]
     done = records.read_records(path, run_fingerprint=run_fingerprint, regions=regions)
     todo = records.missing_blocks(regions, done)
     if resume and done:
@@ -301,7 +338,10 @@ def output_provenance(
 
 
 def check_resume(
-    output: str | os.PathLike, provenance: dict, *, input_path: str | None = None
+    output: str | os.PathLike,
+    provenance: dict,
+    *,
+    input_path: str | os.PathLike | list | None = None,
 ) -> dict:
     """Check, without changing anything, that ``output`` can be resumed by this computation.
 
@@ -311,8 +351,8 @@ def check_resume(
         The existing output.
     provenance : dict
         The new run's attributes, from :func:`output_provenance`.
-    input_path : str, optional
-        The input, to refuse an output that is the input.
+    input_path : path-like or list of path-like, optional
+        The input(s), to refuse an output that overlaps one.
 
     Returns
     -------
@@ -333,7 +373,9 @@ def check_resume(
             f"output {str(path)!r} exists and is not a Zarr store; cannot resume into it, "
             "choose another output"
         )
-    check_output_path(path, input_path=input_path, overwrite=True)  # nothing is deleted here
+    inputs = input_path if isinstance(input_path, list) else [input_path]
+    safety.check_not_input(path, inputs)
+    safety.check_unlocked(path)
     try:
         existing = dict(zarr.open_array(str(path), mode="r").attrs.get("ssi_dask") or {})
     except Exception as exc:

@@ -144,7 +144,7 @@ def _before_work_cases(ws):
         ),
         "output is the input": (
             ("run", src, src, "--psf", psf, "--overwrite"),
-            "is the input (or contains it); choose another output path",
+            "is the input; the input is never written or deleted: choose an output path outside it",
         ),
         "resume and overwrite": (
             ("run", src, ws["previous"], "--psf", psf, "--resume", "--overwrite"),

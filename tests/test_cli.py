@@ -15,6 +15,7 @@ from conftest import run_cli, tree_digest
 
 from ssi_dask import deconvolve
 from ssi_dask.cli import build_parser
+from ssi_dask.safety import write_marker
 
 
 def free_port() -> int:
@@ -60,6 +61,7 @@ def test_run_lr_end_to_end(tmp_path, zarr3d, psf3d_file, psf3d, volume3d):
 def test_overwrite_replaces_and_dry_run_writes_nothing(tmp_path, zarr3d, psf3d_file):
     out = tmp_path / "out.zarr"
     zarr.create_array(store=str(out), shape=(3, 3), dtype="float32")[...] = 5
+    write_marker(out)  # a store ssi-dask made (only those are replaced: tests/test_safety.py)
     dry = run_cli("run", zarr3d, tmp_path / "dry.zarr", "--psf", psf3d_file, "--dry-run")
     assert dry.returncode == 0, dry.stderr
     assert "halo (depth)" in dry.stdout and "tasks in graph" in dry.stdout

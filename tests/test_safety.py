@@ -1,0 +1,359 @@
+"""Trust: the input is never written or deleted, --overwrite deletes only what ssi-dask made,
+and one run at a time writes an output (issue 13, items 1 and 2).
+
+Every refusal is checked for its one-line message, exit status 2, the input's checksum before
+and after, and that nothing was created or removed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+import zarr
+from conftest import cli_env, console_command, run_cli, smooth_volume, tree_digest
+from test_ome import write_ome_input
+
+from ssi_dask import deconvolve, write_zarr
+from ssi_dask.cli import main
+from ssi_dask.errors import OutputError
+from ssi_dask.psf import widefield_psf
+from ssi_dask.safety import LOCK_FILE, MARKER_FILE, output_lock
+
+
+@pytest.fixture
+def ws(tmp_path, monkeypatch):
+    """A folder with a small 3D Zarr input and its PSF; the tests run inside it."""
+    monkeypatch.chdir(tmp_path)
+    array = zarr.create_array(
+        store=str(tmp_path / "in.zarr"), shape=(12, 48, 48), chunks=(12, 24, 24), dtype="float32"
+    )
+    array[...] = smooth_volume((12, 48, 48), seed=3)
+    np.save(
+        tmp_path / "psf.npy", widefield_psf((5, 7, 7), (0.3, 0.15, 0.15), na=1.0, wavelength=0.5)
+    )
+    return tmp_path
+
+
+def refused(capsys, argv: list[str], *protected: Path) -> str:
+    """Run the CLI in-process; assert exit 2, one stderr line, the protected trees unchanged."""
+    before = {p: tree_digest(p) for p in protected}
+    status = main([str(a) for a in argv])
+    err = capsys.readouterr().err
+    assert status == 2, err
+    assert len(err.strip().splitlines()) == 1, err
+    assert err.startswith("ssi-dask: error: ")
+    for path, digest in before.items():
+        assert path.exists() and tree_digest(path) == digest, path
+    return err
+
+
+def run_ok(ws: Path, output: str, *extra: str) -> None:
+    result = run_cli(
+        "run",
+        "in.zarr",
+        output,
+        "--psf",
+        "psf.npy",
+        "--iterations",
+        "2",
+        "--workers",
+        "1",
+        "--no-progress",
+        *extra,
+        cwd=ws,
+    )
+    assert result.returncode == 0, result.stderr
+
+
+# ------------------------------------------------------------------------------------------
+# Item 1: nothing inside or above the input
+
+
+def test_output_inside_the_input_store_is_refused(ws, capsys):
+    err = refused(
+        capsys, ["run", "in.zarr", "in.zarr/out.zarr", "--psf", "psf.npy"], ws / "in.zarr"
+    )
+    assert f"output '{ws}/in.zarr/out.zarr' is inside the input '{ws}/in.zarr'" in err
+    assert "choose an output path outside it" in err
+    assert not (ws / "in.zarr" / "out.zarr").exists()
+
+
+def test_output_equal_to_the_input_with_overwrite_is_refused(ws, capsys):
+    err = refused(
+        capsys, ["run", "in.zarr", "in.zarr", "--psf", "psf.npy", "--overwrite"], ws / "in.zarr"
+    )
+    assert f"output '{ws}/in.zarr' is the input" in err
+
+
+def test_output_that_contains_the_input_is_refused(ws, capsys):
+    (ws / "sub").mkdir()
+    (ws / "in.zarr").rename(ws / "sub" / "in.zarr")
+    err = refused(
+        capsys, ["run", "sub/in.zarr", "sub", "--psf", "psf.npy", "--overwrite"], ws / "sub"
+    )
+    assert f"output '{ws}/sub' contains the input '{ws}/sub/in.zarr'" in err
+
+
+def test_symbolic_links_are_resolved(ws, capsys):
+    (ws / "alias.zarr").symlink_to(ws / "in.zarr")
+    (ws / "elsewhere").symlink_to(ws / "in.zarr", target_is_directory=True)
+    err = refused(
+        capsys, ["run", "in.zarr", "alias.zarr", "--psf", "psf.npy", "--overwrite"], ws / "in.zarr"
+    )
+    assert f"output '{ws}/in.zarr' is the input" in err
+    err = refused(
+        capsys, ["run", "alias.zarr", "elsewhere/new.zarr", "--psf", "psf.npy"], ws / "in.zarr"
+    )
+    assert "is inside the input" in err
+
+
+def test_array_inside_a_group_protects_the_whole_group(ws, capsys):
+    group = zarr.open_group(str(ws / "group.zarr"), mode="w")
+    data = group.create_array("raw", shape=(12, 48, 48), chunks=(12, 24, 24), dtype="float32")
+    data[...] = smooth_volume((12, 48, 48), seed=4)
+    err = refused(
+        capsys,
+        ["run", "group.zarr/raw", "group.zarr/deconvolved", "--psf", "psf.npy"],
+        ws / "group.zarr",
+    )
+    assert f"is inside the input '{ws}/group.zarr'" in err
+
+
+def test_ome_zarr_level_as_output_is_refused(ws, capsys):
+    write_ome_input(ws / "img.ome.zarr", "0.5")
+    psf = ws / "psf3.npy"
+    np.save(psf, widefield_psf((5, 7, 7), (0.3, 0.15, 0.15), na=1.0, wavelength=0.5))
+    for output in ("img.ome.zarr/0", "img.ome.zarr", "img.ome.zarr/new"):
+        err = refused(
+            capsys,
+            ["run", "img.ome.zarr", output, "--psf", psf, "--overwrite"],
+            ws / "img.ome.zarr",
+        )
+        assert "the input is never written or deleted" in err
+
+
+def test_tiff_input_and_psf_are_protected(ws, capsys):
+    tifffile.imwrite(ws / "in.tif", smooth_volume((12, 48, 48), seed=5))
+    err = refused(
+        capsys, ["run", "in.tif", "in.tif", "--psf", "psf.npy", "--overwrite"], ws / "in.tif"
+    )
+    assert f"output '{ws}/in.tif' is the input" in err
+    err = refused(capsys, ["run", "in.tif", ".", "--psf", "psf.npy", "--overwrite"], ws / "in.tif")
+    assert f"contains the input '{ws}/in.tif'" in err
+    err = refused(
+        capsys, ["run", "in.zarr", "psf.npy", "--psf", "psf.npy", "--overwrite"], ws / "psf.npy"
+    )
+    assert f"output '{ws}/psf.npy' is the input" in err
+    err = refused(
+        capsys,
+        ["train", "in.tif", "--psf", "psf.npy", "--out", "in.tif", "--overwrite"],
+        ws / "in.tif",
+    )
+    assert "is the input" in err
+
+
+def test_python_api_finds_the_input_in_the_graph(ws):
+    """write_zarr protects what the lazy result reads, without being told the input path."""
+    before = tree_digest(ws / "in.zarr")
+    psf = np.load(ws / "psf.npy")
+    lazy = deconvolve(str(ws / "in.zarr"), psf, num_iter=1)
+    with pytest.raises(OutputError, match="is inside the input"):
+        write_zarr(lazy, ws / "in.zarr" / "out.zarr")
+    with pytest.raises(OutputError, match="is the input"):
+        write_zarr(lazy, ws / "in.zarr", overwrite=True)
+    plain = zarr.open_array(str(ws / "in.zarr"), mode="r")
+    import dask.array as da
+
+    with pytest.raises(OutputError, match="is inside the input"):
+        write_zarr(da.from_array(plain, chunks=(12, 24, 24)) * 2, ws / "in.zarr" / "x")
+    assert tree_digest(ws / "in.zarr") == before
+
+
+# ------------------------------------------------------------------------------------------
+# Item 2: --overwrite deletes only what this tool made
+
+
+def test_overwrite_refuses_what_ssi_dask_did_not_make(ws, capsys):
+    (ws / "notes").mkdir()
+    (ws / "notes" / "thesis.txt").write_text("years of work")
+    err = refused(
+        capsys, ["run", "in.zarr", "notes", "--psf", "psf.npy", "--overwrite"], ws / "notes"
+    )
+    assert "exists and is not a Zarr store; refusing to delete it with --overwrite" in err
+
+    foreign = zarr.create_array(store=str(ws / "theirs.zarr"), shape=(4,), dtype="f4")
+    foreign[...] = 1
+    err = refused(
+        capsys,
+        ["run", "in.zarr", "theirs.zarr", "--psf", "psf.npy", "--overwrite"],
+        ws / "theirs.zarr",
+    )
+    assert "is a Zarr store that ssi-dask did not make; refusing to delete it" in err
+
+
+def test_overwrite_refuses_extra_files_and_symlinks(ws, capsys):
+    run_ok(ws, "out.zarr")
+    assert (ws / "out.zarr" / MARKER_FILE).is_file()
+    assert not (ws / "out.zarr" / LOCK_FILE).exists()  # released at the end of the run
+    (ws / "out.zarr" / "analysis.csv").write_text("1,2,3")
+    err = refused(
+        capsys, ["run", "in.zarr", "out.zarr", "--psf", "psf.npy", "--overwrite"], ws / "out.zarr"
+    )
+    assert "holds files that are not part of a Zarr store ('analysis.csv')" in err
+    (ws / "out.zarr" / "analysis.csv").unlink()
+    (ws / "link.zarr").symlink_to(ws / "out.zarr")
+    err = refused(
+        capsys, ["run", "in.zarr", "link.zarr", "--psf", "psf.npy", "--overwrite"], ws / "out.zarr"
+    )
+    assert f"output '{ws}/link.zarr' is a symbolic link (to '{ws}/out.zarr')" in err
+    # what ssi-dask made, with only Zarr files in it, is replaced
+    first = np.asarray(zarr.open_array(str(ws / "out.zarr"))[...])
+    run_ok(ws, "out.zarr", "--overwrite", "--iterations", "3")
+    second = zarr.open_array(str(ws / "out.zarr"))
+    assert second.attrs["ssi_dask"]["iterations"] == 3 and second.attrs["ssi_dask"]["complete"]
+    assert not np.array_equal(first, second[...])
+    assert not [p for p in ws.iterdir() if "deleting" in p.name]  # the old store is gone
+
+
+def test_make_example_overwrite_follows_the_same_rule(tmp_path, capsys):
+    (tmp_path / "ex" / "volume.zarr").mkdir(parents=True)
+    (tmp_path / "ex" / "volume.zarr" / "data.txt").write_text("keep me")
+    err = refused(
+        capsys,
+        ["make-example", tmp_path / "ex", "--shape", "17,32,32", "--overwrite"],
+        tmp_path / "ex",
+    )
+    assert "volume.zarr' exists and is not a Zarr store; refusing to delete it" in err
+    (tmp_path / "ex" / "volume.zarr" / "data.txt").unlink()
+    (tmp_path / "ex" / "volume.zarr").rmdir()
+    (tmp_path / "real.zarr").mkdir()
+    (tmp_path / "ex" / "volume.zarr").symlink_to(tmp_path / "real.zarr")
+    err = refused(
+        capsys,
+        ["make-example", tmp_path / "ex", "--shape", "17,32,32", "--overwrite"],
+        tmp_path / "ex",
+    )
+    assert "volume.zarr' is a symbolic link" in err
+    (tmp_path / "ex" / "volume.zarr").unlink()
+    assert main(["make-example", str(tmp_path / "ex"), "--shape", "17,32,32"]) == 0
+    first = np.asarray(zarr.open_array(str(tmp_path / "ex" / "volume.zarr"))[...])
+    capsys.readouterr()
+    assert (
+        main(
+            [
+                "make-example",
+                str(tmp_path / "ex"),
+                "--shape",
+                "17,32,32",
+                "--seed",
+                "1",
+                "--overwrite",
+            ]
+        )
+        == 0
+    )
+    second = np.asarray(zarr.open_array(str(tmp_path / "ex" / "volume.zarr"))[...])
+    assert not np.array_equal(first, second)
+
+
+# ------------------------------------------------------------------------------------------
+# Item 2: one run per output (the lock)
+
+
+def test_a_second_run_on_a_locked_output_is_refused(ws, capsys):
+    run_ok(ws, "out.zarr")
+    before = tree_digest(ws / "out.zarr")
+    with output_lock(ws / "out.zarr"):  # this (live) process holds the output
+        for flag in ("--resume", "--overwrite"):
+            result = run_cli(
+                "run",
+                "in.zarr",
+                "out.zarr",
+                "--psf",
+                "psf.npy",
+                "--iterations",
+                "2",
+                flag,
+                cwd=ws,
+            )
+            assert result.returncode == 2
+            lines = result.stderr.strip().splitlines()
+            assert len(lines) == 1, result.stderr
+            assert (
+                f"output '{ws}/out.zarr' is being written by another ssi-dask run (pid "
+                f"{os.getpid()}" in lines[0]
+            )
+            assert "wait for it to finish or choose another output" in lines[0]
+        lock = json.loads((ws / "out.zarr" / LOCK_FILE).read_text())
+        assert lock["pid"] == os.getpid()
+    assert not (ws / "out.zarr" / LOCK_FILE).exists()
+    assert tree_digest(ws / "out.zarr") == before
+
+
+def test_a_stale_lock_is_taken_over(ws):
+    run_ok(ws, "out.zarr")
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
+    pid = int(dead.stdout)
+    (ws / "out.zarr" / LOCK_FILE).write_text(
+        json.dumps({"host": os.uname().nodename, "pid": pid, "process_start": 1.0})
+    )
+    run_ok(ws, "out.zarr", "--overwrite")
+    assert not (ws / "out.zarr" / LOCK_FILE).exists()
+    assert zarr.open_array(str(ws / "out.zarr")).attrs["ssi_dask"]["complete"] is True
+
+
+def test_two_runs_at_once(ws):
+    """Two real processes on one output: the second is refused in one line, the first ends
+    complete with every record."""
+    big = zarr.create_array(
+        store=str(ws / "big.zarr"), shape=(16, 128, 128), chunks=(16, 32, 32), dtype="float32"
+    )
+    big[...] = smooth_volume((16, 128, 128), seed=6)
+    command = [
+        *console_command("ssi-dask", "ssi_dask"),
+        "run",
+        "big.zarr",
+        "out.zarr",
+        "--psf",
+        "psf.npy",
+        "--iterations",
+        "30",
+        "--workers",
+        "1",
+        "--chunks",
+        "16,32,32",
+        "--no-progress",
+    ]
+    first = subprocess.Popen(
+        command, cwd=ws, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not (ws / "out.zarr" / LOCK_FILE).exists():
+            assert first.poll() is None, first.communicate()
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        second = run_cli(
+            *command[len(console_command("ssi-dask", "ssi_dask")) : -1], "--resume", cwd=ws
+        )
+        assert second.returncode == 2
+        assert len(second.stderr.strip().splitlines()) == 1, second.stderr
+        assert "is being written by another ssi-dask run" in second.stderr
+        out, err = first.communicate(timeout=300)
+    finally:
+        if first.poll() is None:
+            first.kill()
+    assert first.returncode == 0, err
+    attrs = zarr.open_array(str(ws / "out.zarr")).attrs["ssi_dask"]
+    assert attrs["complete"] is True and attrs["chunks_written"] == 16
+    assert not (ws / "out.zarr" / LOCK_FILE).exists()
