@@ -35,6 +35,13 @@ LOCAL_WORKER_CONFIG = {
 }
 
 
+#: Where the servers of a local cluster listen: scheduler, nannies, workers and the dashboard
+#: on the loopback interface only (nothing of a local run is reachable from the network).
+LOCAL_HOST = "127.0.0.1"
+#: The scheduler's dashboard: loopback, on a free port (a bare ":0" would bind 0.0.0.0).
+LOCAL_DASHBOARD_ADDRESS = f"{LOCAL_HOST}:0"
+
+
 @contextlib.contextmanager
 def _environ(values: dict[str, str]) -> Iterator[None]:
     """Set environment variables for the duration of the block, then restore the old ones."""
@@ -93,7 +100,8 @@ def _local_cluster(
         return LocalCUDACluster(
             threads_per_worker=threads_per_worker or 1,
             memory_limit=memory_limit or "auto",
-            dashboard_address=":0",
+            host=LOCAL_HOST,
+            dashboard_address=LOCAL_DASHBOARD_ADDRESS,
         )
     import dask  # noqa: PLC0415
     from distributed import LocalCluster  # noqa: PLC0415
@@ -116,7 +124,8 @@ def _local_cluster(
             threads_per_worker=threads,
             memory_limit=memory_limit or "auto",
             processes=True,
-            dashboard_address=":0",
+            host=LOCAL_HOST,
+            dashboard_address=LOCAL_DASHBOARD_ADDRESS,
             silence_logs=logging.CRITICAL,  # task errors are reported by the command itself
         )
 
