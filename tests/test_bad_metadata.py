@@ -1,0 +1,241 @@
+"""Bad OME-NGFF metadata, optics and limits: one line on stderr naming the problem and the fix,
+exit status 2, the input unchanged and no output written (issue 13, item 7)."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+import zarr
+from conftest import run_cli, smooth_volume, tree_digest
+
+from ssi_dask.cli import main
+from ssi_dask.psf import save_psf, widefield_psf
+
+pytest.importorskip("ome_zarr")
+
+VOXEL = (0.3, 0.15, 0.15)
+SHAPE = (12, 32, 32)
+OPTICS = ("--na", "1.0", "--wavelength", "0.52")
+
+
+def write_ome(path: Path, version: str = "0.4", edit=None) -> Path:
+    """A one-level zyx OME-Zarr image written by ome-zarr-py; ``edit`` changes a copy of
+    its multiscales list (``edit(multiscales)`` may return a replacement)."""
+    from ome_zarr.format import FormatV04, FormatV05
+    from ome_zarr.writer import write_multiscale
+
+    group = zarr.open_group(str(path), mode="w", zarr_format=2 if version == "0.4" else 3)
+    write_multiscale(
+        [smooth_volume(SHAPE)],
+        group,
+        fmt=FormatV04() if version == "0.4" else FormatV05(),
+        axes=[{"name": n, "type": "space", "unit": "micrometer"} for n in "zyx"],
+        coordinate_transformations=[[{"type": "scale", "scale": list(VOXEL)}]],
+        storage_options={"chunks": (12, 16, 16)},
+    )
+    if edit is not None:
+        attrs = json.loads(json.dumps(dict(group.attrs)))
+        block = attrs["ome"] if version == "0.5" else attrs
+        multiscales = copy.deepcopy(block["multiscales"])
+        changed = edit(multiscales)
+        block["multiscales"] = multiscales if changed is None else changed
+        group.attrs.put(attrs)
+    return path
+
+
+def _scale(multiscales) -> list:
+    return multiscales[0]["datasets"][0]["coordinateTransformations"][0]["scale"]
+
+
+def _set_scale(values):
+    def edit(multiscales):
+        _scale(multiscales)[:] = values
+
+    return edit
+
+
+def _two_axes(multiscales):  # a 3D array declared as yx
+    multiscales[0]["axes"] = multiscales[0]["axes"][1:]
+    multiscales[0]["datasets"][0]["coordinateTransformations"][0]["scale"] = [0.15, 0.15]
+
+
+INVALID = "has invalid OME-NGFF metadata: "
+FIX = "; fix the multiscales metadata (see ngff.openmicroscopy.org) or re-export the image"
+
+# name -> (edit of the multiscales list, NGFF version, expected message after the input path)
+METADATA_CASES = {
+    "multiscales a dict": (lambda m: m[0], "0.4", INVALID + "multiscales is dict {"),
+    "multiscales a string": (lambda m: "zyx", "0.4", INVALID + "multiscales is str 'zyx', not a"),
+    "multiscales [1]": (lambda m: [1], "0.4", INVALID + "multiscales[0] is int 1, not an object"),
+    "multiscales empty": (lambda m: [], "0.4", INVALID + "multiscales is list [], not a non-empty"),
+    "multiscales a dict (0.5)": (lambda m: m[0], "0.5", INVALID + "multiscales is dict {"),
+    "no datasets": (
+        lambda m: m[0].pop("datasets") and None,
+        "0.4",
+        INVALID + "datasets is NoneType None, not a non-empty list" + FIX,
+    ),
+    "dataset without path": (
+        lambda m: m[0]["datasets"][0].pop("path") and None,
+        "0.4",
+        "not an object with a path" + FIX,
+    ),
+    "axes a string": (
+        lambda m: m[0].update(axes="zyx"),
+        "0.4",
+        INVALID + "axes is str 'zyx', not a list of axis objects" + FIX,
+    ),
+    "axes as names": (
+        lambda m: m[0].update(axes=["z", "y", "x"]),
+        "0.4",
+        INVALID + "axis 0 is 'z', not an object with a name" + FIX,
+    ),
+    "transformations a string": (
+        lambda m: m[0]["datasets"][0].update(coordinateTransformations="scale"),
+        "0.4",
+        INVALID + "dataset 0 has coordinateTransformations 'scale', not a non-empty list" + FIX,
+    ),
+    "no transformations": (
+        lambda m: m[0]["datasets"][0].pop("coordinateTransformations") and None,
+        "0.4",
+        INVALID + "dataset 0 has coordinateTransformations None, not a non-empty list" + FIX,
+    ),
+    "translation before scale": (
+        lambda m: m[0]["datasets"][0]["coordinateTransformations"].insert(
+            0, {"type": "translation", "translation": [0, 0, 0]}
+        ),
+        "0.4",
+        "has coordinateTransformations of types ['translation', 'scale']; NGFF needs a scale, "
+        "optionally followed by a translation" + FIX,
+    ),
+    "scale of 2 values for 3 axes": (
+        _set_scale([0.15, 0.15]),
+        "0.4",
+        INVALID + "dataset 0 has a scale of [0.15, 0.15]; NGFF needs 3 numbers, one per axis",
+    ),
+    "zero scale": (
+        _set_scale([0.0, 0.15, 0.15]),
+        "0.4",
+        INVALID + "dataset 0 has a scale [0.0, 0.15, 0.15]; every scale (voxel size) must be "
+        "above 0" + FIX,
+    ),
+    "negative scale (0.5)": (
+        _set_scale([-0.3, 0.15, 0.15]),
+        "0.5",
+        INVALID + "dataset 0 has a scale [-0.3, 0.15, 0.15]; every scale (voxel size) must be "
+        "above 0",
+    ),
+    "NaN scale": (
+        _set_scale([float("nan"), 0.15, 0.15]),
+        "0.4",
+        INVALID + "dataset 0 has a scale [nan, 0.15, 0.15] with NaN or Inf" + FIX,
+    ),
+    "2 axes on a 3D array": (
+        _two_axes,
+        "0.4",
+        "has axes ['y', 'x'] but its level 's0' has 3 dimensions (12, 32, 32); fix the axes in "
+        "the multiscales metadata (one per array dimension)",
+    ),
+    "level that is not there": (
+        lambda m: m[0]["datasets"][0].update(path="s9"),
+        "0.5",
+        "lists the level 's9', which is not a Zarr array in the group; fix the multiscales "
+        "datasets or restore the level",
+    ),
+}
+
+
+@pytest.fixture
+def psf_path(tmp_path) -> Path:
+    path = tmp_path / "psf.tif"
+    save_psf(path, widefield_psf((7, 9, 9), VOXEL, na=1.0, wavelength=0.52), VOXEL)
+    return path
+
+
+def _check(status: int, stderr: str, message: str) -> None:
+    lines = stderr.strip().splitlines()
+    assert status == 2, stderr
+    assert len(lines) == 1 and "Traceback" not in stderr, stderr
+    assert lines[0].startswith("ssi-dask: error: "), lines[0]
+    assert message in lines[0], lines[0]
+
+
+@pytest.mark.parametrize("with_psf", [False, True], ids=["optics", "psf-file"])
+def test_bad_ome_metadata_is_one_line(tmp_path, psf_path, capsys, with_psf):
+    psf_options = ("--psf", psf_path) if with_psf else OPTICS
+    for number, (name, (edit, version, message)) in enumerate(METADATA_CASES.items()):
+        source = write_ome(tmp_path / f"case{number}.ome.zarr", version, edit)
+        before = tree_digest(source)
+        out = tmp_path / f"out{number}.ome.zarr"
+        status = main(["run", str(source), str(out), *map(str, psf_options)])
+        try:
+            stderr = capsys.readouterr().err
+            _check(status, stderr, message)
+            assert f"ssi-dask: error: input '{source}' " in stderr, stderr
+        except AssertionError as exc:
+            raise AssertionError(f"case {name!r}: {exc}") from None
+        assert tree_digest(source) == before, name
+        assert not out.exists(), name
+
+
+def test_zero_scale_no_longer_divides_by_zero(tmp_path, capsys):
+    # the case of the issue: a zero z scale with --na (a ZeroDivisionError traceback before)
+    source = write_ome(tmp_path / "img.ome.zarr", "0.4", _set_scale([0.0, 0.15, 0.15]))
+    before = tree_digest(source)
+    status = main(["run", str(source), str(tmp_path / "out.ome.zarr"), *OPTICS, "--dry-run"])
+    _check(status, capsys.readouterr().err, f"input '{source}' {INVALID}dataset 0 has a scale")
+    assert tree_digest(source) == before
+
+
+def test_valid_ome_input_still_plans(tmp_path, capsys):
+    """The checks pass the metadata ome-zarr-py writes, 0.4 and 0.5."""
+    for version in ("0.4", "0.5"):
+        source = write_ome(tmp_path / f"good{version}.ome.zarr", version)
+        status = main(["run", str(source), str(tmp_path / "o.ome.zarr"), *OPTICS, "--dry-run"])
+        printed = capsys.readouterr()
+        assert status == 0, printed.err
+        assert f"OME-NGFF {version}, level 0, axes zyx, voxel size (0.3, 0.15, 0.15) um" in (
+            printed.out
+        )
+
+
+OPTICS_CASES = {
+    "NaN voxel size": (
+        ("--voxel-size", "nan,0.15,0.15", *OPTICS),
+        "--voxel-size needs 3 positive values for a 3D image, got 'nan,0.15,0.15'",
+    ),
+    "zero NA": (
+        ("--voxel-size", "0.3,0.15,0.15", "--na", "0", "--wavelength", "0.52"),
+        "--na must be above 0 and below the refractive index 1.33, got 0.0",
+    ),
+    "NaN NA": (
+        ("--voxel-size", "0.3,0.15,0.15", "--na", "nan", "--wavelength", "0.52"),
+        "--na must be above 0 and below the refractive index 1.33, got nan",
+    ),
+    "infinite wavelength": (
+        ("--voxel-size", "0.3,0.15,0.15", "--na", "1", "--wavelength", "inf"),
+        "--wavelength must be positive micrometres (e.g. 0.52), got inf",
+    ),
+    "zero refractive index": (
+        ("--voxel-size", "0.3,0.15,0.15", *OPTICS, "--refractive-index", "0"),
+        "--refractive-index must be a positive number, got 0.0",
+    ),
+}
+
+
+def test_bad_optics_are_one_line(tmp_path, capsys):
+    source = tmp_path / "plain.zarr"
+    zarr.create_array(store=str(source), shape=SHAPE, chunks=(12, 16, 16), dtype="f4")[...] = (
+        smooth_volume(SHAPE)
+    )
+    before = tree_digest(source)
+    for name, (options, message) in OPTICS_CASES.items():
+        out = tmp_path / "out.zarr"
+        status = main(["run", str(source), str(out), *options])
+        try:
+            _check(status, capsys.readouterr().err, message)
+        except AssertionError as exc:
+            raise AssertionError(f"case {name!r}: {exc}") from None
+        assert tree_digest(source) == before and not out.exists(), name
