@@ -313,6 +313,9 @@ def run_ome(args: argparse.Namespace, image: Any = None) -> int:
         from .cli import _parse_depth  # noqa: PLC0415
 
         depth = _parse_depth(args.depth, n_spatial)
+    from .cli import check_local_memory  # noqa: PLC0415
+
+    check_local_memory(args)  # a limit below a worker's baseline fails before any training
     if args.method == "ssi":
         from .cli import _ssi_model_for_run  # noqa: PLC0415
 
@@ -346,6 +349,7 @@ def run_ome(args: argparse.Namespace, image: Any = None) -> int:
         f"{voxel_size} um, {n_volumes} volume(s) of {spatial_shape}"
     )
     print(plan.summary())
+    check_local_memory(args, plan, model)
     if args.dry_run:
         print("dry run: nothing computed or written")
         return 0

@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
+import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 import zarr
 from conftest import run_cli, smooth_volume, tree_digest
@@ -239,3 +242,166 @@ def test_bad_optics_are_one_line(tmp_path, capsys):
         except AssertionError as exc:
             raise AssertionError(f"case {name!r}: {exc}") from None
         assert tree_digest(source) == before and not out.exists(), name
+
+
+@pytest.fixture
+def plain(tmp_path) -> Path:
+    source = tmp_path / "plain.zarr"
+    zarr.create_array(store=str(source), shape=SHAPE, chunks=(12, 16, 16), dtype="f4")[...] = (
+        smooth_volume(SHAPE)
+    )
+    return source
+
+
+MEMORY_CASES = {
+    "banana": "--memory-limit 'banana' is not a memory size; give e.g. 4GiB or 500MB, a "
+    "fraction of the machine's memory such as 0.5, or leave it out",
+    "-1GB": "--memory-limit '-1GB' is not a memory size",
+    # a silent hang before (the worker paused for good)
+    "150MB": "--memory-limit 150MB gives each worker 143.05 MiB, but one task needs ~",
+    # "all workers gone" before (the nanny killed the worker again and again)
+    "50MB": "--memory-limit 50MB gives each worker 47.68 MiB, but one task needs ~",
+}
+
+
+def test_memory_limit_too_small_is_refused_before_the_cluster(tmp_path, plain, psf_path):
+    before = tree_digest(plain)
+    for value, message in MEMORY_CASES.items():
+        out = tmp_path / "out.zarr"
+        result = run_cli(
+            "run", plain, out, "--psf", psf_path, "--workers", "1", f"--memory-limit={value}",
+            "--worker-timeout", "20", timeout=120,
+        )  # fmt: skip
+        try:
+            _check(result.returncode, result.stderr, message)
+        except AssertionError as exc:
+            raise AssertionError(f"--memory-limit {value}: {exc}") from None
+        assert "dask:" not in result.stdout  # refused before the cluster started
+        assert tree_digest(plain) == before and not out.exists(), value
+    assert "Dask's pause threshold (80% of the limit, where the run would stall); give " in (
+        result.stderr
+    )
+
+
+def test_the_suggested_memory_limit_runs(tmp_path, plain, psf_path):
+    """The size the refusal names is enough: the run with it finishes (no pause, no kill)."""
+    from ssi_dask.verify import verify_output
+
+    refused = run_cli("run", plain, tmp_path / "o.zarr", "--psf", psf_path, "--workers", "1",
+                      "--memory-limit", "150MB", timeout=120)  # fmt: skip
+    suggested = re.search(r"give --memory-limit (\d+)MiB or more", refused.stderr)
+    assert refused.returncode == 2 and suggested, refused.stderr
+    out = tmp_path / "out.zarr"
+    result = run_cli(
+        "run", plain, out, "--psf", psf_path, "--workers", "1", "--no-progress",
+        "--memory-limit", f"{suggested.group(1)}MiB", "--worker-timeout", "30", timeout=180,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == ""
+    assert verify_output(out).ok
+
+
+def test_memory_check_also_in_dry_run_and_before_ssi_training(plain, psf_path, tmp_path, capsys):
+    before = tree_digest(plain)
+    out = tmp_path / "out.zarr"
+    status = main(["run", str(plain), str(out), "--psf", str(psf_path), "--dry-run",
+                   "--memory-limit", "100MB"])  # fmt: skip
+    _check(status, capsys.readouterr().err, "--memory-limit 100MB gives each worker 95.37 MiB")
+    # SSI: refused before training (a worker imports torch: its baseline alone is too much)
+    status = main(["run", str(plain), str(out), "--psf", str(psf_path), "--method", "ssi",
+                   "--memory-limit", "300MB"])  # fmt: skip
+    printed = capsys.readouterr()
+    _check(status, printed.err, "--memory-limit 300MB gives each worker 286.10 MiB, but a worker "
+           "needs ~384.00 MiB with its modules imported")  # fmt: skip
+    assert "training" not in printed.out
+    assert tree_digest(plain) == before and not out.exists()
+
+
+def test_memory_rule_follows_threads_chunks_and_dask_thresholds():
+    import dask
+
+    from ssi_dask.cluster import TASKS_IN_FLIGHT, WORKER_BASELINE_BYTES, check_worker_memory
+    from ssi_dask.errors import ParameterError
+
+    mib = 2**20
+    task = 100 * mib
+    fits = (WORKER_BASELINE_BYTES["lr"] + TASKS_IN_FLIGHT * task) / 0.8  # exactly at the pause
+    assert check_worker_memory(f"{int(fits) + 1}B", 1, task) == int(fits) + 1
+    with pytest.raises(ParameterError, match=r"or more, or smaller --chunks$"):
+        check_worker_memory(f"{int(fits) - mib}B", 1, task)
+    # two threads: twice the tasks in flight, and the hint names the threads too
+    with pytest.raises(ParameterError, match="4 tasks in flight.*fewer --threads-per-worker"):
+        check_worker_memory(f"{int(fits) + 1}B", 2, task)
+    # without pausing, the terminate threshold (95 %) is the limit
+    with dask.config.set({"distributed.worker.memory.pause": False}):
+        assert check_worker_memory(f"{int(fits * 0.8 / 0.95) + 1}B", 1, task)
+    assert check_worker_memory("0", 1, task) is None  # 0: no limit, as in Dask
+
+
+def _truncated_copy(source: Path, target: Path) -> Path:
+    data = source.read_bytes()
+    target.write_bytes(data[: len(data) // 2])
+    return target
+
+
+def test_failing_runs_print_exactly_one_line(tmp_path, plain, psf_path, monkeypatch):
+    """Library warnings and log records (here tifffile's, in this process and on the local
+    cluster's workers) do not add lines to a failing run's one-line error."""
+    import tifffile
+
+    image = tmp_path / "image.tif"
+    tifffile.imwrite(image, smooth_volume(SHAPE))
+    ome = write_ome(tmp_path / "dict.ome.zarr", "0.4", lambda m: m[0])
+    cases = [
+        (
+            ("run", plain, "--psf", _truncated_copy(psf_path, tmp_path / "cut_psf.tif")),
+            "PSF file '",
+        ),
+        (
+            (
+                "run",
+                _truncated_copy(image, tmp_path / "cut.tif"),
+                "--psf",
+                psf_path,
+                "--workers",
+                "1",
+                "--no-progress",
+            ),
+            "computing the chunk [0:12, 0:32, 0:32] failed (TiffFileError: ",
+        ),  # fmt: skip
+        (("run", ome, *OPTICS), INVALID + "multiscales is dict"),
+        (("run", plain, "--psf", psf_path, "--memory-limit", "64MiB"), "gives each worker"),
+    ]
+    for number, ((command, source, *options), message) in enumerate(cases):
+        before = tree_digest(source)
+        out = tmp_path / f"out{number}.zarr"
+        result = run_cli(command, source, out, *options, timeout=180)
+        try:
+            _check(result.returncode, result.stderr, message)
+        except AssertionError as exc:
+            raise AssertionError(f"{source.name}: {exc}") from None
+        assert tree_digest(source) == before
+    # the libraries did speak: with SSI_DASK_DEBUG=1 their records are shown again
+    monkeypatch.setenv("SSI_DASK_DEBUG", "1")
+    debug = run_cli("run", plain, tmp_path / "o.zarr", "--psf", tmp_path / "cut_psf.tif")
+    assert len(debug.stderr.strip().splitlines()) > 1, debug.stderr
+
+
+def test_own_warnings_become_one_line_library_warnings_are_not_shown(capsys):
+    import warnings
+
+    import ssi_dask.lr
+    from ssi_dask.quiet import quiet_libraries
+
+    with warnings.catch_warnings(), quiet_libraries():
+        warnings.simplefilter("always")
+        warnings.warn_explicit(
+            "clipped 12 negative voxels\nsecond line", UserWarning, ssi_dask.lr.__file__, 1
+        )
+        warnings.warn_explicit("noisy", RuntimeWarning, np.__file__, 1)
+        logging.getLogger("tifffile").warning("<tifffile.TiffPages @8> invalid page offset")
+        logging.getLogger("ssi_dask.lr").warning("own log record")
+    assert capsys.readouterr().err.splitlines() == [
+        "ssi-dask: warning: clipped 12 negative voxels",
+        "ssi-dask: warning: own log record",
+    ]
