@@ -144,6 +144,38 @@ def check_multiscales(block: dict, path: str | os.PathLike) -> None:
         )
 
 
+def check_omero(block: dict, path: str | os.PathLike) -> None:
+    """Check the ``omero`` display metadata ssi-dask reads (channel labels and colours).
+
+    Raises
+    ------
+    InputError
+        When ``omero`` is not an object, its ``channels`` not a list of objects, or a
+        channel's label or colour not text.
+    """
+    if "omero" not in block:
+        return
+    omero = block["omero"]
+
+    def bad(problem: str) -> InputError:
+        return InputError(
+            f"input {str(path)!r} has invalid omero metadata: {problem}; fix it or remove the "
+            "omero block (display settings only)"
+        )
+
+    if not isinstance(omero, dict):
+        raise bad(f"omero is {type(omero).__name__} {_short(omero)}, not an object")
+    channels = omero.get("channels", [])
+    if not isinstance(channels, list):
+        raise bad(f"channels is {type(channels).__name__} {_short(channels)}, not a list")
+    for number, channel in enumerate(channels):
+        if not isinstance(channel, dict):
+            raise bad(f"channel {number} is {_short(channel)}, not an object")
+        for key in ("label", "color"):
+            if key in channel and not isinstance(channel[key], str):
+                raise bad(f"channel {number} has a {key} of {_short(channel[key])}, not text")
+
+
 def _short(value: Any, limit: int = 40) -> str:
     text = repr(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."
@@ -269,6 +301,7 @@ def open_ome_zarr(path: str | os.PathLike, level: int = 0) -> OmeImage:
     if block is None:
         raise InputError(f"input {str(path)!r} has no OME-NGFF multiscales metadata")
     check_multiscales(block, path)
+    check_omero(block, path)
     if version is None:
         raise InputError(
             f"input {str(path)!r} declares no OME-NGFF version; add it to the metadata "

@@ -24,9 +24,10 @@ SHAPE = (12, 32, 32)
 OPTICS = ("--na", "1.0", "--wavelength", "0.52")
 
 
-def write_ome(path: Path, version: str = "0.4", edit=None) -> Path:
+def write_ome(path: Path, version: str = "0.4", edit=None, **extra) -> Path:
     """A one-level zyx OME-Zarr image written by ome-zarr-py; ``edit`` changes a copy of
-    its multiscales list (``edit(multiscales)`` may return a replacement)."""
+    its multiscales list (``edit(multiscales)`` may return a replacement); ``extra`` adds
+    attributes next to it (e.g. ``omero``)."""
     from ome_zarr.format import FormatV04, FormatV05
     from ome_zarr.writer import write_multiscale
 
@@ -39,12 +40,13 @@ def write_ome(path: Path, version: str = "0.4", edit=None) -> Path:
         coordinate_transformations=[[{"type": "scale", "scale": list(VOXEL)}]],
         storage_options={"chunks": (12, 16, 16)},
     )
-    if edit is not None:
+    if edit is not None or extra:
         attrs = json.loads(json.dumps(dict(group.attrs)))
         block = attrs["ome"] if version == "0.5" else attrs
         multiscales = copy.deepcopy(block["multiscales"])
-        changed = edit(multiscales)
+        changed = edit(multiscales) if edit is not None else None
         block["multiscales"] = multiscales if changed is None else changed
+        block.update(extra)
         group.attrs.put(attrs)
     return path
 
@@ -181,6 +183,33 @@ def test_bad_ome_metadata_is_one_line(tmp_path, psf_path, capsys, with_psf):
             raise AssertionError(f"case {name!r}: {exc}") from None
         assert tree_digest(source) == before, name
         assert not out.exists(), name
+
+
+OMERO_CASES = {
+    "omero a string": ("x", "omero is str 'x', not an object"),
+    "channels a dict": ({"channels": {"a": 1}}, "channels is dict {'a': 1}, not a list"),
+    "channel an int": ({"channels": [1]}, "channel 0 is 1, not an object"),
+    "label a list": ({"channels": [{"label": ["x"]}]}, "channel 0 has a label of ['x'], not text"),
+}
+
+
+def test_bad_omero_metadata_is_one_line(tmp_path, capsys):
+    """Display metadata used for channel names and the output's colours (a traceback after
+    the whole output was written, before)."""
+    for number, (name, (omero, problem)) in enumerate(OMERO_CASES.items()):
+        source = write_ome(tmp_path / f"omero{number}.ome.zarr", "0.5", omero=omero)
+        before = tree_digest(source)
+        out = tmp_path / "out.ome.zarr"
+        status = main(["run", str(source), str(out), *OPTICS])
+        message = (
+            f"input '{source}' has invalid omero metadata: {problem}; fix it or remove the "
+            "omero block (display settings only)"
+        )
+        try:
+            _check(status, capsys.readouterr().err, message)
+        except AssertionError as exc:
+            raise AssertionError(f"case {name!r}: {exc}") from None
+        assert tree_digest(source) == before and not out.exists(), name
 
 
 def test_zero_scale_no_longer_divides_by_zero(tmp_path, capsys):
