@@ -197,6 +197,8 @@ def check_worker_memory(
     )
     baseline = WORKER_BASELINE_BYTES[method]
     fix = f"give --memory-limit {smallest_mib}MiB or more"
+    if memory_limit in (None, "auto"):  # the machine's memory is shared by the workers
+        fix += " with fewer --workers"
     if baseline < fraction * limit:  # room for some tasks: smaller ones may fit
         fix += ", fewer --threads-per-worker or" if threads > 1 else ", or"
         fix += " smaller --chunks"

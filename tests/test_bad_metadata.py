@@ -365,6 +365,9 @@ def test_memory_rule_follows_threads_chunks_and_dask_thresholds():
     with dask.config.set({"distributed.worker.memory.pause": False}):
         assert check_worker_memory(f"{int(fits * 0.8 / 0.95) + 1}B", 1, task)
     assert check_worker_memory("0", 1, task) is None  # 0: no limit, as in Dask
+    # the default limit (the machine's memory shared by the cores): fewer workers help too
+    with pytest.raises(ParameterError, match="^the default memory limit .* fewer --workers, or"):
+        check_worker_memory(None, 1, 2**50)
 
 
 def _truncated_copy(source: Path, target: Path) -> Path:
