@@ -5,8 +5,12 @@ through Python warnings and logging; with no handler configured, both end up on 
 break the promise that a bad input gets exactly one line there. While :func:`quiet_libraries`
 is active:
 
-* a warning raised in ssi-dask's own code is printed as one ``ssi-dask: warning: ...`` line;
-* a warning or a log record (WARNING and above) from any other module is not shown;
+* a warning ssi-dask gives on purpose (a plain ``UserWarning`` raised in its own code, or a
+  :class:`SsiDaskWarning` from anywhere) and a record of its ``ssi_dask`` loggers are printed
+  as one ``ssi-dask: warning: ...`` line each;
+* any other warning (a library's, or a by-product such as numpy's ``RuntimeWarning`` or a
+  ``FutureWarning`` attributed to ssi-dask's line that called the library) and any other
+  module's log record is not shown;
 * ``SSI_DASK_DEBUG=1`` in the environment, or Python's own ``-W``/``PYTHONWARNINGS``
   options for warnings, show them as Python normally does.
 
@@ -27,6 +31,10 @@ from pathlib import Path
 PACKAGE_DIR = str(Path(__file__).resolve().parent)
 #: Environment variable that shows every library warning and log record again.
 DEBUG_VARIABLE = "SSI_DASK_DEBUG"
+
+
+class SsiDaskWarning(UserWarning):
+    """A warning ssi-dask gives the user on purpose (shown as one line by the command)."""
 
 
 def _is_ours(filename: str) -> bool:
@@ -54,7 +62,7 @@ class _OwnRecordsOnly(logging.Handler):
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
-    if _is_ours(filename):
+    if issubclass(category, SsiDaskWarning) or (category is UserWarning and _is_ours(filename)):
         print(f"ssi-dask: warning: {one_line(message)}", file=sys.stderr)
 
 

@@ -423,17 +423,24 @@ def test_own_warnings_become_one_line_library_warnings_are_not_shown(capsys):
     import warnings
 
     import ssi_dask.lr
-    from ssi_dask.quiet import quiet_libraries
+    from ssi_dask.quiet import SsiDaskWarning, quiet_libraries
 
+    shown, handlers = warnings.showwarning, list(logging.getLogger().handlers)
     with warnings.catch_warnings(), quiet_libraries():
         warnings.simplefilter("always")
         warnings.warn_explicit(
             "clipped 12 negative voxels\nsecond line", UserWarning, ssi_dask.lr.__file__, 1
         )
         warnings.warn_explicit("noisy", RuntimeWarning, np.__file__, 1)
+        # a by-product in ssi-dask's own line (numpy's invalid value) is not shown either
+        warnings.warn_explicit("invalid value", RuntimeWarning, ssi_dask.lr.__file__, 2)
+        warnings.warn_explicit("chosen", SsiDaskWarning, np.__file__, 3)
         logging.getLogger("tifffile").warning("<tifffile.TiffPages @8> invalid page offset")
         logging.getLogger("ssi_dask.lr").warning("own log record")
     assert capsys.readouterr().err.splitlines() == [
         "ssi-dask: warning: clipped 12 negative voxels",
+        "ssi-dask: warning: chosen",
         "ssi-dask: warning: own log record",
     ]
+    # restored afterwards (main() runs in-process in tests and in users' scripts)
+    assert warnings.showwarning is shown and logging.getLogger().handlers == handlers
