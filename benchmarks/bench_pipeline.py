@@ -141,7 +141,8 @@ def main() -> None:
                 n_workers=args.workers,
                 threads_per_worker=1,
                 processes=True,
-                dashboard_address=":0",
+                host="127.0.0.1",
+                dashboard_address="127.0.0.1:0",
                 silence_logs=logging.ERROR,
             )
         else:  # exactly the local cluster `ssi-dask run` starts

@@ -41,7 +41,7 @@ def start_cluster(
             threads_per_worker=1,
             memory_limit=memory_limit,
             host="127.0.0.1",
-            dashboard_address=":0",
+            dashboard_address="127.0.0.1:0",
             silence_logs=logging.ERROR,
         )
     try:
@@ -56,7 +56,8 @@ def start_cluster(
         threads_per_worker=1,
         memory_limit=memory_limit,
         rmm_pool_size=rmm_pool_size,
-        dashboard_address=":8787",
+        host="127.0.0.1",  # a local cluster: reachable from this machine only
+        dashboard_address="127.0.0.1:8787",
     )
 
 

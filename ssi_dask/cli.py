@@ -717,6 +717,35 @@ def run_client(args: argparse.Namespace) -> Iterator[Any]:
         yield client
 
 
+def check_local_memory(args: argparse.Namespace, plan: Any = None, model: Any = None) -> None:
+    """Refuse a ``--memory-limit`` too small for the run before the local cluster starts.
+
+    Without ``plan``, only the worker's baseline is checked (SSI, before training). With
+    ``--scheduler``/``--scheduler-file`` the workers' limits are theirs: nothing to check;
+    with ``--gpu`` only that the value can be read (the tasks' memory is on the device).
+    """
+    from .cluster import check_worker_memory, local_memory_limit  # noqa: PLC0415
+
+    if args.scheduler or args.scheduler_file:
+        return
+    if plan is None and args.method != "ssi":  # nothing to do before training
+        return
+    if args.gpu:
+        local_memory_limit(args.memory_limit, args.threads_per_worker)
+        return
+    task_bytes = 0
+    if plan is not None and args.method == "ssi" and model is not None:
+        from .ssi.tiling import CPU_BUDGET_BYTES, bytes_per_voxel  # noqa: PLC0415
+
+        padded = math.prod(w + 2 * d for w, d in zip(plan.working_chunks, plan.depth))
+        network = getattr(model, "network", model)
+        # the block in and out (as for LR) plus the network's activations, at most its budget
+        task_bytes = 12 * padded + min(CPU_BUDGET_BYTES, padded * bytes_per_voxel(network))
+    elif plan is not None:
+        task_bytes = plan.memory_per_task
+    check_worker_memory(args.memory_limit, args.threads_per_worker, task_bytes, method=args.method)
+
+
 def _run_command(args: argparse.Namespace) -> int:
     from .blockwise import (  # noqa: PLC0415
         METHOD_BOUNDARY,
@@ -777,6 +806,7 @@ def _run_command(args: argparse.Namespace) -> int:
     if auto:
         iterations = 1  # plan (and check the chunks) for now; re-planned once chosen
     depth = _parse_depth(args.depth, volume.ndim)
+    check_local_memory(args)  # a limit below a worker's baseline fails before any training
     model = None
     if args.method == "ssi":
         model = _ssi_model_for_run(args, volume, psf)
@@ -853,6 +883,7 @@ def _run_command(args: argparse.Namespace) -> int:
         existing = check_resume(output, layout, input_path=volume.path)  # before any work
         done = recorded_chunks(output, existing)
         print(f"  resume          {done} of {plan.n_chunks} chunks already written")
+    check_local_memory(args, plan, model)
     if args.dry_run:
         print("dry run: nothing computed or written")
         return 0
@@ -966,6 +997,7 @@ def _choose_iterations(args: argparse.Namespace, volume, psf, lr_options: dict, 
         lr_options["wiener_alpha"] = choice.wiener_alpha
     plan = plan_for(choice.num_iter)
     print(f"  halo (depth)    {plan.depth} for {choice.num_iter} iterations")
+    check_local_memory(args, plan)  # the chosen count's halo makes the tasks larger
     return plan, choice
 
 
@@ -1015,10 +1047,13 @@ def _model_summary(model, args: argparse.Namespace) -> dict:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``ssi-dask`` command; returns the exit status."""
+    from .quiet import quiet_libraries  # noqa: PLC0415
+
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return int(args.handler(args) or 0)
+        with quiet_libraries():  # library warnings and logs do not break the one-line errors
+            return int(args.handler(args) or 0)
     except SsiDaskError as exc:
         print(f"ssi-dask: error: {exc}", file=sys.stderr)
         return exc.exit_code

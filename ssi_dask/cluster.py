@@ -9,6 +9,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from distributed.diagnostics.plugin import WorkerPlugin
+
 from .errors import DeviceError, ParameterError, SchedulerError
 
 #: Environment for worker processes. Dask's nanny sets ``MALLOC_TRIM_THRESHOLD_=65536``, which
@@ -33,6 +35,26 @@ LOCAL_WORKER_CONFIG = {
     "distributed.nanny.pre-spawn-environ": WORKER_ALLOCATOR_ENV,
     "distributed.worker.profile.enabled": False,
 }
+
+
+#: Where the servers of a local cluster listen: scheduler, nannies, workers and the dashboard
+#: on the loopback interface only (nothing of a local run is reachable from the network).
+LOCAL_HOST = "127.0.0.1"
+#: The scheduler's dashboard: loopback, on a free port (a bare ":0" would bind 0.0.0.0).
+LOCAL_DASHBOARD_ADDRESS = f"{LOCAL_HOST}:0"
+
+
+class QuietLibrariesPlugin(WorkerPlugin):
+    """Worker plugin of a local cluster: the workers share the command's stderr, so library
+    warnings and log records there are kept off it as in the command itself
+    (:func:`ssi_dask.quiet.quiet_libraries`)."""
+
+    name = "ssi-dask-quiet-libraries"
+
+    def setup(self, worker: Any) -> None:
+        from .quiet import install_quiet_libraries  # noqa: PLC0415
+
+        install_quiet_libraries()
 
 
 @contextlib.contextmanager
@@ -72,6 +94,127 @@ def worker_env(memory_limit: str | None) -> dict[str, str]:
     return env
 
 
+#: Resident memory of an idle local worker process once a task's modules are imported
+#: (distributed, zarr, scipy.fft, ssi_dask.lr: 133 MiB measured, 131-138 MiB in
+#: benchmarks/RESULTS.md; torch and ssi_dask.ssi add 180 MiB: 313 MiB), with ~20 % margin.
+WORKER_BASELINE_BYTES = {"lr": 160 * 2**20, "ssi": 384 * 2**20}
+#: Tasks' working memory alive at once per worker thread: the running task plus the input
+#: blocks and halo pieces Dask holds for the next ones. Measured peak minus baseline was
+#: 2.0x the plan's per-task estimate (bench_memory.py) and 1.6x (bench_pipeline.py).
+TASKS_IN_FLIGHT = 2
+
+
+def _memory_fraction() -> float:
+    """Share of the memory limit a local worker can use before it stalls or is killed:
+    Dask's pause threshold (80 % by default), else its terminate threshold, else all."""
+    import dask  # noqa: PLC0415
+
+    for key in ("pause", "terminate"):
+        value = dask.config.get(f"distributed.worker.memory.{key}", default=False)
+        if value not in (False, None) and float(value) > 0:
+            return float(value)
+    return 1.0
+
+
+def local_memory_limit(memory_limit: str | None, threads_per_worker: int = 1) -> int | None:
+    """Bytes of memory each local worker may use, as Dask will read ``--memory-limit``.
+
+    ``None`` or ``"auto"`` is the machine's memory shared by the cores (each worker gets its
+    threads' share); a number up to 1 is a fraction of the machine's memory; otherwise a size
+    such as ``"4GiB"``. Returns None for no limit (``0``).
+
+    Raises
+    ------
+    ParameterError
+        When the value cannot be read as a size.
+    """
+    from distributed.worker_memory import parse_memory_limit  # noqa: PLC0415
+
+    text = "auto" if memory_limit is None else str(memory_limit).strip()
+    bad = ParameterError(
+        f"--memory-limit {memory_limit!r} is not a memory size; give e.g. 4GiB or 500MB, a "
+        "fraction of the machine's memory such as 0.5, or leave it out"
+    )
+    try:
+        if text.startswith("-"):
+            raise bad
+        return parse_memory_limit(
+            text, max(int(threads_per_worker), 1), logger=logging.getLogger("ssi_dask.quiet")
+        )
+    except (ValueError, TypeError):
+        raise bad from None
+
+
+def check_worker_memory(
+    memory_limit: str | None,
+    threads_per_worker: int,
+    task_bytes: int,
+    *,
+    method: str = "lr",
+) -> int | None:
+    """Refuse, before a local cluster starts, a memory limit too small for the plan's tasks.
+
+    A worker needs its baseline (:data:`WORKER_BASELINE_BYTES`) plus :data:`TASKS_IN_FLIGHT`
+    tasks per thread, all below Dask's pause threshold (:func:`_memory_fraction`); above it,
+    the worker pauses and the run hangs, or the nanny kills it again and again.
+
+    Parameters
+    ----------
+    memory_limit : str or None
+        The ``--memory-limit`` value (None: Dask's "auto").
+    threads_per_worker : int
+        Threads (tasks running at once) per worker.
+    task_bytes : int
+        Working memory of one task (``BlockPlan.memory_per_task`` for LR).
+    method : {"lr", "ssi"}
+        Which baseline applies (SSI workers import torch).
+
+    Returns
+    -------
+    int or None
+        The worker memory limit in bytes (None: no limit).
+
+    Raises
+    ------
+    ParameterError
+        When the limit cannot be read, or is too small, with the size that would do.
+    """
+    from dask.utils import format_bytes  # noqa: PLC0415
+
+    limit = local_memory_limit(memory_limit, threads_per_worker)
+    if limit is None:
+        return None
+    threads = max(int(threads_per_worker), 1)
+    needed = WORKER_BASELINE_BYTES[method] + TASKS_IN_FLIGHT * threads * int(task_bytes)
+    fraction = _memory_fraction()
+    if needed <= fraction * limit:
+        return limit
+    smallest_mib = -(-int(needed / fraction) // 2**20)
+    given = (
+        f"--memory-limit {memory_limit}"
+        if memory_limit not in (None, "auto")
+        else "the default memory limit (the machine's memory shared by the cores)"
+    )
+    baseline = WORKER_BASELINE_BYTES[method]
+    fix = f"give --memory-limit {smallest_mib}MiB or more"
+    if memory_limit in (None, "auto"):  # the machine's memory is shared by the workers
+        fix += " with fewer --workers"
+    if baseline < fraction * limit:  # room for some tasks: smaller ones may fit
+        fix += ", fewer --threads-per-worker or" if threads > 1 else ", or"
+        fix += " smaller --chunks"
+    if task_bytes:
+        what = (
+            f"one task needs ~{format_bytes(task_bytes)} and a worker ~{format_bytes(needed)} "
+            f"({format_bytes(baseline)} baseline, {TASKS_IN_FLIGHT * threads} tasks in flight)"
+        )
+    else:
+        what = f"a worker needs ~{format_bytes(baseline)} with its modules imported"
+    raise ParameterError(
+        f"{given} gives each worker {format_bytes(limit)}, but {what}, more than Dask's pause "
+        f"threshold ({fraction:.0%} of the limit, where the run would stall); {fix}"
+    )
+
+
 def _local_cluster(
     n_workers: int | None,
     threads_per_worker: int | None,
@@ -93,7 +236,8 @@ def _local_cluster(
         return LocalCUDACluster(
             threads_per_worker=threads_per_worker or 1,
             memory_limit=memory_limit or "auto",
-            dashboard_address=":0",
+            host=LOCAL_HOST,
+            dashboard_address=LOCAL_DASHBOARD_ADDRESS,
         )
     import dask  # noqa: PLC0415
     from distributed import LocalCluster  # noqa: PLC0415
@@ -116,7 +260,8 @@ def _local_cluster(
             threads_per_worker=threads,
             memory_limit=memory_limit or "auto",
             processes=True,
-            dashboard_address=":0",
+            host=LOCAL_HOST,
+            dashboard_address=LOCAL_DASHBOARD_ADDRESS,
             silence_logs=logging.CRITICAL,  # task errors are reported by the command itself
         )
 
@@ -183,6 +328,7 @@ def dask_client(
     cluster = _local_cluster(n_workers, threads_per_worker, memory_limit, gpu)
     client = Client(cluster, set_as_default=True)
     try:
+        client.register_plugin(QuietLibrariesPlugin())
         yield client
     finally:
         client.close()

@@ -7,6 +7,7 @@ is written with ``ome-zarr-py``'s writer. Orchestration-side only: kernels never
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -32,14 +33,152 @@ SPATIAL_ORDER = ("z", "y", "x")
 
 
 def ome_attributes(attrs: dict) -> tuple[dict | None, str | None]:
-    """The OME block of a group's attributes and its NGFF version (0.5 nests it under "ome")."""
+    """The OME block of a group's attributes and its NGFF version (0.5 nests it under "ome").
+
+    Never fails on malformed metadata: the version is None when it cannot be found, and
+    :func:`check_multiscales` says what is wrong.
+    """
     if isinstance(attrs.get("ome"), dict) and "multiscales" in attrs["ome"]:
         return attrs["ome"], str(attrs["ome"].get("version", "0.5"))
     if "multiscales" in attrs:
         multiscales = attrs["multiscales"]
-        version = multiscales[0].get("version") if multiscales else None
+        first = multiscales[0] if isinstance(multiscales, list) and multiscales else None
+        version = first.get("version") if isinstance(first, dict) else None
         return attrs, str(version) if version else None
     return None, None
+
+
+def _is_number_list(value: Any, length: int) -> bool:
+    return (
+        isinstance(value, list)
+        and len(value) == length
+        and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
+    )
+
+
+def _check_transformations(transforms: Any, n_axes: int, where: str, bad) -> None:
+    """One ``scale`` (first), then at most one ``translation``; one finite value per axis,
+    scales above zero (NGFF 0.4/0.5)."""
+    if not isinstance(transforms, list) or not transforms:
+        raise bad(
+            f"{where} has coordinateTransformations {_short(transforms)}, not a non-empty list"
+        )
+    if not all(isinstance(t, dict) for t in transforms):
+        raise bad(f"{where} has coordinateTransformations that are not objects")
+    types = [t.get("type") for t in transforms]
+    if types not in (["scale"], ["scale", "translation"]):
+        raise bad(
+            f"{where} has coordinateTransformations of types {types}; NGFF needs a "
+            "scale, optionally followed by a translation"
+        )
+    for transform in transforms:
+        kind = transform["type"]
+        values = transform.get(kind)
+        if not _is_number_list(values, n_axes):
+            raise bad(
+                f"{where} has a {kind} of {values!r}; NGFF needs {n_axes} numbers, one per axis"
+            )
+        if not all(math.isfinite(v) for v in values):
+            raise bad(f"{where} has a {kind} {values} with NaN or Inf")
+        if kind == "scale" and min(values) <= 0:
+            raise bad(f"{where} has a scale {values}; every scale (voxel size) must be above 0")
+
+
+def check_multiscales(block: dict, path: str | os.PathLike) -> None:
+    """Check the shape of OME-NGFF ``multiscales`` metadata (0.4/0.5) before it is used.
+
+    Checks what ssi-dask relies on: a non-empty list whose first entry has ``axes`` (a list
+    of objects with a name) and ``datasets`` (a list of objects with a ``path`` and valid
+    ``coordinateTransformations``: finite values, one per axis, scales above 0).
+
+    Raises
+    ------
+    InputError
+        Naming the first problem found and what to do.
+    """
+
+    def bad(problem: str) -> InputError:
+        return InputError(
+            f"input {str(path)!r} has invalid OME-NGFF metadata: {problem}; fix the "
+            "multiscales metadata (see ngff.openmicroscopy.org) or re-export the image"
+        )
+
+    multiscales = block.get("multiscales")
+    if not isinstance(multiscales, list) or not multiscales:
+        raise bad(
+            f"multiscales is {type(multiscales).__name__} {_short(multiscales)}, not a "
+            "non-empty list"
+        )
+    image = multiscales[0]
+    if not isinstance(image, dict):
+        raise bad(f"multiscales[0] is {type(image).__name__} {_short(image)}, not an object")
+    axes = image.get("axes")
+    if not isinstance(axes, list) or not axes:
+        raise bad(f"axes is {type(axes).__name__} {_short(axes)}, not a list of axis objects")
+    for number, axis in enumerate(axes):
+        if not isinstance(axis, dict) or not isinstance(axis.get("name"), str):
+            raise bad(f"axis {number} is {_short(axis)}, not an object with a name")
+        for key in ("type", "unit"):
+            if key in axis and not isinstance(axis[key], str):
+                raise bad(f"axis {axis['name']!r} has a {key} of {_short(axis[key])}, not text")
+    names = [axis["name"] for axis in axes]
+    if len(set(names)) != len(names):
+        raise bad(f"axis names {names} repeat")
+    datasets = image.get("datasets")
+    if not isinstance(datasets, list) or not datasets:
+        raise bad(f"datasets is {type(datasets).__name__} {_short(datasets)}, not a non-empty list")
+    for number, dataset in enumerate(datasets):
+        if not isinstance(dataset, dict) or not isinstance(dataset.get("path"), str):
+            raise bad(f"dataset {number} is {_short(dataset)}, not an object with a path")
+        if not dataset["path"] or dataset["path"].startswith("/") or ".." in dataset["path"]:
+            raise bad(
+                f"dataset {number} has path {dataset['path']!r}, not a relative path "
+                "inside the group"
+            )
+        _check_transformations(
+            dataset.get("coordinateTransformations"), len(names), f"dataset {number}", bad
+        )
+    if "coordinateTransformations" in image:
+        _check_transformations(
+            image["coordinateTransformations"], len(names), "the multiscale", bad
+        )
+
+
+def check_omero(block: dict, path: str | os.PathLike) -> None:
+    """Check the ``omero`` display metadata ssi-dask reads (channel labels and colours).
+
+    Raises
+    ------
+    InputError
+        When ``omero`` is not an object, its ``channels`` not a list of objects, or a
+        channel's label or colour not text.
+    """
+    if "omero" not in block:
+        return
+    omero = block["omero"]
+
+    def bad(problem: str) -> InputError:
+        return InputError(
+            f"input {str(path)!r} has invalid omero metadata: {problem}; fix it or remove the "
+            "omero block (display settings only)"
+        )
+
+    if not isinstance(omero, dict):
+        raise bad(f"omero is {type(omero).__name__} {_short(omero)}, not an object")
+    channels = omero.get("channels", [])
+    if not isinstance(channels, list):
+        raise bad(f"channels is {type(channels).__name__} {_short(channels)}, not a list")
+    for number, channel in enumerate(channels):
+        if not isinstance(channel, dict):
+            raise bad(f"channel {number} is {_short(channel)}, not an object")
+        for key in ("label", "color"):
+            if key in channel and not isinstance(channel[key], str):
+                raise bad(f"channel {number} has a {key} of {_short(channel[key])}, not text")
+
+
+def _short(value: Any, limit: int = 40) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def is_ome_zarr(path: str | os.PathLike) -> bool:
@@ -161,11 +300,22 @@ def open_ome_zarr(path: str | os.PathLike, level: int = 0) -> OmeImage:
     block, version = ome_attributes(attrs)
     if block is None:
         raise InputError(f"input {str(path)!r} has no OME-NGFF multiscales metadata")
+    check_multiscales(block, path)
+    check_omero(block, path)
+    if version is None:
+        raise InputError(
+            f"input {str(path)!r} declares no OME-NGFF version; add it to the metadata "
+            f"(ssi-dask reads versions {' and '.join(NGFF_VERSIONS)})"
+        )
     if version not in NGFF_VERSIONS:
         raise InputError(
             f"input {str(path)!r} is OME-NGFF {version}; ssi-dask reads versions "
             f"{' and '.join(NGFF_VERSIONS)} (convert it, e.g. with ngff-zarr)"
         )
+    raw = block["multiscales"][0]
+    _check_level_arrays(
+        path, [d["path"] for d in raw["datasets"]], [a["name"] for a in raw["axes"]]
+    )
     try:
         multiscales = ngff_zarr.from_ngff_zarr(str(path), version=version)
     except Exception as exc:
@@ -187,19 +337,52 @@ def open_ome_zarr(path: str | os.PathLike, level: int = 0) -> OmeImage:
     names = [a["name"] for a in axes]
     level_path = datasets[level].path
     array = zarr.open_array(str(path / level_path), mode="r")
+    scale = [float(image.scale.get(n, 1.0)) for n in names]
+    translation = [float(image.translation.get(n, 0.0)) for n in names]
+    if not all(math.isfinite(v) and v > 0 for v in scale) or not all(
+        math.isfinite(v) for v in translation
+    ):
+        raise InputError(
+            f"input {str(path)!r} has level {level} scale {scale} and translation "
+            f"{translation}; scales must be finite and above 0, translations finite: fix the "
+            "multiscales metadata"
+        )
     return OmeImage(
         path=str(path.resolve()),
         version=version,
         axes=axes,
         level=level,
         level_path=level_path,
-        scale=[float(image.scale.get(n, 1.0)) for n in names],
-        translation=[float(image.translation.get(n, 0.0)) for n in names],
+        scale=scale,
+        translation=translation,
         array=array,
         n_levels=len(datasets),
         level_shapes=[tuple(int(s) for s in im.data.shape) for im in multiscales.images],
         attrs={k: v for k, v in block.items() if k not in ("multiscales", "version")},
     )
+
+
+def _check_level_arrays(path: Path, level_paths: Sequence[str], names: Sequence[str]) -> None:
+    """Every level is an array with one dimension per axis (an array that does not match
+    its axes would be cut into the wrong volumes and written as invalid OME-Zarr)."""
+    import zarr  # noqa: PLC0415
+
+    for level_path in level_paths:
+        try:
+            node = zarr.open(str(path / level_path), mode="r")
+        except Exception:
+            node = None
+        if node is None or not hasattr(node, "shape"):
+            raise InputError(
+                f"input {str(path)!r} lists the level {level_path!r}, which is not a Zarr "
+                "array in the group; fix the multiscales datasets or restore the level"
+            )
+        if len(node.shape) != len(names):
+            raise InputError(
+                f"input {str(path)!r} has axes {list(names)} but its level {level_path!r} has "
+                f"{len(node.shape)} dimensions {tuple(node.shape)}; fix the axes in the "
+                "multiscales metadata (one per array dimension)"
+            )
 
 
 def _check_axes(axes: list[dict], path: Path) -> None:

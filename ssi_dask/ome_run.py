@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import math
 import sys
 import time
 from collections.abc import Sequence
@@ -85,7 +86,7 @@ def parse_voxel_size(text: str | None, ndim: int) -> tuple[float, ...] | None:
     if text is None:
         return None
     values = _floats(text, "--voxel-size")
-    if len(values) != ndim or min(values) <= 0:
+    if len(values) != ndim or not all(math.isfinite(v) and v > 0 for v in values):
         raise ParameterError(
             f"--voxel-size needs {ndim} positive values for a {ndim}D image, got {text!r}"
         )
@@ -136,6 +137,7 @@ def resolve_psfs(
             "--voxel-size " + ("DZ,DY,DX" if ndim == 3 else "DY,DX") + " to compute the PSF"
         )
     wavelengths = _floats(args.wavelength, "--wavelength")
+    _check_optics(args.na, wavelengths, args.refractive_index)
     if len(wavelengths) not in (1, n_channels):
         raise PSFError(
             f"--wavelength gives {len(wavelengths)} values for {n_channels} channels; give one "
@@ -176,6 +178,21 @@ def resolve_psfs(
             }
         )
     return psfs, info
+
+
+def _check_optics(na: float, wavelengths: Sequence[float], refractive_index: float) -> None:
+    """Refuse optics no PSF can be computed from (before any division by them)."""
+    if not (math.isfinite(refractive_index) and refractive_index > 0):
+        raise PSFError(f"--refractive-index must be a positive number, got {refractive_index}")
+    if not (math.isfinite(na) and 0 < na < refractive_index):
+        raise PSFError(
+            f"--na must be above 0 and below the refractive index {refractive_index:g}, got {na}"
+        )
+    if not all(math.isfinite(w) and w > 0 for w in wavelengths):
+        raise PSFError(
+            "--wavelength must be positive micrometres (e.g. 0.52), got "
+            + ",".join(f"{w:g}" for w in wavelengths)
+        )
 
 
 def select_channels(text: str | None, image: Any) -> list[int] | None:
@@ -300,6 +317,9 @@ def run_ome(args: argparse.Namespace, image: Any = None) -> int:
         from .cli import _parse_depth  # noqa: PLC0415
 
         depth = _parse_depth(args.depth, n_spatial)
+    from .cli import check_local_memory  # noqa: PLC0415
+
+    check_local_memory(args)  # a limit below a worker's baseline fails before any training
     if args.method == "ssi":
         from .cli import _ssi_model_for_run  # noqa: PLC0415
 
@@ -333,6 +353,7 @@ def run_ome(args: argparse.Namespace, image: Any = None) -> int:
         f"{voxel_size} um, {n_volumes} volume(s) of {spatial_shape}"
     )
     print(plan.summary())
+    check_local_memory(args, plan, model)
     if args.dry_run:
         print("dry run: nothing computed or written")
         return 0

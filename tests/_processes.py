@@ -55,6 +55,8 @@ class DaskProcesses:
         return self._spawn(
             "worker",
             self.address,
+            "--host",
+            "127.0.0.1",
             "--nthreads",
             "1",
             "--no-dashboard",

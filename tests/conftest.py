@@ -83,7 +83,8 @@ def local_client():
         n_workers=2,
         threads_per_worker=1,
         processes=True,
-        dashboard_address=":0",
+        host="127.0.0.1",
+        dashboard_address="127.0.0.1:0",
         silence_logs=logging.ERROR,
     )
     client = Client(cluster, set_as_default=False)

@@ -45,3 +45,42 @@ def test_both_scheduler_and_file_is_refused(tmp_path):
     with pytest.raises(ParameterError, match="either --scheduler or --scheduler-file"):
         with dask_client("tcp://127.0.0.1:1", scheduler_file=tmp_path / "s.json"):
             pass
+
+
+def _listening(process) -> set[tuple[str, int]]:
+    """TCP addresses on which ``process`` and its children (the nannies' workers) listen."""
+    import psutil
+
+    found = set()
+    for member in [process, *process.children(recursive=True)]:
+        try:
+            connections = member.net_connections(kind="tcp")
+        except psutil.NoSuchProcess:
+            continue
+        found |= {c.laddr[:2] for c in connections if c.status == psutil.CONN_LISTEN}
+    return found
+
+
+def test_local_cluster_listens_on_loopback_only():
+    from urllib.parse import urlsplit
+
+    import psutil
+
+    from ssi_dask.cluster import dashboard_link
+
+    me = psutil.Process()
+    before = _listening(me)
+    with dask_client(n_workers=2, threads_per_worker=1, memory_limit="1GiB") as client:
+        servers = _listening(me) - before
+        link = urlsplit(dashboard_link(client))
+        info = client.scheduler_info()
+        workers = [urlsplit(address) for address in info["workers"]]
+        nannies = [urlsplit(w["nanny"]) for w in info["workers"].values()]
+    # scheduler, dashboard, 2 nannies and 2 workers, all on the loopback interface
+    assert len(servers) >= 6, servers
+    assert {host for host, _ in servers} == {"127.0.0.1"}, servers
+    # the printed dashboard address is the one that really listens
+    assert link.hostname == "127.0.0.1" and (link.hostname, link.port) in servers
+    assert urlsplit(info["address"]).port in {port for _, port in servers}
+    for address in [*workers, *nannies]:
+        assert (address.hostname, address.port) in servers, (address, servers)

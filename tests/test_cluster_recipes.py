@@ -52,7 +52,7 @@ def test_jobqueue_gpu_job_script():
         walltime="01:30:00",
         interface="lo",
         prologue=["module load cuda/12"],
-        scheduler_options={"dashboard_address": ":0"},
+        scheduler_options={"dashboard_address": "127.0.0.1:0"},
     )
     try:
         script = cluster.job_script()
@@ -87,7 +87,7 @@ def test_jobqueue_job_script_starts_a_worker_that_deconvolves(tmp_path, zarr3d, 
         memory_per_gpu="2GB",
         interface="lo",
         local_directory=str(tmp_path),
-        scheduler_options={"dashboard_address": ":0"},
+        scheduler_options={"dashboard_address": "127.0.0.1:0"},
     )
     job = tmp_path / "job.sh"
     job.write_text(cluster.job_script())
@@ -127,7 +127,7 @@ def test_sbatch_script_runs_end_to_end_outside_slurm(tmp_path, zarr3d, psf3d_fil
         SSI_DASK_RUN_OPTIONS="",
         SSI_DASK_WORKERS="1",
         SSI_DASK_INTERFACE="lo",
-        SSI_DASK_DASHBOARD=":0",
+        SSI_DASK_DASHBOARD="127.0.0.1:0",
         SCHEDULER_FILE=str(scheduler_file),
     )
     result = subprocess.run(

@@ -46,6 +46,8 @@ def scheduler_address(tmp_path):
                     *console_command("dask", "distributed.cli.dask"),
                     "worker",
                     address,
+                    "--host",
+                    "127.0.0.1",
                     "--nthreads",
                     "1",
                     "--no-dashboard",
