@@ -41,7 +41,8 @@ class DaskProcesses:
         )
         time.sleep(1.0)
         self.workers = [self.start_worker() for _ in range(n_workers)]
-        self.wait_for_workers(n_workers)
+        if n_workers:
+            self.wait_for_workers(n_workers)
 
     def _spawn(self, *args: str) -> subprocess.Popen:
         return subprocess.Popen(

@@ -18,7 +18,8 @@ import numpy as np
 import pytest
 import tifffile
 import zarr
-from conftest import cli_env, console_command, run_cli, smooth_volume, tree_digest
+from _processes import DaskProcesses, kill_group, start_cli
+from conftest import run_cli, smooth_volume, tree_digest
 from test_ome import write_ome_input
 
 from ssi_dask import deconvolve, write_zarr
@@ -313,47 +314,53 @@ def test_a_stale_lock_is_taken_over(ws):
 
 
 def test_two_runs_at_once(ws):
-    """Two real processes on one output: the second is refused in one line, the first ends
-    complete with every record."""
-    big = zarr.create_array(
-        store=str(ws / "big.zarr"), shape=(16, 128, 128), chunks=(16, 32, 32), dtype="float32"
-    )
-    big[...] = smooth_volume((16, 128, 128), seed=6)
-    command = [
-        *console_command("ssi-dask", "ssi_dask"),
+    """Two real processes on one output: the second is refused in one line while the first
+    holds the output, and the first ends complete with every record.
+
+    The first run is held at its writing stage deterministically: it connects to a real
+    ``dask scheduler`` that has no worker yet, so it waits with the lock taken.
+    """
+    cluster = DaskProcesses(ws, n_workers=0)
+    first = start_cli(
         "run",
-        "big.zarr",
+        "in.zarr",
         "out.zarr",
         "--psf",
         "psf.npy",
         "--iterations",
-        "30",
-        "--workers",
-        "1",
-        "--chunks",
-        "16,32,32",
+        "2",
+        "--scheduler",
+        cluster.address,
         "--no-progress",
-    ]
-    first = subprocess.Popen(
-        command, cwd=ws, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        folder=ws,
     )
     try:
         deadline = time.monotonic() + 120
         while not (ws / "out.zarr" / LOCK_FILE).exists():
-            assert first.poll() is None, first.communicate()
+            assert first.poll() is None, (ws / "cli.err").read_text()
             assert time.monotonic() < deadline
             time.sleep(0.05)
-        second = run_cli(
-            *command[len(console_command("ssi-dask", "ssi_dask")) : -1], "--resume", cwd=ws
-        )
-        assert second.returncode == 2
-        assert len(second.stderr.strip().splitlines()) == 1, second.stderr
-        assert "is being written by another ssi-dask run" in second.stderr
-        out, err = first.communicate(timeout=300)
+        for flag in ("--resume", "--overwrite"):
+            second = run_cli(
+                "run",
+                "in.zarr",
+                "out.zarr",
+                "--psf",
+                "psf.npy",
+                "--iterations",
+                "2",
+                flag,
+                cwd=ws,
+            )
+            assert second.returncode == 2
+            assert len(second.stderr.strip().splitlines()) == 1, second.stderr
+            assert "is being written by another ssi-dask run (pid " in second.stderr
+        cluster.workers.append(cluster.start_worker())
+        assert first.wait(timeout=180) == 0, (ws / "cli.err").read_text()
     finally:
         if first.poll() is None:
-            first.kill()
-    assert first.returncode == 0, err
+            kill_group(first)
+        cluster.close()
     attrs = zarr.open_array(str(ws / "out.zarr")).attrs["ssi_dask"]
-    assert attrs["complete"] is True and attrs["chunks_written"] == 16
+    assert attrs["complete"] is True and attrs["chunks_written"] == attrs["layout"]["chunks_total"]
     assert not (ws / "out.zarr" / LOCK_FILE).exists()
