@@ -785,6 +785,8 @@ def _run_command(args: argparse.Namespace) -> int:
         alignment=model.alignment if model is not None else 1,
         boundary=METHOD_BOUNDARY[args.method],
         back_projector=lr_options.get("back_projector", "classic"),
+        psf=psf if model is None else None,
+        back_projector_options=lr_options,
     )
     zarr_format = args.zarr_format or volume.zarr_format or 3
     shards = parse_chunks(args.output_shards, volume.ndim)
@@ -926,6 +928,8 @@ def _choose_iterations(args: argparse.Namespace, volume, psf, lr_options: dict, 
             depth=depth,
             boundary=METHOD_BOUNDARY["lr"],
             back_projector=back_projector,
+            psf=psf,
+            back_projector_options=lr_options,
         )
 
     max_iter = args.auto_max_iterations or DEFAULT_MAX_ITER[back_projector]

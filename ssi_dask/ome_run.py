@@ -319,6 +319,8 @@ def run_ome(args: argparse.Namespace, image: Any = None) -> int:
         alignment=model.alignment if model is not None else 1,
         boundary=METHOD_BOUNDARY[args.method],
         back_projector=lr_options.get("back_projector", "classic"),
+        psf=list(psfs) if model is None else None,
+        back_projector_options=lr_options,
     )
     ome_out = args.output_format in ("auto", "ome-zarr")
     n_volumes = int(np.prod(data.shape[:n_lead])) if n_lead else 1
