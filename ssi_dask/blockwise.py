@@ -330,14 +330,25 @@ def estimate_lr_task_memory(
 
 
 def _lr_chunk(
-    block: np.ndarray, psf: np.ndarray, num_iter: int, options: dict, device: str = "cpu"
+    block: np.ndarray,
+    psf: np.ndarray,
+    num_iter: int,
+    options: dict,
+    device: str = "cpu",
+    offset: float = 0.0,
 ) -> np.ndarray:
     """Per-chunk task: Lucy-Richardson on one padded block.
 
-    With ``device="gpu"`` the block goes to the worker's current CUDA device as a CuPy array,
-    the same kernel runs there, and the result comes back to host memory for writing.
+    ``offset`` (the background) is subtracted first; values still negative are treated as 0
+    by the kernel (:func:`ssi_dask.lr.richardson_lucy`). With ``device="gpu"`` the block goes
+    to the worker's current CUDA device as a CuPy array, the same kernel runs there, and the
+    result comes back to host memory for writing.
     """
     from .lr import richardson_lucy  # noqa: PLC0415
+
+    if offset:
+        block = block - np.float32(offset)
+    _report_negative(block)
 
     if device == "gpu":
         import cupy  # noqa: PLC0415
@@ -346,6 +357,46 @@ def _lr_chunk(
         return cupy.asnumpy(restored)
     options = {"workers": 1, **options}  # Dask runs chunks in parallel: one FFT thread each
     return richardson_lucy(block, psf, num_iter=num_iter, **options)
+
+
+#: Topic of the Dask worker events that report negative input values (``ssi-dask run``
+#: prints one warning line from them at the end).
+NEGATIVE_INPUT_EVENT = "ssi-dask-negative-input"
+
+
+def _report_negative(block: np.ndarray) -> None:
+    """Tell the client (a Dask worker event) that this block has values below 0."""
+    low = float(block.min()) if block.size else 0.0
+    if low >= 0:
+        return
+    try:
+        from distributed import get_worker  # noqa: PLC0415
+
+        worker = get_worker()
+    except (ImportError, ValueError):  # not on a distributed worker: nobody to tell
+        return
+    worker.log_event(NEGATIVE_INPUT_EVENT, {"min": low})
+
+
+def negative_input_warning(client: Any, offset: float, since: float) -> str | None:
+    """One warning line when chunks reported values below 0 since ``since`` (``time.time()``)."""
+    if client is None:
+        return None
+    try:
+        events = client.get_events(NEGATIVE_INPUT_EVENT)
+    except Exception:  # a lost scheduler is reported elsewhere
+        return None
+    events = [(stamp, message) for stamp, message in events if stamp >= since - 1.0]
+    if not events:
+        return None
+    low = min(float(message["min"]) for _, message in events)
+    after = f" after subtracting --offset {offset:g}" if offset else ""
+    return (
+        f"warning: the input has values below 0{after} (min {low:.4g}, in {len(events)} "
+        f"chunk{'s' if len(events) != 1 else ''} with halo); Lucy-Richardson treated them as "
+        "0: give the background level with --offset VALUE if they are not noise around a "
+        "zero background"
+    )
 
 
 def _ssi_chunk(
@@ -421,8 +472,12 @@ def deconvolve(
         pooling alignment, and working chunks are multiples of that alignment, so the chunked
         result equals a whole-image application.
     **method_options
-        Passed to the per-chunk kernel (e.g. ``eps``, ``back_projector="wiener-butterworth"``,
-        ``wiener_alpha`` for :func:`ssi_dask.lr.richardson_lucy`). With ``num_iter="auto"``,
+        ``offset`` (LR, default 0): a background subtracted from every voxel before
+        Lucy-Richardson; what is still negative then is treated as 0 (LR models Poisson
+        counts; negative values would make it diverge to NaN). The result keeps the
+        background-subtracted scale. The rest is passed to the per-chunk kernel (e.g.
+        ``eps``, ``back_projector="wiener-butterworth"``, ``wiener_alpha`` for
+        :func:`ssi_dask.lr.richardson_lucy`). With ``num_iter="auto"``,
         ``auto_options`` (a dict) is passed to :func:`~ssi_dask.lr_auto.choose_iterations`.
 
     Returns
@@ -457,9 +512,14 @@ def deconvolve(
         model = _resolve_model(model, volume.ndim)
     method_options = dict(method_options)
     auto_options = method_options.pop("auto_options", None) or {}
+    offset = check_offset(method_options.pop("offset", 0.0))
+    if offset and method != "lr":
+        raise ParameterError("offset applies to method 'lr' only")
     choice = None
     if method == "lr":
-        num_iter, choice = _lr_iterations(volume, psf, num_iter, method_options, auto_options)
+        num_iter, choice = _lr_iterations(
+            volume, psf, num_iter, method_options, auto_options, offset=offset
+        )
     plan = plan_blocks(
         volume.shape,
         volume.data.dtype,
@@ -496,14 +556,39 @@ def deconvolve(
         num_iter=int(num_iter),
         options=dict(method_options),
         device=device,
+        offset=offset,
     )
     if choice is not None:
         result.auto_choice = choice
     return result
 
 
+def check_offset(offset: Any) -> float:
+    """A background ``offset`` as a finite float (``ParameterError`` otherwise)."""
+    try:
+        value = float(offset)
+    except (TypeError, ValueError):
+        value = math.nan
+    if isinstance(offset, bool) or not math.isfinite(value):
+        raise ParameterError(f"offset must be a finite number, got {offset!r}")
+    return value
+
+
+def shifted_by_offset(data: Any, offset: float) -> Any:
+    """``data - offset`` as a lazy Dask array (``data`` itself when ``offset`` is 0)."""
+    if not offset:
+        return data
+    return da.asarray(data).astype(np.float32) - np.float32(offset)
+
+
 def _lr_iterations(
-    volume: Any, psf: np.ndarray, num_iter: Any, options: dict, auto_options: dict
+    volume: Any,
+    psf: np.ndarray,
+    num_iter: Any,
+    options: dict,
+    auto_options: dict,
+    *,
+    offset: float = 0.0,
 ) -> tuple[int, Any]:
     """Validate the LR options; resolve ``num_iter="auto"`` (updating ``options``' alpha)."""
     from .lr import resolve_back_projector  # noqa: PLC0415
@@ -518,7 +603,8 @@ def _lr_iterations(
     from .lr_auto import choose_iterations  # noqa: PLC0415
 
     passed = {k: options[k] for k in ("edge_threshold", "eps") if k in options}
-    choice = choose_iterations(volume.data, psf, **bp_options, **passed, **auto_options)
+    data = shifted_by_offset(volume.data, offset)
+    choice = choose_iterations(data, psf, **bp_options, **passed, **auto_options)
     if choice.wiener_alpha is not None:
         options["wiener_alpha"] = choice.wiener_alpha
     return choice.num_iter, choice

@@ -139,6 +139,19 @@ def _lr_options(args: argparse.Namespace) -> dict:
     return options
 
 
+def _offset(args: argparse.Namespace) -> float:
+    """``--offset`` checked: a finite number, for --method lr only."""
+    from .blockwise import check_offset  # noqa: PLC0415
+
+    try:
+        offset = check_offset(getattr(args, "offset", 0.0))
+    except ParameterError:
+        raise ParameterError(f"--offset must be a finite number, got {args.offset}") from None
+    if offset and args.method != "lr":
+        raise ParameterError("--offset applies to --method lr only")
+    return offset
+
+
 def _parse_iterations(text: str) -> int | str:
     if text.strip().lower() == "auto":
         return "auto"
@@ -296,6 +309,14 @@ def build_parser() -> argparse.ArgumentParser:
         "self-supervised hold-out criterion on a few sampled chunks (default: 10)",
     )
     _add_back_projector_options(run)
+    run.add_argument(
+        "--offset",
+        type=float,
+        default=0.0,
+        metavar="VALUE",
+        help="lr: background (e.g. the camera offset) subtracted from the input before "
+        "Lucy-Richardson; values still below 0 are treated as 0, with a warning (default: 0)",
+    )
     run.add_argument(
         "--model", metavar="MODEL", help="ssi: trained checkpoint (from `ssi-dask train`)"
     )
@@ -715,6 +736,7 @@ def _run_command(args: argparse.Namespace) -> int:
         METHOD_BOUNDARY,
         chunk_grid,
         deconvolve,
+        negative_input_warning,
         parse_chunks,
         plan_blocks,
     )
@@ -755,6 +777,7 @@ def _run_command(args: argparse.Namespace) -> int:
         output = check_output_path(args.output, input_path=volume.path, overwrite=args.overwrite)
     iterations = _parse_iterations(args.iterations)
     lr_options = _lr_options(args)
+    offset = _offset(args)
     auto = iterations == "auto"
     if auto and args.method != "lr":
         raise ParameterError("--iterations auto applies to --method lr only")
@@ -830,6 +853,8 @@ def _run_command(args: argparse.Namespace) -> int:
         provenance["ssi_dask"]["iterations"] = iterations
         spec = resolve_back_projector(psf, **lr_options)
         provenance["ssi_dask"].update(spec.as_dict())
+        if offset:
+            provenance["ssi_dask"]["offset"] = offset
     else:
         provenance["ssi_dask"]["model"] = _model_summary(model, args)
     if args.resume and output.exists() and (model is None or args.model or not args.dry_run):
@@ -875,8 +900,10 @@ def _run_command(args: argparse.Namespace) -> int:
             depth=plan.depth,
             device="gpu" if args.gpu else "cpu",
             model=model,
+            **({"offset": offset} if offset else {}),
             **lr_options,
         )
+        since = time.time()
         write_zarr(
             result,
             output,
@@ -891,6 +918,9 @@ def _run_command(args: argparse.Namespace) -> int:
             output_shards=shards,
             worker_timeout=args.worker_timeout,
         )
+        warning = negative_input_warning(client, offset, since) if model is None else None
+    if warning:
+        print(warning, file=sys.stderr)
     elapsed = time.perf_counter() - started
     print(
         run_summary(
@@ -911,7 +941,7 @@ def _choose_iterations(args: argparse.Namespace, volume, psf, lr_options: dict, 
     Updates ``lr_options`` with the chosen Wiener alpha; returns the new plan and the
     :class:`~ssi_dask.lr_auto.AutoChoice`.
     """
-    from .blockwise import METHOD_BOUNDARY, plan_blocks  # noqa: PLC0415
+    from .blockwise import METHOD_BOUNDARY, plan_blocks, shifted_by_offset  # noqa: PLC0415
     from .lr_auto import DEFAULT_MAX_ITER, choose_iterations  # noqa: PLC0415
 
     back_projector = lr_options.get("back_projector", "classic")
@@ -947,7 +977,7 @@ def _choose_iterations(args: argparse.Namespace, volume, psf, lr_options: dict, 
         max_iter = fitting
     started = time.perf_counter()
     choice = choose_iterations(
-        volume.data,
+        shifted_by_offset(volume.data, _offset(args)),
         psf,
         max_iter=max_iter,
         n_samples=args.auto_samples,

@@ -277,7 +277,7 @@ def run_ome(args: argparse.Namespace, image: Any = None) -> int:
         args, n_spatial, voxel_size, n_channels, image_shape=data.shape[n_lead:]
     )
     output = check_output_path(args.output, input_path=image.path, overwrite=args.overwrite)
-    from .cli import _lr_options, _parse_iterations  # noqa: PLC0415
+    from .cli import _lr_options, _offset, _parse_iterations  # noqa: PLC0415
 
     iterations = _parse_iterations(args.iterations)
     if iterations == "auto":
@@ -286,6 +286,7 @@ def run_ome(args: argparse.Namespace, image: Any = None) -> int:
             "the one `ssi-dask run` chooses on one volume exported as a Zarr array"
         )
     lr_options = _lr_options(args)
+    offset = _offset(args)
     zarr_format = args.zarr_format or (3 if image.version == "0.5" else 2)
     if args.shards and zarr_format != 3:
         raise ParameterError("--shards needs Zarr format 3; add --zarr-format 3")
@@ -351,6 +352,8 @@ def run_ome(args: argparse.Namespace, image: Any = None) -> int:
 
         provenance["iterations"] = iterations
         provenance.update(resolve_back_projector(psfs[0], **lr_options).as_dict())
+        if offset:
+            provenance["offset"] = offset
     else:
         from .cli import _model_summary  # noqa: PLC0415
 
@@ -374,6 +377,7 @@ def run_ome(args: argparse.Namespace, image: Any = None) -> int:
             depth=plan.depth,
             device="gpu" if args.gpu else "cpu",
             model=model,
+            **({"offset": offset} if offset else {}),
             **lr_options,
         )
         progress = False if args.no_progress else ChunkProgress(int(np.prod(result.shape)))

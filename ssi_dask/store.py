@@ -26,7 +26,13 @@ import numpy as np
 
 from . import progress as records
 from .blockwise import check_write_alignment
-from .errors import OutputError, RunError, SchedulerError, SsiDaskError
+from .errors import (
+    NonFiniteResultError,
+    OutputError,
+    RunError,
+    SchedulerError,
+    SsiDaskError,
+)
 from .io import check_output_path, create_output_array, is_zarr_path
 
 #: Seconds between checks of the cluster while waiting for chunks.
@@ -65,6 +71,8 @@ def _write_block(
         block = block.get()
     array = zarr.open_array(path, mode="r+")
     data = np.ascontiguousarray(block, dtype=array.dtype)
+    if not np.isfinite(data).all():  # never store (nor record) garbage: the run must stop
+        raise NonFiniteResultError(non_finite_message(data, region))
     array[region] = data
     # Only now, with the data in the store, may the chunk count as finished.
     records.write_record(
@@ -76,6 +84,17 @@ def _write_block(
         run_id=run,
     )
     return np.ones((1,) * data.ndim, dtype=np.int8)
+
+
+def non_finite_message(data: np.ndarray, region: tuple[slice, ...]) -> str:
+    """The one-line error for a chunk whose result holds NaN or Inf (nothing of it written)."""
+    bad = int(data.size - np.count_nonzero(np.isfinite(data)))
+    return (
+        f"the result of chunk {records.region_text(region)} is not finite ({bad} of {data.size} "
+        "values NaN or Inf) and was not written; likely cause: negative input values (subtract "
+        "the background, e.g. with --offset) or values too large for float32, or with "
+        "--method ssi a model that does not fit this data"
+    )
 
 
 def check_shard_alignment(
@@ -492,7 +511,12 @@ def _task_failure(
     """Turn the exception of a chunk task into a one-line error that keeps the progress."""
 
     region = records.region_text(regions[index]) if index in regions else ""
-    where = f" (chunk {region})" if region else ""
+    where = f" (chunk {region})" if region and region not in str(exc) else ""
+    if isinstance(exc, NonFiniteResultError):
+        return NonFiniteResultError(
+            f"{exc}; fix that, then re-run with --resume (same parameters) or --overwrite "
+            f"({_kept(output, regions)})"
+        )
     if isinstance(exc, SsiDaskError):
         return type(exc)(f"{exc}{where}")
     if type(exc).__name__ == "KilledWorker":
