@@ -809,7 +809,7 @@ class RLPlan(LinearConvolver):
         num_iter = _check_num_iter(num_iter)
         eps = _check_positive("eps", eps)
         threads = _check_workers(workers)
-        y = _non_negative_data(image, xp)
+        y = xp.ascontiguousarray(_to_module(image, xp), dtype=xp.float32)  # scored as measured
         held = xp.asarray(_to_module(holdout, xp), dtype=bool)
         if tuple(held.shape) != self.image_shape:
             raise InputError(
@@ -824,7 +824,13 @@ class RLPlan(LinearConvolver):
             errors.append((float(squared.sum()), float((squared**2).sum())))
 
         x = self._iterate(
-            y, num_iter, eps, threads, self._inverse_weights(keep), data_mask=keep, on_blurred=score
+            _non_negative_data(y, xp),  # the estimate sees negative values as 0, as in deconvolve
+            num_iter,
+            eps,
+            threads,
+            self._inverse_weights(keep),
+            data_mask=keep,
+            on_blurred=score,
         )
         score(self.convolve_work(x)[self.image_slices])
         return np.asarray(errors, dtype=np.float64)
