@@ -964,14 +964,22 @@ def _choose_iterations(args: argparse.Namespace, volume, psf, lr_options: dict, 
 
     max_iter = args.auto_max_iterations or DEFAULT_MAX_ITER[back_projector]
     if args.chunks is not None and depth is None:
-        # with the user's chunks, only try counts whose halo fits them (the halo grows with n)
-        fitting = max_iter
-        while fitting > 1:
+        # with the user's chunks, only try counts whose halo fits them (the halo grows with n,
+        # so bisect: each plan measures the halo for its n on the PSF)
+        def fits(num_iter: int) -> bool:
             try:
-                plan_for(fitting)
-                break
+                plan_for(num_iter)
             except ParameterError:
-                fitting -= 1
+                return False
+            return True
+
+        fitting = max_iter
+        if not fits(max_iter):
+            low, high = 1, max_iter  # the largest count that fits lies in [low, high)
+            while high - low > 1:
+                middle = (low + high) // 2
+                low, high = (middle, high) if fits(middle) else (low, middle)
+            fitting = low
         if fitting < max_iter:
             print(f"auto iterations: trying 1..{fitting} (the halo of more exceeds --chunks)")
         max_iter = fitting
