@@ -26,11 +26,12 @@ Negative values
 Lucy-Richardson is the maximum-likelihood estimate for Poisson counts, which are never
 negative; its multiplicative update keeps a non-negative estimate non-negative only while the
 data are. A negative data value turns the ratio ``y / max(h * x, eps)`` into ``-|y| / eps``,
-the estimate changes sign and grows until it overflows: the result is NaN. The kernel therefore
-treats negative values of ``image`` as 0 (as scikit-image's ``richardson_lucy`` would need and
-as PetaKit5D does after subtracting its background; the caller's array is not modified), so a
-finite image always gives a finite result. Subtracting the background first is the caller's
-choice (``ssi-dask run --offset``; :func:`ssi_dask.deconvolve` ``offset=``).
+the estimate changes sign and grows until it overflows: the result is NaN (scikit-image's
+``richardson_lucy`` has no guard against this). The kernel therefore treats negative values of
+``image`` as 0, as the lattice light-sheet ``RLdecon`` code that PetaKit5D grew from does after
+subtracting its ``background`` (the caller's array is not modified), so a finite image always
+gives a finite result. Subtracting the background first is the caller's choice
+(``ssi-dask run --offset``; :func:`ssi_dask.deconvolve` ``offset=``).
 
 Back projectors
 ---------------

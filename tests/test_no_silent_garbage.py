@@ -183,3 +183,31 @@ def test_cli_bad_offset_is_refused_before_any_work(tmp_path, psf_file, capsys, e
     lines = capsys.readouterr().err.strip().splitlines()
     assert status == 2 and lines == [f"ssi-dask: error: {message}"]
     assert not out.exists() and tree_digest(source) == before
+
+
+def test_cli_ssi_model_giving_nan_fails_and_is_not_complete(tmp_path, psf_file):
+    """The SSI path: a model whose output is not finite stops the run the same way."""
+    import torch
+
+    from ssi_dask.psf import protocol_psf
+    from ssi_dask.ssi import DEFAULTS, SSIModel, UNet, save_checkpoint
+
+    network = UNet(3, depth=DEFAULTS[3]["depth"], base_channels=4)
+    with torch.no_grad():
+        next(iter(network.parameters())).fill_(float("nan"))  # a broken (diverged) model
+    model = tmp_path / "nan.pt"
+    save_checkpoint(SSIModel(network, {"offset": 0.0, "scale": 1.0}, protocol_psf(3)), model)
+    source = _plain_zarr(tmp_path / "in.zarr", smooth_volume((24, 32, 32), seed=5), (24, 32, 32))
+    before = tree_digest(source)
+    out = tmp_path / "out.zarr"
+    result = run_cli(
+        "run", source, out, "--psf", psf_file, "--method", "ssi", "--model", model,
+        "--workers", 1, "--no-progress",
+    )  # fmt: skip
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1, result.stderr
+    assert lines[0].startswith("ssi-dask: error: the result of chunk [0:24, 0:32, 0:32] is not ")
+    assert "with --method ssi a model that does not fit this data" in lines[0]
+    assert lines[0].endswith(f"(0 of 1 chunks of {str(out)!r} are written and kept)")
+    assert zarr.open_array(str(out), mode="r").attrs["ssi_dask"]["complete"] is False
+    assert tree_digest(source) == before
