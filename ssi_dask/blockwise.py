@@ -90,11 +90,12 @@ def lr_measured_depth(
     ``conj(H)`` classic, the Wiener-Butterworth kernel otherwise). The halo along each axis is
     the smallest distance beyond which ``|R_n|``, summed over the other axes, holds at most
     ``tolerance`` of its total. It is computed once per plan (cached) on a domain that holds
-    the kernel's whole support (``(2 n - 1)`` PSF radii), capped at ``image_shape`` and at
-    about four million voxels (beyond which wrap-around can make it a little smaller); it
-    takes a fraction of a second. Where the PSF spreads little energy far (a Gaussian cut at
-    2 sigma) this is wider than :func:`lr_default_depth`; along a widefield PSF's optical axis
-    (the missing cone) much wider.
+    the kernel's whole support (``(2 n - 1)`` PSF radii, at most ``image_shape``) along the
+    axis measured; where that exceeds about four million voxels, each axis is measured on its
+    own domain with the other axes shrunk (wrap-around along them leaves the summed profile
+    nearly unchanged). It takes up to a few seconds. Where the PSF spreads little energy far
+    (a Gaussian cut at 2 sigma) this is wider than :func:`lr_default_depth`; along a widefield
+    PSF's optical axis (the missing cone) much wider.
 
     Parameters
     ----------
@@ -139,10 +140,6 @@ def _measure_depth(
     tolerance: float,
     image_shape: tuple[int, ...] | None,
 ) -> tuple[int, ...]:
-    from scipy import fft  # noqa: PLC0415
-
-    from .lr import wiener_butterworth_kernel  # noqa: PLC0415
-
     shape = psf.shape
     ndim = psf.ndim
     if num_iter <= 0:
@@ -152,14 +149,42 @@ def _measure_depth(
     reach = [max(1, (2 * num_iter - 1) * r) for r in radius]  # the kernel's exact support
     if image_shape is not None:
         reach = [min(r, int(s)) for r, s in zip(reach, image_shape)]
-    size = [2 * r + s for r, s in zip(reach, shape)]
-    while math.prod(size) > _RESPONSE_MAX_VOXELS:  # shrink the longest axis (the far tail
-        axis = int(np.argmax(size))  # then wraps around; the measure stays close)
-        reach[axis] = max(radius[axis] + 1, int(reach[axis] * 0.8))
-        size[axis] = 2 * reach[axis] + shape[axis]
-        if all(r <= q + 1 for r, q in zip(reach, radius)):
-            break
-    size = [fft.next_fast_len(n, real=True) for n in size]
+    full = [2 * r + s for r, s in zip(reach, shape)]
+    if math.prod(full) <= _RESPONSE_MAX_VOXELS:
+        profiles = _response_profiles(psf, num_iter, spec, full, range(ndim))
+    else:  # per axis: that axis whole, the others shrunk (wrap-around there keeps the profile)
+        profiles = {}
+        for axis in range(ndim):
+            size = list(full)
+            while math.prod(size) > _RESPONSE_MAX_VOXELS:
+                others = [a for a in range(ndim) if a != axis and size[a] > shape[a] + 2]
+                if not others:
+                    break
+                widest = max(others, key=lambda a: size[a])
+                size[widest] = max(shape[widest] + 2, int(size[widest] * 0.8))
+            profiles.update(_response_profiles(psf, num_iter, spec, size, [axis]))
+    depth = []
+    for axis in range(ndim):
+        profile = profiles[axis]
+        index = np.arange(profile.size)
+        distance = np.minimum(index, profile.size - index)
+        within = np.cumsum(np.bincount(distance, weights=profile))  # energy at distance <= d
+        beyond = within[-1] - within
+        fits = np.nonzero(beyond <= tolerance * within[-1])[0]
+        depth.append(int(fits[0]) if fits.size else reach[axis])
+    return tuple(depth)
+
+
+def _response_profiles(
+    psf: np.ndarray, num_iter: int, spec: Any, size: Sequence[int], axes: Sequence[int]
+) -> dict[int, np.ndarray]:
+    """``|R_n|`` summed over all axes but one, for each of ``axes``, on a ``size`` domain."""
+    from scipy import fft  # noqa: PLC0415
+
+    from .lr import wiener_butterworth_kernel  # noqa: PLC0415
+
+    ndim = psf.ndim
+    size = [fft.next_fast_len(int(n), real=True) for n in size]
 
     def transform(kernel: np.ndarray, origin: Sequence[int]) -> np.ndarray:
         work = np.zeros(size)
@@ -167,7 +192,7 @@ def _measure_depth(
         work = np.roll(work, [-o for o in origin], axis=tuple(range(ndim)))
         return fft.rfftn(work)
 
-    otf = transform(psf, [(k - 1) // 2 for k in shape])
+    otf = transform(psf, [(k - 1) // 2 for k in psf.shape])
     if spec.kind == "classic":
         back = np.conj(otf)
     else:
@@ -180,16 +205,7 @@ def _measure_depth(
     # sum_{j<n} (1 - g)^j = (1 - (1 - g)^n) / g, and n where g -> 0
     response = np.where(tiny, num_iter * back, back * (1 - (1 - gain) ** num_iter) / safe)
     magnitude = np.abs(fft.irfftn(response, s=size))  # centred on index 0 (circular)
-    depth = []
-    for axis in range(ndim):
-        profile = magnitude.sum(axis=tuple(a for a in range(ndim) if a != axis))
-        index = np.arange(size[axis])
-        distance = np.minimum(index, size[axis] - index)
-        within = np.cumsum(np.bincount(distance, weights=profile))  # energy at distance <= d
-        beyond = within[-1] - within
-        fits = np.nonzero(beyond <= tolerance * within[-1])[0]
-        depth.append(int(fits[0]) if fits.size else reach[axis])
-    return tuple(depth)
+    return {axis: magnitude.sum(axis=tuple(a for a in range(ndim) if a != axis)) for axis in axes}
 
 
 def parse_chunks(spec: str | int | Sequence[int] | None, ndim: int) -> tuple[int, ...] | None:
