@@ -211,3 +211,28 @@ def test_cli_ssi_model_giving_nan_fails_and_is_not_complete(tmp_path, psf_file):
     assert lines[0].endswith(f"(0 of 1 chunks of {str(out)!r} are written and kept)")
     assert zarr.open_array(str(out), mode="r").attrs["ssi_dask"]["complete"] is False
     assert tree_digest(source) == before
+
+
+def test_ome_run_applies_the_offset_and_warns(tmp_path, psf3d, local_client, capsys):
+    """The OME-Zarr path (a TIFF written as OME-Zarr) treats negative values the same way."""
+    from ssi_dask.cli import main
+    from ssi_dask.psf import save_psf
+
+    image = mixed_sign((12, 64, 64), seed=3) + 1.0  # still negative below 0 after --offset 1
+    source = tmp_path / "stack.tif"
+    tifffile.imwrite(source, image)
+    psf_path = tmp_path / "psf.tif"
+    save_psf(psf_path, psf3d, (0.3, 0.15, 0.15))
+    out = tmp_path / "out.ome.zarr"
+    status = main([
+        "run", str(source), str(out), "--psf", str(psf_path), "--voxel-size", "0.3,0.15,0.15",
+        "--output-format", "ome-zarr", "--iterations", "3", "--offset", "1", "--no-progress",
+        "--scheduler", local_client.scheduler.address,
+    ])  # fmt: skip
+    err = capsys.readouterr().err
+    assert status == 0, err
+    assert "warning: the input has values below 0 after subtracting --offset 1 (min " in err
+    full = zarr.open_array(str(out / "0"), mode="r")
+    assert full.attrs["ssi_dask"]["offset"] == 1.0 and full.attrs["ssi_dask"]["complete"] is True
+    reference = reference_rl(np.clip(image - 1.0, 0, None), psf3d, 3)
+    assert rel_err(full[...], reference) < 1e-4
