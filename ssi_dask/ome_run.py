@@ -277,7 +277,7 @@ def run_ome(args: argparse.Namespace, image: Any = None) -> int:
         args, n_spatial, voxel_size, n_channels, image_shape=data.shape[n_lead:]
     )
     output = check_output_path(args.output, input_path=image.path, overwrite=args.overwrite)
-    from .cli import _lr_options, _offset, _parse_iterations  # noqa: PLC0415
+    from .cli import _lr_options, _parse_iterations  # noqa: PLC0415
 
     iterations = _parse_iterations(args.iterations)
     if iterations == "auto":
@@ -286,6 +286,8 @@ def run_ome(args: argparse.Namespace, image: Any = None) -> int:
             "the one `ssi-dask run` chooses on one volume exported as a Zarr array"
         )
     lr_options = _lr_options(args)
+    from .cli import _offset  # noqa: PLC0415
+
     offset = _offset(args)
     zarr_format = args.zarr_format or (3 if image.version == "0.5" else 2)
     if args.shards and zarr_format != 3:

@@ -26,13 +26,7 @@ import numpy as np
 
 from . import progress as records
 from .blockwise import check_write_alignment
-from .errors import (
-    NonFiniteResultError,
-    OutputError,
-    RunError,
-    SchedulerError,
-    SsiDaskError,
-)
+from .errors import OutputError, RunError, SchedulerError, SsiDaskError
 from .io import check_output_path, create_output_array, is_zarr_path
 
 #: Seconds between checks of the cluster while waiting for chunks.
@@ -72,6 +66,8 @@ def _write_block(
     array = zarr.open_array(path, mode="r+")
     data = np.ascontiguousarray(block, dtype=array.dtype)
     if not np.isfinite(data).all():  # never store (nor record) garbage: the run must stop
+        from .errors import NonFiniteResultError  # noqa: PLC0415
+
         raise NonFiniteResultError(non_finite_message(data, region))
     array[region] = data
     # Only now, with the data in the store, may the chunk count as finished.
@@ -509,6 +505,7 @@ def _task_failure(
     exc: BaseException, output: Path, regions: dict, index: tuple | None
 ) -> SsiDaskError:
     """Turn the exception of a chunk task into a one-line error that keeps the progress."""
+    from .errors import NonFiniteResultError  # noqa: PLC0415
 
     region = records.region_text(regions[index]) if index in regions else ""
     where = f" (chunk {region})" if region and region not in str(exc) else ""
