@@ -728,7 +728,14 @@ def run_client(args: argparse.Namespace) -> Iterator[Any]:
         link = dashboard_link(client)
         workers = len(client.scheduler_info().get("workers", {}))
         print(f"dask: {workers} workers" + (f", dashboard at {link}" if link else ""))
+        since = time.time()
         yield client
+        # reached only when the run finished (a failed one ends with its one error line)
+        from .blockwise import negative_input_warning  # noqa: PLC0415
+
+        warning = negative_input_warning(client, float(getattr(args, "offset", 0.0)), since)
+        if warning:
+            print(warning, file=sys.stderr)
 
 
 def _run_command(args: argparse.Namespace) -> int:
@@ -736,7 +743,6 @@ def _run_command(args: argparse.Namespace) -> int:
         METHOD_BOUNDARY,
         chunk_grid,
         deconvolve,
-        negative_input_warning,
         parse_chunks,
         plan_blocks,
     )
@@ -903,7 +909,6 @@ def _run_command(args: argparse.Namespace) -> int:
             **({"offset": offset} if offset else {}),
             **lr_options,
         )
-        since = time.time()
         write_zarr(
             result,
             output,
@@ -918,9 +923,6 @@ def _run_command(args: argparse.Namespace) -> int:
             output_shards=shards,
             worker_timeout=args.worker_timeout,
         )
-        warning = negative_input_warning(client, offset, since) if model is None else None
-    if warning:
-        print(warning, file=sys.stderr)
     elapsed = time.perf_counter() - started
     print(
         run_summary(

@@ -389,7 +389,6 @@ def run_ome(args: argparse.Namespace, image: Any = None) -> int:
                 shutil.rmtree(output)
             create_ome_group(output, zarr_format=zarr_format)
             target = output / "0"
-        since = time.time()
         write_zarr(
             result,
             target,
@@ -403,12 +402,6 @@ def run_ome(args: argparse.Namespace, image: Any = None) -> int:
             output_shards=shards,
             dimension_names=dimension_names,
         )
-        if model is None:
-            from .blockwise import negative_input_warning  # noqa: PLC0415
-
-            warning = negative_input_warning(client, offset, since)
-            if warning:
-                print(warning, file=sys.stderr)
         if ome_out:
             factors = pyramid_factors(
                 result.shape,
