@@ -80,6 +80,7 @@ def test_chunked_equals_whole_on_the_example_volume(tmp_path):
     """The example's own data and PSF: the old halo (18 laterally) left 2.2e-3 here."""
     from ssi_dask.example import make_example
 
+    (tmp_path / "example").mkdir()
     paths = make_example(tmp_path / "example", shape=(32, 128, 192), chunks=(32, 64, 64))
     image = zarr.open_array(str(paths["volume"]), mode="r")[...].astype(np.float32)
     psf = tifffile.imread(paths["psf"])
