@@ -140,6 +140,19 @@ def _lr_options(args: argparse.Namespace) -> dict:
     return options
 
 
+def _offset(args: argparse.Namespace) -> float:
+    """``--offset`` checked: a finite number, for --method lr only."""
+    from .blockwise import check_offset  # noqa: PLC0415
+
+    try:
+        offset = check_offset(getattr(args, "offset", 0.0))
+    except ParameterError:
+        raise ParameterError(f"--offset must be a finite number, got {args.offset}") from None
+    if offset and args.method != "lr":
+        raise ParameterError("--offset applies to --method lr only")
+    return offset
+
+
 def _parse_iterations(text: str) -> int | str:
     if text.strip().lower() == "auto":
         return "auto"
@@ -297,6 +310,14 @@ def build_parser() -> argparse.ArgumentParser:
         "self-supervised hold-out criterion on a few sampled chunks (default: 10)",
     )
     _add_back_projector_options(run)
+    run.add_argument(
+        "--offset",
+        type=float,
+        default=0.0,
+        metavar="VALUE",
+        help="lr: background (e.g. the camera offset) subtracted from the input before "
+        "Lucy-Richardson; values still below 0 are treated as 0, with a warning (default: 0)",
+    )
     run.add_argument(
         "--model", metavar="MODEL", help="ssi: trained checkpoint (from `ssi-dask train`)"
     )
@@ -714,7 +735,14 @@ def run_client(args: argparse.Namespace) -> Iterator[Any]:
         link = dashboard_link(client)
         workers = len(client.scheduler_info().get("workers", {}))
         print(f"dask: {workers} workers" + (f", dashboard at {link}" if link else ""))
+        since = time.time()
         yield client
+        # reached only when the run finished (a failed one ends with its one error line)
+        from .blockwise import negative_input_warning  # noqa: PLC0415
+
+        warning = negative_input_warning(client, float(getattr(args, "offset", 0.0)), since)
+        if warning:
+            print(warning, file=sys.stderr)
 
 
 def check_local_memory(args: argparse.Namespace, plan: Any = None, model: Any = None) -> None:
@@ -795,6 +823,7 @@ def _run_command(args: argparse.Namespace) -> int:
         )
     iterations = _parse_iterations(args.iterations)
     lr_options = _lr_options(args)
+    offset = _offset(args)
     auto = iterations == "auto"
     if auto and args.method != "lr":
         raise ParameterError("--iterations auto applies to --method lr only")
@@ -826,6 +855,8 @@ def _run_command(args: argparse.Namespace) -> int:
         alignment=model.alignment if model is not None else 1,
         boundary=METHOD_BOUNDARY[args.method],
         back_projector=lr_options.get("back_projector", "classic"),
+        psf=psf if model is None else None,
+        back_projector_options=lr_options,
     )
     zarr_format = args.zarr_format or volume.zarr_format or 3
     shards = parse_chunks(args.output_shards, volume.ndim)
@@ -869,6 +900,8 @@ def _run_command(args: argparse.Namespace) -> int:
         provenance["ssi_dask"]["iterations"] = iterations
         spec = resolve_back_projector(psf, **lr_options)
         provenance["ssi_dask"].update(spec.as_dict())
+        if offset:
+            provenance["ssi_dask"]["offset"] = offset
     else:
         provenance["ssi_dask"]["model"] = _model_summary(model, args)
     if args.resume and output.exists() and (model is None or args.model or not args.dry_run):
@@ -915,6 +948,7 @@ def _run_command(args: argparse.Namespace) -> int:
             depth=plan.depth,
             device="gpu" if args.gpu else "cpu",
             model=model,
+            **({"offset": offset} if offset else {}),
             **lr_options,
         )
         write_zarr(
@@ -951,7 +985,7 @@ def _choose_iterations(args: argparse.Namespace, volume, psf, lr_options: dict, 
     Updates ``lr_options`` with the chosen Wiener alpha; returns the new plan and the
     :class:`~ssi_dask.lr_auto.AutoChoice`.
     """
-    from .blockwise import METHOD_BOUNDARY, plan_blocks  # noqa: PLC0415
+    from .blockwise import METHOD_BOUNDARY, plan_blocks, shifted_by_offset  # noqa: PLC0415
     from .lr_auto import DEFAULT_MAX_ITER, choose_iterations  # noqa: PLC0415
 
     back_projector = lr_options.get("back_projector", "classic")
@@ -968,24 +1002,34 @@ def _choose_iterations(args: argparse.Namespace, volume, psf, lr_options: dict, 
             depth=depth,
             boundary=METHOD_BOUNDARY["lr"],
             back_projector=back_projector,
+            psf=psf,
+            back_projector_options=lr_options,
         )
 
     max_iter = args.auto_max_iterations or DEFAULT_MAX_ITER[back_projector]
     if args.chunks is not None and depth is None:
-        # with the user's chunks, only try counts whose halo fits them (the halo grows with n)
-        fitting = max_iter
-        while fitting > 1:
+        # with the user's chunks, only try counts whose halo fits them (the halo grows with n,
+        # so bisect: each plan measures the halo for its n on the PSF)
+        def fits(num_iter: int) -> bool:
             try:
-                plan_for(fitting)
-                break
+                plan_for(num_iter)
             except ParameterError:
-                fitting -= 1
+                return False
+            return True
+
+        fitting = max_iter
+        if not fits(max_iter):
+            low, high = 1, max_iter  # the largest count that fits lies in [low, high)
+            while high - low > 1:
+                middle = (low + high) // 2
+                low, high = (middle, high) if fits(middle) else (low, middle)
+            fitting = low
         if fitting < max_iter:
             print(f"auto iterations: trying 1..{fitting} (the halo of more exceeds --chunks)")
         max_iter = fitting
     started = time.perf_counter()
     choice = choose_iterations(
-        volume.data,
+        shifted_by_offset(volume.data, _offset(args)),
         psf,
         max_iter=max_iter,
         n_samples=args.auto_samples,

@@ -43,3 +43,7 @@ class DeviceError(SsiDaskError):
 
 class RunError(SsiDaskError):
     """A run could not finish (a chunk failed); the chunks already written are kept."""
+
+
+class NonFiniteResultError(RunError):
+    """A chunk's result holds NaN or Inf; it was not written and the run stops."""

@@ -21,6 +21,18 @@ occupies ``[0, N)``; the object margin beyond the image occupies ``[N, N + c)`` 
 around, ``[M - (K - 1 - c), M)``. The PSF is stored rolled so that its centre sample ``c``
 sits at the origin.
 
+Negative values
+---------------
+Lucy-Richardson is the maximum-likelihood estimate for Poisson counts, which are never
+negative; its multiplicative update keeps a non-negative estimate non-negative only while the
+data are. A negative data value turns the ratio ``y / max(h * x, eps)`` into ``-|y| / eps``,
+the estimate changes sign and grows until it overflows: the result is NaN (scikit-image's
+``richardson_lucy`` has no guard against this). The kernel therefore treats negative values of
+``image`` as 0, as the lattice light-sheet ``RLdecon`` code that PetaKit5D grew from does after
+subtracting its ``background`` (the caller's array is not modified), so a finite image always
+gives a finite result. Subtracting the background first is the caller's choice
+(``ssi-dask run --offset``; :func:`ssi_dask.deconvolve` ``offset=``).
+
 Back projectors
 ---------------
 Classic Lucy-Richardson back-projects with the flipped PSF ``h^T``. The unmatched
@@ -170,6 +182,14 @@ def _prepare_psf(psf: Any, ndim: int, *, normalize: bool) -> np.ndarray:
     return np.ascontiguousarray(psf64, dtype=np.float32)
 
 
+def _non_negative_data(image: Any, xp: ModuleType) -> Any:
+    """The image as contiguous ``float32`` with negative values set to 0 (a copy if any)."""
+    y = xp.ascontiguousarray(_to_module(image, xp), dtype=xp.float32)
+    if y.size and float(y.min()) < 0:  # never clip in place: y may be the caller's array
+        y = xp.maximum(y, xp.float32(0))
+    return y
+
+
 def _check_positive(name: str, value: Any) -> float:
     try:
         value = float(value)
@@ -241,6 +261,17 @@ def _cupy_kernels() -> dict[str, Any]:
             "ssi_lr_update_clamped",
         ),
     }
+
+
+def _quietly(step: Callable[..., None], *args: Any) -> None:
+    """Run an elementwise step without NumPy's overflow warnings (in any thread).
+
+    Only finite-but-huge data (near float32's limit) overflow; the result then holds Inf or
+    NaN, which callers see (``ssi-dask run`` refuses to write such a chunk), and a warning
+    printed from a Dask worker would only add lines to the command's one-line errors.
+    """
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+        step(*args)
 
 
 def _mul_inplace(start: int, stop: int, block: int | None, a: Any, b: Any) -> None:
@@ -320,11 +351,11 @@ class _BlockRunner:
             step(0, n, None, *arrays)
             return
         if self.pool is None or n < 2 * self.threads:
-            step(0, n, _BLOCK, *arrays)
+            _quietly(step, 0, n, _BLOCK, *arrays)
             return
         bounds = [n * k // self.threads for k in range(self.threads + 1)]
         futures = [
-            self.pool.submit(step, bounds[k], bounds[k + 1], _BLOCK, *arrays)
+            self.pool.submit(_quietly, step, bounds[k], bounds[k + 1], _BLOCK, *arrays)
             for k in range(self.threads)
             if bounds[k + 1] > bounds[k]
         ]
@@ -726,7 +757,7 @@ class RLPlan(LinearConvolver):
         num_iter = _check_num_iter(num_iter)
         eps = _check_positive("eps", eps)
         threads = _check_workers(workers)
-        y = xp.ascontiguousarray(_to_module(image, xp), dtype=xp.float32)
+        y = _non_negative_data(image, xp)
         after = None if callback is None else (lambda n, x: callback(n, x[self.image_slices]))
         x = self._iterate(y, num_iter, eps, threads, self.inv_weights, on_iteration=after)
         out = xp.ascontiguousarray(x[self.image_slices])
@@ -779,7 +810,7 @@ class RLPlan(LinearConvolver):
         num_iter = _check_num_iter(num_iter)
         eps = _check_positive("eps", eps)
         threads = _check_workers(workers)
-        y = xp.ascontiguousarray(_to_module(image, xp), dtype=xp.float32)
+        y = xp.ascontiguousarray(_to_module(image, xp), dtype=xp.float32)  # scored as measured
         held = xp.asarray(_to_module(holdout, xp), dtype=bool)
         if tuple(held.shape) != self.image_shape:
             raise InputError(
@@ -794,7 +825,13 @@ class RLPlan(LinearConvolver):
             errors.append((float(squared.sum()), float((squared**2).sum())))
 
         x = self._iterate(
-            y, num_iter, eps, threads, self._inverse_weights(keep), data_mask=keep, on_blurred=score
+            _non_negative_data(y, xp),  # the estimate sees negative values as 0, as in deconvolve
+            num_iter,
+            eps,
+            threads,
+            self._inverse_weights(keep),
+            data_mask=keep,
+            on_blurred=score,
         )
         score(self.convolve_work(x)[self.image_slices])
         return np.asarray(errors, dtype=np.float64)
@@ -960,8 +997,11 @@ def richardson_lucy(
     Parameters
     ----------
     image : numpy.ndarray or cupy.ndarray
-        2D or 3D image with non-negative values (integers or floats). The computation runs in
-        ``float32`` on the image's array module (NumPy: CPU with ``scipy.fft``; CuPy: GPU).
+        2D or 3D image with non-negative values (integers or floats). Negative values are
+        treated as 0 (Poisson data cannot be negative; left in, they make the iterations
+        diverge to NaN): subtract the background first where it matters. The computation runs
+        in ``float32`` on the image's array module (NumPy: CPU with ``scipy.fft``; CuPy: GPU).
+        A finite image gives a finite result.
     psf : array
         Point spread function with as many dimensions as ``image``; non-negative, normalised to
         unit sum here. Its sample ``(K - 1) // 2`` on each axis is the centre, as in

@@ -307,6 +307,9 @@ def run_ome(args: argparse.Namespace, image: Any = None) -> int:
             "the one `ssi-dask run` chooses on one volume exported as a Zarr array"
         )
     lr_options = _lr_options(args)
+    from .cli import _offset  # noqa: PLC0415
+
+    offset = _offset(args)
     zarr_format = args.zarr_format or (3 if image.version == "0.5" else 2)
     if args.shards and zarr_format != 3:
         raise ParameterError("--shards needs Zarr format 3; add --zarr-format 3")
@@ -343,6 +346,8 @@ def run_ome(args: argparse.Namespace, image: Any = None) -> int:
         alignment=model.alignment if model is not None else 1,
         boundary=METHOD_BOUNDARY[args.method],
         back_projector=lr_options.get("back_projector", "classic"),
+        psf=list(psfs) if model is None else None,
+        back_projector_options=lr_options,
     )
     ome_out = args.output_format in ("auto", "ome-zarr")
     n_volumes = int(np.prod(data.shape[:n_lead])) if n_lead else 1
@@ -374,6 +379,8 @@ def run_ome(args: argparse.Namespace, image: Any = None) -> int:
 
         provenance["iterations"] = iterations
         provenance.update(resolve_back_projector(psfs[0], **lr_options).as_dict())
+        if offset:
+            provenance["offset"] = offset
     else:
         from .cli import _model_summary  # noqa: PLC0415
 
@@ -397,6 +404,7 @@ def run_ome(args: argparse.Namespace, image: Any = None) -> int:
             depth=plan.depth,
             device="gpu" if args.gpu else "cpu",
             model=model,
+            **({"offset": offset} if offset else {}),
             **lr_options,
         )
         progress = False if args.no_progress else ChunkProgress(int(np.prod(result.shape)))

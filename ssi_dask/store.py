@@ -67,6 +67,10 @@ def _write_block(
         block = block.get()
     array = zarr.open_array(path, mode="r+")
     data = np.ascontiguousarray(block, dtype=array.dtype)
+    if not np.isfinite(data).all():  # never store (nor record) garbage: the run must stop
+        from .errors import NonFiniteResultError  # noqa: PLC0415
+
+        raise NonFiniteResultError(non_finite_message(data, region))
     array[region] = data
     # Only now, with the data in the store, may the chunk count as finished.
     records.write_record(
@@ -78,6 +82,17 @@ def _write_block(
         run_id=run,
     )
     return np.ones((1,) * data.ndim, dtype=np.int8)
+
+
+def non_finite_message(data: np.ndarray, region: tuple[slice, ...]) -> str:
+    """The one-line error for a chunk whose result holds NaN or Inf (nothing of it written)."""
+    bad = int(data.size - np.count_nonzero(np.isfinite(data)))
+    return (
+        f"the result of chunk {records.region_text(region)} is not finite ({bad} of {data.size} "
+        "values NaN or Inf) and was not written; likely cause: negative input values (subtract "
+        "the background, e.g. with --offset) or values too large for float32, or with "
+        "--method ssi a model that does not fit this data"
+    )
 
 
 def check_shard_alignment(
@@ -532,9 +547,15 @@ def _task_failure(
     exc: BaseException, output: Path, regions: dict, index: tuple | None
 ) -> SsiDaskError:
     """Turn the exception of a chunk task into a one-line error that keeps the progress."""
+    from .errors import NonFiniteResultError  # noqa: PLC0415
 
     region = records.region_text(regions[index]) if index in regions else ""
-    where = f" (chunk {region})" if region else ""
+    where = f" (chunk {region})" if region and region not in str(exc) else ""
+    if isinstance(exc, NonFiniteResultError):
+        return NonFiniteResultError(
+            f"{exc}; fix that, then re-run with --resume (same parameters) or --overwrite "
+            f"({_kept(output, regions)})"
+        )
     if isinstance(exc, SsiDaskError):
         return type(exc)(f"{exc}{where}")
     if type(exc).__name__ == "KilledWorker":

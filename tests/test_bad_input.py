@@ -106,7 +106,8 @@ def _before_work_cases(ws):
         "PSF with NaN": (("run", src, out, "--psf", nan_psf), "contains NaN or Inf values"),
         "PSF larger than a chunk": (
             ("run", src, out, "--psf", psf, "--chunks", "24,8,8"),
-            "halo 10 along axis 1 exceeds the smallest working chunk 8; use larger --chunks",
+            "halo 12 along axis 1 exceeds the smallest working chunk 8; use larger --chunks "
+            "(e.g. --chunks 24,16,16)",
         ),
         "PSF larger than the image": (
             ("run", src, out, "--psf", bigger_psf),

@@ -110,7 +110,7 @@ def test_dry_run_prints_the_whole_plan_and_writes_nothing(tmp_path, zarr3d, psf3
         "input           (24, 64, 96) float32, stored in chunks (24, 16, 16)",
         "output          (24, 64, 96) float32, Zarr v3, chunks (24, 16, 16), shards (24, 32, 32)",
         "working chunks  (24, 32, 32) -> 6 chunks",
-        "halo (depth)    (0, 10, 10)",
+        "halo (depth)    (0, 12, 12)",  # measured reach of 10 iterations (lr_measured_depth)
         "tasks in graph  ",
         "memory per task ~",
         "output size     576.0 KiB (uncompressed)",
