@@ -19,7 +19,7 @@ from typing import Any
 from . import __version__
 from .errors import ParameterError, PSFError, SsiDaskError
 from .ome_run import add_image_options
-from .safety import check_replaceable_file
+from .safety import check_replaceable_file, resolved
 
 
 def _add_cluster_options(parser: argparse.ArgumentParser) -> None:
@@ -1065,6 +1065,12 @@ def _ssi_model_for_run(args: argparse.Namespace, volume, psf):
         defaults = DEFAULTS[volume.ndim]
         return UNet(volume.ndim, depth=defaults["depth"], base_channels=defaults["base_channels"])
     if args.save_model:
+        model_path, output_path = resolved(args.save_model), resolved(args.output)
+        if model_path == output_path or output_path in model_path.parents:
+            raise ParameterError(
+                f"--save-model {args.save_model!r} is OUTPUT or inside it; save the model "
+                "outside the output"
+            )
         check_replaceable_file(
             args.save_model,
             overwrite=args.overwrite,

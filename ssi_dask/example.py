@@ -8,8 +8,14 @@ from pathlib import Path
 import numpy as np
 
 from .errors import OutputError
-from .psf import save_psf, widefield_psf
-from .safety import check_output_target, check_replaceable_file, claim_output
+from .psf import psf_written_by_ssi_dask, save_psf, widefield_psf
+from .safety import (
+    check_output_target,
+    check_replaceable_file,
+    claim_output,
+    is_zarr_node,
+    resolved,
+)
 
 #: Optics of the example: a water-immersion widefield microscope.
 EXAMPLE_VOXEL_SIZE = (0.4, 0.2, 0.2)
@@ -40,24 +46,40 @@ def make_example(
 
     from .synthetic import blur  # noqa: PLC0415
 
-    directory = Path(directory)
+    given = Path(directory)
+    if given.is_symlink() and not given.exists():
+        raise OutputError(
+            f"{str(given)!r} is a broken symbolic link; give a real folder for the example"
+        )
+    directory = resolved(given)  # every check and write below uses this one path
+    if directory.exists() and not directory.is_dir():
+        raise OutputError(f"{str(directory)!r} exists and is not a folder; choose another DIR")
+    if is_zarr_node(directory):
+        raise OutputError(
+            f"{str(directory)!r} is a Zarr store; give a plain folder for the example files"
+        )
     paths = {
         "volume": directory / "volume.zarr",
         "ground_truth": directory / "ground_truth.zarr",
         "psf": directory / "psf.tif",
     }
-    if directory.is_symlink() and not directory.exists():
-        raise OutputError(
-            f"{str(directory)!r} is a broken symbolic link; give a real folder for the example"
-        )
-    if directory.exists() and not directory.is_dir():
-        raise OutputError(f"{str(directory)!r} exists and is not a folder; choose another DIR")
+    if not directory.exists():
+        if not directory.parent.is_dir():
+            raise OutputError(
+                f"the folder of {str(directory)!r} does not exist; create "
+                f"{str(directory.parent)!r} first"
+            )
+        directory.mkdir()  # new and empty: nothing in it can be refused below
     # Every check before anything is written or deleted: only stores this tool made are
-    # replaced (see ssi_dask.safety), and the PSF only when it is a plain file.
+    # replaced (see ssi_dask.safety), and the PSF only when ssi-dask wrote it.
     for name in ("volume", "ground_truth"):
         check_output_target(paths[name], overwrite=overwrite)
     check_replaceable_file(paths["psf"], overwrite=overwrite)
-    directory.mkdir(parents=True, exist_ok=True)
+    if paths["psf"].exists() and not psf_written_by_ssi_dask(paths["psf"]):
+        raise OutputError(
+            f"{str(paths['psf'])!r} was not written by ssi-dask; refusing to replace it with "
+            "--overwrite, move it away or choose another DIR"
+        )
     rng = np.random.default_rng(seed)
     # Blobs and filaments on the requested shape itself (skimage's binary_blobs only makes
     # cubes, and a 1024^3 cube to crop 64 planes from would cost 4 GiB).

@@ -166,7 +166,7 @@ def save_psf(path: str | os.PathLike, psf: np.ndarray, voxel_size: Sequence[floa
     if suffix in (".tif", ".tiff"):
         import tifffile  # noqa: PLC0415
 
-        metadata = {"axes": "ZYX"[-psf.ndim :]}
+        metadata = {"axes": "ZYX"[-psf.ndim :], "written_by": "ssi-dask"}
         if voxel_size is not None:
             metadata["voxel_size_um"] = [float(v) for v in voxel_size]
         tifffile.imwrite(path, np.asarray(psf, dtype=np.float32), metadata=metadata)
@@ -174,6 +174,18 @@ def save_psf(path: str | os.PathLike, psf: np.ndarray, voxel_size: Sequence[floa
         np.save(path, np.asarray(psf, dtype=np.float32))
     else:
         raise PSFError(f"cannot write a PSF to {suffix!r}; use .tif, .tiff or .npy")
+
+
+def psf_written_by_ssi_dask(path: str | os.PathLike) -> bool:
+    """True for a TIFF that :func:`save_psf` wrote (its metadata says so)."""
+    import tifffile  # noqa: PLC0415
+
+    try:
+        with tifffile.TiffFile(path) as tif:
+            metadata = tif.shaped_metadata or ()
+    except Exception:
+        return False
+    return any(isinstance(m, dict) and m.get("written_by") == "ssi-dask" for m in metadata)
 
 
 def widefield_psf(

@@ -28,6 +28,7 @@ import shutil
 import socket
 import threading
 import uuid
+import warnings
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -48,11 +49,29 @@ _DIGITS = re.compile(r"^\d+$")
 
 
 def resolved(path: str | os.PathLike) -> Path:
-    """``path`` made absolute with every symbolic link resolved (it need not exist)."""
-    return Path(os.path.realpath(os.path.abspath(os.fspath(path))))
+    """``path`` made absolute with every symbolic link resolved (it need not exist).
+
+    ``os.path.realpath`` resolves each component in order, as the operating system does, so
+    ``link/../x`` names the folder *above the link's target*, never ``x`` beside the link.
+    """
+    return Path(os.path.realpath(os.fspath(path)))
 
 
-def _is_zarr_node(path: Path) -> bool:
+def unresolved_leaf(path: str | os.PathLike) -> Path:
+    """``path`` with its folder resolved but its last component kept as given.
+
+    This is the entry the operating system would create or delete for ``path``; unlike
+    :func:`resolved` it still shows whether that entry itself is a symbolic link.
+    """
+    text = os.fspath(path).rstrip(os.sep) or os.sep
+    head, tail = os.path.split(text)
+    if tail in ("", ".", ".."):
+        return resolved(text)
+    return resolved(head or os.curdir) / tail
+
+
+def is_zarr_node(path: Path) -> bool:
+    """True when ``path`` is a folder holding Zarr metadata (an array or a group)."""
     return path.is_dir() and any((path / name).is_file() for name in ZARR_METADATA)
 
 
@@ -63,9 +82,9 @@ def protected_root(input_path: str | os.PathLike) -> Path:
     protected as a whole; a TIFF file protects itself.
     """
     root = resolved(input_path)
-    if not _is_zarr_node(root):
+    if not is_zarr_node(root):
         return root
-    while _is_zarr_node(root.parent) and root.parent != root:
+    while is_zarr_node(root.parent) and root.parent != root:
         root = root.parent
     return root
 
@@ -133,11 +152,11 @@ def foreign_entries(store: str | os.PathLike, limit: int = 3) -> list[str]:
             entry = here / name
             if entry.is_symlink():
                 found.append(str(relative / name))
-            elif name.startswith(".ssi_dask") or _DIGITS.match(name) or name == "c":
-                kept.append(name)
-            elif _is_zarr_node(entry):
-                kept.append(name)
-            else:
+            elif _is_own_name(name):
+                continue  # this tool's records and temporary files: not descended into
+            elif _DIGITS.match(name) or name == "c":
+                kept.append(name)  # chunk folders and OME levels ("0", "1", ...)
+            else:  # any other folder, a Zarr group or array of the user's included
                 found.append(str(relative / name) + "/")
         dirs[:] = [] if len(found) >= limit else kept
         if len(found) >= limit:
@@ -145,9 +164,16 @@ def foreign_entries(store: str | os.PathLike, limit: int = 3) -> list[str]:
     return found[:limit]
 
 
+def _is_own_name(name: str) -> bool:
+    """This tool's files and their temporary or stale siblings (``.ssi_dask*``, ``..ssi_dask*``)."""
+    return name.startswith(".ssi_dask") or name.startswith("..ssi_dask")
+
+
 def _own_file(relative: Path, name: str) -> bool:
-    if name in ZARR_METADATA or name.startswith(".ssi_dask"):
+    if name in ZARR_METADATA or _is_own_name(name):
         return True
+    if name.endswith(".partial"):  # Zarr's temporary file of a chunk being written
+        name = name.split(".", 1)[0]
     key = "/".join([*relative.parts, name])
     # chunk files live directly in an array folder or in its c/ and digit sub-folders
     return bool(_CHUNK_KEY.match(name)) or bool(_CHUNK_KEY.match(key.split("/", 1)[-1]))
@@ -165,8 +191,10 @@ def made_by_this_tool(store: str | os.PathLike) -> bool:
             continue
         if name == "zarr.json":
             attributes = attributes.get("attributes") or {}
-        if isinstance(attributes, dict) and isinstance(attributes.get("ssi_dask"), dict):
-            return "fingerprint" in attributes["ssi_dask"] or "method" in attributes["ssi_dask"]
+        legacy = isinstance(attributes, dict) and isinstance(attributes.get("ssi_dask"), dict)
+        if legacy and "fingerprint" in attributes["ssi_dask"]:
+            # an ssi-dask output of an earlier version also has its completion records
+            return any((folder / ".ssi_dask_progress").is_dir() for folder in (store, store / "0"))
     return False
 
 
@@ -179,13 +207,17 @@ def check_deletable(output: str | os.PathLike, *, option: str = "--overwrite") -
         When ``output`` is a symbolic link, not a folder, not made by ssi-dask, or holds
         files that are not a Zarr store's own.
     """
-    path = Path(os.path.abspath(os.fspath(output)))
+    path = unresolved_leaf(output)
     if path.is_symlink():
         raise OutputError(
             f"output {str(path)!r} is a symbolic link (to {os.readlink(path)!r}); refusing to "
             f"delete through it with {option}: give the real path or remove the link yourself"
         )
-    if not path.is_dir() or not _is_zarr_node(path):
+    leftover = path.is_dir() and (path / MARKER_FILE).is_file() and not is_zarr_node(path)
+    if leftover and not foreign_entries(path):  # a run that stopped before creating its array
+        check_unlocked(path)
+        return
+    if not path.is_dir() or not is_zarr_node(path):
         raise OutputError(
             f"output {str(path)!r} exists and is not a Zarr store; refusing to delete it with "
             f"{option}, remove it yourself or choose another path"
@@ -212,7 +244,7 @@ def remove_store(output: str | os.PathLike) -> None:
     hidden ``.NAME.ssi-dask-deleting-*`` folder, never a half-deleted store under the
     output's own name.
     """
-    path = Path(os.path.abspath(os.fspath(output)))
+    path = unresolved_leaf(output)
     check_deletable(path)
     trash = path.with_name(f".{path.name}.ssi-dask-deleting-{uuid.uuid4().hex[:8]}")
     try:
@@ -223,6 +255,15 @@ def remove_store(output: str | os.PathLike) -> None:
             "choose another path"
         ) from None
     shutil.rmtree(trash, ignore_errors=True)
+    if trash.exists():
+        from .quiet import SsiDaskWarning  # noqa: PLC0415
+
+        warnings.warn(
+            f"the old output could not be removed completely; what is left of it is in "
+            f"{str(trash)!r}: remove it yourself to free the space",
+            SsiDaskWarning,
+            stacklevel=2,
+        )
 
 
 def write_marker(store: str | os.PathLike, **details) -> None:
@@ -250,7 +291,7 @@ def _write_atomically(path: Path, text: str) -> None:
 # The output lock
 
 
-_held: dict[Path, int] = {}
+_held: dict[Path, int] = {}  # outputs locked by this process
 _held_guard = threading.Lock()
 
 
@@ -278,13 +319,16 @@ def _owner_alive(record: dict) -> bool | None:
     if record.get("host") != socket.gethostname():
         return None
     pid = record.get("pid")
-    if not isinstance(pid, int):
+    if not isinstance(pid, int) or isinstance(pid, bool):
         return False
     started = _process_start(pid)
     if started is None:
-        return False
-    recorded = record.get("process_start")
-    return recorded is None or abs(started - float(recorded)) < 1.0
+        return False  # no such process: the lock is stale
+    try:
+        recorded = float(record.get("process_start"))
+    except (TypeError, ValueError):
+        return None  # a process with that pid lives, but it cannot be told apart from the owner
+    return abs(started - recorded) < 1.0
 
 
 def _read_lock(path: Path) -> dict | None:
@@ -300,10 +344,17 @@ def _read_lock(path: Path) -> dict | None:
 def _create_lock(path: Path, record: dict) -> bool:
     """Create the lock file holding ``record`` atomically; False when one exists already."""
     temporary = path.with_name(f".{path.name}.{record['token']}.tmp")
-    with open(temporary, "w") as handle:
-        json.dump(record, handle)
-        handle.flush()
-        os.fsync(handle.fileno())
+    try:
+        with open(temporary, "w") as handle:
+            json.dump(record, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+    except OSError as exc:
+        temporary.unlink(missing_ok=True)
+        raise OutputError(
+            f"cannot write the lock file of output {str(path.parent)!r} "
+            f"({exc.strerror or exc}); make the output writable or choose another output"
+        ) from None
     try:
         os.link(temporary, path)  # atomic, and the lock is whole the moment it exists
         return True
@@ -323,7 +374,10 @@ def _create_lock(path: Path, record: dict) -> bool:
 
 @contextlib.contextmanager
 def output_lock(store: str | os.PathLike) -> Iterator[Path]:
-    """Hold ``store``'s lock file for the duration of the block (re-entrant in one process).
+    """Hold ``store``'s lock file for the duration of the block.
+
+    Not re-entrant: a second call for the same output, from another thread of this process
+    too, is refused like a call from another process.
 
     Raises
     ------
@@ -334,21 +388,28 @@ def output_lock(store: str | os.PathLike) -> Iterator[Path]:
     store = resolved(store)
     lock = store / LOCK_FILE
     with _held_guard:
-        if store not in _held:
-            _acquire(lock)
-        _held[store] = _held.get(store, 0) + 1
+        if store in _held:  # another call in this process (a thread, a notebook cell)
+            raise OutputError(
+                f"output {str(store)!r} is being written by another ssi-dask run in this "
+                "process; wait for it to finish or choose another output"
+            )
+        _acquire(lock)
+        _held[store] = 1
     try:
         yield lock
     finally:
         with _held_guard:
-            _held[store] -= 1
-            if _held[store] == 0:
-                del _held[store]
-                _release(lock)
+            del _held[store]
+            _release(lock)
 
 
 def _acquire(lock: Path) -> None:
     record = _lock_record()
+    if lock.is_dir() or lock.is_symlink():
+        raise OutputError(
+            f"the lock {str(lock)!r} is a folder or a symbolic link, not an ssi-dask lock file; "
+            "remove it yourself, then retry"
+        )
     for _ in range(5):
         if _create_lock(lock, record):
             _mine[lock] = record["token"]
@@ -414,7 +475,7 @@ def check_output_target(
         read-only.
     """
     target = check_not_input(output, inputs)
-    given = Path(os.path.abspath(os.fspath(output)))
+    given = unresolved_leaf(output)
     if given.exists() or given.is_symlink():
         if not overwrite:
             raise OutputError(
@@ -453,7 +514,7 @@ def claim_output(
     """
     inputs = list(inputs)
     target = check_output_target(output, inputs=inputs, overwrite=overwrite)
-    given = Path(os.path.abspath(os.fspath(output)))
+    given = unresolved_leaf(output)
     if given.exists():
         with output_lock(given):
             remove_store(given)
@@ -475,35 +536,50 @@ def source_paths(array) -> list[Path]:
     """The files or Zarr stores a lazy Dask array reads (its ``from_array`` sources).
 
     Lets :func:`ssi_dask.write_zarr` protect the inputs of any lazy result, also when the
-    caller did not name them.
+    caller did not name them: sources kept as graph keys (``da.from_array``, ``da.from_zarr``)
+    or inlined into the read tasks (``inline_array=True``), and xarray's lazy wrappers around a
+    Zarr array (``xr.open_zarr``). Only the graph's source layers are looked at, never every
+    task, so this stays cheap for large graphs. Sources it cannot see (e.g. a custom reader)
+    are protected only when passed as ``input_path``.
     """
     graph = getattr(array, "__dask_graph__", lambda: None)()
     layers = getattr(graph, "layers", None) or {}
-    paths = []
+    candidates = []
     for name, layer in layers.items():
-        if not str(name).startswith("original-"):
-            continue
-        try:
-            values = list(layer.values())
-        except Exception:
-            continue
-        for value in values:
-            value = getattr(value, "value", value)  # a task-spec data node wraps the array
-            path = _source_path(value)
-            if path is not None and path not in paths:
-                paths.append(path)
+        if str(name).startswith("original-"):
+            try:
+                candidates.extend(layer.values())
+            except Exception:
+                continue
+        for argument, _ in getattr(layer, "indices", None) or ():
+            candidates.append(argument)  # an array inlined into a blockwise read
+    paths: list[Path] = []
+    for value in candidates:
+        path = _source_path(getattr(value, "value", value))  # task-spec nodes wrap the data
+        if path is not None and path not in paths:
+            paths.append(path)
     return paths
 
 
-def _source_path(value) -> Path | None:
+def _source_path(value, depth: int = 0) -> Path | None:
+    """The on-disk location behind an array-like, unwrapping xarray's lazy adapters."""
+    if value is None or depth > 8 or isinstance(value, (str, bytes, int, float, tuple)):
+        return None
     store = getattr(value, "store", None)
-    root = getattr(store, "root", None)
-    if root is not None and hasattr(value, "shape"):
-        inner = str(getattr(value, "path", "") or "")
-        return Path(root) / inner if inner else Path(root)
-    path = getattr(value, "path", None)
-    if isinstance(path, str) and hasattr(value, "shape") and Path(path).exists():
-        return Path(path)
+    if store is not None and hasattr(value, "shape"):  # a Zarr array
+        root = getattr(store, "root", None) or getattr(store, "path", None)
+        if isinstance(root, (str, os.PathLike)) and str(root):
+            inner = str(getattr(value, "path", "") or "")
+            return resolved(Path(root) / inner) if inner else resolved(root)
+    path = getattr(value, "path", None)  # ssi-dask's TIFF reader
+    if isinstance(path, str) and path and hasattr(value, "shape") and Path(path).is_file():
+        return resolved(path)
+    for attribute in ("array", "_array"):  # xarray's lazily indexed wrappers
+        inner = getattr(value, attribute, None)
+        if inner is not None and inner is not value:
+            found = _source_path(inner, depth + 1)
+            if found is not None:
+                return found
     return None
 
 
@@ -522,7 +598,7 @@ def check_replaceable_file(
     Returns the resolved path.
     """
     target = check_not_input(path, inputs)
-    given = Path(os.path.abspath(os.fspath(path)))
+    given = unresolved_leaf(path)
     if given.is_symlink():
         raise OutputError(
             f"{str(given)!r} is a symbolic link; refusing to write through it: give the real "
@@ -546,14 +622,16 @@ def check_unlocked(store: str | os.PathLike) -> None:
     """
     lock = resolved(store) / LOCK_FILE
     existing = _read_lock(lock)
-    if not existing or _mine.get(lock) == existing.get("token"):
+    token = existing.get("token") if existing else None
+    if not existing or (token is not None and _mine.get(lock) == token):
         return
     alive = _owner_alive(existing)
     if alive is None:
         raise OutputError(
             f"output {str(lock.parent)!r} is locked by a run on {existing.get('host')!r} "
-            f"(pid {existing.get('pid')}, started {existing.get('started')}); wait for it, or "
-            f"if no ssi-dask run is writing it any more, delete {str(lock)!r} and retry"
+            f"(pid {existing.get('pid')}, started {existing.get('started')}) that cannot be "
+            f"checked from here; wait for it, or if no ssi-dask run is writing it any more, "
+            f"delete {str(lock)!r} and retry"
         )
     if alive:
         raise OutputError(

@@ -364,3 +364,119 @@ def test_two_runs_at_once(ws):
     attrs = zarr.open_array(str(ws / "out.zarr")).attrs["ssi_dask"]
     assert attrs["complete"] is True and attrs["chunks_written"] == attrs["layout"]["chunks_total"]
     assert not (ws / "out.zarr" / LOCK_FILE).exists()
+
+
+# ------------------------------------------------------------------------------------------
+# Cases found by trying to break the rules above
+
+
+def test_symlink_then_dotdot_is_resolved_like_the_system_does(ws, capsys):
+    """``lnk/../x`` names the folder above the link's target, not the one beside the link."""
+    (ws / "far").mkdir()
+    (ws / "far" / "sub").mkdir()
+    (ws / "in.zarr").rename(ws / "far" / "in.zarr")
+    (ws / "psf.npy").rename(ws / "far" / "psf.npy")
+    (ws / "lnk").symlink_to(ws / "far" / "sub", target_is_directory=True)
+    err = refused(
+        capsys,
+        ["run", "far/in.zarr", "lnk/../in.zarr/x", "--psf", "far/psf.npy"],
+        ws / "far",
+    )
+    assert f"is inside the input '{ws}/far/in.zarr'" in err
+    err = refused(
+        capsys,
+        [
+            "psf",
+            "lnk/../psf.npy",
+            "--shape",
+            "5,7,7",
+            "--voxel-size",
+            "0.3,0.15,0.15",
+            "--na",
+            "1.0",
+            "--wavelength",
+            "0.5",
+        ],
+        ws / "far",
+    )
+    assert f"'{ws}/far/psf.npy' already exists" in err
+    err = refused(
+        capsys,
+        ["train", "far/in.zarr", "--psf", "far/psf.npy", "--out", "lnk/../psf.npy", "--overwrite"],
+        ws / "far",
+    )
+    assert f"'{ws}/far/psf.npy' is the input" in err
+
+
+def test_python_api_sources_of_every_kind(ws):
+    import dask.array as da
+    import xarray as xr
+
+    from ssi_dask.safety import source_paths
+
+    assert source_paths(da.from_zarr(str(ws / "in.zarr"))) == [ws / "in.zarr"]
+    assert source_paths(da.from_zarr(str(ws / "in.zarr"), inline_array=True)) == [ws / "in.zarr"]
+    xr.Dataset({"img": (("y", "x"), np.ones((8, 8), "f4"))}).to_zarr(ws / "ds.zarr")
+    lazy = xr.open_zarr(ws / "ds.zarr")["img"].data * 2
+    assert source_paths(lazy) == [ws / "ds.zarr" / "img"]
+    before = tree_digest(ws / "ds.zarr")
+    with pytest.raises(OutputError, match="is inside the input"):
+        write_zarr(lazy, ws / "ds.zarr" / "img_deconvolved")
+    assert tree_digest(ws / "ds.zarr") == before
+    # a relative store path is not mistaken for the current folder
+    psf = np.load(ws / "psf.npy")
+    result = deconvolve(da.from_zarr("in.zarr"), psf, num_iter=1)
+    write_zarr(result, "new.zarr")
+    assert zarr.open_array(str(ws / "new.zarr")).attrs["ssi_dask"]["complete"] is True
+
+
+def test_the_lock_holds_within_one_process(ws):
+    (ws / "out.zarr").mkdir()
+    with output_lock(ws / "out.zarr"):
+        with pytest.raises(OutputError, match="by another ssi-dask run in this process"):
+            with output_lock(ws / "out.zarr"):
+                pass
+    (ws / "out.zarr" / LOCK_FILE).mkdir()
+    with pytest.raises(OutputError, match="is a folder or a symbolic link, not an ssi-dask lock"):
+        with output_lock(ws / "out.zarr"):
+            pass
+
+
+def test_overwrite_keeps_user_groups_and_accepts_own_leftovers(ws, capsys):
+    run_ok(ws, "out.zarr")
+    # the tool's own leftovers of a killed run do not block --overwrite
+    chunk_folder = next(p for p in (ws / "out.zarr" / "c").rglob("*") if p.is_dir())
+    (chunk_folder / "0.3f9a2c.partial").write_bytes(b"half a chunk")
+    (ws / "out.zarr" / ".ssi_dask_progress" / ".0.0.0.abc.tmp").write_text("{")
+    (ws / "out.zarr" / "..ssi_dask.lock.123.tmp").write_text("{}")
+    run_ok(ws, "out.zarr", "--overwrite")
+    # a user's group nested in an ssi-dask output is not the tool's to delete
+    zarr.open_group(str(ws / "out.zarr" / "labels"), mode="w").create_array(
+        "cells", shape=(4,), dtype="u2"
+    )
+    err = refused(
+        capsys, ["run", "in.zarr", "out.zarr", "--psf", "psf.npy", "--overwrite"], ws / "out.zarr"
+    )
+    assert "holds files that are not part of a Zarr store ('labels/')" in err
+    # a user's store that merely carries ssi_dask attributes is not the tool's either
+    theirs = zarr.create_array(store=str(ws / "theirs.zarr"), shape=(4,), dtype="f4")
+    theirs.attrs["ssi_dask"] = {"fingerprint": "x", "method": "lr"}
+    refused(
+        capsys,
+        ["run", "in.zarr", "theirs.zarr", "--psf", "psf.npy", "--overwrite"],
+        ws / "theirs.zarr",
+    )
+
+
+def test_make_example_in_a_new_folder_and_a_users_psf(tmp_path, capsys):
+    assert main(["make-example", str(tmp_path / "new"), "--shape", "17,32,32"]) == 0
+    assert (tmp_path / "new" / "volume.zarr" / MARKER_FILE).is_file()
+    (tmp_path / "mine").mkdir()
+    tifffile.imwrite(tmp_path / "mine" / "psf.tif", np.ones((5, 5), "f4"))
+    err = refused(
+        capsys,
+        ["make-example", tmp_path / "mine", "--shape", "17,32,32", "--overwrite"],
+        tmp_path / "mine",
+    )
+    assert "psf.tif' was not written by ssi-dask; refusing to replace it" in err
+    assert not (tmp_path / "mine" / "volume.zarr").exists()
