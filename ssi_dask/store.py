@@ -322,7 +322,8 @@ def _drop_lost_chunks(
     """The records of ``done`` whose chunks are intact; the others' records are removed.
 
     A chunk is lost when one of its chunk (shard) files is missing from the store (one
-    listing); with ``repair`` also when it does not decode or its checksum differs.
+    listing); with ``repair`` also when it does not decode or its checksum differs (its chunk
+    files are then removed too, before it is recomputed).
     """
     import zarr  # noqa: PLC0415
 
@@ -342,6 +343,13 @@ def _drop_lost_chunks(
             flush=True,
         )
     records.remove_records(path, bad)
+    # A damaged chunk's files go too: Zarr may read a shard before rewriting it, and a shard
+    # that does not decode would fail the recomputation's write.
+    from .chunkfiles import keys_for_region  # noqa: PLC0415
+
+    for index in damaged:
+        for key in keys_for_region(array, regions[index]):
+            (path / key).unlink(missing_ok=True)
     return {index: record for index, record in done.items() if index not in set(bad)}
 
 

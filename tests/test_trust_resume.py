@@ -240,3 +240,25 @@ def test_missing_input_chunks_are_reported(tmp_path, zarr3d, psf3d_file):
     done = _run(zarr3d, tmp_path / "out.zarr", psf3d_file)
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines()[-1] == warning  # after the run's summary
+
+
+@pytest.mark.parametrize("layout", ["v2", "v3-sharded"])
+def test_write_zarr_repair_recomputes_damaged_chunks(tmp_path, volume3d, psf3d, layout):
+    out = tmp_path / "out.zarr"
+    options = (
+        {"zarr_format": 2, "output_chunks": (24, 16, 16)}
+        if layout == "v2"
+        else {"zarr_format": 3, "output_chunks": (24, 16, 16), "output_shards": (24, 32, 32)}
+    )
+    lazy = deconvolve(volume3d, psf3d, num_iter=1, chunks=CHUNKS)
+    expected = write_zarr(lazy, out, **options)[...]
+    damaged = out / ("0.2.2" if layout == "v2" else "c/0/1/1")  # in working chunk (0, 1, 1)
+    damaged.write_bytes(b"\x00not a chunk" * 8)
+    assert verify_output(out).ok  # the files are all there: only reading finds it
+    damaged_text = verify_output(out, check_data=True).damaged
+    assert damaged_text[0].startswith("[0:24, 32:64, 32:64] (does not decode: ")
+    write_zarr(lazy, out, resume=True, **options)  # plain resume trusts what is recorded
+    assert not verify_output(out, check_data=True).ok
+    repaired = write_zarr(lazy, out, resume=True, repair=True, **options)
+    assert np.array_equal(repaired[...], expected)
+    assert verify_output(out, check_data=True).ok
