@@ -363,14 +363,16 @@ def build_parser() -> argparse.ArgumentParser:
         "verify",
         help="check that an output has every chunk recorded as written",
         description="List the chunks of OUTPUT (written by `ssi-dask run`) that are not recorded "
-        "as written. Exit status 0 when the output is complete, 1 when chunks are missing or "
-        "damaged, 2 when OUTPUT is not an ssi-dask output.",
+        "as written or whose chunk files are gone from the store. Exit status 0 when the output "
+        "is complete, 1 when chunks are missing or damaged, 2 when OUTPUT is not an ssi-dask "
+        "output.",
     )
     verify.add_argument("output", metavar="OUTPUT", help="output Zarr array of `ssi-dask run`")
     verify.add_argument(
         "--check-data",
         action="store_true",
-        help="also re-read every recorded chunk and compare it with its recorded checksum",
+        help="also re-read every recorded chunk: one that does not decode or differs from its "
+        "recorded checksum is damaged (mend with run --resume --repair)",
     )
     verify.set_defaults(handler=_verify_command)
 

@@ -262,3 +262,20 @@ def test_write_zarr_repair_recomputes_damaged_chunks(tmp_path, volume3d, psf3d, 
     repaired = write_zarr(lazy, out, resume=True, repair=True, **options)
     assert np.array_equal(repaired[...], expected)
     assert verify_output(out, check_data=True).ok
+
+
+def test_missing_input_chunks_with_slash_separated_zarr_v2_keys(tmp_path):
+    from ssi_dask.chunkfiles import missing_input_chunks
+
+    path = tmp_path / "v2.zarr"
+    array = zarr.create_array(
+        store=str(path), shape=(10, 12), chunks=(4, 4), dtype="u2", zarr_format=2,
+        chunk_key_encoding={"name": "v2", "separator": "/"}, fill_value=7,
+    )  # fmt: skip
+    array[...] = 1
+    (path / "2" / "1").unlink()  # rows 8:10, columns 4:8
+    report = missing_input_chunks(str(path))
+    assert (report.count, report.total, report.first, report.fill_value) == (
+        1, 9, ("[8:10, 4:8]",), 7,
+    )  # fmt: skip
+    assert missing_input_chunks(str(tmp_path / "absent.zarr")) is None
