@@ -279,3 +279,31 @@ def test_missing_input_chunks_with_slash_separated_zarr_v2_keys(tmp_path):
         1, 9, ("[8:10, 4:8]",), 7,
     )  # fmt: skip
     assert missing_input_chunks(str(tmp_path / "absent.zarr")) is None
+
+
+def test_tiff_input_touched_resumes_and_rewritten_is_refused(tmp_path, volume3d, psf3d, psf3d_file):
+    import os
+
+    import tifffile
+
+    source = tmp_path / "stack.tif"
+    tifffile.imwrite(source, volume3d)
+    out = tmp_path / "out.zarr"
+    assert _run(source, out, psf3d_file, "--output-chunks", "24,32,32").returncode == 0
+    info = source.stat()
+    os.utime(source, ns=(info.st_atime_ns, info.st_mtime_ns + 10**9))  # same data, new mtime
+    (out / "c" / "0" / "1" / "2").unlink()  # working chunk (0, 1, 2)
+    resumed = _run(source, out, psf3d_file, "--output-chunks", "24,32,32", "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert "5 of 6 chunks already written, computing 1" in resumed.stdout
+    expected = deconvolve(volume3d, psf3d, num_iter=ITERATIONS, chunks=CHUNKS).compute()
+    assert np.array_equal(zarr.open_array(str(out), mode="r")[...], expected)
+
+    other = volume3d.copy()
+    other[12, 10, 10] += 0.5  # only working chunk (0, 0, 0) read it
+    tifffile.imwrite(source, other)
+    line = _one_line_error(
+        _run(source, out, psf3d_file, "--output-chunks", "24,32,32", "--resume", "--dry-run")
+    )
+    assert "1 of 6 chunks already written were made from other input data " in line
+    assert "(first: [0:24, 0:32, 0:32])" in line
