@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import json
 import math
 import os
 from collections.abc import Callable, Sequence
@@ -435,9 +436,9 @@ def _shared_token(value: Any) -> str:
     """A content token for a shared object: the array's bytes, or the model's content hash."""
     if isinstance(value, np.ndarray):
         return dask.base.tokenize(value)
-    from .ssi import content_hash  # noqa: PLC0415
+    from .ssi import model_hash  # noqa: PLC0415
 
-    return content_hash(value.config, value.network.state_dict())
+    return model_hash(value)
 
 
 def deconvolve(
@@ -552,6 +553,113 @@ def deconvolve(
         back_projector_options=method_options,
     )
     data = volume.chunked(plan.working_chunks)
+    computation = computation_provenance(
+        volume,
+        psf,
+        method=method,
+        num_iter=num_iter,
+        depth=plan.depth,
+        working_chunks=plan.working_chunks,
+        options=method_options,
+        model=model if method == "ssi" else None,
+        offset=offset,
+    )
+    result = _deconvolve_graph(
+        data, psf, method, num_iter, plan, device, model, method_options, offset=offset
+    )
+    # What write_zarr fingerprints (resume) and what each chunk's record says it read.
+    from .chunkfiles import input_reference  # noqa: PLC0415
+
+    result.ssi_dask_provenance = computation
+    result.ssi_dask_input = input_reference(volume, plan.depth)
+    if choice is not None:
+        result.auto_choice = choice
+    return result
+
+
+def computation_provenance(
+    volume: Any,
+    psf: np.ndarray,
+    *,
+    method: str,
+    num_iter: int,
+    depth: Sequence[int],
+    working_chunks: Sequence[int],
+    options: dict[str, Any],
+    model: Any = None,
+    offset: float = 0.0,
+) -> dict[str, Any]:
+    """Everything that determines the output of :func:`deconvolve`, as plain JSON values.
+
+    :func:`ssi_dask.write_zarr` folds this into the output's fingerprint, so a resume with a
+    different computation is refused. The input enters by its shape and dtype (its content is
+    checked per chunk, see :mod:`ssi_dask.chunkfiles`), an in-memory NumPy input also by a
+    token of its data; never by its path.
+
+    Parameters
+    ----------
+    volume : ssi_dask.io.Volume
+        The opened input.
+    psf : numpy.ndarray
+        The PSF (normalised here, as :func:`deconvolve` does).
+    method : {"lr", "ssi"}
+    num_iter : int
+        Lucy-Richardson iterations (ignored for SSI).
+    depth, working_chunks : sequence of int
+        The plan's halo and working chunk shape.
+    options : dict
+        The LR kernel options (back projector and its parameters, ``eps``...).
+    model : SSIModel, optional
+        For SSI: the model, entered by :func:`ssi_dask.ssi.model_hash`.
+    offset : float
+        LR: the background subtracted before deconvolving.
+
+    Returns
+    -------
+    dict
+    """
+    from .psf import describe_psf, normalize_psf  # noqa: PLC0415
+
+    psf = normalize_psf(psf)
+    input_array: dict[str, Any] = {
+        "shape": [int(s) for s in volume.shape],
+        "dtype": str(volume.data.dtype),
+    }
+    if volume.path is None:
+        input_array["token"] = dask.base.tokenize(volume.data)
+    computation: dict[str, Any] = {
+        "method": method,
+        "input_array": input_array,
+        "psf_sha256": describe_psf(psf)["sha256"],
+        "depth": [int(d) for d in depth],
+        "working_chunks": [int(c) for c in working_chunks],
+    }
+    if method == "ssi":
+        from .ssi import model_hash  # noqa: PLC0415
+
+        computation["model_sha256"] = model_hash(model)
+    else:
+        from .lr import resolve_back_projector  # noqa: PLC0415
+
+        bp_keys = ("back_projector", "wiener_alpha", "butterworth_order", "cutoff")
+        computation["iterations"] = int(num_iter)
+        computation["offset"] = float(offset)
+        computation["back_projector"] = resolve_back_projector(
+            psf, **{k: options[k] for k in bp_keys if k in options}
+        ).as_dict()
+        computation["options"] = json.loads(
+            json.dumps(
+                {k: v for k, v in sorted(options.items()) if k not in bp_keys},
+                default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o),
+            )
+        )
+    return computation
+
+
+def _deconvolve_graph(
+    data, psf, method, num_iter, plan, device, model, method_options, *, offset=0.0
+):
+    """The lazy per-chunk computation of :func:`deconvolve` (map_overlap)."""
     if method == "ssi":
         # The network needs context beyond the volume's edge too: mirror it there, exactly
         # as ssi_dask.ssi.predict pads a whole image, so chunked == whole everywhere.
@@ -574,8 +682,6 @@ def deconvolve(
         device=device,
         offset=offset,
     )
-    if choice is not None:
-        result.auto_choice = choice
     return result
 
 

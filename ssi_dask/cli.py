@@ -362,7 +362,14 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="continue an interrupted run: keep the chunks OUTPUT records as written and "
         "compute only the others (refused if OUTPUT was made with other parameters, PSF or "
-        "model); starts a new OUTPUT when there is none",
+        "model, or from input data that has changed since); also recomputes chunks whose "
+        "files are missing; starts a new OUTPUT when there is none",
+    )
+    run.add_argument(
+        "--repair",
+        action="store_true",
+        help="with --resume: also re-read every chunk already written and recompute those "
+        "that do not decode or whose data differ from their recorded checksum",
     )
     run.add_argument(
         "--dry-run",
@@ -378,14 +385,16 @@ def build_parser() -> argparse.ArgumentParser:
         "verify",
         help="check that an output has every chunk recorded as written",
         description="List the chunks of OUTPUT (written by `ssi-dask run`) that are not recorded "
-        "as written. Exit status 0 when the output is complete, 1 when chunks are missing or "
-        "damaged, 2 when OUTPUT is not an ssi-dask output.",
+        "as written or whose chunk files are gone from the store. Exit status 0 when the output "
+        "is complete, 1 when chunks are missing or damaged, 2 when OUTPUT is not an ssi-dask "
+        "output.",
     )
     verify.add_argument("output", metavar="OUTPUT", help="output Zarr array of `ssi-dask run`")
     verify.add_argument(
         "--check-data",
         action="store_true",
-        help="also re-read every recorded chunk and compare it with its recorded checksum",
+        help="also re-read every recorded chunk: one that does not decode or differs from its "
+        "recorded checksum is damaged (mend with run --resume --repair)",
     )
     verify.set_defaults(handler=_verify_command)
 
@@ -778,10 +787,12 @@ def _run_command(args: argparse.Namespace) -> int:
     from .blockwise import (  # noqa: PLC0415
         METHOD_BOUNDARY,
         chunk_grid,
+        computation_provenance,
         deconvolve,
         parse_chunks,
         plan_blocks,
     )
+    from .chunkfiles import input_reference, missing_input_chunks  # noqa: PLC0415
     from .io import check_output_path, open_volume  # noqa: PLC0415
     from .ome import is_ome_zarr  # noqa: PLC0415
     from .ome_run import check_not_ome_options, parse_voxel_size, resolve_psfs  # noqa: PLC0415
@@ -796,6 +807,8 @@ def _run_command(args: argparse.Namespace) -> int:
 
     if args.resume and args.overwrite:
         raise ParameterError("--resume keeps OUTPUT and --overwrite deletes it; give only one")
+    if args.repair and not args.resume:
+        raise ParameterError("--repair checks an existing OUTPUT; give it together with --resume")
     parse_clipping(args.clipping)  # a bad value fails before any work
     if is_ome_zarr(args.input) or args.output_format == "ome-zarr":
         if args.resume:
@@ -881,6 +894,9 @@ def _run_command(args: argparse.Namespace) -> int:
         f"{plan.output_chunks}" + (f", shards {shards}" if shards else "")
     )
     print(plan.summary())
+    missing_input = missing_input_chunks(volume.path)  # one listing of the input store
+    if missing_input is not None and missing_input.count:
+        print(f"  {missing_input.warning()}")
     if auto:
         print("  iterations      auto: chosen before the run (halo above for 1 iteration)")
     provenance = {
@@ -905,6 +921,16 @@ def _run_command(args: argparse.Namespace) -> int:
     else:
         provenance["ssi_dask"]["model"] = _model_summary(model, args)
     if args.resume and output.exists() and (model is None or args.model or not args.dry_run):
+        computation = computation_provenance(
+            volume,
+            psf,
+            method=args.method,
+            num_iter=iterations,
+            depth=plan.depth,
+            working_chunks=plan.working_chunks,
+            options=lr_options,
+            model=model,
+        )
         layout = output_provenance(
             provenance,
             shape=plan.shape,
@@ -912,8 +938,14 @@ def _run_command(args: argparse.Namespace) -> int:
             output_chunks=plan.output_chunks,
             output_shards=shards,
             zarr_format=zarr_format,
+            computation=computation,
         )
-        existing = check_resume(output, layout, input_path=volume.path)  # before any work
+        existing = check_resume(  # before any work
+            output,
+            layout,
+            input_path=volume.path,
+            input_reference=input_reference(volume, plan.depth),
+        )
         done = recorded_chunks(output, existing)
         print(f"  resume          {done} of {plan.n_chunks} chunks already written")
     check_local_memory(args, plan, model)
@@ -940,7 +972,7 @@ def _run_command(args: argparse.Namespace) -> int:
             provenance["ssi_dask"]["depth"] = list(plan.depth)
             provenance["ssi_dask"]["working_chunks"] = list(plan.working_chunks)
         result = deconvolve(
-            volume.data,
+            volume,
             psf,
             method=args.method,
             num_iter=iterations,
@@ -964,6 +996,7 @@ def _run_command(args: argparse.Namespace) -> int:
             resume=args.resume,
             output_shards=shards,
             worker_timeout=args.worker_timeout,
+            repair=args.repair,
         )
     elapsed = time.perf_counter() - started
     print(
@@ -976,6 +1009,8 @@ def _run_command(args: argparse.Namespace) -> int:
             ome_zarr=False,
         )
     )
+    if missing_input is not None and missing_input.count:
+        print(missing_input.warning())
     return 0
 
 
@@ -1084,10 +1119,10 @@ def _ssi_model_for_run(args: argparse.Namespace, volume, psf):
 
 
 def _model_summary(model, args: argparse.Namespace) -> dict:
-    from .ssi import content_hash  # noqa: PLC0415
+    from .ssi import model_hash  # noqa: PLC0415
 
     return {
-        "sha256": content_hash(model.config, model.network.state_dict()),
+        "sha256": model_hash(model),
         "source": str(Path(args.model).resolve()) if args.model else "trained by this run",
         "seed": args.seed if not args.model else model.training.get("seed"),
         "halo": model.halo,

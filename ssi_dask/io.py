@@ -124,8 +124,9 @@ def open_volume(source: Any, *, chunks: tuple[int, ...] | None = None) -> Volume
 
     Parameters
     ----------
-    source : str, path-like, numpy.ndarray, dask.array.Array or zarr.Array
-        A path to a Zarr array (v2 or v3) or a TIFF file, or an array.
+    source : str, path-like, numpy.ndarray, dask.array.Array, zarr.Array or Volume
+        A path to a Zarr array (v2 or v3) or a TIFF file, or an array; a :class:`Volume`
+        (without ``chunks``) is returned as it is, keeping its path.
     chunks : tuple of int, optional
         Chunk shape for the Dask array (defaults to the store's chunks).
 
@@ -133,6 +134,8 @@ def open_volume(source: Any, *, chunks: tuple[int, ...] | None = None) -> Volume
     -------
     Volume
     """
+    if isinstance(source, Volume) and chunks is None:
+        return source
     if isinstance(source, (str, os.PathLike)):
         path = Path(source)
         if path.suffix.lower() in (".tif", ".tiff") and path.is_file():

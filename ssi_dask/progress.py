@@ -37,6 +37,7 @@ RUN_SPECIFIC_KEYS = frozenset(
         "chunks_written",
         "source",
         "fingerprint",
+        "input",  # the input's path: a resume checks the input's content instead
     }
 )
 
@@ -114,12 +115,16 @@ def write_record(
     run_fingerprint: str,
     checksum: str,
     run_id: str,
+    input_signature: dict[str, str] | None = None,
 ) -> Path:
     """Record that the working chunk at ``index`` is written; atomic and safe to repeat.
 
     The record goes to a temporary file unique to this writer, is flushed and fsynced, and is
-    then renamed over the final name: two writers of the same chunk (a task retried while its
-    first attempt still runs) each leave a whole record, and a crash leaves no record at all.
+    then renamed over the final name. ``input_signature`` (see
+    :meth:`ssi_dask.chunkfiles.InputReference.signature`) says what input the chunk was made
+    from, so that a resume can detect a changed input. Two writers of the same chunk (a task
+    retried while its first attempt still runs) each leave a whole record, and a crash leaves
+    no record at all.
     """
     folder = progress_folder(output)
     folder.mkdir(exist_ok=True)
@@ -132,6 +137,8 @@ def write_record(
         "checksum": checksum,
         "run": run_id,
     }
+    if input_signature is not None:
+        record["input"] = dict(input_signature)
     try:
         with open(temporary, "w") as handle:
             json.dump(record, handle)
@@ -179,6 +186,13 @@ def read_records(
             continue
         records[index] = record
     return records
+
+
+def remove_records(output: str | os.PathLike, indices: Iterable[BlockIndex]) -> None:
+    """Delete the records of ``indices`` (chunks about to be recomputed by a repair)."""
+    folder = progress_folder(output)
+    for index in indices:
+        (folder / record_name(index)).unlink(missing_ok=True)
 
 
 def missing_blocks(

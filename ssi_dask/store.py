@@ -3,8 +3,15 @@
 Each task computes one working chunk, writes it into the output region it covers and then
 records it as finished (:mod:`ssi_dask.progress`); the plan guarantees that region is made of
 whole output chunks (whole shards for sharded Zarr v3), so no two tasks touch the same chunk.
-A resumed run computes only the chunks without a record, and the output is marked complete
-only when every chunk has one.
+A resumed run computes only the chunks without a record (or whose chunk files are gone; with
+``repair`` also those whose data no longer match their checksum), and the output is marked
+complete only when every chunk has one.
+
+What is fingerprinted is the computation itself: :func:`ssi_dask.deconvolve` attaches its
+provenance (method, iterations, back projector, PSF and model hashes, halo, chunks, the input's
+shape and dtype) to the lazy result, and each chunk's record also says what input data it read
+(:mod:`ssi_dask.chunkfiles`); a resume after the input's data changed is refused. The input's
+path is not part of the fingerprint: moved or copied identical data resumes.
 """
 
 from __future__ import annotations
@@ -51,13 +58,21 @@ def block_regions(chunks: tuple[tuple[int, ...], ...]) -> list[tuple[tuple[int, 
 
 
 def _write_block(
-    block: np.ndarray, path: str, fingerprint: str, run: str, block_info: dict | None = None
+    block: np.ndarray,
+    path: str,
+    fingerprint: str,
+    run: str,
+    input_reference: Any = None,
+    block_info: dict | None = None,
 ) -> np.ndarray:
     """Per-block function: write one computed block into its region, then record it done.
 
     Applied with ``map_blocks`` on the result, so Dask fuses it into the task that computes
     the block: a computed block is never held in memory waiting for a separate write task.
-    Returns a one-element array per block.
+    Every output chunk gets a file, even an all-zero one (``write_empty_chunks``), so that a
+    missing file always means a lost chunk. With an ``input_reference`` the record also holds
+    the signature of the input region the block was computed from. Returns a one-element
+    array per block.
     """
     import zarr  # noqa: PLC0415
 
@@ -65,13 +80,14 @@ def _write_block(
     region = tuple(slice(int(a), int(b)) for a, b in info["array-location"])
     if hasattr(block, "get"):  # CuPy -> NumPy before touching the store
         block = block.get()
-    array = zarr.open_array(path, mode="r+")
+    array = zarr.open_array(path, mode="r+").with_config({"write_empty_chunks": True})
     data = np.ascontiguousarray(block, dtype=array.dtype)
     if not np.isfinite(data).all():  # never store (nor record) garbage: the run must stop
         from .errors import NonFiniteResultError  # noqa: PLC0415
 
         raise NonFiniteResultError(non_finite_message(data, region))
     array[region] = data
+    signature = input_reference.signature(region) if input_reference is not None else None
     # Only now, with the data in the store, may the chunk count as finished.
     records.write_record(
         path,
@@ -80,6 +96,7 @@ def _write_block(
         run_fingerprint=fingerprint,
         checksum=records.data_checksum(data),
         run_id=run,
+        input_signature=signature,
     )
     return np.ones((1,) * data.ndim, dtype=np.int8)
 
@@ -144,6 +161,7 @@ def write_zarr(
     output_shards: tuple[int, ...] | None = None,
     worker_timeout: float = 120.0,
     dimension_names: tuple[str, ...] | None = None,
+    repair: bool = False,
 ):
     """Compute ``result`` and store it as a Zarr array at ``output``, chunk by chunk.
 
@@ -160,9 +178,11 @@ def write_zarr(
         Zarr format of the output.
     attrs : dict, optional
         Attributes to store (provenance). Under ``"ssi_dask"`` this adds ``complete`` (True
-        once every chunk is recorded), ``fingerprint`` and ``layout``. The ``"ssi_dask"``
-        entries other than run-specific ones (command, times, file paths) identify the
-        computation: a resume refuses an output whose entries differ.
+        once every chunk is recorded), ``fingerprint``, ``layout`` and ``computation`` (the
+        provenance :func:`ssi_dask.deconvolve` attached to ``result``). The fingerprint
+        hashes ``computation``, the layout and the ``"ssi_dask"`` entries other than
+        run-specific ones (command, times, file paths): a resume refuses an output whose
+        fingerprint differs.
     input_path : path-like or list of path-like, optional
         The input(s) (image, PSF and model files). The output may not be, lie inside or
         contain any of them, nor any file or Zarr store that ``result`` reads (found in its
@@ -176,9 +196,14 @@ def write_zarr(
     progress : bool or callable
         Show a progress bar (tqdm) or call ``progress(done, total)`` after each chunk.
     resume : bool
-        When ``output`` exists, keep every chunk recorded as finished and compute only the
-        others (after checking the output was made by the same computation). When it does not
-        exist, start a new output.
+        When ``output`` exists, keep every chunk recorded as finished whose chunk files are
+        all in the store, and compute the others, after checking that the output was made by
+        the same computation from the same input data (each chunk's record holds a signature
+        of the input it read: a cheap one of the input files' names, sizes and modification
+        times, and a checksum of the decoded input region, re-read only where the cheap one
+        differs). Needs a ``result`` from :func:`ssi_dask.deconvolve` (any other Dask array
+        carries nothing that identifies its computation, so resuming into it is refused). When
+        ``output`` does not exist, start a new output.
     output_shards : tuple of int, optional
         Zarr v3 shard shape (multiples of ``output_chunks``); every working chunk must then be
         made of whole shards.
@@ -187,6 +212,9 @@ def write_zarr(
         this many seconds.
     dimension_names : tuple of str, optional
         Axis names stored with a Zarr v3 array (OME-Zarr 0.5 needs them).
+    repair : bool
+        With ``resume``: also re-read every recorded chunk and recompute those that do not
+        decode or whose data differ from the checksum in their record.
 
     Returns
     -------
@@ -196,8 +224,8 @@ def write_zarr(
     Raises
     ------
     OutputError
-        Bad output path, misaligned chunks or shards, a resume of a different computation, a
-        failed write (e.g. disk full), or chunks missing at the end.
+        Bad output path, misaligned chunks or shards, a resume of a different computation or
+        of changed input data, a failed write (e.g. disk full), or chunks missing at the end.
     SchedulerError
         The scheduler or every worker was lost; the chunks written so far are kept.
     """
@@ -211,6 +239,8 @@ def write_zarr(
     check_shard_alignment(result.chunks, output_chunks, output_shards, shape, zarr_format)
     regions = dict(block_regions(result.chunks))
     metadata = dict(attrs or {})
+    computation = getattr(result, "ssi_dask_provenance", None)
+    input_reference = getattr(result, "ssi_dask_input", None)
     provenance = output_provenance(
         metadata,
         shape=shape,
@@ -218,16 +248,27 @@ def write_zarr(
         output_chunks=output_chunks,
         output_shards=output_shards,
         zarr_format=zarr_format,
+        computation=computation,
     )
     if resume and overwrite:
         raise OutputError("--resume keeps OUTPUT and --overwrite deletes it; give only one")
+    if repair and not resume:
+        raise OutputError("--repair checks an existing OUTPUT; give it together with --resume")
     given = input_path if isinstance(input_path, (list, tuple)) else [input_path]
     inputs = [*given, *safety.source_paths(result)]
     with contextlib.ExitStack() as claim:
         if resume and Path(output).exists():
             path = safety.check_not_input(output, inputs)
+            if computation is None:
+                raise OutputError(
+                    f"cannot resume {str(path)!r} with this result: only a result of "
+                    "ssi_dask.deconvolve carries what identifies its computation; pass that "
+                    "result, or overwrite=True to start again"
+                )
             claim.enter_context(safety.output_lock(path))  # one run at a time
-            provenance = check_resume(path, provenance, input_path=inputs)
+            provenance = check_resume(
+                path, provenance, input_path=inputs, input_reference=input_reference
+            )
             provenance["resumed"] = [*provenance.get("resumed", []), _now()]
             provenance["complete"] = False
             zarr.open_array(str(path), mode="r+").attrs["ssi_dask"] = provenance
@@ -253,6 +294,8 @@ def write_zarr(
             provenance=provenance,
             regions=regions,
             resume=resume,
+            repair=repair,
+            input_reference=input_reference,
             client=client,
             progress=progress,
             worker_timeout=worker_timeout,
@@ -266,6 +309,8 @@ def _compute_into(
     provenance: dict,
     regions: dict,
     resume: bool,
+    repair: bool,
+    input_reference: Any,
     client: Any,
     progress: bool | Callable[[int, int], None],
     worker_timeout: float,
@@ -275,6 +320,8 @@ def _compute_into(
 
     run_fingerprint = provenance["fingerprint"]
     done = records.read_records(path, run_fingerprint=run_fingerprint, regions=regions)
+    if resume and done:
+        done = _drop_lost_chunks(path, regions, done, repair=repair)
     todo = records.missing_blocks(regions, done)
     if resume and done:
         print(
@@ -288,6 +335,7 @@ def _compute_into(
         str(path),
         run_fingerprint,
         run_id,
+        input_reference,
         chunks=tuple((1,) * len(sizes) for sizes in result.chunks),
         dtype=np.int8,
         meta=np.empty((0,) * result.ndim, dtype=np.int8),
@@ -305,6 +353,7 @@ def _compute_into(
             worker_timeout=worker_timeout,
         )
     finished = records.read_records(path, run_fingerprint=run_fingerprint, regions=regions)
+    finished = _drop_lost_chunks(path, regions, finished, repair=False, quiet=True)
     missing = records.missing_blocks(regions, finished)
     if missing:
         raise OutputError(
@@ -318,6 +367,48 @@ def _compute_into(
     return zarr.open_array(str(path), mode="r")
 
 
+def _drop_lost_chunks(
+    path: Path,
+    regions: dict,
+    done: dict,
+    *,
+    repair: bool,
+    quiet: bool = False,
+) -> dict:
+    """The records of ``done`` whose chunks are intact; the others' records are removed.
+
+    A chunk is lost when one of its chunk (shard) files is missing from the store (one
+    listing); with ``repair`` also when it does not decode or its checksum differs (its chunk
+    files are then removed too, before it is recomputed).
+    """
+    import zarr  # noqa: PLC0415
+
+    from .verify import inspect_chunks  # noqa: PLC0415
+
+    array = zarr.open_array(str(path), mode="r")
+    lost, damaged = inspect_chunks(path, array, regions, done, check_data=repair)
+    bad = sorted(set(lost) | set(damaged))
+    if not bad:
+        return done
+    if not quiet:
+        first = records.region_text(regions[bad[0]])
+        print(
+            f"recomputing {len(lost)} chunks whose files are missing"
+            + (f" and {len(damaged)} damaged chunks" if repair else "")
+            + f" (first: {first})",
+            flush=True,
+        )
+    records.remove_records(path, bad)
+    # A damaged chunk's files go too: Zarr may read a shard before rewriting it, and a shard
+    # that does not decode would fail the recomputation's write.
+    from .chunkfiles import keys_for_region  # noqa: PLC0415
+
+    for index in damaged:
+        for key in keys_for_region(array, regions[index]):
+            (path / key).unlink(missing_ok=True)
+    return {index: record for index, record in done.items() if index not in set(bad)}
+
+
 def output_provenance(
     attrs: dict | None,
     *,
@@ -326,12 +417,15 @@ def output_provenance(
     output_chunks: tuple[int, ...],
     output_shards: tuple[int, ...] | None,
     zarr_format: int,
+    computation: dict | None = None,
 ) -> dict:
     """The ``ssi_dask`` attributes of a new output: provenance, layout, fingerprint.
 
     The fingerprint hashes every entry that identifies the computation (see
-    :func:`ssi_dask.progress.parameters_of`) together with the layout of the working chunks
-    and of the store; records of other computations never count for this output.
+    :func:`ssi_dask.progress.parameters_of`), the ``computation`` that
+    :func:`ssi_dask.deconvolve` attached to its result (stored as ``computation``), and the
+    layout of the working chunks and of the store; records of other computations never count
+    for this output.
     """
     provenance = {
         key: value
@@ -347,6 +441,8 @@ def output_provenance(
         "zarr_format": int(zarr_format),
         "dtype": "float32",
     }
+    if computation is not None:
+        provenance["computation"] = computation
     provenance["fingerprint"] = records.fingerprint(records.parameters_of(provenance))
     provenance["complete"] = False
     return provenance
@@ -357,6 +453,7 @@ def check_resume(
     provenance: dict,
     *,
     input_path: str | os.PathLike | list | None = None,
+    input_reference: Any = None,
 ) -> dict:
     """Check, without changing anything, that ``output`` can be resumed by this computation.
 
@@ -368,6 +465,9 @@ def check_resume(
         The new run's attributes, from :func:`output_provenance`.
     input_path : path-like or list of path-like, optional
         The input(s), to refuse an output that overlaps one.
+    input_reference : ssi_dask.chunkfiles.InputReference, optional
+        The on-disk input: the chunks already written must have been made from the data it
+        holds now (see :func:`ssi_dask.chunkfiles.changed_input_chunks`).
 
     Returns
     -------
@@ -377,8 +477,9 @@ def check_resume(
     Raises
     ------
     OutputError
-        When ``output`` is not an ssi-dask output or was made by a different computation
-        (parameters, PSF, model, chunk layout); the message names the differences.
+        When ``output`` is not an ssi-dask output, was made by a different computation
+        (parameters, PSF, model, chunk layout; the message names the differences), or from
+        input data that has changed since.
     """
     import zarr  # noqa: PLC0415
 
@@ -412,7 +513,26 @@ def check_resume(
             f"({'; '.join(differences[:4])}); resume with the same parameters, PSF and model, "
             "or pass --overwrite to start again"
         )
+    if input_reference is not None:
+        _check_input_unchanged(path, existing, input_reference)
     return existing
+
+
+def _check_input_unchanged(path: Path, existing: dict, input_reference: Any) -> None:
+    """Refuse a resume when chunks already written were made from other input data."""
+    from .chunkfiles import changed_input_chunks  # noqa: PLC0415
+
+    grid = tuple(tuple(sizes) for sizes in existing["layout"]["grid"])
+    regions = dict(block_regions(grid))
+    done = records.read_records(path, run_fingerprint=existing["fingerprint"], regions=regions)
+    changed, _ = changed_input_chunks(input_reference, done, regions)
+    if changed:
+        first = ", ".join(records.region_text(regions[index]) for index in changed[:3])
+        raise OutputError(
+            f"the input changed since {str(path)!r} was written: {len(changed)} of {len(done)} "
+            f"chunks already written were made from other input data (first: {first}); "
+            "resuming would mix old and new input: pass --overwrite to start again"
+        )
 
 
 def recorded_chunks(output: str | os.PathLike, provenance: dict) -> int:

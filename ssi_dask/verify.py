@@ -1,10 +1,18 @@
-"""Check an output against its completion records: which chunks are missing or damaged."""
+"""Check an output against its completion records: which chunks are missing or damaged.
+
+A working chunk counts as written only when its record is valid *and* every output chunk
+file (shard file, when sharded) under its region exists in the store: outputs are written
+with ``write_empty_chunks`` on, so an all-zero chunk has a file too and a missing file is a
+lost one. ``check_data`` also re-reads every such chunk and compares it with the checksum in
+its record; a chunk that does not decode is damaged, like one whose checksum differs.
+"""
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -25,9 +33,11 @@ class VerifyReport:
     recorded : int
         Chunks with a valid completion record.
     missing : list of str
-        Regions (``[z0:z1, y0:y1, x0:x1]``) of the chunks without a record.
+        Regions (``[z0:z1, y0:y1, x0:x1]``) of the chunks without a record, or whose record
+        is there but whose chunk files are gone (then followed by the first missing key).
     damaged : list of str
-        Regions whose data no longer match the checksum of their record (``check_data``).
+        Regions whose data no longer match the checksum of their record or do not decode
+        (``check_data``), each followed by the reason.
     complete_flag : bool
         The ``ssi_dask.complete`` flag in the output's attributes.
     """
@@ -58,7 +68,12 @@ class VerifyReport:
             lines.extend(f"  {label} chunk {region}" for region in regions[:limit])
             if len(regions) > limit:
                 lines.append(f"  ... and {len(regions) - limit} more {label} chunks")
-        if not self.ok:
+        if self.damaged:
+            lines.append(
+                "  re-run the same `ssi-dask run` command with --resume --repair to recompute "
+                "the damaged and missing chunks"
+            )
+        elif not self.ok:
             lines.append("  re-run the same `ssi-dask run` command with --resume to finish it")
         return "\n".join(lines)
 
@@ -106,19 +121,69 @@ def verify_output(output: str | os.PathLike, *, check_data: bool = False) -> Ver
     grid = tuple(tuple(int(s) for s in sizes) for sizes in layout["grid"])
     regions = dict(block_regions(grid))
     done = records.read_records(path, run_fingerprint=provenance["fingerprint"], regions=regions)
+    lost, broken = inspect_chunks(path, array, regions, done, check_data=check_data)
     missing = records.missing_blocks(regions, done)
-    damaged = []
-    if check_data:
-        for index in sorted(done):
-            data = np.asarray(array[regions[index]])
-            if records.data_checksum(data) != done[index].get("checksum"):
-                damaged.append(records.region_text(regions[index]))
+    texts = {index: records.region_text(regions[index]) for index in regions}
+    missing_text = [texts[index] for index in missing]
+    missing_text += [
+        f"{texts[index]} (recorded, but its file {keys[0]!r} is gone)"
+        for index, keys in lost.items()
+    ]
     return VerifyReport(
         path=str(path),
         total=len(regions),
-        recorded=len(done),
-        missing=[records.region_text(regions[index]) for index in missing],
-        damaged=damaged,
+        recorded=len(done) - len(lost),
+        missing=missing_text,
+        damaged=[f"{texts[index]} ({reason})" for index, reason in broken.items()],
         complete_flag=bool(provenance.get("complete")),
         data_checked=check_data,
     )
+
+
+def inspect_chunks(
+    path: str | os.PathLike,
+    array: Any,
+    regions: dict[tuple[int, ...], tuple[slice, ...]],
+    done: dict[tuple[int, ...], dict[str, Any]],
+    *,
+    check_data: bool,
+) -> tuple[dict[tuple[int, ...], list[str]], dict[tuple[int, ...], str]]:
+    """Recorded chunks whose files are gone, and (``check_data``) those that are damaged.
+
+    Parameters
+    ----------
+    path : str or path-like
+        The output array's folder (listed once).
+    array : zarr.Array
+        The output array, open for reading.
+    regions : dict
+        Region of every working chunk, by block index.
+    done : dict
+        The valid completion records, by block index.
+    check_data : bool
+        Re-read every recorded chunk that has its files and compare with its checksum.
+
+    Returns
+    -------
+    lost : dict
+        ``{index: missing keys}`` for recorded chunks with a missing chunk (shard) file.
+    damaged : dict
+        ``{index: reason}`` for recorded chunks that do not decode or whose checksum differs.
+    """
+    from .chunkfiles import missing_chunk_files, store_listing  # noqa: PLC0415
+
+    listing = store_listing(path)
+    lost = missing_chunk_files(array, ((index, regions[index]) for index in sorted(done)), listing)
+    damaged: dict[tuple[int, ...], str] = {}
+    if check_data:
+        for index in sorted(done):
+            if index in lost:
+                continue
+            try:
+                data = np.asarray(array[regions[index]])
+            except Exception as exc:
+                damaged[index] = f"does not decode: {type(exc).__name__}"
+                continue
+            if records.data_checksum(data) != done[index].get("checksum"):
+                damaged[index] = "checksum differs from its record"
+    return lost, damaged

@@ -109,11 +109,11 @@ def deconvolve_dataarray(
         else [describe_psf(p) for p in psfs],
     }
     if method == "ssi":
-        from .ssi import content_hash  # noqa: PLC0415
+        from .ssi import model_hash  # noqa: PLC0415
 
         model = options["model"]
         provenance["model"] = {
-            "sha256": content_hash(model.config, model.network.state_dict()),
+            "sha256": model_hash(model),
             "halo": model.halo,
         }
     else:

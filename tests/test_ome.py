@@ -347,7 +347,7 @@ def test_ssi_model_on_a_2d_multichannel_ome_zarr(tmp_path, local_client, capsys)
     from ome_zarr.writer import write_multiscale
 
     from ssi_dask.psf import protocol_psf
-    from ssi_dask.ssi import content_hash, load_checkpoint, predict, save_checkpoint, train_ssi
+    from ssi_dask.ssi import load_checkpoint, model_hash, predict, save_checkpoint, train_ssi
     from ssi_dask.synthetic import degrade, ground_truth_2d
 
     psf = protocol_psf(2)
@@ -386,7 +386,7 @@ def test_ssi_model_on_a_2d_multichannel_ome_zarr(tmp_path, local_client, capsys)
     ngff_zarr.validate(attrs, version="0.5")
     provenance = attrs["ssi_dask"]
     assert provenance["method"] == "ssi"
-    assert provenance["model"]["sha256"] == content_hash(model.config, model.network.state_dict())
+    assert provenance["model"]["sha256"] == model_hash(model)
     assert provenance["psf"]["voxel_size_um"] == [0.406, 0.406]
 
 

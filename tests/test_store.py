@@ -54,7 +54,11 @@ def test_damaged_chunk_data_is_found_by_check_data(tmp_path, volume3d, psf3d):
     array = zarr.open_array(str(out), mode="r+")
     array[3, 40, 70] = -1.0  # changed after it was recorded
     report = verify_output(out, check_data=True)
-    assert report.damaged == ["[0:24, 32:64, 64:96]"] and not report.missing and not report.ok
+    assert (
+        report.damaged == ["[0:24, 32:64, 64:96] (checksum differs from its record)"]
+        and not report.missing
+        and not report.ok
+    )
     assert verify_output(out).ok  # without reading the data only the records are checked
 
 
@@ -92,7 +96,9 @@ def test_resume_refuses_another_model(tmp_path, capsys):
     assert main([*map(str, args), "--model", str(model_a), "--workers", "1", "--no-progress"]) == 0
     capsys.readouterr()
     assert main([*map(str, args), "--model", str(model_b), "--resume"]) == 2
-    assert "was made with different parameters (model.sha256: " in capsys.readouterr().err
+    refused = capsys.readouterr().err
+    assert "was made with different parameters (computation.model_sha256: " in refused
+    assert "; model.sha256: " in refused
     copy = tmp_path / "copy_of_a.pt"
     shutil.copy(model_a, copy)  # the same model from another path may resume
     assert main([*map(str, args), "--model", str(copy), "--resume", "--dry-run"]) == 0

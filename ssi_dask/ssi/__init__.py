@@ -11,7 +11,7 @@ Public API::
 
 from __future__ import annotations
 
-from .checkpoint import content_hash, load_checkpoint, save_checkpoint
+from .checkpoint import content_hash, load_checkpoint, model_hash, save_checkpoint
 from .device import resolve_device
 from .forward import PSFOperator
 from .masking import bernoulli_mask, mask_input, rho_schedule, validation_mask
@@ -36,6 +36,7 @@ __all__ = [
     "build_network",
     "choose_tile",
     "content_hash",
+    "model_hash",
     "detect_clip_bounds",
     "estimate_noise_model",
     "load_checkpoint",
