@@ -156,12 +156,17 @@ class InputReference:
     shape : tuple of int
     depth : tuple of int
         Halo each working chunk read around its region (clipped at the volume's edges).
+    lead : tuple of (tuple of int or None)
+        For the leading (time, channel) axes of a multi-volume run: the input index of each
+        result index along that axis (channels selected by ``--channel``), or None when they
+        are the same. Working chunks hold one index of each leading axis.
     """
 
     path: str
     kind: str
     shape: tuple[int, ...]
     depth: tuple[int, ...]
+    lead: tuple[tuple[int, ...] | None, ...] = ()
 
     def read_region(self, region: Sequence[slice]) -> tuple[tuple[slice, ...], np.ndarray]:
         """The input region a working chunk read (its region grown by the halo) and its data."""
@@ -219,10 +224,15 @@ class InputReference:
 
     def grown(self, region: Sequence[slice]) -> tuple[slice, ...]:
         """``region`` grown by the halo, clipped at the volume's edges."""
-        return tuple(
-            slice(max(0, int(s.start) - d), min(n, int(s.stop) + d))
-            for s, d, n in zip(region, self.depth, self.shape)
-        )
+        grown = []
+        for axis, (s, d, n) in enumerate(zip(region, self.depth, self.shape)):
+            mapping = self.lead[axis] if axis < len(self.lead) else None
+            if mapping is not None:
+                start = int(mapping[int(s.start)])
+                grown.append(slice(start, start + int(s.stop) - int(s.start)))
+            else:
+                grown.append(slice(max(0, int(s.start) - d), min(n, int(s.stop) + d)))
+        return tuple(grown)
 
     def signature(self, region: Sequence[slice]) -> dict[str, str]:
         """What the working chunk at ``region`` read: ``quick`` and ``content`` signatures.

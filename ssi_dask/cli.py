@@ -7,20 +7,81 @@ no traceback.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import logging
+import dataclasses
 import math
 import sys
-import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 from . import __version__
-from .config import DEFAULT_NUM_ITER, LRSettings, cli_message
+from .config import (
+    DEFAULT_NUM_ITER,
+    DEFAULT_REGIONS,
+    ClusterSettings,
+    Job,
+    LayoutSettings,
+    LRSettings,
+    PSFSettings,
+    SSISettings,
+    TrainSettings,
+    cli_message,
+)
 from .errors import ParameterError, PSFError, SsiDaskError
-from .ome_run import add_image_options
-from .safety import check_replaceable_file, resolved
+from .safety import check_replaceable_file
+
+
+def add_image_options(parser: argparse.ArgumentParser) -> None:
+    """The ``run`` options for OME-Zarr images, voxel sizes, PSF generation and sharding."""
+    group = parser.add_argument_group("OME-Zarr, voxel size and PSF generation")
+    group.add_argument(
+        "--level",
+        type=int,
+        metavar="N",
+        help="OME-Zarr input: resolution level to deconvolve (default: 0, full resolution)",
+    )
+    group.add_argument(
+        "--channel",
+        metavar="LIST",
+        help="OME-Zarr input: channels to process, by index or omero label, e.g. 0,2 "
+        "(default: all)",
+    )
+    group.add_argument(
+        "--voxel-size",
+        metavar="DZ,DY,DX",
+        help="voxel size in micrometres (default: from the OME-Zarr metadata); used to "
+        "generate the PSF and to check a PSF file's declared voxel size",
+    )
+    group.add_argument(
+        "--na", type=float, help="without --psf: numerical aperture of the PSF to compute"
+    )
+    group.add_argument(
+        "--wavelength",
+        metavar="UM[,UM...]",
+        help="without --psf: emission wavelength(s) in micrometres, one per channel or one for all",
+    )
+    group.add_argument(
+        "--refractive-index",
+        type=float,
+        default=1.33,
+        help="without --psf: immersion refractive index (default 1.33)",
+    )
+    group.add_argument(
+        "--psf-shape",
+        metavar="NZ,NY,NX",
+        help="without --psf: PSF size in voxels (default: from the optics and the voxel size)",
+    )
+    group.add_argument(
+        "--output-format",
+        choices=["auto", "ome-zarr", "zarr"],
+        default="auto",
+        help="auto (default): OME-Zarr for an OME-Zarr input, a plain Zarr array otherwise; "
+        "ome-zarr also for a plain Zarr/TIFF input (scale from --voxel-size)",
+    )
+    group.add_argument(
+        "--shards",
+        action="store_true",
+        help="Zarr v3 output: store each working chunk as one shard of output chunks",
+    )
 
 
 def _add_cluster_options(parser: argparse.ArgumentParser) -> None:
@@ -143,19 +204,6 @@ def _lr_options(args: argparse.Namespace) -> dict:
     except ParameterError as exc:
         raise ParameterError(cli_message(str(exc))) from None
     return options
-
-
-def _offset(args: argparse.Namespace) -> float:
-    """``--offset`` checked: a finite number, for --method lr only."""
-    from .blockwise import check_offset  # noqa: PLC0415
-
-    try:
-        offset = check_offset(getattr(args, "offset", 0.0))
-    except ParameterError:
-        raise ParameterError(f"--offset must be a finite number, got {args.offset}") from None
-    if offset and args.method != "lr":
-        raise ParameterError("--offset applies to --method lr only")
-    return offset
 
 
 def _parse_iterations(text: str) -> int | str:
@@ -630,89 +678,55 @@ def _psf_command(args: argparse.Namespace) -> int:
     return 0
 
 
-def _train_model(args: argparse.Namespace, volume, psf, client=None):
-    """Train SSI on regions sampled from the opened volume with the CLI's options."""
-    from .blockwise import parse_chunks  # noqa: PLC0415
-    from .training import DEFAULT_REGIONS, train  # noqa: PLC0415
+#: TrainSettings fields whose flag is not ``--`` + the name with dashes.
+TRAIN_FLAGS = {"device": "--train-device", "region_size": "--region-size"}
 
-    if args.steps is not None and args.steps < 1:
-        raise ParameterError(f"--steps must be at least 1, got {args.steps}")
-    if args.regions is not None and args.regions < 1:
-        raise ParameterError(f"--regions must be at least 1, got {args.regions}")
-    on_worker = getattr(args, "train_on", "client") == "worker"
-    device = args.train_device
-    if getattr(args, "gpu", False) and device == "auto":
-        device = "cuda"
-    if device.startswith("cuda") and not on_worker:
-        from .ssi import resolve_device  # noqa: PLC0415
 
-        try:
-            resolve_device(device)
-        except SsiDaskError:
-            from .errors import DeviceError  # noqa: PLC0415
+def train_settings(args: argparse.Namespace) -> TrainSettings:
+    """The SSI training flags as :class:`~ssi_dask.config.TrainSettings` (checked by name)."""
+    try:
+        return _train_settings(args)
+    except ParameterError as exc:
+        name = str(exc).split(" ", 1)[0]  # the settings' messages start with the field's name
+        if name in {f.name for f in dataclasses.fields(TrainSettings)}:
+            flag = TRAIN_FLAGS.get(name, "--" + name.replace("_", "-"))
+            raise ParameterError(flag + str(exc)[len(name) :]) from None
+        raise
 
-            raise DeviceError(
-                "--gpu/--train-device cuda needs a CUDA GPU visible to torch on this machine; "
-                "drop it, or train on a GPU worker with --scheduler ... --train-on worker"
-            ) from None
-    where = "a worker" if on_worker else f"this process ({device})"
-    print(f"training SSI on {volume.path} {volume.shape} (seed {args.seed}) in {where}")
-    started = time.perf_counter()
-    options = {"steps": args.steps} if args.steps else {}
-    if args.restarts is not None:
-        if args.restarts < 0:
-            raise ParameterError(f"--restarts must be >= 0, got {args.restarts}")
-        options["restarts"] = args.restarts
-    for name, key in (
-        ("ensemble", "ensemble"),
-        ("patch_size", "patch_size"),
-        ("batch_size", "batch_size"),
-        ("net_depth", "depth"),
-        ("base_channels", "base_channels"),
-    ):
-        value = getattr(args, name, None)
-        if value is not None:
-            if value < 1:
-                raise ParameterError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
-            options[key] = value
-    options["sensor_clipping"] = parse_clipping(getattr(args, "clipping", "auto"))
-    model = train(
-        volume.data,
-        psf,
+
+def _train_settings(args: argparse.Namespace) -> TrainSettings:
+    return TrainSettings(
         seed=args.seed,
-        device=device,
-        n_regions=args.regions or DEFAULT_REGIONS,
-        region_shape=parse_chunks(args.region_size, volume.ndim),
+        steps=args.steps,
+        restarts=args.restarts,
+        ensemble=args.ensemble,
+        patch_size=args.patch_size,
+        batch_size=args.batch_size,
+        net_depth=args.net_depth,
+        base_channels=args.base_channels,
+        clipping=parse_clipping(args.clipping),
+        device=args.train_device,
+        regions=args.regions if args.regions is not None else DEFAULT_REGIONS,
+        region_size=args.region_size,
         background=args.background,
-        client=client,
-        on_worker=on_worker,
-        progress=True,
-        **options,
+        on_worker=getattr(args, "train_on", "client") == "worker",
     )
-    info = model.training["sampling"]
-    print(
-        f"sampled {info['candidates']} regions of {tuple(info['region_shape'])} "
-        f"({100 * info['sampled_fraction']:.1f} % of the volume's voxels, overlaps counted), "
-        f"kept {info['kept']}, "
-        f"{info['rejected_as_background']} rejected as background"
-    )
-    print(f"trained in {time.perf_counter() - started:.0f} s")
-    return model
 
 
 def _train_command(args: argparse.Namespace) -> int:
     from .io import open_volume  # noqa: PLC0415
+    from .pipeline import train_model  # noqa: PLC0415
     from .psf import load_psf  # noqa: PLC0415
     from .ssi import save_checkpoint  # noqa: PLC0415
 
-    parse_clipping(args.clipping)  # a bad value fails before any work
+    settings = train_settings(args)  # bad values fail before any work
     out = Path(args.out)
     check_replaceable_file(out, overwrite=args.overwrite, inputs=[args.input, *_psf_files(args)])
     if not out.parent.exists():
         raise ParameterError(f"the folder of {str(out)!r} does not exist; create it first")
     volume = open_volume(args.input)
     psf = load_psf(args.psf, volume.ndim)
-    if args.train_on == "worker" and not (args.scheduler or args.scheduler_file):
+    if settings.on_worker and not (args.scheduler or args.scheduler_file):
         raise ParameterError("--train-on worker needs --scheduler or --scheduler-file")
     if args.scheduler or args.scheduler_file:
         from .cluster import dask_client  # noqa: PLC0415
@@ -724,421 +738,135 @@ def _train_command(args: argparse.Namespace) -> int:
         ) as client:
             workers = len(client.scheduler_info().get("workers", {}))
             print(f"dask: {workers} workers read the training regions")
-            model = _train_model(args, volume, psf, client=client)
+            model = train_model(volume, psf, settings, client=client, gpu=args.gpu)
     else:
-        model = _train_model(args, volume, psf)
+        model = train_model(volume, psf, settings, gpu=args.gpu)
     digest = save_checkpoint(model, out)
     print(f"wrote {out} (sha256 {digest[:16]}, halo {model.halo})")
     return 0
 
 
-@contextlib.contextmanager
-def run_client(args: argparse.Namespace) -> Iterator[Any]:
-    """The Dask client of a ``run``: its cluster options, and the dashboard address printed."""
-    from .cluster import dashboard_link, dask_client  # noqa: PLC0415
+def job_from_args(args: argparse.Namespace) -> Job:
+    """The ``run`` flags as a :class:`~ssi_dask.config.Job`: the library never sees ``args``."""
+    from .blockwise import check_offset  # noqa: PLC0415
 
-    with dask_client(
-        args.scheduler,
-        scheduler_file=args.scheduler_file,
-        n_workers=args.workers,
-        threads_per_worker=args.threads_per_worker,
-        memory_limit=args.memory_limit,
-        gpu=args.gpu,
-        connect_timeout=args.connect_timeout,
-    ) as client:
-        link = dashboard_link(client)
-        workers = len(client.scheduler_info().get("workers", {}))
-        print(f"dask: {workers} workers" + (f", dashboard at {link}" if link else ""))
-        since = time.time()
-        yield client
-        # reached only when the run finished (a failed one ends with its one error line)
-        from .blockwise import negative_input_warning  # noqa: PLC0415
-
-        warning = negative_input_warning(client, float(getattr(args, "offset", 0.0)), since)
-        if warning:
-            print(warning, file=sys.stderr)
-
-
-def check_local_memory(args: argparse.Namespace, plan: Any = None, model: Any = None) -> None:
-    """Refuse a ``--memory-limit`` too small for the run before the local cluster starts.
-
-    Without ``plan``, only the worker's baseline is checked (SSI, before training). With
-    ``--scheduler``/``--scheduler-file`` the workers' limits are theirs: nothing to check;
-    with ``--gpu`` only that the value can be read (the tasks' memory is on the device).
-    """
-    from .cluster import check_worker_memory, local_memory_limit  # noqa: PLC0415
-
-    if args.scheduler or args.scheduler_file:
-        return
-    if plan is None and args.method != "ssi":  # nothing to do before training
-        return
-    if args.gpu:
-        local_memory_limit(args.memory_limit, args.threads_per_worker)
-        return
-    task_bytes = 0
-    if plan is not None and args.method == "ssi" and model is not None:
-        from .ssi.tiling import CPU_BUDGET_BYTES, bytes_per_voxel  # noqa: PLC0415
-
-        padded = math.prod(w + 2 * d for w, d in zip(plan.working_chunks, plan.depth))
-        network = getattr(model, "network", model)
-        # the block in and out (as for LR) plus the network's activations, at most its budget
-        task_bytes = 12 * padded + min(CPU_BUDGET_BYTES, padded * bytes_per_voxel(network))
-    elif plan is not None:
-        task_bytes = plan.memory_per_task
-    check_worker_memory(args.memory_limit, args.threads_per_worker, task_bytes, method=args.method)
+    iterations = _parse_iterations(args.iterations)
+    options = _lr_options(args)
+    try:
+        offset = check_offset(getattr(args, "offset", 0.0))
+    except ParameterError:
+        raise ParameterError(f"--offset must be a finite number, got {args.offset}") from None
+    if args.method != "lr":
+        if offset:
+            raise ParameterError("--offset applies to --method lr only")
+        if iterations == "auto":
+            raise ParameterError("--iterations auto applies to --method lr only")
+    elif args.model or args.save_model:
+        raise ParameterError("--model and --save-model apply to --method ssi only")
+    lr = LRSettings()
+    if args.method == "lr":
+        auto_options = {"n_samples": args.auto_samples}
+        if args.auto_max_iterations is not None:
+            auto_options["max_iter"] = args.auto_max_iterations
+        lr = LRSettings(
+            num_iter=iterations,
+            offset=offset,
+            auto_options=auto_options if iterations == "auto" else None,
+            **options,
+        )
+    wavelengths = _parse_floats(args.wavelength, "--wavelength") if args.wavelength else ()
+    psf_shape = (
+        tuple(int(v) for v in _parse_floats(args.psf_shape, "--psf-shape"))
+        if args.psf_shape
+        else None
+    )
+    depth = None
+    if args.depth is not None:
+        depth = _parse_depth(args.depth, len(args.depth.split(",")))
+        depth = depth[0] if len(depth) == 1 else depth
+    voxel_size = None
+    if args.voxel_size is not None:
+        voxel_size = _parse_floats(args.voxel_size, "--voxel-size")
+        if min(voxel_size) <= 0 or not all(math.isfinite(v) for v in voxel_size):
+            raise ParameterError(
+                f"--voxel-size needs positive values in micrometres, got {args.voxel_size!r}"
+            )
+    channels = None
+    if args.channel is not None:
+        channels = tuple(part.strip() for part in args.channel.split(",") if part.strip())
+    return Job(
+        input=args.input,
+        output=args.output,
+        method=args.method,
+        lr=lr,
+        ssi=SSISettings(
+            model=args.model,
+            save_model=args.save_model,
+            train=train_settings(args),
+        ),
+        psf=PSFSettings(
+            files=tuple(_psf_files(args)),
+            na=args.na,
+            wavelength=tuple(wavelengths),
+            refractive_index=args.refractive_index,
+            shape=psf_shape,
+        ),
+        layout=LayoutSettings(
+            chunks=args.chunks,
+            output_chunks=args.output_chunks,
+            depth=depth,
+            output_shards=args.output_shards,
+            shards=args.shards,
+            zarr_format=args.zarr_format,
+            output_format=args.output_format,
+        ),
+        cluster=ClusterSettings(
+            scheduler=args.scheduler,
+            scheduler_file=args.scheduler_file,
+            workers=args.workers,
+            threads_per_worker=args.threads_per_worker,
+            memory_limit=args.memory_limit,
+            gpu=args.gpu,
+            worker_timeout=args.worker_timeout,
+            connect_timeout=args.connect_timeout,
+        ),
+        level=args.level or 0,
+        channels=channels,
+        voxel_size=voxel_size,
+        overwrite=args.overwrite,
+        resume=args.resume,
+        repair=args.repair,
+        dry_run=args.dry_run,
+        progress=not args.no_progress,
+        command=" ".join(sys.argv[1:]) if sys.argv else "",
+    )
 
 
 def _run_command(args: argparse.Namespace) -> int:
-    from .blockwise import (  # noqa: PLC0415
-        METHOD_BOUNDARY,
-        chunk_grid,
-        computation_provenance,
-        deconvolve,
-        parse_chunks,
-        plan_blocks,
-    )
-    from .chunkfiles import input_reference, missing_input_chunks  # noqa: PLC0415
-    from .io import check_output_path, open_volume  # noqa: PLC0415
-    from .ome import is_ome_zarr  # noqa: PLC0415
-    from .ome_run import check_not_ome_options, parse_voxel_size, resolve_psfs  # noqa: PLC0415
-    from .store import (  # noqa: PLC0415
-        check_resume,
-        check_shard_alignment,
-        output_provenance,
-        recorded_chunks,
-        write_zarr,
-    )
-    from .summary import ChunkProgress, run_summary  # noqa: PLC0415
+    from .pipeline import run  # noqa: PLC0415
 
     if args.resume and args.overwrite:
         raise ParameterError("--resume keeps OUTPUT and --overwrite deletes it; give only one")
     if args.repair and not args.resume:
         raise ParameterError("--repair checks an existing OUTPUT; give it together with --resume")
-    parse_clipping(args.clipping)  # a bad value fails before any work
-    if is_ome_zarr(args.input) or args.output_format == "ome-zarr":
-        if args.resume:
-            raise ParameterError(
-                "--resume is not supported for OME-Zarr outputs yet; re-run with --overwrite"
-            )
-        from .ome_run import plain_as_ome, run_ome  # noqa: PLC0415
-
-        if is_ome_zarr(args.input):
-            return run_ome(args)
-        check_not_ome_options(args)
-        return run_ome(args, image=plain_as_ome(args))  # a plain array or TIFF as OME-Zarr
-    check_not_ome_options(args)
-    volume = open_volume(args.input)
-    voxel_size = parse_voxel_size(args.voxel_size, volume.ndim)
-    psfs, psf_info = resolve_psfs(args, volume.ndim, voxel_size, image_shape=volume.shape)
-    psf = psfs[0]
-    if args.resume and Path(args.output).exists():
-        output = Path(args.output).resolve()  # write_zarr checks it belongs to this run
-    else:
-        output = check_output_path(
-            args.output,
-            input_path=[volume.path, *_psf_files(args), args.model],
-            overwrite=args.overwrite,
-        )
-    iterations = _parse_iterations(args.iterations)
-    lr_options = _lr_options(args)
-    offset = _offset(args)
-    auto = iterations == "auto"
-    if auto and args.method != "lr":
-        raise ParameterError("--iterations auto applies to --method lr only")
-    if auto and args.resume:
-        raise ParameterError(
-            "--resume needs a fixed --iterations; give the count the first run chose "
-            "(ssi_dask.iterations in OUTPUT's attributes)"
-        )
-    if auto:
-        iterations = 1  # plan (and check the chunks) for now; re-planned once chosen
-    depth = _parse_depth(args.depth, volume.ndim)
-    check_local_memory(args)  # a limit below a worker's baseline fails before any training
-    model = None
-    if args.method == "ssi":
-        model = _ssi_model_for_run(args, volume, psf)
-        if depth is None:
-            depth = (model.halo,) * volume.ndim
-    elif args.model or args.save_model:
-        raise ParameterError("--model and --save-model apply to --method ssi only")
-    plan = plan_blocks(
-        volume.shape,
-        volume.data.dtype,
-        psf.shape,
-        num_iter=iterations,
-        store_chunks=volume.store_chunks,
-        chunks=args.chunks,
-        output_chunks=args.output_chunks,
-        depth=depth,
-        alignment=model.alignment if model is not None else 1,
-        boundary=METHOD_BOUNDARY[args.method],
-        back_projector=lr_options.get("back_projector", "classic"),
-        psf=psf if model is None else None,
-        back_projector_options=lr_options,
-    )
-    zarr_format = args.zarr_format or volume.zarr_format or 3
-    shards = parse_chunks(args.output_shards, volume.ndim)
-    if args.shards:
-        if shards is not None:
-            raise ParameterError("give --shards or --output-shards SPEC, not both")
-        shards = plan.working_chunks
-    check_shard_alignment(
-        chunk_grid(plan.shape, plan.working_chunks),
-        plan.output_chunks,
-        shards,
-        plan.shape,
-        zarr_format,
-    )
-    print(f"ssi-dask {__version__}: {args.method} on {volume.path} -> {output}")
-    print(
-        f"  input           {plan.shape} {volume.data.dtype}, stored in chunks "
-        f"{volume.store_chunks}"
-    )
-    print(
-        f"  output          {plan.shape} float32, Zarr v{zarr_format}, chunks "
-        f"{plan.output_chunks}" + (f", shards {shards}" if shards else "")
-    )
-    print(plan.summary())
-    missing_input = missing_input_chunks(volume.path)  # one listing of the input store
-    if missing_input is not None and missing_input.count:
-        print(f"  {missing_input.warning()}")
-    if auto:
-        print("  iterations      auto: chosen before the run (halo above for 1 iteration)")
-    provenance = {
-        "ssi_dask": {
-            "version": __version__,
-            "method": args.method,
-            "psf": psf_info[0],
-            "input": volume.path,
-            "depth": list(plan.depth),
-            "working_chunks": list(plan.working_chunks),
-            "command": " ".join(sys.argv[1:]) if sys.argv else "",
-        }
-    }
-    if model is None:
-        from .lr import resolve_back_projector  # noqa: PLC0415
-
-        provenance["ssi_dask"]["iterations"] = iterations
-        spec = resolve_back_projector(psf, **lr_options)
-        provenance["ssi_dask"].update(spec.as_dict())
-        if offset:
-            provenance["ssi_dask"]["offset"] = offset
-    else:
-        provenance["ssi_dask"]["model"] = _model_summary(model, args)
-    if args.resume and output.exists() and (model is None or args.model or not args.dry_run):
-        computation = computation_provenance(
-            volume,
-            psf,
-            method=args.method,
-            num_iter=iterations,
-            depth=plan.depth,
-            working_chunks=plan.working_chunks,
-            options=lr_options,
-            model=model,
-        )
-        layout = output_provenance(
-            provenance,
-            shape=plan.shape,
-            grid=chunk_grid(plan.shape, plan.working_chunks),
-            output_chunks=plan.output_chunks,
-            output_shards=shards,
-            zarr_format=zarr_format,
-            computation=computation,
-        )
-        existing = check_resume(  # before any work
-            output,
-            layout,
-            input_path=volume.path,
-            input_reference=input_reference(volume, plan.depth),
-        )
-        done = recorded_chunks(output, existing)
-        print(f"  resume          {done} of {plan.n_chunks} chunks already written")
-    check_local_memory(args, plan, model)
-    if args.dry_run:
-        print("dry run: nothing computed or written")
+    if args.shards and args.output_shards is not None:
+        raise ParameterError("give --shards or --output-shards SPEC, not both")
+    if args.shards and args.zarr_format == 2:
+        raise ParameterError("--shards needs Zarr format 3; add --zarr-format 3")
+    try:
+        job = job_from_args(args)
+    except ParameterError as exc:
+        raise ParameterError(cli_message(str(exc))) from None
+    try:
+        report = run(job)
+    except SsiDaskError as exc:  # library messages name parameters; the command names flags
+        raise type(exc)(cli_message(str(exc))) from None
+    if report.dry_run:
         return 0
-    # The client logs its own view of a lost scheduler or worker (with tracebacks); this
-    # command reports those cases itself in one line, keeping the progress for --resume.
-    import distributed  # noqa: F401, PLC0415  (its import sets the logging levels first)
-
-    for name in ["distributed", *logging.root.manager.loggerDict]:
-        if name.startswith("distributed"):
-            logging.getLogger(name).setLevel(logging.CRITICAL)
-    started = time.perf_counter()
-    with run_client(args) as client:
-        if auto:
-            from .lr import resolve_back_projector  # noqa: PLC0415
-
-            plan, choice = _choose_iterations(args, volume, psf, lr_options, plan, depth)
-            iterations = choice.num_iter
-            provenance["ssi_dask"]["iterations"] = iterations
-            provenance["ssi_dask"]["auto_iterations"] = choice.as_dict()
-            provenance["ssi_dask"].update(resolve_back_projector(psf, **lr_options).as_dict())
-            provenance["ssi_dask"]["depth"] = list(plan.depth)
-            provenance["ssi_dask"]["working_chunks"] = list(plan.working_chunks)
-        result = deconvolve(
-            volume,
-            psf,
-            method=args.method,
-            num_iter=iterations,
-            chunks=plan.working_chunks,
-            depth=plan.depth,
-            device="gpu" if args.gpu else "cpu",
-            model=model,
-            **({"offset": offset} if offset else {}),
-            **lr_options,
-        )
-        write_zarr(
-            result,
-            output,
-            output_chunks=plan.output_chunks,
-            zarr_format=zarr_format,
-            attrs=provenance,
-            input_path=[volume.path, *_psf_files(args), args.model],
-            overwrite=args.overwrite,
-            client=client,
-            progress=False if args.no_progress else ChunkProgress(math.prod(volume.shape)),
-            resume=args.resume,
-            output_shards=shards,
-            worker_timeout=args.worker_timeout,
-            repair=args.repair,
-        )
-    elapsed = time.perf_counter() - started
-    print(
-        run_summary(
-            output=str(output),
-            shape=volume.shape,
-            seconds=elapsed,
-            method=args.method,
-            chunks=math.prod(result.numblocks),
-            ome_zarr=False,
-        )
-    )
-    if missing_input is not None and missing_input.count:
-        print(missing_input.warning())
+    print(report.summary())
+    for line in report.warnings:
+        print(line, file=sys.stderr if "below 0" in line else sys.stdout)
     return 0
-
-
-def _choose_iterations(args: argparse.Namespace, volume, psf, lr_options: dict, plan, depth):
-    """``--iterations auto``: choose on sampled chunks (on the cluster), print, re-plan.
-
-    Updates ``lr_options`` with the chosen Wiener alpha; returns the new plan and the
-    :class:`~ssi_dask.lr_auto.AutoChoice`.
-    """
-    from .blockwise import METHOD_BOUNDARY, plan_blocks, shifted_by_offset  # noqa: PLC0415
-    from .lr_auto import DEFAULT_MAX_ITER, choose_iterations  # noqa: PLC0415
-
-    back_projector = lr_options.get("back_projector", "classic")
-
-    def plan_for(num_iter: int):
-        return plan_blocks(
-            volume.shape,
-            volume.data.dtype,
-            psf.shape,
-            num_iter=num_iter,
-            store_chunks=volume.store_chunks,
-            chunks=args.chunks,
-            output_chunks=args.output_chunks,
-            depth=depth,
-            boundary=METHOD_BOUNDARY["lr"],
-            back_projector=back_projector,
-            psf=psf,
-            back_projector_options=lr_options,
-        )
-
-    max_iter = args.auto_max_iterations or DEFAULT_MAX_ITER[back_projector]
-    if args.chunks is not None and depth is None:
-        # with the user's chunks, only try counts whose halo fits them (the halo grows with n,
-        # so bisect: each plan measures the halo for its n on the PSF)
-        def fits(num_iter: int) -> bool:
-            try:
-                plan_for(num_iter)
-            except ParameterError:
-                return False
-            return True
-
-        fitting = max_iter
-        if not fits(max_iter):
-            low, high = 1, max_iter  # the largest count that fits lies in [low, high)
-            while high - low > 1:
-                middle = (low + high) // 2
-                low, high = (middle, high) if fits(middle) else (low, middle)
-            fitting = low
-        if fitting < max_iter:
-            print(f"auto iterations: trying 1..{fitting} (the halo of more exceeds --chunks)")
-        max_iter = fitting
-    started = time.perf_counter()
-    choice = choose_iterations(
-        shifted_by_offset(volume.data, _offset(args)),
-        psf,
-        max_iter=max_iter,
-        n_samples=args.auto_samples,
-        seed=args.seed,
-        **lr_options,
-    )
-    print(f"{choice.summary()} in {time.perf_counter() - started:.1f} s")
-    if choice.wiener_alpha is not None:
-        lr_options["wiener_alpha"] = choice.wiener_alpha
-    plan = plan_for(choice.num_iter)
-    print(f"  halo (depth)    {plan.depth} for {choice.num_iter} iterations")
-    check_local_memory(args, plan)  # the chosen count's halo makes the tasks larger
-    return plan, choice
-
-
-def _ssi_model_for_run(args: argparse.Namespace, volume, psf):
-    """The model for ``run --method ssi``: loaded from --model, or trained on the input now."""
-    from .ssi import load_checkpoint, save_checkpoint  # noqa: PLC0415
-
-    if args.model:
-        model = load_checkpoint(args.model)
-        if model.ndim != volume.ndim:
-            from .errors import CheckpointError  # noqa: PLC0415
-
-            raise CheckpointError(
-                f"checkpoint {args.model!r} is for {model.ndim}D images but the input is "
-                f"{volume.ndim}D; train a model on this data (ssi-dask train)"
-            )
-        return model
-    if args.dry_run:
-        from .ssi import DEFAULTS, UNet  # noqa: PLC0415
-
-        defaults = DEFAULTS[volume.ndim]
-        return UNet(volume.ndim, depth=defaults["depth"], base_channels=defaults["base_channels"])
-    if args.save_model:
-        model_path, output_path = resolved(args.save_model), resolved(args.output)
-        if model_path == output_path or output_path in model_path.parents:
-            raise ParameterError(
-                f"--save-model {args.save_model!r} is OUTPUT or inside it; save the model "
-                "outside the output"
-            )
-        check_replaceable_file(
-            args.save_model,
-            overwrite=args.overwrite,
-            inputs=[args.input, *_psf_files(args)],
-        )
-    model = _train_model(args, volume, psf)
-    if args.save_model:
-        digest = save_checkpoint(model, args.save_model)
-        print(f"saved the model to {args.save_model} (sha256 {digest[:16]})")
-    return model
-
-
-def _model_summary(model, args: argparse.Namespace) -> dict:
-    from .ssi import model_hash  # noqa: PLC0415
-
-    if not hasattr(model, "network"):  # --dry-run without --model: the untrained architecture
-        return {
-            "source": "to be trained by this run (not trained in a dry run)",
-            "seed": args.seed,
-            "halo": model.halo,
-        }
-    return {
-        "sha256": model_hash(model),
-        "source": str(Path(args.model).resolve()) if args.model else "trained by this run",
-        "seed": args.seed if not args.model else model.training.get("seed"),
-        "halo": model.halo,
-        "architecture": model.config,
-    }
 
 
 def main(argv: Sequence[str] | None = None) -> int:

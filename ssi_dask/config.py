@@ -23,7 +23,10 @@ DEFAULT_NUM_ITER = 10
 BACK_PROJECTORS = ("classic", "wiener-butterworth")
 
 #: Library parameter -> command-line flag, for messages that must name what the user typed.
+#: Only names that cannot be mistaken for ordinary words (underscores, dotted paths) are
+#: listed; settings named by a plain word say the flag in their own messages.
 CLI_FLAGS = {
+    "lr.num_iter": "--iterations",
     "num_iter": "--iterations",
     "back_projector": "--back-projector",
     "wiener_alpha": "--wiener-alpha",
@@ -32,6 +35,22 @@ CLI_FLAGS = {
     "offset": "--offset",
     "auto_max_iter": "--auto-max-iterations",
     "auto_samples": "--auto-samples",
+    "ssi.model": "--model",
+    "ssi.save_model": "--save-model",
+    "save_model": "--save-model",
+    "patch_size": "--patch-size",
+    "batch_size": "--batch-size",
+    "net_depth": "--net-depth",
+    "base_channels": "--base-channels",
+    "refractive_index": "--refractive-index",
+    "psf_shape": "--psf-shape",
+    "zarr_format": "--zarr-format",
+    "output_format": "--output-format",
+    "output_shards": "--output-shards",
+    "threads_per_worker": "--threads-per-worker",
+    "worker_timeout": "--worker-timeout",
+    "connect_timeout": "--connect-timeout",
+    "voxel_size": "--voxel-size",
 }
 
 
@@ -40,7 +59,7 @@ def cli_message(message: str) -> str:
     import re  # noqa: PLC0415
 
     for name, flag in CLI_FLAGS.items():
-        message = re.sub(rf"(?<![\w-]){name}(?![\w-])", flag, message)
+        message = re.sub(rf"(?<![\w.-]){re.escape(name)}(?![\w-])", flag, message)
     return message
 
 
@@ -190,3 +209,206 @@ def refuse_lr_options(method: str, given: Mapping[str, Any]) -> None:
             f"{', '.join(names)} apply to method 'lr' only; method {method!r} takes model=, "
             "chunks=, depth= and device="
         )
+
+
+#: SSI training regions when none are given (``ssi_dask.training.DEFAULT_REGIONS``).
+DEFAULT_REGIONS = 24
+
+#: Share of the global range below which a region's 99th percentile counts as background.
+DEFAULT_BACKGROUND = 0.05
+
+
+def _optional_count(name: str, value: Any, minimum: int) -> None:
+    if value is not None:
+        _count(name, value, minimum)
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """How an SSI network is trained (``ssi-dask train``, or ``run --method ssi`` without a model).
+
+    ``None`` keeps the tuned 2D/3D default of :data:`ssi_dask.ssi.DEFAULTS`.
+    """
+
+    seed: int = 0
+    steps: int | None = None
+    restarts: int | None = None
+    ensemble: int | None = None
+    patch_size: int | None = None
+    batch_size: int | None = None
+    net_depth: int | None = None
+    base_channels: int | None = None
+    clipping: Any = "auto"
+    device: str = "auto"
+    regions: int = DEFAULT_REGIONS
+    region_size: Any = None
+    background: float = DEFAULT_BACKGROUND
+    on_worker: bool = False
+
+    def __post_init__(self) -> None:
+        _count("seed", self.seed, 0)
+        for name in ("steps", "ensemble", "patch_size", "batch_size", "net_depth", "base_channels"):
+            _optional_count(name, getattr(self, name), 1)
+        _optional_count("restarts", self.restarts, 0)
+        _count("regions", self.regions, 1)
+        background = _finite("background", self.background)
+        if not 0 <= background < 1:
+            raise ParameterError(f"background must be in [0, 1), got {self.background!r}")
+        if not isinstance(self.device, str) or not self.device:
+            raise ParameterError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+
+    def train_options(self) -> dict[str, Any]:
+        """Keywords of :func:`ssi_dask.ssi.train_ssi` that differ from its tuned defaults."""
+        options: dict[str, Any] = {"sensor_clipping": self.clipping}
+        for name, key in (
+            ("steps", "steps"),
+            ("restarts", "restarts"),
+            ("ensemble", "ensemble"),
+            ("patch_size", "patch_size"),
+            ("batch_size", "batch_size"),
+            ("net_depth", "depth"),
+            ("base_channels", "base_channels"),
+        ):
+            if getattr(self, name) is not None:
+                options[key] = getattr(self, name)
+        return options
+
+
+@dataclass(frozen=True)
+class SSISettings:
+    """What SSI applies: a checkpoint (or model object), else a network trained by the run."""
+
+    model: Any = None
+    save_model: str | None = None
+    train: TrainSettings = TrainSettings()
+
+    def __post_init__(self) -> None:
+        if self.model is not None and self.save_model is not None:
+            raise ParameterError("save_model keeps a model trained by the run; drop it with model")
+
+
+@dataclass(frozen=True)
+class PSFSettings:
+    """Where the PSF comes from: files (one, or one per channel), or optics to compute one."""
+
+    files: tuple[str, ...] = ()
+    na: float | None = None
+    wavelength: tuple[float, ...] = ()
+    refractive_index: float = 1.33
+    shape: tuple[int, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if self.files and (self.na is not None or self.wavelength):
+            raise ParameterError("give PSF files or optics (na, wavelength), not both")
+        _positive("refractive_index", self.refractive_index)
+        if self.shape is not None and any(int(s) < 1 for s in self.shape):
+            raise ParameterError(f"psf_shape must be positive sizes, got {self.shape}")
+
+
+@dataclass(frozen=True)
+class LayoutSettings:
+    """How the volume is cut into tasks and how the output is stored."""
+
+    chunks: Any = None
+    output_chunks: Any = None
+    depth: int | tuple[int, ...] | None = None
+    output_shards: Any = None
+    shards: bool = False
+    zarr_format: int | None = None
+    output_format: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.zarr_format not in (None, 2, 3):
+            raise ParameterError(f"zarr_format must be 2 or 3, got {self.zarr_format!r}")
+        if self.output_format not in ("auto", "ome-zarr", "zarr"):
+            raise ParameterError(
+                f"output_format must be auto, ome-zarr or zarr, got {self.output_format!r}"
+            )
+        if self.shards and self.output_shards is not None:
+            raise ParameterError("give shards=True or output_shards, not both")
+        if self.shards and self.zarr_format == 2:
+            raise ParameterError("shards needs zarr_format 3")
+        depth = self.depth
+        if depth is not None:
+            values = (depth,) if isinstance(depth, int) else tuple(depth)
+            for value in values:
+                _count("depth", value, 0)
+
+
+@dataclass(frozen=True)
+class ClusterSettings:
+    """Where the run computes: a scheduler (address or file), or a local cluster of this size."""
+
+    scheduler: str | None = None
+    scheduler_file: str | None = None
+    workers: int | None = None
+    threads_per_worker: int = 1
+    memory_limit: str | None = None
+    gpu: bool = False
+    worker_timeout: float = 120.0
+    connect_timeout: float = 5.0
+
+    def __post_init__(self) -> None:
+        if self.scheduler and self.scheduler_file:
+            raise ParameterError("give either scheduler or scheduler_file, not both")
+        _optional_count("workers", self.workers, 1)
+        _count("threads_per_worker", self.threads_per_worker, 1)
+        _positive("worker_timeout", self.worker_timeout)
+        _positive("connect_timeout", self.connect_timeout)
+
+    @property
+    def remote(self) -> bool:
+        """True when the run connects to an existing scheduler."""
+        return bool(self.scheduler or self.scheduler_file)
+
+
+@dataclass(frozen=True)
+class Job:
+    """One whole run: what to deconvolve, with what, how to lay it out, where to compute.
+
+    Built by the command line from its flags and by notebooks directly; every field is
+    checked when the job is built (see each settings class). :func:`ssi_dask.run` runs it.
+    """
+
+    input: Any
+    output: Any
+    method: str = "lr"
+    lr: LRSettings = LRSettings()
+    ssi: SSISettings = SSISettings()
+    psf: PSFSettings = PSFSettings()
+    layout: LayoutSettings = LayoutSettings()
+    cluster: ClusterSettings = ClusterSettings()
+    level: int = 0
+    channels: tuple[int | str, ...] | None = None
+    voxel_size: tuple[float, ...] | None = None
+    overwrite: bool = False
+    resume: bool = False
+    repair: bool = False
+    dry_run: bool = False
+    progress: bool = True
+    command: str = ""
+
+    def __post_init__(self) -> None:
+        if self.method not in ("lr", "ssi"):
+            raise ParameterError(f"method must be 'lr' or 'ssi', got {self.method!r}")
+        if self.resume and self.overwrite:
+            raise ParameterError("resume keeps the output and overwrite deletes it; give only one")
+        if self.repair and not self.resume:
+            raise ParameterError("repair checks an existing output; give it together with resume")
+        _count("level", self.level, 0)
+        if self.voxel_size is not None:
+            for value in self.voxel_size:
+                _positive("voxel_size", value)
+        if self.method == "ssi":
+            changed = [
+                f.name
+                for f in fields(LRSettings)
+                if f.name != "auto_options" and getattr(self.lr, f.name) != f.default
+            ]
+            if changed:
+                raise ParameterError(
+                    f"lr.{', lr.'.join(changed)} apply to method 'lr' only; method 'ssi' "
+                    "applies a trained network"
+                )
+        elif self.ssi.model is not None or self.ssi.save_model is not None:
+            raise ParameterError("ssi.model and ssi.save_model apply to method 'ssi' only")

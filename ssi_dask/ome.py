@@ -223,6 +223,8 @@ class OmeImage:
         Shape of every level (to mirror the pyramid's factors).
     attrs : dict
         The group's attributes (``omero`` channel metadata, name, ...).
+    is_ome : bool
+        False for a plain Zarr array or TIFF seen as a one-level image (:func:`plain_image`).
     """
 
     path: str
@@ -236,6 +238,13 @@ class OmeImage:
     n_levels: int
     level_shapes: list[tuple[int, ...]] = field(default_factory=list)
     attrs: dict = field(default_factory=dict)
+    is_ome: bool = True
+
+    @property
+    def zarr_format(self) -> int | None:
+        """2 or 3 for a Zarr array, None for a TIFF."""
+        metadata = getattr(self.array, "metadata", None)
+        return int(metadata.zarr_format) if metadata is not None else None
 
     @property
     def axis_names(self) -> list[str]:
@@ -709,3 +718,76 @@ def output_omero(
             }
         )
     return {"channels": result}
+
+
+def plain_image(source: str | os.PathLike, voxel_size: Sequence[float] | None = None) -> OmeImage:
+    """A plain Zarr array or TIFF seen as a one-level image with axes ``(z)yx``.
+
+    The scale is ``voxel_size`` (micrometres), or 1 without a unit, so that the run can write
+    such an input as OME-Zarr too.
+    """
+    from .io import TiffArray, open_zarr_array  # noqa: PLC0415
+
+    path = Path(source)
+    if path.suffix.lower() in (".tif", ".tiff") and path.is_file():
+        try:
+            array = TiffArray(path)
+        except Exception as exc:
+            raise InputError(f"input {str(path)!r} could not be read as TIFF ({exc})") from None
+    else:
+        array = open_zarr_array(path)
+    if array.ndim not in (2, 3):
+        raise InputError(
+            f"input {str(path)!r} has {array.ndim} dimensions {tuple(array.shape)}; give a 2D "
+            "(y, x) or 3D (z, y, x) image (select one channel/time point first)"
+        )
+    if voxel_size is not None and len(voxel_size) != array.ndim:
+        raise ParameterError(
+            f"--voxel-size needs {array.ndim} positive values for a {array.ndim}D image, got "
+            f"{len(voxel_size)}"
+        )
+    names = "zyx"[-array.ndim :]
+    unit = {"unit": "micrometer"} if voxel_size else {}
+    zarr_format = getattr(getattr(array, "metadata", None), "zarr_format", None)
+    return OmeImage(
+        path=str(path.resolve()),
+        version="0.4" if zarr_format == 2 else "0.5",
+        axes=[{"name": n, "type": "space", **unit} for n in names],
+        level=0,
+        level_path="",
+        scale=[float(v) for v in (voxel_size or (1.0,) * array.ndim)],
+        translation=[0.0] * array.ndim,
+        array=array,
+        n_levels=1,
+        level_shapes=[tuple(int(v) for v in array.shape)],
+        attrs=dict(getattr(array, "attrs", None) or {}),
+        is_ome=False,
+    )
+
+
+def select_channels(chosen: Sequence[int | str] | None, image: OmeImage) -> list[int] | None:
+    """Channel indices chosen by index or omero label; None for all channels."""
+    if chosen is None:
+        return None
+    axis = image.channel_axis
+    if axis is None:
+        if not image.is_ome:
+            raise InputError(
+                f"--channel applies to OME-Zarr image groups; {image.path!r} is a plain array"
+            )
+        raise ParameterError(f"--channel was given but {image.path!r} has no channel axis")
+    n = int(image.array.shape[axis])
+    names = image.channel_names or []
+    result = []
+    for part in chosen:
+        text = str(part).strip()
+        if text.lstrip("-").isdigit() and 0 <= int(text) < n:
+            result.append(int(text))
+        elif text in names:
+            result.append(names.index(text))
+        else:
+            described = f" ({', '.join(names)})" if names else ""
+            raise ParameterError(
+                f"--channel {text!r} does not exist; the image has channels 0 to {n - 1}{described}"
+            )
+    return result

@@ -236,7 +236,7 @@ def test_valid_ome_input_still_plans(tmp_path, capsys):
 OPTICS_CASES = {
     "NaN voxel size": (
         ("--voxel-size", "nan,0.15,0.15", *OPTICS),
-        "--voxel-size needs 3 positive values for a 3D image, got 'nan,0.15,0.15'",
+        "--voxel-size needs positive values in micrometres, got 'nan,0.15,0.15'",
     ),
     "zero NA": (
         ("--voxel-size", "0.3,0.15,0.15", "--na", "0", "--wavelength", "0.52"),
@@ -252,7 +252,7 @@ OPTICS_CASES = {
     ),
     "zero refractive index": (
         ("--voxel-size", "0.3,0.15,0.15", *OPTICS, "--refractive-index", "0"),
-        "--refractive-index must be a positive number, got 0.0",
+        "--refractive-index must be a finite number > 0, got 0.0",
     ),
 }
 

@@ -128,7 +128,7 @@ def test_ssi_bad_checkpoint(tmp_path, degraded_zarr):
 def test_ssi_bad_ensemble_size(tmp_path, degraded_zarr):
     path, psf_path, _ = degraded_zarr
     result = run_cli("train", path, "--psf", psf_path, "--out", tmp_path / "m.pt", "--ensemble", 0)
-    _assert_clean_failure(result, "--ensemble must be at least 1, got 0")
+    _assert_clean_failure(result, "--ensemble must be an integer >= 1, got 0")
     assert not (tmp_path / "m.pt").exists()
 
 

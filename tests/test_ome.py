@@ -3,7 +3,6 @@ ngff-zarr and opened with napari's OME-Zarr reader, against whole-volume LR refe
 
 from __future__ import annotations
 
-import argparse
 import json
 import re
 from pathlib import Path
@@ -328,12 +327,11 @@ def test_psf_voxel_size_is_read_from_tiff_metadata(tmp_path):
 
 
 def test_resolve_psfs_one_per_wavelength():
-    from ssi_dask.ome_run import resolve_psfs
+    from ssi_dask.config import PSFSettings
+    from ssi_dask.pipeline import resolve_psfs
 
-    args = argparse.Namespace(
-        psf=None, na=1.0, wavelength="0.5,0.6", refractive_index=1.33, psf_shape="7,9,9"
-    )
-    psfs, info = resolve_psfs(args, 3, VOXEL, n_channels=2)
+    settings = PSFSettings(na=1.0, wavelength=(0.5, 0.6), refractive_index=1.33, shape=(7, 9, 9))
+    psfs, info = resolve_psfs(settings, 3, VOXEL, n_channels=2)
     for psf, wavelength in zip(psfs, (0.5, 0.6)):
         reference = widefield_psf((7, 9, 9), VOXEL, na=1.0, wavelength=wavelength)
         np.testing.assert_allclose(psf, normalize_psf(crop_psf(reference)), rtol=1e-6)

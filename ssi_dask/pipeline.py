@@ -1,0 +1,993 @@
+"""The whole run, written once: image -> PSFs -> model -> plan -> iterations -> graph -> write
+-> pyramid -> report.
+
+:func:`run` takes a :class:`~ssi_dask.config.Job` (typed, validated settings) and is the one
+path for plain Zarr arrays, TIFF files and OME-Zarr images (time points, channels, pyramid,
+NGFF metadata), from the command line and from notebooks alike: ``ssi-dask run`` only turns
+its flags into a job, calls :func:`run` and prints. Every stage prints one line of what it
+does through ``echo`` (``print`` by default, ``None`` for silence).
+
+An image with time or channel axes is processed one 2D/3D volume at a time with one plan for
+all of them (every volume has the same shape); each task still covers one spatial working
+chunk of one volume.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .config import ClusterSettings, Job, LRSettings, PSFSettings, TrainSettings
+from .errors import CheckpointError, DeviceError, InputError, ParameterError, PSFError
+
+Echo = Callable[[str], None] | None
+
+
+@dataclass
+class RunReport:
+    """What a run did.
+
+    Attributes
+    ----------
+    output : pathlib.Path
+        The output (an OME-Zarr group or a Zarr array).
+    method : str
+    shape : tuple of int
+        The output's full shape (leading time/channel axes included).
+    volumes : int
+        2D/3D volumes deconvolved.
+    chunks : int
+        Working chunks (tasks) of the whole output.
+    levels : int
+        Resolution levels written (1 for a plain Zarr array).
+    seconds : float
+        Wall time from the start of the cluster to the end of the write.
+    plan : ssi_dask.blockwise.BlockPlan
+        The plan every volume was cut with.
+    provenance : dict
+        What was written under ``ssi_dask`` in the output's attributes.
+    dry_run : bool
+        True when nothing was computed or written.
+    warnings : list of str
+        Warning lines for the user (missing input chunks, negative input values).
+    """
+
+    output: Path
+    method: str
+    shape: tuple[int, ...]
+    volumes: int
+    chunks: int
+    levels: int
+    seconds: float
+    plan: Any
+    provenance: dict
+    dry_run: bool = False
+    ome_zarr: bool = False
+    warnings: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        """The one-screen summary the command line prints at the end."""
+        from .summary import run_summary  # noqa: PLC0415
+
+        if self.dry_run:
+            return "dry run: nothing computed or written"
+        return run_summary(
+            output=str(self.output),
+            shape=self.shape,
+            seconds=self.seconds,
+            method=self.method,
+            chunks=self.chunks,
+            ome_zarr=self.ome_zarr,
+            levels=self.levels,
+            volumes=self.volumes,
+        )
+
+
+def _say(echo: Echo, text: str) -> None:
+    if echo is not None:
+        echo(text)
+
+
+# ---------------------------------------------------------------------------------------------
+# Stages
+
+
+def open_image(source: Any, *, level: int = 0, voxel_size: Sequence[float] | None = None):
+    """The input as an :class:`~ssi_dask.ome.OmeImage`: an OME-Zarr level, or a plain Zarr
+    array / TIFF seen as a one-level image with axes ``(z)yx``."""
+    from .ome import is_ome_zarr, open_ome_zarr, plain_image  # noqa: PLC0415
+
+    if isinstance(source, (str, Path)) and is_ome_zarr(source):
+        return open_ome_zarr(source, level=level)
+    if level:
+        raise InputError(
+            f"--level applies to OME-Zarr image groups; {str(source)!r} is a plain array"
+        )
+    return plain_image(source, voxel_size)
+
+
+def resolve_psfs(
+    settings: PSFSettings,
+    ndim: int,
+    voxel_size: Sequence[float] | None,
+    n_channels: int = 1,
+    image_shape: Sequence[int] | None = None,
+) -> tuple[list[np.ndarray], list[dict]]:
+    """The PSFs of a run, one per channel (or one for all), and their provenance.
+
+    From files (one, or one per channel; a file that declares its voxel size must match the
+    image's), or computed as a widefield PSF from the optics at the image's voxel size.
+    """
+    from .ome import check_psf_voxel_size, default_psf_shape  # noqa: PLC0415
+    from .psf import crop_psf, describe_psf, load_psf, normalize_psf, widefield_psf  # noqa: PLC0415
+
+    if settings.files:
+        files = list(settings.files)
+        if len(files) not in (1, n_channels):
+            raise PSFError(
+                f"--psf names {len(files)} files for {n_channels} channels; give one PSF for "
+                "all channels or one per channel, separated by commas"
+            )
+        psfs, info = [], []
+        for file in files:
+            psf = load_psf(file, ndim)
+            declared = check_psf_voxel_size(file, voxel_size)
+            psfs.append(psf)
+            entry = {**describe_psf(psf), "source": str(Path(file).resolve())}
+            if declared is not None:
+                entry["voxel_size_um"] = list(declared)
+            info.append(entry)
+        return psfs, info
+    if settings.na is None or not settings.wavelength:
+        raise PSFError(
+            "give --psf FILE, or --na and --wavelength to compute a widefield PSF from the "
+            "image's voxel size"
+        )
+    if voxel_size is None:
+        raise PSFError(
+            "the image declares no voxel size (no OME-Zarr metadata or no units); give "
+            "--voxel-size " + ("DZ,DY,DX" if ndim == 3 else "DY,DX") + " to compute the PSF"
+        )
+    wavelengths = tuple(settings.wavelength)
+    check_optics(settings.na, wavelengths, settings.refractive_index)
+    if len(wavelengths) not in (1, n_channels):
+        raise PSFError(
+            f"--wavelength gives {len(wavelengths)} values for {n_channels} channels; give one "
+            "or one per channel"
+        )
+    if voxel_size[-1] != voxel_size[-2]:
+        raise PSFError(
+            f"the image's lateral voxel sizes differ {tuple(voxel_size[-2:])}; a widefield PSF "
+            "needs square pixels: give --psf FILE"
+        )
+    psfs, info = [], []
+    for wavelength in wavelengths:
+        if settings.shape:
+            shape = tuple(int(v) for v in settings.shape)
+        else:
+            shape = default_psf_shape(
+                voxel_size, settings.na, wavelength, settings.refractive_index
+            )
+            if image_shape is not None:  # odd, and no larger than the image
+                shape = tuple(min(s, n - 1 + n % 2) for s, n in zip(shape, image_shape))
+                shape = (*shape[:-2], min(shape[-2:]), min(shape[-2:]))
+        psf = widefield_psf(
+            shape,
+            voxel_size,
+            na=settings.na,
+            wavelength=wavelength,
+            refractive_index=settings.refractive_index,
+        )
+        psf = normalize_psf(crop_psf(psf))
+        psfs.append(psf)
+        info.append(
+            {
+                **describe_psf(psf),
+                "source": "computed (widefield, Gibson-Lanni via psfmodels)",
+                "na": settings.na,
+                "wavelength_um": wavelength,
+                "refractive_index": settings.refractive_index,
+                "voxel_size_um": [float(v) for v in voxel_size],
+            }
+        )
+    return psfs, info
+
+
+def check_optics(na: float, wavelengths: Sequence[float], refractive_index: float) -> None:
+    """Refuse optics no PSF can be computed from (before any division by them)."""
+    if not (math.isfinite(refractive_index) and refractive_index > 0):
+        raise PSFError(f"--refractive-index must be a positive number, got {refractive_index}")
+    if not (math.isfinite(na) and 0 < na < refractive_index):
+        raise PSFError(
+            f"--na must be above 0 and below the refractive index {refractive_index:g}, got {na}"
+        )
+    if not all(math.isfinite(w) and w > 0 for w in wavelengths):
+        raise PSFError(
+            "--wavelength must be positive micrometres (e.g. 0.52), got "
+            + ",".join(f"{w:g}" for w in wavelengths)
+        )
+
+
+def train_model(
+    volume: Any,
+    psf: np.ndarray,
+    settings: TrainSettings,
+    *,
+    client: Any = None,
+    gpu: bool = False,
+    echo: Echo = print,
+):
+    """Train SSI on regions sampled from an opened volume; returns the model."""
+    from .blockwise import parse_chunks  # noqa: PLC0415
+    from .training import train  # noqa: PLC0415
+
+    device = settings.device
+    if gpu and device == "auto":
+        device = "cuda"
+    if device.startswith("cuda") and not settings.on_worker:
+        from .errors import SsiDaskError  # noqa: PLC0415
+        from .ssi import resolve_device  # noqa: PLC0415
+
+        try:
+            resolve_device(device)
+        except SsiDaskError:
+            raise DeviceError(
+                "--gpu/--train-device cuda needs a CUDA GPU visible to torch on this machine; "
+                "drop it, or train on a GPU worker with --scheduler ... --train-on worker"
+            ) from None
+    where = "a worker" if settings.on_worker else f"this process ({device})"
+    _say(echo, f"training SSI on {volume.path} {volume.shape} (seed {settings.seed}) in {where}")
+    started = time.perf_counter()
+    model = train(
+        volume.data,
+        psf,
+        seed=settings.seed,
+        device=device,
+        n_regions=settings.regions,
+        region_shape=parse_chunks(settings.region_size, volume.ndim),
+        background=settings.background,
+        client=client,
+        on_worker=settings.on_worker,
+        progress=echo is not None,
+        **settings.train_options(),
+    )
+    info = model.training["sampling"]
+    _say(
+        echo,
+        f"sampled {info['candidates']} regions of {tuple(info['region_shape'])} "
+        f"({100 * info['sampled_fraction']:.1f} % of the volume's voxels, overlaps counted), "
+        f"kept {info['kept']}, {info['rejected_as_background']} rejected as background",
+    )
+    _say(echo, f"trained in {time.perf_counter() - started:.0f} s")
+    return model
+
+
+def _model_for_run(job: Job, volume: Any, psf: np.ndarray, protected: list, echo: Echo):
+    """The SSI model: the job's checkpoint or model object, or one trained on the input now."""
+    from .safety import check_replaceable_file, resolved  # noqa: PLC0415
+    from .ssi import load_checkpoint, save_checkpoint  # noqa: PLC0415
+
+    model = job.ssi.model
+    if model is not None:
+        source = model
+        if isinstance(model, (str, Path)):
+            model = load_checkpoint(model)
+        if model.ndim != volume.ndim:
+            raise CheckpointError(
+                f"checkpoint {str(source)!r} is for {model.ndim}D images but the input is "
+                f"{volume.ndim}D; train a model on this data (ssi-dask train)"
+            )
+        return model
+    if job.dry_run:
+        from .ssi import DEFAULTS, UNet  # noqa: PLC0415
+
+        defaults = DEFAULTS[volume.ndim]
+        return UNet(volume.ndim, depth=defaults["depth"], base_channels=defaults["base_channels"])
+    save = job.ssi.save_model
+    if save:
+        model_path, output_path = resolved(save), resolved(job.output)
+        if model_path == output_path or output_path in model_path.parents:
+            raise ParameterError(
+                f"--save-model {str(save)!r} is OUTPUT or inside it; save the model outside "
+                "the output"
+            )
+        check_replaceable_file(save, overwrite=job.overwrite, inputs=protected)
+    model = train_model(volume, psf, job.ssi.train, gpu=job.cluster.gpu, echo=echo)
+    if save:
+        digest = save_checkpoint(model, save)
+        _say(echo, f"saved the model to {save} (sha256 {digest[:16]})")
+    return model
+
+
+def _model_summary(job: Job, model: Any) -> dict:
+    from .ssi import model_hash  # noqa: PLC0415
+
+    if not hasattr(model, "network"):  # a dry run without a model: the untrained architecture
+        return {
+            "source": "to be trained by this run (not trained in a dry run)",
+            "seed": job.ssi.train.seed,
+            "halo": model.halo,
+        }
+    given = job.ssi.model
+    source = (
+        str(Path(given).resolve())
+        if isinstance(given, (str, Path))
+        else ("a model object" if given is not None else "trained by this run")
+    )
+    return {
+        "sha256": model_hash(model),
+        "source": source,
+        "seed": model.training.get("seed") if given is not None else job.ssi.train.seed,
+        "halo": model.halo,
+        "architecture": model.config,
+    }
+
+
+def task_memory(plan: Any, method: str, model: Any = None) -> int:
+    """Bytes one task needs at its peak: the LR estimate, or SSI's block plus its tile budget."""
+    if method == "ssi" and model is not None:
+        from .ssi.tiling import CPU_BUDGET_BYTES, bytes_per_voxel  # noqa: PLC0415
+
+        padded = math.prod(w + 2 * d for w, d in zip(plan.working_chunks, plan.depth))
+        network = getattr(model, "network", model)
+        # the block in and out (as for LR) plus the network's activations, at most its budget
+        return 12 * padded + min(CPU_BUDGET_BYTES, padded * bytes_per_voxel(network))
+    return plan.memory_per_task
+
+
+def check_local_memory(
+    cluster: ClusterSettings, method: str, plan: Any = None, model: Any = None
+) -> None:
+    """Refuse a memory limit too small for the run before the local cluster starts.
+
+    Without ``plan``, only the worker's baseline is checked (SSI, before training). With a
+    scheduler the workers' limits are theirs: nothing to check; with ``gpu`` only that the
+    value can be read (the tasks' memory is on the device).
+    """
+    from .cluster import check_worker_memory, local_memory_limit  # noqa: PLC0415
+
+    if cluster.remote:
+        return
+    if plan is None and method != "ssi":  # nothing to do before training
+        return
+    if cluster.gpu:
+        local_memory_limit(cluster.memory_limit, cluster.threads_per_worker)
+        return
+    task_bytes = task_memory(plan, method, model) if plan is not None else 0
+    check_worker_memory(cluster.memory_limit, cluster.threads_per_worker, task_bytes, method=method)
+
+
+@contextlib.contextmanager
+def cluster_client(cluster: ClusterSettings, *, echo: Echo = print) -> Iterator[Any]:
+    """The Dask client of a run: connected, or on a new local cluster; dashboard printed."""
+    from .cluster import dashboard_link, dask_client  # noqa: PLC0415
+
+    with dask_client(
+        cluster.scheduler,
+        scheduler_file=cluster.scheduler_file,
+        n_workers=cluster.workers,
+        threads_per_worker=cluster.threads_per_worker,
+        memory_limit=cluster.memory_limit,
+        gpu=cluster.gpu,
+        connect_timeout=cluster.connect_timeout,
+    ) as client:
+        link = dashboard_link(client)
+        workers = len(client.scheduler_info().get("workers", {}))
+        _say(echo, f"dask: {workers} workers" + (f", dashboard at {link}" if link else ""))
+        yield client
+
+
+def choose_iterations_for_plan(
+    volume: Any,
+    psf: np.ndarray,
+    lr: LRSettings,
+    plan_for: Callable[[int], Any],
+    *,
+    user_chunks: bool,
+    seed: int,
+    echo: Echo = print,
+):
+    """``num_iter="auto"``: the one implementation for the API and the command line.
+
+    With user-set chunks only the counts whose halo fits them are tried (bisected: the halo
+    grows with the count). Returns the :class:`~ssi_dask.lr_auto.AutoChoice`.
+    """
+    from .blockwise import shifted_by_offset  # noqa: PLC0415
+    from .lr_auto import DEFAULT_MAX_ITER, choose_iterations  # noqa: PLC0415
+
+    options = dict(lr.auto_options or {})
+    max_iter = options.pop("max_iter", None) or DEFAULT_MAX_ITER[lr.back_projector]
+    if user_chunks:
+
+        def fits(num_iter: int) -> bool:
+            try:
+                plan_for(num_iter)
+            except ParameterError:
+                return False
+            return True
+
+        fitting = max_iter
+        if not fits(max_iter):
+            low, high = 1, max_iter  # the largest count that fits lies in [low, high)
+            while high - low > 1:
+                middle = (low + high) // 2
+                low, high = (middle, high) if fits(middle) else (low, middle)
+            fitting = low
+        if fitting < max_iter:
+            _say(echo, f"auto iterations: trying 1..{fitting} (the halo of more exceeds --chunks)")
+        max_iter = fitting
+    options.setdefault("seed", seed)
+    started = time.perf_counter()
+    choice = choose_iterations(
+        shifted_by_offset(volume.data, lr.offset),
+        psf,
+        max_iter=max_iter,
+        **lr.kernel_options(),
+        **options,
+    )
+    _say(echo, f"{choice.summary()} in {time.perf_counter() - started:.1f} s")
+    return choice
+
+
+# ---------------------------------------------------------------------------------------------
+# The run
+
+
+def run(job: Job, *, client: Any = None, echo: Echo = print) -> RunReport:
+    """Run a whole deconvolution job: the one path for the command line and notebooks.
+
+    Parameters
+    ----------
+    job : ssi_dask.config.Job
+        What to deconvolve (input, output, method and its settings), how to lay it out and
+        where to compute.
+    client : distributed.Client, optional
+        Compute on this cluster; without it, the job's cluster settings say where (a local
+        cluster by default).
+    echo : callable or None
+        Receives one line per stage (``print`` by default; None for silence).
+
+    Returns
+    -------
+    RunReport
+
+    Raises
+    ------
+    ssi_dask.errors.SsiDaskError
+        Every problem a user can cause, with a one-line message, before any work where it can
+        be known then; a run that fails midway keeps its finished chunks for ``resume``.
+    """
+    import dask.array as da  # noqa: PLC0415
+
+    from . import __version__  # noqa: PLC0415
+    from .blockwise import (  # noqa: PLC0415
+        METHOD_BOUNDARY,
+        _deconvolve_graph,
+        chunk_grid,
+        computation_provenance,
+        parse_chunks,
+        plan_blocks,
+    )
+    from .chunkfiles import missing_input_chunks  # noqa: PLC0415
+    from .io import Volume, check_image_array, check_output_path  # noqa: PLC0415
+    from .ome import select_channels  # noqa: PLC0415
+    from .store import (  # noqa: PLC0415
+        check_resume,
+        check_shard_alignment,
+        output_provenance,
+        recorded_chunks,
+    )
+
+    image = open_image(job.input, level=job.level, voxel_size=job.voxel_size)
+    array = image.array
+    n_spatial = len(image.spatial_axes)
+    n_lead = array.ndim - n_spatial
+    check_image_array(array.shape[n_lead:], array.dtype, name=f"input {image.path!r}")
+    channels = select_channels(job.channels, image)
+    lead_shape = tuple(int(s) for s in array.shape[:n_lead])
+    if channels is not None:
+        lead_shape = tuple(
+            len(channels) if a == image.channel_axis else s for a, s in enumerate(lead_shape)
+        )
+    spatial_shape = tuple(int(s) for s in array.shape[n_lead:])
+    n_channels = lead_shape[image.channel_axis] if image.channel_axis is not None else 1
+    voxel_size = tuple(job.voxel_size) if job.voxel_size else image.voxel_size_um
+    if job.voxel_size and len(job.voxel_size) != n_spatial:
+        raise ParameterError(
+            f"--voxel-size needs {n_spatial} positive values for a {n_spatial}D image, "
+            f"got {len(job.voxel_size)}"
+        )
+    psfs, psf_info = resolve_psfs(job.psf, n_spatial, voxel_size, n_channels, spatial_shape)
+    model_files = [job.ssi.model] if isinstance(job.ssi.model, (str, Path)) else []
+    protected = [image.path, *job.psf.files, *model_files]
+    ome_out = job.layout.output_format == "ome-zarr" or (
+        job.layout.output_format == "auto" and image.is_ome
+    )
+    if job.resume and Path(job.output).exists():
+        output = Path(job.output).resolve()  # write_zarr checks it belongs to this run
+    else:
+        output = check_output_path(job.output, input_path=protected, overwrite=job.overwrite)
+    store_chunks = tuple(int(c) for c in (getattr(array, "shards", None) or array.chunks))
+    first_volume = Volume(
+        data=da.from_array(array, chunks=store_chunks, lock=False)[(0,) * n_lead],
+        store_chunks=store_chunks[n_lead:],
+        path=image.path,
+    )
+    lr = job.lr
+    method = job.method
+    auto = method == "lr" and lr.num_iter == "auto"
+    user_depth = job.layout.depth
+    depth = None
+    if user_depth is not None:
+        depth = (user_depth,) * n_spatial if isinstance(user_depth, int) else tuple(user_depth)
+        if len(depth) != n_spatial:
+            raise ParameterError(f"--depth needs 1 or {n_spatial} non-negative integers")
+    check_local_memory(job.cluster, method)  # a limit below a worker's baseline, before training
+    model = None
+    if method == "ssi":
+        model = _model_for_run(job, first_volume, psfs[0], protected, echo)
+        if depth is None:
+            depth = (model.halo,) * n_spatial
+    kernel_options = lr.kernel_options() if method == "lr" else {}
+    psf_shape = tuple(max(p.shape[a] for p in psfs) for a in range(n_spatial))
+
+    def plan_for(num_iter: int):
+        return plan_blocks(
+            spatial_shape,
+            array.dtype,
+            psf_shape,
+            num_iter=num_iter,
+            store_chunks=store_chunks[n_lead:],
+            chunks=job.layout.chunks,
+            output_chunks=job.layout.output_chunks,
+            depth=depth,
+            alignment=model.alignment if model is not None else 1,
+            boundary=METHOD_BOUNDARY[method],
+            back_projector=lr.back_projector,
+            psf=psfs[0] if method == "lr" else None,
+            back_projector_options=kernel_options,
+        )
+
+    resumed_choice = _recorded_auto_choice(output, job) if auto and job.resume else None
+    if resumed_choice is not None:  # a resumed auto run continues with the count it chose
+        lr = replace(lr, num_iter=resumed_choice["num_iter"], auto_options=None)
+        if resumed_choice.get("wiener_alpha") is not None:
+            lr = replace(lr, wiener_alpha=resumed_choice["wiener_alpha"])
+        kernel_options = lr.kernel_options()
+        auto = False
+    plan = plan_for(1 if auto else (int(lr.num_iter) if method == "lr" else 0))
+    zarr_format = job.layout.zarr_format or (image.zarr_format or 3)
+    lead_chunks = (1,) * n_lead
+    shards = parse_chunks(job.layout.output_shards, n_spatial)
+    if job.layout.shards and zarr_format != 3:
+        raise ParameterError("--shards needs Zarr format 3; add --zarr-format 3")
+    if job.layout.shards:
+        shards = plan.working_chunks
+    check_shard_alignment(
+        chunk_grid(plan.shape, plan.working_chunks),
+        plan.output_chunks,
+        shards,
+        plan.shape,
+        zarr_format,
+    )
+    names = image.axis_names
+    _say(echo, f"ssi-dask {__version__}: {method} on {image.path} -> {output}")
+    if image.is_ome:
+        _say(
+            echo,
+            f"  OME-NGFF {image.version}, level {image.level}, axes {''.join(names)}, voxel "
+            f"size {voxel_size} um, {_count_volumes(lead_shape)} volume(s) of {spatial_shape}",
+        )
+    _say(
+        echo,
+        f"  input           {tuple(array.shape)} {array.dtype}, stored in chunks {store_chunks}",
+    )
+    _say(
+        echo,
+        f"  output          {(*lead_shape, *plan.shape)} float32, "
+        + ("OME-Zarr" if ome_out else "Zarr")
+        + f" v{zarr_format}, chunks {plan.output_chunks}"
+        + (f", shards {shards}" if shards else ""),
+    )
+    _say(echo, plan.summary())
+    level_path = Path(image.path) / image.level_path if image.level_path else Path(image.path)
+    missing_input = missing_input_chunks(str(level_path))  # one listing of the input
+    warnings: list[str] = []
+    if missing_input is not None and missing_input.count:
+        warnings.append(missing_input.warning())
+        _say(echo, f"  {missing_input.warning()}")
+    if auto:
+        _say(echo, "  iterations      auto: chosen before the run (halo above for 1 iteration)")
+
+    def provenance_now() -> dict:
+        entry: dict[str, Any] = {
+            "version": __version__,
+            "method": method,
+            "psf": psf_info[0] if len(psf_info) == 1 else psf_info,
+            "input": image.path,
+            "depth": list(plan.depth),
+            "working_chunks": list(plan.working_chunks),
+            "command": job.command,
+        }
+        if image.is_ome:
+            entry["input_level"] = image.level
+            entry["channels"] = channels if channels is not None else "all"
+        if voxel_size:
+            entry["voxel_size_um"] = [float(v) for v in voxel_size]
+        if method == "lr":
+            from .lr import resolve_back_projector  # noqa: PLC0415
+
+            entry["iterations"] = lr.num_iter if not auto else "auto"
+            entry.update(resolve_back_projector(psfs[0], **_bp_options(lr)).as_dict())
+            if lr.offset:
+                entry["offset"] = lr.offset
+        else:
+            entry["model"] = _model_summary(job, model)
+        return entry
+
+    provenance = provenance_now()
+    reference = _input_reference(image, array, n_lead, channels, plan.depth)
+
+    def computation_now() -> dict:
+        computation = computation_provenance(
+            first_volume,
+            psfs[0],
+            method=method,
+            num_iter=int(lr.num_iter) if method == "lr" else 0,
+            depth=plan.depth,
+            working_chunks=plan.working_chunks,
+            options=kernel_options,
+            model=model if method == "ssi" else None,
+            offset=lr.offset,
+        )
+        if n_lead:
+            computation["volumes"] = list(lead_shape)
+            computation["channels"] = channels if channels is not None else "all"
+            computation["psf_sha256"] = [info["sha256"] for info in psf_info]
+        return computation
+
+    target = output / "0" if ome_out else output
+    target_shards = lead_chunks + tuple(shards) if shards else None
+    if job.resume and output.exists() and not auto and (model is None or hasattr(model, "network")):
+        layout = output_provenance(
+            {"ssi_dask": provenance},
+            shape=(*lead_shape, *plan.shape),
+            grid=_full_grid(lead_shape, plan),
+            output_chunks=lead_chunks + plan.output_chunks,
+            output_shards=target_shards,
+            zarr_format=zarr_format,
+            computation=computation_now(),
+        )
+        existing = check_resume(target, layout, input_path=protected, input_reference=reference)
+        done = recorded_chunks(target, existing)
+        total = math.prod(lead_shape) * plan.n_chunks
+        _say(echo, f"  resume          {done} of {total} chunks already written")
+    check_local_memory(job.cluster, method, plan, model)
+    n_volumes = _count_volumes(lead_shape)
+    if job.dry_run:
+        _say(echo, "dry run: nothing computed or written")
+        return RunReport(
+            output=output,
+            method=method,
+            shape=(*lead_shape, *plan.shape),
+            volumes=n_volumes,
+            chunks=n_volumes * plan.n_chunks,
+            levels=0,
+            seconds=0.0,
+            plan=plan,
+            provenance=provenance,
+            dry_run=True,
+            ome_zarr=ome_out,
+            warnings=warnings,
+        )
+    # The client logs its own view of a lost scheduler or worker (with tracebacks); the run
+    # reports those cases itself in one line, keeping the progress for resume.
+    import distributed  # noqa: F401, PLC0415  (its import sets the logging levels first)
+
+    for name in ["distributed", *logging.root.manager.loggerDict]:
+        if name.startswith("distributed"):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
+    started = time.perf_counter()
+    with contextlib.ExitStack() as stack:
+        if client is None:
+            client = stack.enter_context(cluster_client(job.cluster, echo=echo))
+        since = time.time()
+        if auto:
+            choice = choose_iterations_for_plan(
+                first_volume,
+                psfs[0],
+                lr,
+                plan_for,
+                user_chunks=job.layout.chunks is not None and depth is None,
+                seed=job.ssi.train.seed,
+                echo=echo,
+            )
+            lr = replace(lr, num_iter=choice.num_iter, auto_options=None)
+            if choice.wiener_alpha is not None:
+                lr = replace(lr, wiener_alpha=choice.wiener_alpha)
+            kernel_options = lr.kernel_options()
+            plan = plan_for(choice.num_iter)
+            _say(echo, f"  halo (depth)    {plan.depth} for {choice.num_iter} iterations")
+            check_local_memory(job.cluster, method, plan)  # the chosen halo makes tasks larger
+            provenance = provenance_now()
+            provenance["iterations"] = choice.num_iter
+            provenance["auto_iterations"] = choice.as_dict()
+            reference = _input_reference(image, array, n_lead, channels, plan.depth)
+        result = _build_graph(
+            array,
+            n_lead,
+            channels,
+            image.channel_axis,
+            psfs,
+            plan,
+            method=method,
+            lr=lr,
+            kernel_options=kernel_options,
+            model=model,
+            device="gpu" if job.cluster.gpu else "cpu",
+            graph=_deconvolve_graph,
+        )
+        result.ssi_dask_provenance = computation_now()
+        result.ssi_dask_input = reference
+        levels = _write(
+            job,
+            result,
+            output,
+            target,
+            provenance=provenance,
+            image=image,
+            channels=channels,
+            plan=plan,
+            lead_chunks=lead_chunks,
+            shards=target_shards,
+            zarr_format=zarr_format,
+            ome_out=ome_out,
+            protected=protected,
+            client=client,
+        )
+        from .blockwise import negative_input_warning  # noqa: PLC0415
+
+        negative = negative_input_warning(client, lr.offset, since)
+        if negative:
+            warnings.append(negative)
+    return RunReport(
+        output=output,
+        method=method,
+        shape=tuple(int(s) for s in result.shape),
+        volumes=n_volumes,
+        chunks=int(np.prod(result.numblocks)),
+        levels=levels,
+        seconds=time.perf_counter() - started,
+        plan=plan,
+        provenance=provenance,
+        ome_zarr=ome_out,
+        warnings=warnings,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers of run
+
+
+def _bp_options(lr: LRSettings) -> dict:
+    options = lr.kernel_options()
+    return {
+        k: options[k]
+        for k in ("back_projector", "wiener_alpha", "butterworth_order", "cutoff")
+        if k in options
+    }
+
+
+def _count_volumes(lead_shape: Sequence[int]) -> int:
+    return int(np.prod(lead_shape)) if lead_shape else 1
+
+
+def _full_grid(lead_shape: Sequence[int], plan: Any) -> tuple[tuple[int, ...], ...]:
+    from .blockwise import chunk_grid  # noqa: PLC0415
+
+    return tuple((1,) * n for n in lead_shape) + chunk_grid(plan.shape, plan.working_chunks)
+
+
+def _input_reference(image: Any, array: Any, n_lead: int, channels: Any, depth: Sequence[int]):
+    """What each working chunk reads from the input (for the resume's content check)."""
+    from .chunkfiles import InputReference  # noqa: PLC0415
+
+    path = Path(image.path) / image.level_path if image.level_path else Path(image.path)
+    if not path.exists():
+        return None
+    lead: list[tuple[int, ...] | None] = [None] * n_lead
+    if channels is not None and image.channel_axis is not None:
+        lead[image.channel_axis] = tuple(int(c) for c in channels)
+    return InputReference(
+        path=str(path),
+        kind="tiff" if path.is_file() else "zarr",
+        shape=tuple(int(s) for s in array.shape),
+        depth=(0,) * n_lead + tuple(int(d) for d in depth),
+        lead=tuple(lead),
+    )
+
+
+def _recorded_auto_choice(output: Path, job: Job) -> dict | None:
+    """The iteration count an earlier ``auto`` run chose, read from the output it left."""
+    import zarr  # noqa: PLC0415
+
+    for candidate in (output / "0", output):
+        try:
+            attributes = dict(zarr.open_array(str(candidate), mode="r").attrs)
+        except Exception:
+            continue
+        record = (attributes.get("ssi_dask") or {}).get("auto_iterations")
+        if isinstance(record, dict) and isinstance(record.get("num_iter"), int):
+            return record
+    return None
+
+
+def _build_graph(
+    array: Any,
+    n_lead: int,
+    channels: Any,
+    channel_axis: int | None,
+    psfs: list[np.ndarray],
+    plan: Any,
+    *,
+    method: str,
+    lr: LRSettings,
+    kernel_options: dict,
+    model: Any,
+    device: str,
+    graph: Callable,
+):
+    """The lazy result of every volume with one plan, stacked back along the leading axes."""
+    import itertools  # noqa: PLC0415
+
+    import dask.array as da  # noqa: PLC0415
+
+    from .psf import normalize_psf  # noqa: PLC0415
+
+    data = da.from_array(array, chunks=(1,) * n_lead + tuple(plan.working_chunks), lock=False)
+    if channels is not None:
+        data = da.take(data, channels, axis=channel_axis)
+    psfs = [normalize_psf(p) for p in psfs]
+    lead_shape = tuple(int(s) for s in data.shape[:n_lead])
+    volumes = {}
+    for index in itertools.product(*(range(n) for n in lead_shape)):
+        psf = psfs[index[channel_axis]] if len(psfs) > 1 else psfs[0]
+        volumes[index] = graph(
+            data[index],
+            psf,
+            method,
+            int(lr.num_iter) if method == "lr" else 0,
+            plan,
+            device,
+            model,
+            kernel_options,
+            offset=lr.offset,
+        )
+
+    def stack(prefix: tuple) -> Any:
+        if len(prefix) == n_lead:
+            return volumes[prefix]
+        return da.stack([stack((*prefix, i)) for i in range(lead_shape[len(prefix)])], axis=0)
+
+    return stack(())
+
+
+def _write(
+    job: Job,
+    result: Any,
+    output: Path,
+    target: Path,
+    *,
+    provenance: dict,
+    image: Any,
+    channels: Any,
+    plan: Any,
+    lead_chunks: tuple,
+    shards: Any,
+    zarr_format: int,
+    ome_out: bool,
+    protected: list,
+    client: Any,
+) -> int:
+    """Write the result (an OME-Zarr image with its pyramid, or a Zarr array); return levels."""
+    from .ome import (  # noqa: PLC0415
+        create_ome_group,
+        level_transforms,
+        output_omero,
+        pyramid_factors,
+        write_ome_metadata,
+        write_pyramid,
+    )
+    from .safety import claim_output, output_lock  # noqa: PLC0415
+    from .store import write_zarr  # noqa: PLC0415
+    from .summary import ChunkProgress  # noqa: PLC0415
+
+    progress = ChunkProgress(int(np.prod(result.shape))) if job.progress else False
+    dimension_names = tuple(image.axis_names) if zarr_format == 3 and ome_out else None
+    with contextlib.ExitStack() as claim:
+        if ome_out:  # the group is this run's: made new (or replaced, or resumed), locked
+            if job.resume and output.exists():
+                claim.enter_context(output_lock(output))
+            else:
+                claim.enter_context(claim_output(output, inputs=protected, overwrite=job.overwrite))
+                create_ome_group(output, zarr_format=zarr_format)
+        write_zarr(
+            result,
+            target,
+            output_chunks=lead_chunks + plan.output_chunks,
+            zarr_format=zarr_format,
+            attrs={"ssi_dask": provenance},
+            input_path=protected,
+            overwrite=job.overwrite and not ome_out,
+            client=client,
+            progress=progress,
+            resume=job.resume,
+            repair=job.repair,
+            output_shards=shards,
+            worker_timeout=job.cluster.worker_timeout,
+            dimension_names=dimension_names,
+        )
+        if not ome_out:
+            return 1
+        factors = pyramid_factors(
+            result.shape,
+            image.spatial_axes,
+            input_shapes=_selected_shapes(image, result.shape),
+        )
+        paths = [
+            "0",
+            *write_pyramid(
+                output,
+                "0",
+                factors,
+                chunks=lead_chunks + plan.output_chunks,
+                shards=shards,
+                zarr_format=zarr_format,
+                dimension_names=dimension_names,
+                client=client,
+            ),
+        ]
+        provenance.update(complete=True, pyramid_factors=[list(f) for f in factors])
+        write_ome_metadata(
+            output,
+            version="0.5" if zarr_format == 3 else "0.4",
+            axes=image.axes,
+            paths=paths,
+            transforms=level_transforms(image.scale, image.translation, factors),
+            name=f"{_image_name(image.path)} deconvolved ({job.method})",
+            provenance=provenance,
+            omero=output_omero(
+                output,
+                paths[-1],
+                channel_axis=image.channel_axis,
+                input_omero=image.attrs.get("omero"),
+                channels=channels,
+            ),
+        )
+        return len(paths)
+
+
+def _image_name(path: str) -> str:
+    name = Path(path).name
+    for suffix in (".zarr", ".ome", ".tiff", ".tif"):
+        name = name.removesuffix(suffix)
+    return name
+
+
+def _selected_shapes(image: Any, selected_shape: Sequence[int]) -> list[tuple[int, ...]]:
+    """The input pyramid's shapes from the chosen level down, with the selected channels."""
+    shapes = []
+    for shape in image.level_shapes[image.level :]:
+        shape = list(shape)
+        if image.channel_axis is not None:
+            shape[image.channel_axis] = int(selected_shape[image.channel_axis])
+        shapes.append(tuple(shape))
+    return shapes
