@@ -980,7 +980,7 @@ def _run_command(args: argparse.Namespace) -> int:
             volume,
             psf,
             method=args.method,
-            num_iter=iterations,
+            num_iter=iterations if args.method == "lr" else None,
             chunks=plan.working_chunks,
             depth=plan.depth,
             device="gpu" if args.gpu else "cpu",

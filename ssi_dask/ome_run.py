@@ -405,7 +405,7 @@ def run_ome(args: argparse.Namespace, image: Any = None) -> int:
             psfs if len(psfs) > 1 else psfs[0],
             channel_axis=image.channel_axis,
             method=args.method,
-            num_iter=iterations,
+            num_iter=iterations if args.method == "lr" else None,
             chunks=plan.working_chunks,
             depth=plan.depth,
             device="gpu" if args.gpu else "cpu",
