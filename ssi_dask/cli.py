@@ -537,7 +537,7 @@ def _verify_command(args: argparse.Namespace) -> int:
 
 
 def _demo_command(args: argparse.Namespace) -> int:
-    from .demo import run_demo  # noqa: PLC0415
+    from .bench.demo import run_demo  # noqa: PLC0415
 
     options = {"steps": args.steps} if args.steps else None
     run_demo(
