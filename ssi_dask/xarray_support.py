@@ -76,7 +76,7 @@ def deconvolve_dataarray(
     import dask.array as da  # noqa: PLC0415
     import xarray as xr  # noqa: PLC0415
 
-    from . import __version__  # noqa: PLC0415
+    from ._version import __version__  # noqa: PLC0415
     from .multivolume import deconvolve_stack  # noqa: PLC0415
     from .psf import describe_psf  # noqa: PLC0415
 
