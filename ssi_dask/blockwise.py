@@ -19,6 +19,7 @@ import dask
 import dask.array as da
 import numpy as np
 
+from .config import LRSettings, refuse_lr_options
 from .errors import DeviceError, OutputError, ParameterError
 
 #: Default working-chunk size in voxels: large enough that per-task compute dwarfs the
@@ -446,7 +447,7 @@ def deconvolve(
     psf: np.ndarray,
     method: str = "lr",
     *,
-    num_iter: int | str = 10,
+    num_iter: int | str | None = None,
     chunks: str | Sequence[int] | None = None,
     depth: int | Sequence[int] | None = None,
     target_voxels: int | None = None,
@@ -467,8 +468,10 @@ def deconvolve(
         Point spread function with as many dimensions as the image (normalised here).
     method : {"lr", "ssi"}
         ``"lr"``: Lucy-Richardson per chunk; ``"ssi"``: apply a trained SSI model per chunk.
-    num_iter : int or "auto"
-        Number of Lucy-Richardson iterations. ``"auto"`` chooses it (and, with the
+    num_iter : int or "auto", optional
+        Number of Lucy-Richardson iterations (default 10, ``ssi_dask.config.DEFAULT_NUM_ITER``;
+        refused with ``method="ssi"``, like every other Lucy-Richardson option). ``"auto"``
+        chooses it (and, with the
         Wiener-Butterworth back projector, its alpha unless ``wiener_alpha`` is given) with
         the self-supervised hold-out criterion of :func:`ssi_dask.lr_auto.choose_iterations`,
         computed now on a few sampled chunks (on the active Dask client, if any); the choice
@@ -508,6 +511,20 @@ def deconvolve(
     from .psf import normalize_psf, validate_psf  # noqa: PLC0415
     from .xarray_support import deconvolve_dataarray, is_dataarray  # noqa: PLC0415
 
+    # Every option is checked here, by name, before anything is opened or computed; options
+    # of another method are refused rather than silently dropped.
+    if method not in ("lr", "ssi"):
+        raise ParameterError(f"unknown method {method!r}; choose 'lr' or 'ssi'")
+    if method == "ssi":
+        refuse_lr_options("ssi", {"num_iter": num_iter, **method_options})
+    else:
+        settings = LRSettings.from_options(num_iter, **method_options)
+        num_iter = settings.num_iter
+        method_options = {**settings.kernel_options()}
+        if settings.auto_options:
+            method_options["auto_options"] = dict(settings.auto_options)
+        if settings.offset:
+            method_options["offset"] = settings.offset
     if is_dataarray(image):  # DataArray in, DataArray out (one volume per t, c)
         return deconvolve_dataarray(
             image, psf, method, deconvolve=deconvolve, resolve_model=_resolve_model,
@@ -517,8 +534,6 @@ def deconvolve(
     volume = open_volume(image)
     validate_psf(psf, volume.ndim)
     psf = normalize_psf(psf)
-    if method not in ("lr", "ssi"):
-        raise ParameterError(f"unknown method {method!r}; choose 'lr' or 'ssi'")
     if device not in ("cpu", "gpu"):
         raise ParameterError(f"unknown device {device!r}; choose 'cpu' or 'gpu'")
     if device == "gpu" and method == "lr":  # SSI needs torch's CUDA on the workers only
@@ -542,7 +557,7 @@ def deconvolve(
         volume.shape,
         volume.data.dtype,
         psf.shape,
-        num_iter=num_iter,
+        num_iter=num_iter if method == "lr" else 0,
         store_chunks=volume.store_chunks,
         chunks=chunks,
         depth=(model.halo,) * volume.ndim if method == "ssi" and depth is None else depth,

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from ._version import __version__
+from .config import DEFAULT_NUM_ITER, LRSettings, cli_message
 from .errors import ParameterError, PSFError, SsiDaskError
 from .ome_run import add_image_options
 from .safety import check_replaceable_file, resolved
@@ -137,6 +138,10 @@ def _lr_options(args: argparse.Namespace) -> dict:
             "--wiener-alpha, --butterworth-order and --cutoff need "
             "--back-projector wiener-butterworth"
         )
+    try:  # the library's own checks, with its parameter names mapped to flags
+        LRSettings(**options)
+    except ParameterError as exc:
+        raise ParameterError(cli_message(str(exc))) from None
     return options
 
 
@@ -304,10 +309,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument(
         "--iterations",
-        default="10",
+        default=str(DEFAULT_NUM_ITER),
         metavar="N",
         help="Lucy-Richardson iterations, or 'auto': chosen without ground truth by a "
-        "self-supervised hold-out criterion on a few sampled chunks (default: 10)",
+        f"self-supervised hold-out criterion on a few sampled chunks (default: {DEFAULT_NUM_ITER})",
     )
     _add_back_projector_options(run)
     run.add_argument(
@@ -1121,6 +1126,12 @@ def _ssi_model_for_run(args: argparse.Namespace, volume, psf):
 def _model_summary(model, args: argparse.Namespace) -> dict:
     from .ssi import model_hash  # noqa: PLC0415
 
+    if not hasattr(model, "network"):  # --dry-run without --model: the untrained architecture
+        return {
+            "source": "to be trained by this run (not trained in a dry run)",
+            "seed": args.seed,
+            "halo": model.halo,
+        }
     return {
         "sha256": model_hash(model),
         "source": str(Path(args.model).resolve()) if args.model else "trained by this run",

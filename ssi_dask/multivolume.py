@@ -66,12 +66,19 @@ def deconvolve_stack(
                 "channel in channel order"
             )
     if not lead_shape:
-        return deconvolve(data, psfs[0] if per_channel else psfs, **options)
+        single = deconvolve(data, psfs[0] if per_channel else psfs, **options)
+        if getattr(single, "auto_choice", None) is not None:
+            single.auto_choices = [single.auto_choice]
+        return single
     volumes = {}
     for index in itertools.product(*(range(n) for n in lead_shape)):
         psf = psfs[index[channel_axis]] if per_channel else psfs
         volumes[index] = deconvolve(data[index], psf, **options)
-    return _stack_nested(volumes, lead_shape)
+    stacked = _stack_nested(volumes, lead_shape)
+    choices = [getattr(v, "auto_choice", None) for v in volumes.values()]
+    if any(choice is not None for choice in choices):  # num_iter="auto", in C order of volumes
+        stacked.auto_choices = choices
+    return stacked
 
 
 def _stack_nested(volumes: dict, lead_shape: tuple[int, ...], prefix: tuple = ()) -> da.Array:

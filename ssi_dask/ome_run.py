@@ -358,6 +358,12 @@ def run_ome(args: argparse.Namespace, image: Any = None) -> int:
         f"{voxel_size} um, {n_volumes} volume(s) of {spatial_shape}"
     )
     print(plan.summary())
+    from .chunkfiles import missing_input_chunks  # noqa: PLC0415
+
+    level_array = Path(image.path) / image.level_path if image.level_path else Path(image.path)
+    missing_input = missing_input_chunks(str(level_array))  # one listing of the input level
+    if missing_input is not None and missing_input.count:
+        print(f"  {missing_input.warning()}")
     check_local_memory(args, plan, model)
     if args.dry_run:
         print("dry run: nothing computed or written")
@@ -480,6 +486,8 @@ def run_ome(args: argparse.Namespace, image: Any = None) -> int:
             volumes=n_volumes,
         )
     )
+    if missing_input is not None and missing_input.count:
+        print(missing_input.warning())
     return 0
 
 

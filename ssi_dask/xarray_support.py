@@ -129,7 +129,12 @@ def deconvolve_dataarray(
             "halo": model.halo,
         }
     else:
-        provenance["iterations"] = int(options.get("num_iter", 10))
+        choices = getattr(result, "auto_choices", None)
+        if choices:  # num_iter="auto": chosen per volume
+            provenance["iterations"] = [choice.num_iter for choice in choices]
+            provenance["auto_iterations"] = [choice.as_dict() for choice in choices]
+        else:
+            provenance["iterations"] = int(options["num_iter"])
     return xr.DataArray(
         result,
         dims=dims,

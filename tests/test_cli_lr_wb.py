@@ -122,7 +122,7 @@ def test_run_wb_fixed_parameters_in_process(tmp_path, zarr3d, psf3d_file, psf3d,
         ),
         (
             ["--back-projector", "wiener-butterworth", "--wiener-alpha", "-1"],
-            "wiener_alpha must be a finite number > 0, got -1.0",
+            "--wiener-alpha must be a finite number > 0, got -1.0",
         ),
         (
             ["--back-projector", "wiener-butterworth", "--cutoff", "0.1,0.2"],

@@ -307,3 +307,21 @@ def test_tiff_input_touched_resumes_and_rewritten_is_refused(tmp_path, volume3d,
     )
     assert "1 of 6 chunks already written were made from other input data " in line
     assert "(first: [0:24, 0:32, 0:32])" in line
+
+
+def test_missing_input_chunks_of_an_ome_zarr_level_are_reported(tmp_path):
+    from test_ome import write_ome_input
+
+    from ssi_dask.psf import widefield_psf
+
+    image = tmp_path / "img.ome.zarr"
+    write_ome_input(image, "0.5")
+    (image / "s0" / "c" / "1" / "0" / "0" / "0" / "1").unlink()  # t=1, c=0, y 0:24, x 24:48
+    psf = tmp_path / "psf.npy"
+    np.save(psf, widefield_psf((5, 7, 7), (0.3, 0.15, 0.15), na=1.0, wavelength=0.5))
+    dry = run_cli("run", image, tmp_path / "out.ome.zarr", "--psf", psf, "--dry-run")
+    assert dry.returncode == 0, dry.stderr
+    assert (
+        "  warning: 1 of 16 input chunks have no file in INPUT and read as the fill value 0.0 "
+        "(first: [1:2, 0:1, 0:12, 0:24, 24:48])" in dry.stdout
+    )
