@@ -16,7 +16,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from . import __version__
+from ._version import __version__
 from .config import DEFAULT_NUM_ITER, LRSettings, cli_message
 from .errors import ParameterError, PSFError, SsiDaskError
 from .ome_run import add_image_options
@@ -542,7 +542,7 @@ def _verify_command(args: argparse.Namespace) -> int:
 
 
 def _demo_command(args: argparse.Namespace) -> int:
-    from .demo import run_demo  # noqa: PLC0415
+    from .bench.demo import run_demo  # noqa: PLC0415
 
     options = {"steps": args.steps} if args.steps else None
     run_demo(
@@ -1143,12 +1143,14 @@ def _model_summary(model, args: argparse.Namespace) -> dict:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``ssi-dask`` command; returns the exit status."""
+    from .extras import check_command  # noqa: PLC0415
     from .quiet import quiet_libraries  # noqa: PLC0415
 
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         with quiet_libraries():  # library warnings and logs do not break the one-line errors
+            check_command(args)  # a missing extra (torch for SSI...) in one line, up front
             return int(args.handler(args) or 0)
     except SsiDaskError as exc:
         print(f"ssi-dask: error: {exc}", file=sys.stderr)

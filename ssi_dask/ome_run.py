@@ -261,8 +261,8 @@ def run_ome(args: argparse.Namespace, image: Any = None) -> int:
     :class:`~ssi_dask.ome.OmeImage` built another way, e.g. by :func:`plain_as_ome`)."""
     import dask.array as da  # noqa: PLC0415
 
-    from . import __version__  # noqa: PLC0415
-    from .blockwise import METHOD_BOUNDARY, plan_blocks  # noqa: PLC0415
+    from ._version import __version__  # noqa: PLC0415
+    from .blockwise import METHOD_BOUNDARY, deconvolve, plan_blocks  # noqa: PLC0415
     from .io import Volume, check_image_array, check_output_path  # noqa: PLC0415
     from .multivolume import deconvolve_stack  # noqa: PLC0415
     from .ome import (  # noqa: PLC0415
@@ -403,6 +403,7 @@ def run_ome(args: argparse.Namespace, image: Any = None) -> int:
             data,
             n_spatial,
             psfs if len(psfs) > 1 else psfs[0],
+            deconvolve=deconvolve,
             channel_axis=image.channel_axis,
             method=args.method,
             num_iter=iterations if args.method == "lr" else None,

@@ -14,10 +14,10 @@ from conftest import run_cli, smooth_volume, tree_digest
 from test_lr import reference_rl
 
 from ssi_dask import deconvolve, write_zarr
+from ssi_dask.chunkfiles import block_regions
 from ssi_dask.errors import NonFiniteResultError, ParameterError
 from ssi_dask.lr import richardson_lucy
 from ssi_dask.progress import read_records
-from ssi_dask.store import block_regions
 from ssi_dask.verify import verify_output
 
 
