@@ -33,11 +33,11 @@ import torch
 import zarr
 
 import ssi_dask
+from ssi_dask.bench.metrics import psnr, ssim
+from ssi_dask.bench.synthetic import degrade, ground_truth_3d
 from ssi_dask.lr import richardson_lucy
-from ssi_dask.metrics import psnr, ssim
 from ssi_dask.psf import widefield_psf
 from ssi_dask.ssi import predict, save_checkpoint, train_ssi
-from ssi_dask.synthetic import degrade, ground_truth_3d
 
 
 def _convergence(model) -> dict:

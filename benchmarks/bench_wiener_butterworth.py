@@ -45,15 +45,15 @@ except ImportError:  # run from a checkout without installing the package
 from scipy.ndimage import gaussian_filter  # noqa: E402
 
 from ssi_dask import lr  # noqa: E402
-from ssi_dask.lr_auto import choose_iterations  # noqa: E402
-from ssi_dask.metrics import psnr  # noqa: E402
-from ssi_dask.psf import protocol_psf  # noqa: E402
-from ssi_dask.synthetic import (  # noqa: E402
+from ssi_dask.bench.metrics import psnr  # noqa: E402
+from ssi_dask.bench.synthetic import (  # noqa: E402
     degrade,
     ground_truth_3d,
     load_ground_truth,
     normalise_ground_truth,
 )
+from ssi_dask.lr_auto import choose_iterations  # noqa: E402
+from ssi_dask.psf import protocol_psf  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "ssi2d"
 WB = "wiener-butterworth"

@@ -1,4 +1,5 @@
-"""SSI dev: protocol degradation (ssi_dask.synthetic.degrade), cached best-n LR, one SSI variant.
+"""SSI dev: protocol degradation (ssi_dask.bench.synthetic.degrade), cached best-n LR, one
+SSI variant.
 
     python benchmarks/ssi_dev_variants.py --seed 0 --images drosophila usaf characters --kw '{}' \
         [--tag name] [--threads 2]
@@ -15,10 +16,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ssi_dask.bench.metrics import psnr, ssim
+from ssi_dask.bench.synthetic import degrade, ground_truth_3d, load_ground_truth
 from ssi_dask.lr import richardson_lucy
-from ssi_dask.metrics import psnr, ssim
 from ssi_dask.psf import protocol_psf
-from ssi_dask.synthetic import degrade, ground_truth_3d, load_ground_truth
 
 DATA = Path("/work/shared/data/ssi2d")
 CACHE = Path("/tmp/ssidev")

@@ -28,8 +28,8 @@ ROWS = ("input", "lr-2", "lr-5", "lr-10", "lr-20", "best-lr", "ssi")
 
 
 def _cases(args) -> list[tuple[str, np.ndarray, np.ndarray]]:
+    from ssi_dask.bench.synthetic import ground_truth_3d, load_ground_truth
     from ssi_dask.psf import protocol_psf
-    from ssi_dask.synthetic import ground_truth_3d, load_ground_truth
 
     cases = []
     if args.images != "none":
@@ -65,7 +65,7 @@ def main() -> None:
             Path(args.json).write_text(json.dumps(records, indent=2))
         return
 
-    from ssi_dask.protocol import run_protocol
+    from ssi_dask.bench.protocol import run_protocol
 
     seeds = [int(s) for s in args.seeds.split(",")]
     options = {"steps": args.steps} if args.steps else None
@@ -75,7 +75,7 @@ def main() -> None:
             started = time.perf_counter()
             result = run_protocol(truth, psf, seed=seed, device=args.device, ssi_options=options)
             if args.png:
-                from ssi_dask.figures import protocol_figure
+                from ssi_dask.bench.figures import protocol_figure
 
                 Path(args.png).mkdir(parents=True, exist_ok=True)
                 protocol_figure(

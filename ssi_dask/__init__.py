@@ -6,8 +6,7 @@ Kobayashi et al. 2020).
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
-
+from ._version import __version__
 from .blockwise import deconvolve, plan_blocks  # noqa: E402
 from .io import open_volume  # noqa: E402
 from .lr import richardson_lucy  # noqa: E402

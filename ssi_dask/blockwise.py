@@ -527,7 +527,8 @@ def deconvolve(
             method_options["offset"] = settings.offset
     if is_dataarray(image):  # DataArray in, DataArray out (one volume per t, c)
         return deconvolve_dataarray(
-            image, psf, method, num_iter=num_iter, chunks=chunks, depth=depth,
+            image, psf, method, deconvolve=deconvolve, resolve_model=_resolve_model,
+            num_iter=num_iter, chunks=chunks, depth=depth,
             target_voxels=target_voxels, device=device, model=model, **method_options,
         )  # fmt: skip
     volume = open_volume(image)

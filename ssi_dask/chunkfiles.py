@@ -305,3 +305,15 @@ def changed_input_chunks(
         if reference.content_signature(regions[index]) != recorded["content"]:
             changed.append(index)
     return changed, reread
+
+
+def block_regions(chunks: tuple[tuple[int, ...], ...]) -> list[tuple[tuple[int, ...], tuple]]:
+    """List ``(block_index, region)`` for every block of a Dask chunk grid, in C order."""
+    offsets = [np.concatenate([[0], np.cumsum(sizes)]).astype(int) for sizes in chunks]
+    regions = []
+    for index in itertools.product(*(range(len(sizes)) for sizes in chunks)):
+        region = tuple(
+            slice(int(offsets[axis][i]), int(offsets[axis][i + 1])) for axis, i in enumerate(index)
+        )
+        regions.append((index, region))
+    return regions

@@ -13,7 +13,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from . import __version__
+from ._version import __version__
 from .config import (
     DEFAULT_NUM_ITER,
     DEFAULT_REGIONS,
@@ -590,7 +590,7 @@ def _verify_command(args: argparse.Namespace) -> int:
 
 
 def _demo_command(args: argparse.Namespace) -> int:
-    from .demo import run_demo  # noqa: PLC0415
+    from .bench.demo import run_demo  # noqa: PLC0415
 
     options = {"steps": args.steps} if args.steps else None
     run_demo(
@@ -871,12 +871,14 @@ def _run_command(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``ssi-dask`` command; returns the exit status."""
+    from .extras import check_command  # noqa: PLC0415
     from .quiet import quiet_libraries  # noqa: PLC0415
 
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         with quiet_libraries():  # library warnings and logs do not break the one-line errors
+            check_command(args)  # a missing extra (torch for SSI...) in one line, up front
             return int(args.handler(args) or 0)
     except SsiDaskError as exc:
         print(f"ssi-dask: error: {exc}", file=sys.stderr)

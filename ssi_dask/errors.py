@@ -47,3 +47,7 @@ class RunError(SsiDaskError):
 
 class NonFiniteResultError(RunError):
     """A chunk's result holds NaN or Inf; it was not written and the run stops."""
+
+
+class MissingExtraError(SsiDaskError):
+    """An optional dependency (an extra such as ``ssi-dask[ssi]``) is not installed."""

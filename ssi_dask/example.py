@@ -44,7 +44,7 @@ def make_example(
     import zarr  # noqa: PLC0415
     from scipy.ndimage import gaussian_filter  # noqa: PLC0415
 
-    from .synthetic import blur  # noqa: PLC0415
+    from .psf import blur  # noqa: PLC0415
 
     given = Path(directory)
     if given.is_symlink() and not given.exists():

@@ -1,15 +1,16 @@
 """Deconvolve an image with time and/or channel axes one 2D/3D volume at a time.
 
-The leading (non-spatial) axes are looped over; each volume is deconvolved by
-:func:`ssi_dask.blockwise.deconvolve` with its channel's PSF and the results are stacked back
-lazily, so the output has the input's axes and every task still covers one spatial chunk of
-one volume.
+The leading (non-spatial) axes are looped over; each volume is deconvolved by the function
+the caller passes (:func:`ssi_dask.blockwise.deconvolve`) with its channel's PSF and the
+results are stacked back lazily, so the output has the input's axes and every task still covers
+one spatial chunk of one volume. The function is passed in, not imported, so that the imports
+point one way (``blockwise -> xarray_support -> multivolume``, ``pipeline`` builds its own stack with one plan).
 """
 
 from __future__ import annotations
 
 import itertools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import dask.array as da
@@ -23,6 +24,7 @@ def deconvolve_stack(
     n_spatial: int,
     psfs: np.ndarray | Sequence[np.ndarray],
     *,
+    deconvolve: Callable[..., da.Array],
     channel_axis: int | None = None,
     **options: Any,
 ) -> da.Array:
@@ -37,10 +39,13 @@ def deconvolve_stack(
         Number of spatial axes.
     psfs : numpy.ndarray or sequence of numpy.ndarray
         One PSF for every volume, or one per index along ``channel_axis``.
+    deconvolve : callable
+        The per-volume deconvolution, :func:`ssi_dask.blockwise.deconvolve`
+        (``deconvolve(volume, psf, **options)``).
     channel_axis : int, optional
         Position of the channel axis among the leading axes when ``psfs`` is a sequence.
     **options
-        Passed to :func:`ssi_dask.blockwise.deconvolve` (``method``, ``num_iter``,
+        Passed to ``deconvolve`` (``method``, ``num_iter``,
         ``chunks``, ``depth``, ``model``, ``device``...).
 
     Returns
@@ -48,8 +53,6 @@ def deconvolve_stack(
     dask.array.Array
         float32, same shape as ``data``; chunk size 1 along the leading axes.
     """
-    from .blockwise import deconvolve  # noqa: PLC0415
-
     lead_shape = tuple(int(s) for s in data.shape[: data.ndim - n_spatial])
     per_channel = not isinstance(psfs, np.ndarray)
     if per_channel:

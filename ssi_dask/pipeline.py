@@ -467,7 +467,7 @@ def run(job: Job, *, client: Any = None, echo: Echo = print) -> RunReport:
     """
     import dask.array as da  # noqa: PLC0415
 
-    from . import __version__  # noqa: PLC0415
+    from ._version import __version__  # noqa: PLC0415
     from .blockwise import (  # noqa: PLC0415
         METHOD_BOUNDARY,
         _deconvolve_graph,

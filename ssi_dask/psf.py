@@ -11,8 +11,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+from numpy.typing import ArrayLike, NDArray
 
-from .errors import PSFError
+from .errors import ParameterError, PSFError
 
 PSF_SUFFIXES = (".tif", ".tiff", ".npy", ".zarr")
 PROTOCOL_PSF_FILE = "protocol_psf_17.npy"
@@ -286,3 +287,38 @@ def describe_psf(psf: np.ndarray) -> dict:
         "peak_index": [int(i) for i in np.unravel_index(int(np.argmax(psf32)), psf32.shape)],
         "sha256": hashlib.sha256(psf32.tobytes()).hexdigest()[:16],
     }
+
+
+def blur(image: ArrayLike, psf: ArrayLike) -> NDArray[np.float32]:
+    """Convolve ``image`` with ``psf``: linear convolution, zero padding, 'same' output size.
+
+    Computed with :func:`scipy.signal.fftconvolve` (``mode="same"``) in float64 and cast to
+    float32. The PSF is used as given (normalise it to unit sum beforehand to preserve flux).
+    For an odd-sized PSF the output pixel ``i`` is centred on PSF element ``psf.shape // 2``.
+
+    Parameters
+    ----------
+    image : array_like
+        Image or volume (2D or 3D).
+    psf : array_like
+        Point spread function with the same number of dimensions as ``image``.
+
+    Returns
+    -------
+    numpy.ndarray
+        Blurred image, float32, same shape as ``image``.
+
+    Raises
+    ------
+    ParameterError
+        If ``image`` and ``psf`` differ in dimensionality or the PSF is empty.
+    """
+    import scipy.signal  # noqa: PLC0415
+
+    img = np.asarray(image, dtype=np.float64)
+    kernel = np.asarray(psf, dtype=np.float64)
+    if img.ndim != kernel.ndim:
+        raise ParameterError(f"image is {img.ndim}D but the PSF is {kernel.ndim}D; they must match")
+    if kernel.size == 0:
+        raise ParameterError("the PSF is empty")
+    return scipy.signal.fftconvolve(img, kernel, mode="same").astype(np.float32)

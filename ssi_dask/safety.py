@@ -268,7 +268,7 @@ def remove_store(output: str | os.PathLike) -> None:
 
 def write_marker(store: str | os.PathLike, **details) -> None:
     """Mark ``store`` as made by ssi-dask (what ``overwrite`` later checks)."""
-    from . import __version__  # noqa: PLC0415
+    from ._version import __version__  # noqa: PLC0415
 
     record = {"tool": "ssi-dask", "version": __version__, "created": _now(), **details}
     _write_atomically(Path(store) / MARKER_FILE, json.dumps(record))

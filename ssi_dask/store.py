@@ -21,7 +21,6 @@ import concurrent.futures
 import contextlib
 import datetime as _dt
 import errno
-import itertools
 import os
 import time
 from collections.abc import Callable
@@ -35,6 +34,7 @@ import numpy as np
 from . import progress as records
 from . import safety
 from .blockwise import check_write_alignment
+from .chunkfiles import block_regions
 from .errors import OutputError, RunError, SchedulerError, SsiDaskError
 from .io import create_output_array, is_zarr_path
 
@@ -43,18 +43,6 @@ POLL_SECONDS = 0.2
 
 #: errno values that mean "no room left" for a write.
 DISK_FULL_ERRNOS = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT}
-
-
-def block_regions(chunks: tuple[tuple[int, ...], ...]) -> list[tuple[tuple[int, ...], tuple]]:
-    """List ``(block_index, region)`` for every block of a Dask chunk grid, in C order."""
-    offsets = [np.concatenate([[0], np.cumsum(sizes)]).astype(int) for sizes in chunks]
-    regions = []
-    for index in itertools.product(*(range(len(sizes)) for sizes in chunks)):
-        region = tuple(
-            slice(int(offsets[axis][i]), int(offsets[axis][i + 1])) for axis, i in enumerate(index)
-        )
-        regions.append((index, region))
-    return regions
 
 
 def _write_block(

@@ -99,7 +99,7 @@ def verify_output(output: str | os.PathLike, *, check_data: bool = False) -> Ver
     """
     import zarr  # noqa: PLC0415
 
-    from .store import block_regions  # noqa: PLC0415
+    from .chunkfiles import block_regions  # noqa: PLC0415
 
     path = Path(output).resolve()
     if not path.exists():

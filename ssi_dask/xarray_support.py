@@ -6,7 +6,7 @@ last, optionally preceded by ``t`` and/or ``c``; every (t, c) volume is deconvol
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -43,6 +43,9 @@ def deconvolve_dataarray(
     array: Any,
     psf: np.ndarray | Sequence[np.ndarray] | Mapping[Any, np.ndarray],
     method: str = "lr",
+    *,
+    deconvolve: Callable[..., Any],
+    resolve_model: Callable[[Any, int], Any],
     **options: Any,
 ) -> Any:
     """Deconvolve a DataArray; returns a lazy (Dask-backed) DataArray like the input.
@@ -56,6 +59,10 @@ def deconvolve_dataarray(
         coordinate's values to PSFs.
     method : {"lr", "ssi"}
         As for :func:`ssi_dask.deconvolve`.
+    deconvolve, resolve_model : callable
+        :func:`ssi_dask.blockwise.deconvolve` (one volume) and the model check
+        (``resolve_model(model, ndim)``), passed by the caller so that this module does not
+        import :mod:`ssi_dask.blockwise` back (no import cycle).
     **options
         ``num_iter``, ``chunks``, ``depth``, ``model``, ``device``... (see
         :func:`ssi_dask.deconvolve`).
@@ -69,8 +76,7 @@ def deconvolve_dataarray(
     import dask.array as da  # noqa: PLC0415
     import xarray as xr  # noqa: PLC0415
 
-    from . import __version__  # noqa: PLC0415
-    from .blockwise import _resolve_model  # noqa: PLC0415
+    from ._version import __version__  # noqa: PLC0415
     from .multivolume import deconvolve_stack  # noqa: PLC0415
     from .psf import describe_psf  # noqa: PLC0415
 
@@ -97,9 +103,15 @@ def deconvolve_dataarray(
     elif not isinstance(psf, np.ndarray):
         psfs = [np.asarray(p) for p in psf]
     if method == "ssi":
-        options["model"] = _resolve_model(options.get("model"), n_spatial)
+        options["model"] = resolve_model(options.get("model"), n_spatial)
     result = deconvolve_stack(
-        data, n_spatial, psfs, channel_axis=channel_axis, method=method, **options
+        data,
+        n_spatial,
+        psfs,
+        deconvolve=deconvolve,
+        channel_axis=channel_axis,
+        method=method,
+        **options,
     )
     provenance: dict[str, Any] = {
         "version": __version__,

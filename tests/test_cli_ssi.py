@@ -9,9 +9,9 @@ import zarr
 from conftest import tree_digest
 from test_cli import _assert_clean_failure, run_cli
 
+from ssi_dask.bench.synthetic import degrade, ground_truth_2d
 from ssi_dask.psf import protocol_psf
 from ssi_dask.ssi import load_checkpoint, predict
-from ssi_dask.synthetic import degrade, ground_truth_2d
 
 
 @pytest.fixture

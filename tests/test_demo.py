@@ -8,11 +8,11 @@ import numpy as np
 from PIL import Image
 from test_cli import _assert_clean_failure, run_cli
 
-from ssi_dask.demo import run_demo
+from ssi_dask.bench.demo import run_demo
+from ssi_dask.bench.metrics import psnr, ssim
+from ssi_dask.bench.synthetic import degrade, ground_truth_2d, load_ground_truth
 from ssi_dask.lr import richardson_lucy
-from ssi_dask.metrics import psnr, ssim
 from ssi_dask.psf import protocol_psf
-from ssi_dask.synthetic import degrade, ground_truth_2d, load_ground_truth
 
 
 def test_demo_writes_figure_and_metrics(tmp_path):

@@ -8,11 +8,11 @@ from scipy.ndimage import gaussian_filter
 from scipy.signal import fftconvolve
 
 from ssi_dask import deconvolve
+from ssi_dask.bench.metrics import psnr
+from ssi_dask.bench.synthetic import degrade
 from ssi_dask.errors import ParameterError
 from ssi_dask.lr import get_plan, resolve_back_projector, richardson_lucy
 from ssi_dask.lr_auto import choose_iterations, sample_slices
-from ssi_dask.metrics import psnr
-from ssi_dask.synthetic import degrade
 
 
 def gaussian_psf(shape, sigmas):

@@ -1,4 +1,4 @@
-"""Tests of ssi_dask.metrics against hand-computed values and scikit-image."""
+"""Tests of ssi_dask.bench.metrics against hand-computed values and scikit-image."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from skimage.metrics import (
     structural_similarity,
 )
 
-from ssi_dask.metrics import (
+from ssi_dask.bench.metrics import (
     all_metrics,
     mutual_information,
     psnr,

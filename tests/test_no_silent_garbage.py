@@ -14,10 +14,10 @@ from conftest import run_cli, smooth_volume, tree_digest
 from test_lr import reference_rl
 
 from ssi_dask import deconvolve, write_zarr
+from ssi_dask.chunkfiles import block_regions
 from ssi_dask.errors import NonFiniteResultError, ParameterError
 from ssi_dask.lr import richardson_lucy
 from ssi_dask.progress import read_records
-from ssi_dask.store import block_regions
 from ssi_dask.verify import verify_output
 
 
@@ -162,7 +162,8 @@ def test_cli_non_finite_result_fails_keeps_progress_and_is_not_complete(tmp_path
     assert output.attrs["ssi_dask"]["complete"] is False
     report = verify_output(out)
     assert not report.ok and "[0:24, 32:64, 0:48]" in report.missing  # never recorded
-    assert len(report.missing) == 2 - int(kept.group(1))  # the message counts the records
+    # the message counts the records at the failure; a chunk still running then may finish
+    assert report.recorded >= int(kept.group(1)) and len(report.missing) == 2 - report.recorded
     assert tree_digest(source) == before
 
 

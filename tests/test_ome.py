@@ -344,9 +344,9 @@ def test_ssi_model_on_a_2d_multichannel_ome_zarr(tmp_path, local_client, capsys)
     from ome_zarr.format import FormatV05
     from ome_zarr.writer import write_multiscale
 
+    from ssi_dask.bench.synthetic import degrade, ground_truth_2d
     from ssi_dask.psf import protocol_psf
     from ssi_dask.ssi import load_checkpoint, model_hash, predict, save_checkpoint, train_ssi
-    from ssi_dask.synthetic import degrade, ground_truth_2d
 
     psf = protocol_psf(2)
     truth = ground_truth_2d("camera", size=96)

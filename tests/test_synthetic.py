@@ -1,4 +1,4 @@
-"""Tests of ssi_dask.synthetic: degradation chain and ground truths."""
+"""Tests of ssi_dask.bench.synthetic: degradation chain and ground truths."""
 
 from __future__ import annotations
 
@@ -9,9 +9,8 @@ import numpy as np
 import pytest
 import scipy.signal
 
-from ssi_dask import synthetic
-from ssi_dask.errors import InputError, ParameterError
-from ssi_dask.synthetic import (
+from ssi_dask.bench import synthetic
+from ssi_dask.bench.synthetic import (
     GROUND_TRUTH_2D_NAMES,
     add_poisson_gaussian_noise,
     add_salt_and_pepper,
@@ -23,6 +22,7 @@ from ssi_dask.synthetic import (
     normalise_ground_truth,
     quantise,
 )
+from ssi_dask.errors import InputError, ParameterError
 
 
 @pytest.fixture

@@ -11,6 +11,11 @@ Public API::
 
 from __future__ import annotations
 
+try:
+    import torch  # noqa: F401
+except ImportError as exc:  # the core install (LR only) has no torch
+    raise ImportError("ssi_dask.ssi needs PyTorch: pip install 'ssi-dask[ssi]'") from exc
+
 from .checkpoint import content_hash, load_checkpoint, model_hash, save_checkpoint
 from .device import resolve_device
 from .forward import PSFOperator

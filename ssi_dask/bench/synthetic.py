@@ -22,10 +22,10 @@ from pathlib import Path
 
 import numpy as np
 import scipy.ndimage
-import scipy.signal
 from numpy.typing import ArrayLike, NDArray
 
-from ssi_dask.errors import InputError, ParameterError
+from ..errors import InputError, ParameterError
+from ..psf import blur  # the forward blur lives on the runtime path (make-example uses it)
 
 __all__ = [
     "GROUND_TRUTH_2D_NAMES",
@@ -81,39 +81,6 @@ def _as_rng(rng: RngLike) -> np.random.Generator:
 # --------------------------------------------------------------------------------------------
 # Degradation chain
 # --------------------------------------------------------------------------------------------
-
-
-def blur(image: ArrayLike, psf: ArrayLike) -> NDArray[np.float32]:
-    """Convolve ``image`` with ``psf``: linear convolution, zero padding, 'same' output size.
-
-    Computed with :func:`scipy.signal.fftconvolve` (``mode="same"``) in float64 and cast to
-    float32. The PSF is used as given (normalise it to unit sum beforehand to preserve flux).
-    For an odd-sized PSF the output pixel ``i`` is centred on PSF element ``psf.shape // 2``.
-
-    Parameters
-    ----------
-    image : array_like
-        Image or volume (2D or 3D).
-    psf : array_like
-        Point spread function with the same number of dimensions as ``image``.
-
-    Returns
-    -------
-    numpy.ndarray
-        Blurred image, float32, same shape as ``image``.
-
-    Raises
-    ------
-    ParameterError
-        If ``image`` and ``psf`` differ in dimensionality or the PSF is empty.
-    """
-    img = np.asarray(image, dtype=np.float64)
-    kernel = np.asarray(psf, dtype=np.float64)
-    if img.ndim != kernel.ndim:
-        raise ParameterError(f"image is {img.ndim}D but the PSF is {kernel.ndim}D; they must match")
-    if kernel.size == 0:
-        raise ParameterError("the PSF is empty")
-    return scipy.signal.fftconvolve(img, kernel, mode="same").astype(np.float32)
 
 
 def add_poisson_gaussian_noise(

@@ -18,7 +18,7 @@ def protocol_figure(result, path: str | os.PathLike, title: str = "") -> None:
 
     Parameters
     ----------
-    result : ssi_dask.protocol.ProtocolResult
+    result : ssi_dask.bench.protocol.ProtocolResult
         The run to show.
     path : str or path-like
         Where to write the PNG.

@@ -92,7 +92,7 @@ def run_protocol(
     log : callable, optional
         Receives one line per finished step.
     """
-    from .lr import richardson_lucy  # noqa: PLC0415
+    from ..lr import richardson_lucy  # noqa: PLC0415
 
     say = log or (lambda line: None)
     truth = np.asarray(ground_truth, dtype=np.float32)
@@ -113,7 +113,7 @@ def run_protocol(
     metrics["best-lr"] = dict(metrics[f"lr-{best}"])
     info: dict[str, Any] = {}
     if ssi:
-        from .ssi import predict, train_ssi  # noqa: PLC0415
+        from ..ssi import predict, train_ssi  # noqa: PLC0415
 
         started = time.perf_counter()
         model = train_ssi(

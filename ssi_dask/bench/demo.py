@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import InputError, ParameterError
+from ..errors import InputError, ParameterError
 
 
 def demo_ground_truth(dim: int, image: str | os.PathLike | None = None) -> tuple[np.ndarray, str]:
@@ -53,9 +53,9 @@ def run_demo(
     Writes ``DIR/demo_<name>.png`` (ground truth, input, best LR, SSI) and
     ``DIR/demo_<name>.json`` (metrics, timings). Returns the JSON content.
     """
+    from ..psf import protocol_psf  # noqa: PLC0415
     from .figures import protocol_figure  # noqa: PLC0415
     from .protocol import run_protocol  # noqa: PLC0415
-    from .psf import protocol_psf  # noqa: PLC0415
 
     truth, name = demo_ground_truth(dim, image)
     out = Path(out_dir)
