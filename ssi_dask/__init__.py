@@ -8,12 +8,31 @@ from __future__ import annotations
 
 from ._version import __version__
 from .blockwise import deconvolve, plan_blocks  # noqa: E402
+from .config import (  # noqa: E402
+    ClusterSettings,
+    Job,
+    LayoutSettings,
+    LRSettings,
+    PSFSettings,
+    SSISettings,
+    TrainSettings,
+)
 from .io import open_volume  # noqa: E402
 from .lr import richardson_lucy  # noqa: E402
+from .pipeline import RunReport, run  # noqa: E402
 from .psf import load_psf, protocol_psf, widefield_psf  # noqa: E402
 from .store import write_zarr  # noqa: E402
+from .verify import verify_output  # noqa: E402
 
 __all__ = [
+    "ClusterSettings",
+    "Job",
+    "LRSettings",
+    "LayoutSettings",
+    "PSFSettings",
+    "RunReport",
+    "SSISettings",
+    "TrainSettings",
     "__version__",
     "deconvolve",
     "load_psf",
@@ -21,7 +40,9 @@ __all__ = [
     "plan_blocks",
     "protocol_psf",
     "richardson_lucy",
+    "run",
     "train",
+    "verify_output",
     "widefield_psf",
     "write_zarr",
 ]

@@ -4,7 +4,8 @@ The leading (non-spatial) axes are looped over; each volume is deconvolved by th
 the caller passes (:func:`ssi_dask.blockwise.deconvolve`) with its channel's PSF and the
 results are stacked back lazily, so the output has the input's axes and every task still covers
 one spatial chunk of one volume. The function is passed in, not imported, so that the imports
-point one way (``blockwise -> xarray_support -> multivolume``, ``pipeline`` builds its own stack with one plan).
+point one way (``blockwise -> xarray_support -> multivolume``). ``ssi_dask.pipeline`` builds
+its own stack, with one plan for every volume.
 """
 
 from __future__ import annotations

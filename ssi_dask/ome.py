@@ -577,8 +577,12 @@ def write_pyramid(
     zarr_format: int = 3,
     dimension_names: Sequence[str] | None = None,
     client: Any = None,
+    replace: bool = False,
 ) -> list[str]:
     """Write the coarser levels ``1, 2, ...`` of a pyramid below the level at ``base``.
+
+    With ``replace`` (a resumed run) existing coarser levels are replaced: they are derived
+    from the level above and always computed again.
 
     Each level is the block mean of the level above it, read back from disk (the
     deconvolution is not recomputed); every task writes whole chunks (whole shards).
@@ -618,6 +622,7 @@ def write_pyramid(
             dtype=np.float32,
             zarr_format=zarr_format,
             fill_value=0,
+            overwrite=replace,
             **options,
         )
         stored = da.store(lower, target, lock=False, compute=False)

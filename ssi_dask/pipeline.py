@@ -557,6 +557,7 @@ def run(job: Job, *, client: Any = None, echo: Echo = print) -> RunReport:
         )
 
     resumed_choice = _recorded_auto_choice(output, job) if auto and job.resume else None
+    auto_record = resumed_choice
     if resumed_choice is not None:  # a resumed auto run continues with the count it chose
         lr = replace(lr, num_iter=resumed_choice["num_iter"], auto_options=None)
         if resumed_choice.get("wiener_alpha") is not None:
@@ -626,6 +627,8 @@ def run(job: Job, *, client: Any = None, echo: Echo = print) -> RunReport:
             from .lr import resolve_back_projector  # noqa: PLC0415
 
             entry["iterations"] = lr.num_iter if not auto else "auto"
+            if auto_record is not None:
+                entry["auto_iterations"] = auto_record
             entry.update(resolve_back_projector(psfs[0], **_bp_options(lr)).as_dict())
             if lr.offset:
                 entry["offset"] = lr.offset
@@ -717,9 +720,9 @@ def run(job: Job, *, client: Any = None, echo: Echo = print) -> RunReport:
             plan = plan_for(choice.num_iter)
             _say(echo, f"  halo (depth)    {plan.depth} for {choice.num_iter} iterations")
             check_local_memory(job.cluster, method, plan)  # the chosen halo makes tasks larger
+            auto = False
+            auto_record = choice.as_dict()
             provenance = provenance_now()
-            provenance["iterations"] = choice.num_iter
-            provenance["auto_iterations"] = choice.as_dict()
             reference = _input_reference(image, array, n_lead, channels, plan.depth)
         result = _build_graph(
             array,
@@ -953,6 +956,7 @@ def _write(
                 zarr_format=zarr_format,
                 dimension_names=dimension_names,
                 client=client,
+                replace=job.resume,
             ),
         ]
         provenance.update(complete=True, pyramid_factors=[list(f) for f in factors])
