@@ -550,8 +550,32 @@ def deconvolve(
         raise ParameterError("offset applies to method 'lr' only")
     choice = None
     if method == "lr":
+
+        def plan_for(count: int) -> BlockPlan:
+            return plan_blocks(
+                volume.shape,
+                volume.data.dtype,
+                psf.shape,
+                num_iter=count,
+                store_chunks=volume.store_chunks,
+                chunks=chunks,
+                depth=depth,
+                target_voxels=target_voxels,
+                boundary=METHOD_BOUNDARY["lr"],
+                back_projector=method_options.get("back_projector", "classic"),
+                psf=psf,
+                back_projector_options=method_options,
+            )
+
+        user_chunks = chunks is not None and depth is None
         num_iter, choice = _lr_iterations(
-            volume, psf, num_iter, method_options, auto_options, offset=offset
+            volume,
+            psf,
+            num_iter,
+            method_options,
+            auto_options,
+            offset=offset,
+            plan_for=plan_for if user_chunks else None,
         )
     plan = plan_blocks(
         volume.shape,
@@ -712,13 +736,6 @@ def check_offset(offset: Any) -> float:
     return value
 
 
-def shifted_by_offset(data: Any, offset: float) -> Any:
-    """``data - offset`` as a lazy Dask array (``data`` itself when ``offset`` is 0)."""
-    if not offset:
-        return data
-    return da.asarray(data).astype(np.float32) - np.float32(offset)
-
-
 def _lr_iterations(
     volume: Any,
     psf: np.ndarray,
@@ -727,8 +744,12 @@ def _lr_iterations(
     auto_options: dict,
     *,
     offset: float = 0.0,
+    plan_for: Any = None,
 ) -> tuple[int, Any]:
-    """Validate the LR options; resolve ``num_iter="auto"`` (updating ``options``' alpha)."""
+    """Validate the LR options; resolve ``num_iter="auto"`` (updating ``options``' alpha).
+
+    ``plan_for(n)`` (with user-set chunks) limits the choice to counts whose halo fits.
+    """
     from .lr import resolve_back_projector  # noqa: PLC0415
 
     bp_keys = ("back_projector", "wiener_alpha", "butterworth_order", "cutoff")
@@ -738,11 +759,12 @@ def _lr_iterations(
         if isinstance(num_iter, bool) or not isinstance(num_iter, (int, np.integer)):
             raise ParameterError(f"num_iter must be an integer >= 0 or 'auto', got {num_iter!r}")
         return int(num_iter), None
-    from .lr_auto import choose_iterations  # noqa: PLC0415
+    from .lr_auto import choose_iterations_within  # noqa: PLC0415
 
     passed = {k: options[k] for k in ("edge_threshold", "eps") if k in options}
-    data = shifted_by_offset(volume.data, offset)
-    choice = choose_iterations(data, psf, **bp_options, **passed, **auto_options)
+    choice = choose_iterations_within(
+        volume.data, psf, plan_for=plan_for, offset=offset, **bp_options, **passed, **auto_options
+    )
     if choice.wiener_alpha is not None:
         options["wiener_alpha"] = choice.wiener_alpha
     return choice.num_iter, choice

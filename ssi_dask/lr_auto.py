@@ -349,3 +349,49 @@ def choose_iterations(
         max_iter=max_iter,
         held_out_pixels=held_out,
     )
+
+
+def choose_iterations_within(
+    image: Any,
+    psf: np.ndarray,
+    *,
+    plan_for: Any = None,
+    max_iter: int | None = None,
+    offset: float = 0.0,
+    echo: Any = None,
+    **options: Any,
+) -> AutoChoice:
+    """:func:`choose_iterations` limited to the counts whose halo fits the chunks.
+
+    The one implementation of ``num_iter="auto"`` for :func:`ssi_dask.deconvolve` and
+    :func:`ssi_dask.run` (and so the command line). ``plan_for(n)`` plans the run for ``n``
+    iterations and raises :class:`~ssi_dask.errors.ParameterError` when their halo does not
+    fit (user-set chunks); the largest count that fits is found by bisection (the halo grows
+    with the count). ``offset`` is subtracted from the image first, as the run does.
+    """
+    back_projector = options.get("back_projector", "classic")
+    max_iter = max_iter or DEFAULT_MAX_ITER[back_projector]
+    if plan_for is not None:
+
+        def fits(num_iter: int) -> bool:
+            try:
+                plan_for(num_iter)
+            except ParameterError:
+                return False
+            return True
+
+        fitting = max_iter
+        if not fits(max_iter):
+            low, high = 1, max_iter  # the largest count that fits lies in [low, high)
+            while high - low > 1:
+                middle = (low + high) // 2
+                low, high = (middle, high) if fits(middle) else (low, middle)
+            fitting = low
+        if fitting < max_iter and echo is not None:
+            echo(f"auto iterations: trying 1..{fitting} (the halo of more exceeds --chunks)")
+        max_iter = fitting
+    if offset:
+        import dask.array as da  # noqa: PLC0415
+
+        image = da.asarray(image).astype(np.float32) - np.float32(offset)
+    return choose_iterations(image, psf, max_iter=max_iter, **options)

@@ -15,6 +15,7 @@ chunk of one volume.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 import time
@@ -385,58 +386,6 @@ def cluster_client(cluster: ClusterSettings, *, echo: Echo = print) -> Iterator[
         yield client
 
 
-def choose_iterations_for_plan(
-    volume: Any,
-    psf: np.ndarray,
-    lr: LRSettings,
-    plan_for: Callable[[int], Any],
-    *,
-    user_chunks: bool,
-    seed: int,
-    echo: Echo = print,
-):
-    """``num_iter="auto"``: the one implementation for the API and the command line.
-
-    With user-set chunks only the counts whose halo fits them are tried (bisected: the halo
-    grows with the count). Returns the :class:`~ssi_dask.lr_auto.AutoChoice`.
-    """
-    from .blockwise import shifted_by_offset  # noqa: PLC0415
-    from .lr_auto import DEFAULT_MAX_ITER, choose_iterations  # noqa: PLC0415
-
-    options = dict(lr.auto_options or {})
-    max_iter = options.pop("max_iter", None) or DEFAULT_MAX_ITER[lr.back_projector]
-    if user_chunks:
-
-        def fits(num_iter: int) -> bool:
-            try:
-                plan_for(num_iter)
-            except ParameterError:
-                return False
-            return True
-
-        fitting = max_iter
-        if not fits(max_iter):
-            low, high = 1, max_iter  # the largest count that fits lies in [low, high)
-            while high - low > 1:
-                middle = (low + high) // 2
-                low, high = (middle, high) if fits(middle) else (low, middle)
-            fitting = low
-        if fitting < max_iter:
-            _say(echo, f"auto iterations: trying 1..{fitting} (the halo of more exceeds --chunks)")
-        max_iter = fitting
-    options.setdefault("seed", seed)
-    started = time.perf_counter()
-    choice = choose_iterations(
-        shifted_by_offset(volume.data, lr.offset),
-        psf,
-        max_iter=max_iter,
-        **lr.kernel_options(),
-        **options,
-    )
-    _say(echo, f"{choice.summary()} in {time.perf_counter() - started:.1f} s")
-    return choice
-
-
 # ---------------------------------------------------------------------------------------------
 # The run
 
@@ -540,7 +489,7 @@ def run(job: Job, *, client: Any = None, echo: Echo = print) -> RunReport:
     psf_shape = tuple(max(p.shape[a] for p in psfs) for a in range(n_spatial))
 
     def plan_for(num_iter: int):
-        return plan_blocks(
+        plan = plan_blocks(
             spatial_shape,
             array.dtype,
             psf_shape,
@@ -555,6 +504,9 @@ def run(job: Job, *, client: Any = None, echo: Echo = print) -> RunReport:
             psf=psfs[0] if method == "lr" else None,
             back_projector_options=kernel_options,
         )
+        if method == "ssi":  # the network's tiles, not the LR formula, set an SSI task's memory
+            plan = replace(plan, memory_per_task=task_memory(plan, method, model))
+        return plan
 
     resumed_choice = _recorded_auto_choice(output, job) if auto and job.resume else None
     auto_record = resumed_choice
@@ -676,6 +628,8 @@ def run(job: Job, *, client: Any = None, echo: Echo = print) -> RunReport:
     check_local_memory(job.cluster, method, plan, model)
     n_volumes = _count_volumes(lead_shape)
     if job.dry_run:
+        # the same dict the run writes under "ssi_dask" (and fingerprints, with the layout)
+        _say(echo, "  provenance      " + json.dumps(provenance, sort_keys=True, default=str))
         _say(echo, "dry run: nothing computed or written")
         return RunReport(
             output=output,
@@ -704,15 +658,22 @@ def run(job: Job, *, client: Any = None, echo: Echo = print) -> RunReport:
             client = stack.enter_context(cluster_client(job.cluster, echo=echo))
         since = time.time()
         if auto:
-            choice = choose_iterations_for_plan(
-                first_volume,
+            from .lr_auto import choose_iterations_within  # noqa: PLC0415
+
+            options = dict(lr.auto_options or {})
+            options.setdefault("seed", job.ssi.train.seed)
+            user_chunks = job.layout.chunks is not None and depth is None
+            started_choice = time.perf_counter()
+            choice = choose_iterations_within(
+                first_volume.data,
                 psfs[0],
-                lr,
-                plan_for,
-                user_chunks=job.layout.chunks is not None and depth is None,
-                seed=job.ssi.train.seed,
+                plan_for=plan_for if user_chunks else None,
+                offset=lr.offset,
                 echo=echo,
+                **kernel_options,
+                **options,
             )
+            _say(echo, f"{choice.summary()} in {time.perf_counter() - started_choice:.1f} s")
             lr = replace(lr, num_iter=choice.num_iter, auto_options=None)
             if choice.wiener_alpha is not None:
                 lr = replace(lr, wiener_alpha=choice.wiener_alpha)

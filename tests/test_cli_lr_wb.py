@@ -126,7 +126,7 @@ def test_run_wb_fixed_parameters_in_process(tmp_path, zarr3d, psf3d_file, psf3d,
         ),
         (
             ["--back-projector", "wiener-butterworth", "--cutoff", "0.1,0.2"],
-            "cutoff must be one number or 3 numbers (cycles per pixel per axis), got (0.1, 0.2)",
+            "--cutoff must be one number or 3 numbers (cycles per pixel per axis), got (0.1, 0.2)",
         ),
         (
             ["--back-projector", "wiener-butterworth", "--cutoff", "a"],

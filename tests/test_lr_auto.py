@@ -146,7 +146,14 @@ def test_deconvolve_auto_records_the_choice(psf):
         chunks=(24, 32, 64),
     )
     choice = lazy.auto_choice
-    assert choice == choose_iterations(image, psf, back_projector="wiener-butterworth", **options)
+    # with user-set chunks only the counts whose halo fits them are tried (as on the CLI)
+    assert 1 <= choice.max_iter < 12
+    with pytest.raises(ParameterError, match="use larger --chunks"):
+        deconvolve(image, psf, num_iter=choice.max_iter + 1,
+                   back_projector="wiener-butterworth", chunks=(24, 32, 64))  # fmt: skip
+    assert choice == choose_iterations(
+        image, psf, back_projector="wiener-butterworth", max_iter=choice.max_iter, n_samples=1
+    )
     expected = richardson_lucy(
         image,
         psf,
@@ -158,7 +165,7 @@ def test_deconvolve_auto_records_the_choice(psf):
     assert float(np.abs(result - expected).max() / np.abs(expected).max()) < 1e-3
     record = choice.as_dict()
     assert record["num_iter"] == choice.num_iter and record["wiener_alpha"] == choice.wiener_alpha
-    assert len(record["errors"]["0.1"]) == 13
+    assert len(record["errors"]["0.1"]) == choice.max_iter + 1  # n = 0 .. max_iter
 
 
 @pytest.mark.parametrize(

@@ -137,3 +137,20 @@ def test_settings_are_checked_when_built(build, message):
 def test_a_typo_names_the_parameter():
     with pytest.raises(TypeError, match="num_iters"):
         ssi_dask.LRSettings(num_iters=5)
+
+
+def test_dry_run_prints_the_provenance_the_run_writes(tmp_path, zarr3d, psf3d_file):
+    import json
+
+    out = tmp_path / "out.zarr"
+    common = [zarr3d, out, "--psf", psf3d_file, "--iterations", 2, "--workers", 1]
+    dry = run_cli("run", *common, "--dry-run")
+    assert dry.returncode == 0, dry.stderr
+    line = next(x for x in dry.stdout.splitlines() if x.startswith("  provenance      "))
+    printed = json.loads(line.split("provenance", 1)[1])
+    done = run_cli("run", *common, "--no-progress")
+    assert done.returncode == 0, done.stderr
+    written = dict(zarr.open_array(str(out)).attrs["ssi_dask"])
+    for key in ("command",):  # the command line differs by --dry-run
+        printed.pop(key), written.pop(key)
+    assert {k: written[k] for k in printed} == printed
