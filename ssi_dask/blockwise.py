@@ -437,6 +437,8 @@ def _shared_token(value: Any) -> str:
     """A content token for a shared object: the array's bytes, or the model's content hash."""
     if isinstance(value, np.ndarray):
         return dask.base.tokenize(value)
+    if hasattr(value, "back_projector") and hasattr(value, "digest"):  # a PreparedPSF
+        return dask.base.tokenize(value.digest, str(value.back_projector))
     from .ssi import model_hash  # noqa: PLC0415
 
     return model_hash(value)
@@ -712,13 +714,22 @@ def _deconvolve_graph(
             device=device,
             margin=tuple(plan.depth),
         )
+    # The PSF is checked, normalised and paired with its back projector once, here; the
+    # prepared object crosses the graph as one key and each chunk uses it as it is.
+    from .lr import prepare_psf  # noqa: PLC0415
+
+    bp_keys = ("back_projector", "wiener_alpha", "butterworth_order", "cutoff")
+    prepared = prepare_psf(
+        psf, data.ndim, **{k: method_options[k] for k in bp_keys if k in method_options}
+    )
+    kernel_options = {k: v for k, v in method_options.items() if k not in bp_keys}
     result = apply_chunked(
         data,
         _lr_chunk,
         depth=plan.depth,
-        shared={"psf": psf},
+        shared={"psf": prepared},
         num_iter=int(num_iter),
-        options=dict(method_options),
+        options=kernel_options,
         device=device,
         offset=offset,
     )

@@ -917,16 +917,21 @@ def get_plan(
     xp: ModuleType = np,
     kind: str = "rl",
     back_projector: BackProjector | None = None,
+    digest: str | None = None,
 ) -> LinearConvolver:
     """Return a cached :class:`RLPlan` (``kind='rl'``) or :class:`LinearConvolver` (``'conv'``).
 
     Plans are kept in a small least-recently-used cache keyed by the PSF's bytes (hashed), its
     shape, the image shape, the dtype, the array module, the edge threshold and the back
-    projector, so the PSF's transforms are computed once per chunk shape.
+    projector, so the PSF's transforms are computed once per chunk shape. ``digest`` is the
+    hash of a :class:`PreparedPSF` (its PSF is then used unchecked).
     """
     image_shape = tuple(int(n) for n in image_shape)
-    host_psf = _prepare_psf(psf, len(image_shape), normalize=False)
-    digest = hashlib.blake2b(host_psf.tobytes(), digest_size=16).hexdigest()
+    if digest is None:  # a PreparedPSF comes checked and hashed
+        host_psf = _prepare_psf(psf, len(image_shape), normalize=False)
+        digest = hashlib.blake2b(host_psf.tobytes(), digest_size=16).hexdigest()
+    else:
+        host_psf = psf
     key = (
         kind,
         digest,
@@ -971,6 +976,39 @@ def clear_plan_cache() -> None:
 # --------------------------------------------------------------------------------------------
 # public functions
 # --------------------------------------------------------------------------------------------
+@dataclass(frozen=True, eq=False)
+class PreparedPSF:
+    """A PSF validated, normalised and paired with its resolved back projector, once.
+
+    :func:`prepare_psf` makes it on the client; it crosses the task graph as one key and every
+    chunk's :func:`richardson_lucy` uses it as it is: no validation, normalisation, back
+    projector resolution or hashing per chunk.
+    """
+
+    psf: np.ndarray
+    back_projector: BackProjector
+    digest: str
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.psf.shape)
+
+    @property
+    def ndim(self) -> int:
+        return self.psf.ndim
+
+
+def prepare_psf(psf: Any, ndim: int, **back_projector_options: Any) -> PreparedPSF:
+    """Validate and normalise ``psf`` and resolve the back projector (see
+    :func:`resolve_back_projector`) once, for every chunk of a run."""
+    if isinstance(psf, PreparedPSF):
+        return psf
+    host = np.ascontiguousarray(_prepare_psf(psf, ndim, normalize=True), dtype=np.float32)
+    spec = resolve_back_projector(host, **back_projector_options)
+    digest = hashlib.blake2b(host.tobytes(), digest_size=16).hexdigest()
+    return PreparedPSF(psf=host, back_projector=spec, digest=digest)
+
+
 def richardson_lucy(
     image: Any,
     psf: Any,
@@ -1064,16 +1102,44 @@ def richardson_lucy(
     num_iter = _check_num_iter(num_iter)
     eps = _check_positive("eps", eps)
     edge_threshold = _check_edge_threshold(edge_threshold)
-    host_psf = _prepare_psf(psf, image.ndim, normalize=True)
-    spec = resolve_back_projector(
-        host_psf,
-        back_projector,
-        wiener_alpha=wiener_alpha,
-        butterworth_order=butterworth_order,
-        cutoff=cutoff,
-    )
+    if isinstance(psf, PreparedPSF):  # prepared once for the whole run: used as it is
+        given = [
+            name
+            for name, value in (
+                ("wiener_alpha", wiener_alpha),
+                ("butterworth_order", butterworth_order),
+                ("cutoff", cutoff),
+            )
+            if value is not None
+        ]
+        if given or back_projector != "classic":
+            raise ParameterError(
+                "a PreparedPSF carries its back projector; pass back projector options to "
+                "prepare_psf, not to richardson_lucy"
+            )
+        if psf.ndim != image.ndim:
+            raise PSFError(
+                f"the PSF has {psf.ndim} dimensions but the image has {image.ndim}; "
+                "pass a PSF with one axis per image axis"
+            )
+        host_psf, spec, digest = psf.psf, psf.back_projector, psf.digest
+    else:
+        host_psf = _prepare_psf(psf, image.ndim, normalize=True)
+        spec = resolve_back_projector(
+            host_psf,
+            back_projector,
+            wiener_alpha=wiener_alpha,
+            butterworth_order=butterworth_order,
+            cutoff=cutoff,
+        )
+        digest = None
     plan = get_plan(
-        host_psf, tuple(image.shape), edge_threshold=edge_threshold, xp=xp, back_projector=spec
+        host_psf,
+        tuple(image.shape),
+        edge_threshold=edge_threshold,
+        xp=xp,
+        back_projector=spec,
+        digest=digest,
     )
     return plan.deconvolve(image, num_iter, eps=eps, clip=clip, workers=workers)
 

@@ -99,3 +99,23 @@ def test_ssi_dry_run_without_a_model(tmp_path):
     assert "dry run: nothing computed or written" in result.stdout
     assert "halo (depth)" in result.stdout
     assert not (tmp_path / "out.zarr").exists()
+
+
+def test_the_psf_crosses_the_graph_once_prepared():
+    from ssi_dask.lr import PreparedPSF, prepare_psf
+
+    image = smooth_volume((12, 32, 32))
+    lazy = deconvolve(
+        image, PSF, num_iter=2, back_projector="wiener-butterworth", chunks=(12, 16, 16)
+    )
+    graph = dict(lazy.__dask_graph__())
+    shared = [getattr(v, "value", v) for k, v in graph.items() if str(k).startswith("shared-psf")]
+    assert len(shared) == 1 and isinstance(shared[0], PreparedPSF)  # one key for 4 chunks
+    assert shared[0].back_projector.kind == "wiener-butterworth"
+    prepared = prepare_psf(PSF, 3, back_projector="wiener-butterworth")
+    np.testing.assert_array_equal(
+        richardson_lucy(image, prepared, num_iter=2),
+        richardson_lucy(image, PSF, num_iter=2, back_projector="wiener-butterworth"),
+    )
+    with pytest.raises(ParameterError, match="a PreparedPSF carries its back projector"):
+        richardson_lucy(image, prepared, num_iter=2, wiener_alpha=0.1)
