@@ -105,7 +105,12 @@ def open_image(source: Any, *, level: int = 0, voxel_size: Sequence[float] | Non
     """The input as an :class:`~ssi_dask.ome.OmeImage`: an OME-Zarr level, or a plain Zarr
     array / TIFF seen as a one-level image with axes ``(z)yx``."""
     from .ome import is_ome_zarr, open_ome_zarr, plain_image  # noqa: PLC0415
+    from .xarray_support import dataarray_image, is_dataarray  # noqa: PLC0415
 
+    if is_dataarray(source):
+        if level:
+            raise InputError("--level applies to OME-Zarr image groups; the input is a DataArray")
+        return dataarray_image(source, voxel_size)
     if isinstance(source, (str, Path)) and is_ome_zarr(source):
         return open_ome_zarr(source, level=level)
     if level:
@@ -414,7 +419,6 @@ def run(job: Job, *, client: Any = None, echo: Echo = print) -> RunReport:
         Every problem a user can cause, with a one-line message, before any work where it can
         be known then; a run that fails midway keeps its finished chunks for ``resume``.
     """
-    import dask.array as da  # noqa: PLC0415
 
     from ._version import __version__  # noqa: PLC0415
     from .blockwise import (  # noqa: PLC0415
@@ -439,7 +443,8 @@ def run(job: Job, *, client: Any = None, echo: Echo = print) -> RunReport:
     array = image.array
     n_spatial = len(image.spatial_axes)
     n_lead = array.ndim - n_spatial
-    check_image_array(array.shape[n_lead:], array.dtype, name=f"input {image.path!r}")
+    label = repr(image.path) if image.path else "DataArray"
+    check_image_array(array.shape[n_lead:], array.dtype, name=f"input {label}")
     channels = select_channels(job.channels, image)
     lead_shape = tuple(int(s) for s in array.shape[:n_lead])
     if channels is not None:
@@ -464,9 +469,9 @@ def run(job: Job, *, client: Any = None, echo: Echo = print) -> RunReport:
         output = Path(job.output).resolve()  # write_zarr checks it belongs to this run
     else:
         output = check_output_path(job.output, input_path=protected, overwrite=job.overwrite)
-    store_chunks = tuple(int(c) for c in (getattr(array, "shards", None) or array.chunks))
+    store_chunks = _store_chunks(array)
     first_volume = Volume(
-        data=da.from_array(array, chunks=store_chunks, lock=False)[(0,) * n_lead],
+        data=_as_dask(array, store_chunks)[(0,) * n_lead],
         store_chunks=store_chunks[n_lead:],
         path=image.path,
     )
@@ -532,7 +537,7 @@ def run(job: Job, *, client: Any = None, echo: Echo = print) -> RunReport:
         zarr_format,
     )
     names = image.axis_names
-    _say(echo, f"ssi-dask {__version__}: {method} on {image.path} -> {output}")
+    _say(echo, f"ssi-dask {__version__}: {method} on {image.path or 'a DataArray'} -> {output}")
     if image.is_ome:
         _say(
             echo,
@@ -551,8 +556,7 @@ def run(job: Job, *, client: Any = None, echo: Echo = print) -> RunReport:
         + (f", shards {shards}" if shards else ""),
     )
     _say(echo, plan.summary())
-    level_path = Path(image.path) / image.level_path if image.level_path else Path(image.path)
-    missing_input = missing_input_chunks(str(level_path))  # one listing of the input
+    missing_input = missing_input_chunks(_level_path(image))  # one listing of the input
     warnings: list[str] = []
     if missing_input is not None and missing_input.count:
         warnings.append(missing_input.warning())
@@ -741,6 +745,30 @@ def run(job: Job, *, client: Any = None, echo: Echo = print) -> RunReport:
 # Helpers of run
 
 
+def _store_chunks(array: Any) -> tuple[int, ...]:
+    """The input's chunks (shards when sharded; a Dask array's first chunk sizes)."""
+    chunks = getattr(array, "shards", None) or getattr(array, "chunks", None)
+    if chunks is None:  # an in-memory array
+        return tuple(int(s) for s in array.shape)
+    return tuple(int(c[0]) if isinstance(c, tuple) else int(c) for c in chunks)
+
+
+def _as_dask(array: Any, chunks: Sequence[int]) -> Any:
+    """The input as a Dask array with ``chunks``: read straight from its store in them."""
+    import dask.array as da  # noqa: PLC0415
+
+    if isinstance(array, da.Array):
+        return array.rechunk(tuple(chunks))
+    return da.from_array(array, chunks=tuple(chunks), lock=False)
+
+
+def _level_path(image: Any) -> str | None:
+    """The on-disk array of the opened level, or None for an in-memory image."""
+    if not image.path:
+        return None
+    return str(Path(image.path) / image.level_path) if image.level_path else str(image.path)
+
+
 def _bp_options(lr: LRSettings) -> dict:
     options = lr.kernel_options()
     return {
@@ -764,7 +792,9 @@ def _input_reference(image: Any, array: Any, n_lead: int, channels: Any, depth: 
     """What each working chunk reads from the input (for the resume's content check)."""
     from .chunkfiles import InputReference  # noqa: PLC0415
 
-    path = Path(image.path) / image.level_path if image.level_path else Path(image.path)
+    if _level_path(image) is None:
+        return None
+    path = Path(_level_path(image))
     if not path.exists():
         return None
     lead: list[tuple[int, ...] | None] = [None] * n_lead
@@ -816,7 +846,7 @@ def _build_graph(
 
     from .psf import normalize_psf  # noqa: PLC0415
 
-    data = da.from_array(array, chunks=(1,) * n_lead + tuple(plan.working_chunks), lock=False)
+    data = _as_dask(array, (1,) * n_lead + tuple(plan.working_chunks))
     if channels is not None:
         data = da.take(data, channels, axis=channel_axis)
     psfs = [normalize_psf(p) for p in psfs]
@@ -927,7 +957,7 @@ def _write(
             axes=image.axes,
             paths=paths,
             transforms=level_transforms(image.scale, image.translation, factors),
-            name=f"{_image_name(image.path)} deconvolved ({job.method})",
+            name=f"{_image_name(image.path or 'image')} deconvolved ({job.method})",
             provenance=provenance,
             omero=output_omero(
                 output,

@@ -142,3 +142,36 @@ def deconvolve_dataarray(
         name=array.name,
         attrs={**dict(array.attrs), "ssi_dask": provenance},
     )
+
+
+def dataarray_image(array: Any, voxel_size: Sequence[float] | None = None) -> Any:
+    """A DataArray with dims ``[t] [c] (z) y x`` seen as a one-level image for
+    :func:`ssi_dask.run` (NumPy or Dask backed; channel names from the ``c`` coordinate)."""
+    from .ome import OmeImage  # noqa: PLC0415
+
+    dims = tuple(str(d) for d in array.dims)
+    n_spatial = _check_dims(dims)
+    kinds = {"t": "time", "c": "channel"}
+    unit = {"unit": "micrometer"} if voxel_size else {}
+    axes = [
+        {"name": d, "type": kinds[d]} if d in kinds else {"name": d, "type": "space", **unit}
+        for d in dims
+    ]
+    spatial = [float(v) for v in (voxel_size or (1.0,) * n_spatial)]
+    attrs = {}
+    if "c" in dims and "c" in array.coords:
+        attrs["omero"] = {"channels": [{"label": str(v)} for v in array.coords["c"].values]}
+    return OmeImage(
+        path=None,
+        version="0.5",
+        axes=axes,
+        level=0,
+        level_path="",
+        scale=[1.0] * (len(dims) - n_spatial) + spatial,
+        translation=[0.0] * len(dims),
+        array=array.data,
+        n_levels=1,
+        level_shapes=[tuple(int(s) for s in array.shape)],
+        attrs=attrs,
+        is_ome=False,
+    )

@@ -154,3 +154,26 @@ def test_dry_run_prints_the_provenance_the_run_writes(tmp_path, zarr3d, psf3d_fi
     for key in ("command",):  # the command line differs by --dry-run
         printed.pop(key), written.pop(key)
     assert {k: written[k] for k in printed} == printed
+
+
+def test_dataarray_run_from_python(tmp_path, local_client, psf3d):
+    import xarray as xr
+    from conftest import smooth_volume
+
+    data = np.stack([smooth_volume((12, 32, 32), seed=s) for s in (1, 2)])
+    array = xr.DataArray(data, dims=("c", "z", "y", "x"), coords={"c": ["GFP", "RFP"]})
+    np.save(tmp_path / "psf.npy", psf3d)
+    job = ssi_dask.Job(
+        input=array,
+        output=tmp_path / "out.zarr",
+        psf=ssi_dask.PSFSettings(files=(str(tmp_path / "psf.npy"),)),
+        lr=ssi_dask.LRSettings(num_iter=3),
+        channels=("RFP",),
+        progress=False,
+    )
+    report = ssi_dask.run(job, client=local_client, echo=None)
+    assert report.shape == (1, 12, 32, 32) and not report.ome_zarr
+    out = zarr.open_array(str(tmp_path / "out.zarr"))
+    assert out.attrs["ssi_dask"]["complete"] is True
+    expected = richardson_lucy(data[1], psf3d, num_iter=3)
+    np.testing.assert_allclose(out[0], expected, rtol=1e-4, atol=1e-5)
