@@ -15,6 +15,7 @@ from pathlib import Path
 
 from ._version import __version__
 from .config import (
+    DEFAULT_BACKGROUND,
     DEFAULT_NUM_ITER,
     DEFAULT_REGIONS,
     ClusterSettings,
@@ -25,6 +26,7 @@ from .config import (
     SSISettings,
     TrainSettings,
     cli_message,
+    ssi_default_text,
 )
 from .errors import ParameterError, PSFError, SsiDaskError
 from .safety import check_replaceable_file
@@ -229,7 +231,10 @@ def _add_training_options(parser: argparse.ArgumentParser) -> None:
         help="training seed; also seeds the chunks and pixels of --iterations auto (default: 0)",
     )
     group.add_argument(
-        "--steps", type=int, metavar="N", help="training steps (default: tuned per 2D/3D)"
+        "--steps",
+        type=int,
+        metavar="N",
+        help=f"training steps (default: {ssi_default_text('steps')})",
     )
     group.add_argument(
         "--restarts",
@@ -246,19 +251,28 @@ def _add_training_options(parser: argparse.ArgumentParser) -> None:
         "seeds, N times the compute (default 1)",
     )
     group.add_argument(
-        "--patch-size", type=int, metavar="N", help="training patch side (default: 96 2D, 48 3D)"
+        "--patch-size",
+        type=int,
+        metavar="N",
+        help=f"training patch side (default: {ssi_default_text('patch_size')})",
     )
     group.add_argument(
-        "--batch-size", type=int, metavar="N", help="patches per step (default: 16 2D, 4 3D)"
+        "--batch-size",
+        type=int,
+        metavar="N",
+        help=f"patches per step (default: {ssi_default_text('batch_size')})",
     )
     group.add_argument(
-        "--net-depth", type=int, metavar="N", help="UNet resolution levels (default: 3)"
+        "--net-depth",
+        type=int,
+        metavar="N",
+        help=f"UNet resolution levels (default: {ssi_default_text('depth')})",
     )
     group.add_argument(
         "--base-channels",
         type=int,
         metavar="N",
-        help="UNet channels at full resolution (default: 8)",
+        help=f"UNet channels at full resolution (default: {ssi_default_text('base_channels')})",
     )
     group.add_argument(
         "--clipping",
@@ -304,7 +318,7 @@ def _add_sampling_options(parser: argparse.ArgumentParser) -> None:
         "--regions",
         type=int,
         metavar="N",
-        help="regions sampled across the volume for training (default: 24)",
+        help=f"regions sampled across the volume for training (default: {DEFAULT_REGIONS})",
     )
     group.add_argument(
         "--region-size",
@@ -314,10 +328,10 @@ def _add_sampling_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--background",
         type=float,
-        default=0.05,
+        default=DEFAULT_BACKGROUND,
         metavar="F",
         help="reject regions whose 99th percentile is below lo + F * (hi - lo) of the "
-        "global range as empty background (default: 0.05; 0 keeps all)",
+        f"global range as empty background (default: {DEFAULT_BACKGROUND}; 0 keeps all)",
     )
 
 

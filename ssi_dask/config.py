@@ -211,6 +211,22 @@ def refuse_lr_options(method: str, given: Mapping[str, Any]) -> None:
         )
 
 
+#: The tuned SSI training defaults per dimensionality (``ssi_dask.ssi.train_ssi`` reads them;
+#: the command line's help shows them).
+SSI_TRAINING_DEFAULTS = {
+    2: dict(patch_size=96, batch_size=16, steps=800, depth=3, base_channels=8),
+    3: dict(patch_size=64, batch_size=2, steps=600, depth=3, base_channels=8),
+}
+
+
+def ssi_default_text(key: str) -> str:
+    """``"96 2D, 64 3D"``-style text of a training default, for help texts."""
+    values = {ndim: SSI_TRAINING_DEFAULTS[ndim][key] for ndim in (2, 3)}
+    if values[2] == values[3]:
+        return str(values[2])
+    return f"{values[2]} 2D, {values[3]} 3D"
+
+
 #: SSI training regions when none are given (``ssi_dask.training.DEFAULT_REGIONS``).
 DEFAULT_REGIONS = 24
 

@@ -24,13 +24,13 @@ from typing import Any
 
 import numpy as np
 
+from .config import DEFAULT_REGIONS
 from .errors import ParameterError
 from .ssi.regions import RegionPool, background_scores
 
 __all__ = ["sample_regions", "train"]
 
-#: Default number of regions kept for training and their side in patches.
-DEFAULT_REGIONS = 24
+#: Side of a training region in patches (the number of regions: config.DEFAULT_REGIONS).
 REGION_PATCHES = 2
 
 

@@ -47,6 +47,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
+from ..config import SSI_TRAINING_DEFAULTS
 from ..errors import ParameterError
 from .device import resolve_device
 from .forward import PSFOperator
@@ -59,10 +60,7 @@ from .symmetry import psf_symmetries
 
 __all__ = ["train_ssi", "estimate_signal_to_noise", "DEFAULTS"]
 
-DEFAULTS = {
-    2: dict(patch_size=96, batch_size=16, steps=800, depth=3, base_channels=8),
-    3: dict(patch_size=64, batch_size=2, steps=600, depth=3, base_channels=8),
-}
+DEFAULTS = SSI_TRAINING_DEFAULTS  # the tuned 2D/3D defaults live in ssi_dask.config
 
 
 def _patch_sampler(image, patch_shape, seed: int):
