@@ -883,9 +883,20 @@ def _run_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def check_command(args: argparse.Namespace) -> None:
+    """Before a command starts: stop in one line if its optional dependencies are missing."""
+    from .extras import require  # noqa: PLC0415
+
+    command = getattr(args, "command", None)
+    if command == "train" or (command == "run" and getattr(args, "method", "lr") == "ssi"):
+        what = "ssi-dask train" if command == "train" else "ssi-dask run --method ssi"
+        require(what, "torch")
+    elif command == "demo":
+        require("ssi-dask demo", "torch", "matplotlib", "skimage")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``ssi-dask`` command; returns the exit status."""
-    from .extras import check_command  # noqa: PLC0415
     from .quiet import quiet_libraries  # noqa: PLC0415
 
     parser = build_parser()

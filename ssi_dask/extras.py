@@ -8,7 +8,6 @@ demo, protocol, metrics and figures in :mod:`ssi_dask.bench` need matplotlib and
 
 from __future__ import annotations
 
-import argparse
 import importlib
 
 from .errors import MissingExtraError
@@ -34,13 +33,3 @@ def require(what: str, *modules: str) -> None:
         names = " and ".join(EXTRAS[m][0] for m in missing)
         extras = ",".join(dict.fromkeys(EXTRAS[m][1] for m in missing))
         raise MissingExtraError(f"{what} needs {names}: pip install 'ssi-dask[{extras}]'")
-
-
-def check_command(args: argparse.Namespace) -> None:
-    """Before a command starts: stop in one line if its optional dependencies are missing."""
-    command = getattr(args, "command", None)
-    if command == "train" or (command == "run" and getattr(args, "method", "lr") == "ssi"):
-        what = "ssi-dask train" if command == "train" else "ssi-dask run --method ssi"
-        require(what, "torch")
-    elif command == "demo":
-        require("ssi-dask demo", "torch", "matplotlib", "skimage")
