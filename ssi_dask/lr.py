@@ -496,6 +496,14 @@ def _check_cutoff(cutoff: Any, ndim: int) -> tuple[float, ...]:
     return tuple(out)
 
 
+def _wiener_butterworth_options_given(
+    wiener_alpha: Any, butterworth_order: Any, cutoff: Any
+) -> list[str]:
+    """Names of the Wiener-Butterworth parameters that were given (not None)."""
+    given = {"wiener_alpha": wiener_alpha, "butterworth_order": butterworth_order, "cutoff": cutoff}
+    return [name for name, value in given.items() if value is not None]
+
+
 def resolve_back_projector(
     psf: Any,
     back_projector: str = "classic",
@@ -517,15 +525,7 @@ def resolve_back_projector(
             f"unknown back projector {back_projector!r}; choose 'classic' or 'wiener-butterworth'"
         )
     if back_projector == "classic":
-        given = [
-            name
-            for name, value in (
-                ("wiener_alpha", wiener_alpha),
-                ("butterworth_order", butterworth_order),
-                ("cutoff", cutoff),
-            )
-            if value is not None
-        ]
+        given = _wiener_butterworth_options_given(wiener_alpha, butterworth_order, cutoff)
         if given:
             raise ParameterError(
                 f"{', '.join(given)} only apply to the Wiener-Butterworth back projector; "
@@ -1103,15 +1103,7 @@ def richardson_lucy(
     eps = _check_positive("eps", eps)
     edge_threshold = _check_edge_threshold(edge_threshold)
     if isinstance(psf, PreparedPSF):  # prepared once for the whole run: used as it is
-        given = [
-            name
-            for name, value in (
-                ("wiener_alpha", wiener_alpha),
-                ("butterworth_order", butterworth_order),
-                ("cutoff", cutoff),
-            )
-            if value is not None
-        ]
+        given = _wiener_butterworth_options_given(wiener_alpha, butterworth_order, cutoff)
         if given or back_projector != "classic":
             raise ParameterError(
                 "a PreparedPSF carries its back projector; pass back projector options to "

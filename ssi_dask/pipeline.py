@@ -513,7 +513,7 @@ def run(job: Job, *, client: Any = None, echo: Echo = print) -> RunReport:
             plan = replace(plan, memory_per_task=task_memory(plan, method, model))
         return plan
 
-    resumed_choice = _recorded_auto_choice(output, job) if auto and job.resume else None
+    resumed_choice = _recorded_auto_choice(output) if auto and job.resume else None
     auto_record = resumed_choice
     if resumed_choice is not None:  # a resumed auto run continues with the count it chose
         lr = replace(lr, num_iter=resumed_choice["num_iter"], auto_options=None)
@@ -809,7 +809,7 @@ def _input_reference(image: Any, array: Any, n_lead: int, channels: Any, depth: 
     )
 
 
-def _recorded_auto_choice(output: Path, job: Job) -> dict | None:
+def _recorded_auto_choice(output: Path) -> dict | None:
     """The iteration count an earlier ``auto`` run chose, read from the output it left."""
     import zarr  # noqa: PLC0415
 

@@ -21,6 +21,8 @@ from typing import Any
 
 import numpy as np
 
+from .safety import write_atomically
+
 #: Folder of the records, inside the output array's directory (removed with it by
 #: ``--overwrite``; ignored by Zarr, which only reads its own metadata and chunk keys).
 PROGRESS_FOLDER = ".ssi_dask_progress"
@@ -129,7 +131,6 @@ def write_record(
     folder = progress_folder(output)
     folder.mkdir(exist_ok=True)
     final = folder / record_name(index)
-    temporary = folder / f".{final.name}.{uuid.uuid4().hex}.tmp"
     record = {
         "index": [int(i) for i in index],
         "region": [[int(s.start), int(s.stop)] for s in region],
@@ -139,15 +140,7 @@ def write_record(
     }
     if input_signature is not None:
         record["input"] = dict(input_signature)
-    try:
-        with open(temporary, "w") as handle:
-            json.dump(record, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, final)
-    finally:
-        if temporary.exists():
-            temporary.unlink()
+    write_atomically(final, json.dumps(record))
     return final
 
 

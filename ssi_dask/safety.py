@@ -271,10 +271,12 @@ def write_marker(store: str | os.PathLike, **details) -> None:
     from ._version import __version__  # noqa: PLC0415
 
     record = {"tool": "ssi-dask", "version": __version__, "created": _now(), **details}
-    _write_atomically(Path(store) / MARKER_FILE, json.dumps(record))
+    write_atomically(Path(store) / MARKER_FILE, json.dumps(record))
 
 
-def _write_atomically(path: Path, text: str) -> None:
+def write_atomically(path: Path, text: str) -> None:
+    """Write ``text`` to a temporary file unique to this writer, fsync it, rename it over
+    ``path``: readers see the old file or the whole new one, never a part."""
     temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
     try:
         with open(temporary, "w") as handle:
