@@ -285,7 +285,7 @@ def check_write_alignment(
         if bad:
             raise OutputError(
                 f"working chunks along axis {axis} end at {bad[:3]} which are not multiples of the "
-                f"output chunk size {out}; choose --chunks as multiples of the output chunks "
+                f"output chunk size {out}; choose chunks= as multiples of the output chunks "
                 f"{tuple(output_chunks)}"
             )
     if any(c <= 0 for c in output_chunks) or len(output_chunks) != len(shape):
@@ -408,11 +408,11 @@ def negative_input_warning(client: Any, offset: float, since: float) -> str | No
     if not events:
         return None
     low = min(float(message["min"]) for _, message in events)
-    after = f" after subtracting --offset {offset:g}" if offset else ""
+    after = f" after subtracting offset={offset:g}" if offset else ""
     return (
         f"warning: the input has values below 0{after} (min {low:.4g}, in {len(events)} "
         f"chunk{'s' if len(events) != 1 else ''} with halo); Lucy-Richardson treated them as "
-        "0: give the background level with --offset VALUE if they are not noise around a "
+        "0: give the background level with offset=VALUE if they are not noise around a "
         "zero background"
     )
 
@@ -913,7 +913,7 @@ def plan_blocks(
             if c % alignment and c != s:
                 raise ParameterError(
                     f"working chunk size {c} along axis {axis} is not a multiple of the model's "
-                    f"alignment {alignment}; choose --chunks as multiples of {alignment}"
+                    f"alignment {alignment}; choose chunks= as multiples of {alignment}"
                 )
     else:
         unit = tuple(math.lcm(int(u), alignment) for u in (store_chunks or (1,) * ndim))
@@ -937,7 +937,7 @@ def plan_blocks(
             fitting = _chunks_that_fit(shape, working, depth, units, boundary)
             raise ParameterError(
                 f"halo {d} along axis {axis} exceeds the smallest working chunk {min(sizes)}; "
-                f"use larger --chunks (e.g. --chunks {','.join(map(str, fitting))})"
+                f"use larger chunks= (e.g. chunks={tuple(int(c) for c in fitting)})"
             )
     n_chunks = math.prod(len(sizes) for sizes in full)
     effective_depth = tuple(

@@ -859,26 +859,12 @@ def job_from_args(args: argparse.Namespace) -> Job:
 def _run_command(args: argparse.Namespace) -> int:
     from .pipeline import run  # noqa: PLC0415
 
-    if args.resume and args.overwrite:
-        raise ParameterError("--resume keeps OUTPUT and --overwrite deletes it; give only one")
-    if args.repair and not args.resume:
-        raise ParameterError("--repair checks an existing OUTPUT; give it together with --resume")
-    if args.shards and args.output_shards is not None:
-        raise ParameterError("give --shards or --output-shards SPEC, not both")
-    if args.shards and args.zarr_format == 2:
-        raise ParameterError("--shards needs Zarr format 3; add --zarr-format 3")
-    try:
-        job = job_from_args(args)
-    except ParameterError as exc:
-        raise ParameterError(cli_message(str(exc))) from None
-    try:
-        report = run(job)
-    except SsiDaskError as exc:  # library messages name parameters; the command names flags
-        raise type(exc)(cli_message(str(exc))) from None
+    report = run(job_from_args(args))  # errors name parameters; main() maps them to flags
     if report.dry_run:
         return 0
     print(report.summary())
     for line in report.warnings:
+        line = cli_message(line)
         print(line, file=sys.stderr if "below 0" in line else sys.stdout)
     return 0
 
@@ -906,7 +892,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             check_command(args)  # a missing extra (torch for SSI...) in one line, up front
             return int(args.handler(args) or 0)
     except SsiDaskError as exc:
-        print(f"ssi-dask: error: {exc}", file=sys.stderr)
+        print(f"ssi-dask: error: {cli_message(str(exc))}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print("ssi-dask: interrupted", file=sys.stderr)

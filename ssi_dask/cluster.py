@@ -132,7 +132,7 @@ def local_memory_limit(memory_limit: str | None, threads_per_worker: int = 1) ->
 
     text = "auto" if memory_limit is None else str(memory_limit).strip()
     bad = ParameterError(
-        f"--memory-limit {memory_limit!r} is not a memory size; give e.g. 4GiB or 500MB, a "
+        f"memory_limit {memory_limit!r} is not a memory size; give e.g. 4GiB or 500MB, a "
         "fraction of the machine's memory such as 0.5, or leave it out"
     )
     try:
@@ -191,17 +191,17 @@ def check_worker_memory(
         return limit
     smallest_mib = -(-int(needed / fraction) // 2**20)
     given = (
-        f"--memory-limit {memory_limit}"
+        f"memory_limit {memory_limit}"
         if memory_limit not in (None, "auto")
         else "the default memory limit (the machine's memory shared by the cores)"
     )
     baseline = WORKER_BASELINE_BYTES[method]
-    fix = f"give --memory-limit {smallest_mib}MiB or more"
+    fix = f"give memory_limit='{smallest_mib}MiB' or more"
     if memory_limit in (None, "auto"):  # the machine's memory is shared by the workers
-        fix += " with fewer --workers"
+        fix += " with fewer workers="
     if baseline < fraction * limit:  # room for some tasks: smaller ones may fit
-        fix += ", fewer --threads-per-worker or" if threads > 1 else ", or"
-        fix += " smaller --chunks"
+        fix += ", fewer threads_per_worker or" if threads > 1 else ", or"
+        fix += " smaller chunks="
     if task_bytes:
         what = (
             f"one task needs ~{format_bytes(task_bytes)} and a worker ~{format_bytes(needed)} "
@@ -226,13 +226,13 @@ def _local_cluster(
             from dask_cuda import LocalCUDACluster  # noqa: PLC0415
         except ImportError:
             raise DeviceError(
-                "--gpu needs dask-cuda and CuPy with a CUDA device; install "
-                "'ssi-dask[gpu]' on a machine with a GPU, or drop --gpu"
+                "gpu=True needs dask-cuda and CuPy with a CUDA device; install "
+                "'ssi-dask[gpu]' on a machine with a GPU, or drop gpu=True"
             ) from None
         from ._backend import cupy_or_none  # noqa: PLC0415
 
         if cupy_or_none() is None:
-            raise DeviceError("--gpu was given but no CUDA device is visible; drop --gpu")
+            raise DeviceError("gpu=True was given but no CUDA device is visible; drop gpu=True")
         return LocalCUDACluster(
             threads_per_worker=threads_per_worker or 1,
             memory_limit=memory_limit or "auto",
@@ -246,7 +246,7 @@ def _local_cluster(
     threads = threads_per_worker or 1
     workers = n_workers or max(cores // threads, 1)
     if workers < 1 or threads < 1:
-        raise ParameterError("--workers and --threads-per-worker must be at least 1")
+        raise ParameterError("workers= and threads_per_worker must be at least 1")
     config = {
         **LOCAL_WORKER_CONFIG,
         "distributed.nanny.pre-spawn-environ": worker_env(memory_limit),
@@ -300,7 +300,7 @@ def dask_client(
     from distributed import Client  # noqa: PLC0415
 
     if scheduler and scheduler_file:
-        raise ParameterError("give either --scheduler or --scheduler-file, not both")
+        raise ParameterError("give either scheduler= or scheduler_file, not both")
     if scheduler or scheduler_file:
         if scheduler_file is not None and not Path(scheduler_file).exists():
             raise SchedulerError(

@@ -22,9 +22,10 @@ DEFAULT_NUM_ITER = 10
 #: Back projectors of Lucy-Richardson.
 BACK_PROJECTORS = ("classic", "wiener-butterworth")
 
-#: Library parameter -> command-line flag, for messages that must name what the user typed.
-#: Only names that cannot be mistaken for ordinary words (underscores, dotted paths) are
-#: listed; settings named by a plain word say the flag in their own messages.
+#: Library parameter -> command-line flag: the one table the command line maps library
+#: messages with. Library messages name a parameter either as a keyword (``chunks=``,
+#: ``resume=True``, ``voxel_size=(1, 0.1, 0.1)``), which is mapped whatever the name, or bare
+#: when the name cannot be mistaken for an ordinary word (underscores, dotted paths).
 CLI_FLAGS = {
     "lr.num_iter": "--iterations",
     "num_iter": "--iterations",
@@ -38,28 +39,74 @@ CLI_FLAGS = {
     "ssi.model": "--model",
     "ssi.save_model": "--save-model",
     "save_model": "--save-model",
+    "model": "--model",
+    "train.device": "--train-device",
+    "on_worker": "--train-on worker",
     "patch_size": "--patch-size",
     "batch_size": "--batch-size",
     "net_depth": "--net-depth",
     "base_channels": "--base-channels",
     "refractive_index": "--refractive-index",
     "psf_shape": "--psf-shape",
+    "psf": "--psf",
+    "na": "--na",
+    "wavelength": "--wavelength",
     "zarr_format": "--zarr-format",
     "output_format": "--output-format",
     "output_shards": "--output-shards",
+    "output_chunks": "--output-chunks",
+    "shards": "--shards",
+    "chunks": "--chunks",
+    "depth": "--depth",
+    "level": "--level",
+    "channels": "--channel",
+    "voxel_size": "--voxel-size",
+    "resume": "--resume",
+    "repair": "--repair",
+    "overwrite": "--overwrite",
+    "method": "--method",
+    "scheduler": "--scheduler",
+    "scheduler_file": "--scheduler-file",
+    "workers": "--workers",
     "threads_per_worker": "--threads-per-worker",
+    "memory_limit": "--memory-limit",
+    "gpu": "--gpu",
     "worker_timeout": "--worker-timeout",
     "connect_timeout": "--connect-timeout",
-    "voxel_size": "--voxel-size",
 }
 
 
+def _flag_value(value: str) -> str:
+    """A Python literal in a message as the command line spells it: ``(1, 2)`` -> ``1,2``."""
+    value = value.strip("'\"")
+    if value.startswith("(") and value.endswith(")"):
+        value = value[1:-1].replace(" ", "").rstrip(",")
+    return value
+
+
 def cli_message(message: str) -> str:
-    """A library error message with its parameter names replaced by the command's flags."""
+    """A library message with its parameter names replaced by the command's flags.
+
+    ``resume=True`` -> ``--resume``; ``chunks=(64, 256, 256)`` -> ``--chunks 64,256,256``;
+    ``psf=FILE`` -> ``--psf FILE``; ``memory_limit`` -> ``--memory-limit``. Names not in
+    :data:`CLI_FLAGS` are left as they are.
+    """
     import re  # noqa: PLC0415
 
+    def keyword(match: re.Match) -> str:
+        name, value = match.group(1), match.group(2) or ""
+        flag = CLI_FLAGS.get(name)
+        if flag is None:
+            return match.group(0)
+        if value == "True":
+            return flag
+        return f"{flag} {_flag_value(value)}" if value else flag
+
+    literal = r"\([^()]*\)|'[^']*'|\"[^\"]*\"|[^\s,;)]+"
+    message = re.sub(rf"(?<![\w.-])([a-z_.]+)=({literal})?", keyword, message)
     for name, flag in CLI_FLAGS.items():
-        message = re.sub(rf"(?<![\w.-]){re.escape(name)}(?![\w-])", flag, message)
+        if "_" in name or "." in name:
+            message = re.sub(rf"(?<![\w.-]){re.escape(name)}(?![\w-])", flag, message)
     return message
 
 
@@ -341,9 +388,9 @@ class LayoutSettings:
                 f"output_format must be auto, ome-zarr or zarr, got {self.output_format!r}"
             )
         if self.shards and self.output_shards is not None:
-            raise ParameterError("give shards=True or output_shards, not both")
+            raise ParameterError("give shards=True or output_shards=SPEC, not both")
         if self.shards and self.zarr_format == 2:
-            raise ParameterError("shards needs zarr_format 3")
+            raise ParameterError("shards=True needs zarr_format=3")
         depth = self.depth
         if depth is not None:
             values = (depth,) if isinstance(depth, int) else tuple(depth)
@@ -408,9 +455,13 @@ class Job:
         if self.method not in ("lr", "ssi"):
             raise ParameterError(f"method must be 'lr' or 'ssi', got {self.method!r}")
         if self.resume and self.overwrite:
-            raise ParameterError("resume keeps the output and overwrite deletes it; give only one")
+            raise ParameterError(
+                "resume=True keeps the output and overwrite=True deletes it; give only one"
+            )
         if self.repair and not self.resume:
-            raise ParameterError("repair checks an existing output; give it together with resume")
+            raise ParameterError(
+                "repair=True checks an existing output; give it together with resume=True"
+            )
         _count("level", self.level, 0)
         if self.voxel_size is not None:
             for value in self.voxel_size:

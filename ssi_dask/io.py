@@ -264,7 +264,7 @@ def create_output_array(
     extra: dict[str, Any] = {}
     if shards is not None:
         if zarr_format != 3:
-            raise OutputError("sharding needs Zarr format 3; drop --shards or use --zarr-format 3")
+            raise OutputError("sharding needs Zarr format 3; drop shards=True or use zarr_format=3")
         extra["shards"] = tuple(int(s) for s in shards)
     if dimension_names is not None and zarr_format == 3:
         extra["dimension_names"] = list(dimension_names)

@@ -388,7 +388,7 @@ def choose_iterations_within(
                 low, high = (middle, high) if fits(middle) else (low, middle)
             fitting = low
         if fitting < max_iter and echo is not None:
-            echo(f"auto iterations: trying 1..{fitting} (the halo of more exceeds --chunks)")
+            echo(f"auto iterations: trying 1..{fitting} (the halo of more exceeds the chunks)")
         max_iter = fitting
     if offset:
         import dask.array as da  # noqa: PLC0415

@@ -334,7 +334,7 @@ def open_ome_zarr(path: str | os.PathLike, level: int = 0) -> OmeImage:
     datasets = multiscales.metadata.datasets
     if not 0 <= level < len(datasets):
         raise ParameterError(
-            f"--level {level} does not exist in {str(path)!r}; it has levels 0 to "
+            f"level={level} does not exist in {str(path)!r}; it has levels 0 to "
             f"{len(datasets) - 1} (0 is full resolution)"
         )
     axes = [
@@ -483,7 +483,7 @@ def check_psf_voxel_size(
             f"PSF file {str(psf_path)!r} was sampled at voxel size "
             f"{tuple(round(v, 6) for v in declared)} um but the image has "
             f"{tuple(round(v, 6) for v in image)} um; regenerate it "
-            f"(ssi-dask psf --voxel-size {wanted}) or use the image's --level that matches"
+            f"(ssi-dask psf --voxel-size {wanted}) or use the image's level= that matches"
         )
     return declared
 
@@ -748,7 +748,7 @@ def plain_image(source: str | os.PathLike, voxel_size: Sequence[float] | None = 
         )
     if voxel_size is not None and len(voxel_size) != array.ndim:
         raise ParameterError(
-            f"--voxel-size needs {array.ndim} positive values for a {array.ndim}D image, got "
+            f"voxel_size needs {array.ndim} positive values for a {array.ndim}D image, got "
             f"{len(voxel_size)}"
         )
     names = "zyx"[-array.ndim :]
@@ -778,9 +778,9 @@ def select_channels(chosen: Sequence[int | str] | None, image: OmeImage) -> list
     if axis is None:
         if not image.is_ome:
             raise InputError(
-                f"--channel applies to OME-Zarr image groups; {image.path!r} is a plain array"
+                f"channels= applies to OME-Zarr image groups; {image.path!r} is a plain array"
             )
-        raise ParameterError(f"--channel was given but {image.path!r} has no channel axis")
+        raise ParameterError(f"channels= was given but {image.path!r} has no channel axis")
     n = int(image.array.shape[axis])
     names = image.channel_names or []
     result = []
@@ -793,6 +793,6 @@ def select_channels(chosen: Sequence[int | str] | None, image: OmeImage) -> list
         else:
             described = f" ({', '.join(names)})" if names else ""
             raise ParameterError(
-                f"--channel {text!r} does not exist; the image has channels 0 to {n - 1}{described}"
+                f"channel {text!r} does not exist; the image has channels 0 to {n - 1}{described}"
             )
     return result

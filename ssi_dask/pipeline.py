@@ -109,13 +109,13 @@ def open_image(source: Any, *, level: int = 0, voxel_size: Sequence[float] | Non
 
     if is_dataarray(source):
         if level:
-            raise InputError("--level applies to OME-Zarr image groups; the input is a DataArray")
+            raise InputError("level= applies to OME-Zarr image groups; the input is a DataArray")
         return dataarray_image(source, voxel_size)
     if isinstance(source, (str, Path)) and is_ome_zarr(source):
         return open_ome_zarr(source, level=level)
     if level:
         raise InputError(
-            f"--level applies to OME-Zarr image groups; {str(source)!r} is a plain array"
+            f"level= applies to OME-Zarr image groups; {str(source)!r} is a plain array"
         )
     return plain_image(source, voxel_size)
 
@@ -139,7 +139,7 @@ def resolve_psfs(
         files = list(settings.files)
         if len(files) not in (1, n_channels):
             raise PSFError(
-                f"--psf names {len(files)} files for {n_channels} channels; give one PSF for "
+                f"psf= names {len(files)} files for {n_channels} channels; give one PSF for "
                 "all channels or one per channel, separated by commas"
             )
         psfs, info = [], []
@@ -154,25 +154,25 @@ def resolve_psfs(
         return psfs, info
     if settings.na is None or not settings.wavelength:
         raise PSFError(
-            "give --psf FILE, or --na and --wavelength to compute a widefield PSF from the "
+            "give psf=FILE, or na= and wavelength= to compute a widefield PSF from the "
             "image's voxel size"
         )
     if voxel_size is None:
         raise PSFError(
             "the image declares no voxel size (no OME-Zarr metadata or no units); give "
-            "--voxel-size " + ("DZ,DY,DX" if ndim == 3 else "DY,DX") + " to compute the PSF"
+            "voxel_size=" + ("(DZ, DY, DX)" if ndim == 3 else "(DY, DX)") + " to compute the PSF"
         )
     wavelengths = tuple(settings.wavelength)
     check_optics(settings.na, wavelengths, settings.refractive_index)
     if len(wavelengths) not in (1, n_channels):
         raise PSFError(
-            f"--wavelength gives {len(wavelengths)} values for {n_channels} channels; give one "
+            f"wavelength= gives {len(wavelengths)} values for {n_channels} channels; give one "
             "or one per channel"
         )
     if voxel_size[-1] != voxel_size[-2]:
         raise PSFError(
             f"the image's lateral voxel sizes differ {tuple(voxel_size[-2:])}; a widefield PSF "
-            "needs square pixels: give --psf FILE"
+            "needs square pixels: give psf=FILE"
         )
     psfs, info = [], []
     for wavelength in wavelengths:
@@ -210,14 +210,14 @@ def resolve_psfs(
 def check_optics(na: float, wavelengths: Sequence[float], refractive_index: float) -> None:
     """Refuse optics no PSF can be computed from (before any division by them)."""
     if not (math.isfinite(refractive_index) and refractive_index > 0):
-        raise PSFError(f"--refractive-index must be a positive number, got {refractive_index}")
+        raise PSFError(f"refractive_index must be a positive number, got {refractive_index}")
     if not (math.isfinite(na) and 0 < na < refractive_index):
         raise PSFError(
-            f"--na must be above 0 and below the refractive index {refractive_index:g}, got {na}"
+            f"na= must be above 0 and below the refractive index {refractive_index:g}, got {na}"
         )
     if not all(math.isfinite(w) and w > 0 for w in wavelengths):
         raise PSFError(
-            "--wavelength must be positive micrometres (e.g. 0.52), got "
+            "wavelength= must be positive micrometres (e.g. 0.52), got "
             + ",".join(f"{w:g}" for w in wavelengths)
         )
 
@@ -246,8 +246,8 @@ def train_model(
             resolve_device(device)
         except SsiDaskError:
             raise DeviceError(
-                "--gpu/--train-device cuda needs a CUDA GPU visible to torch on this machine; "
-                "drop it, or train on a GPU worker with --scheduler ... --train-on worker"
+                "train.device='cuda' needs a CUDA GPU visible to torch on this machine; "
+                "use train.device='cpu', or train on a GPU worker (on_worker=True)"
             ) from None
     where = "a worker" if settings.on_worker else f"this process ({device})"
     _say(echo, f"training SSI on {volume.path} {volume.shape} (seed {settings.seed}) in {where}")
@@ -302,7 +302,7 @@ def _model_for_run(job: Job, volume: Any, psf: np.ndarray, protected: list, echo
         model_path, output_path = resolved(save), resolved(job.output)
         if model_path == output_path or output_path in model_path.parents:
             raise ParameterError(
-                f"--save-model {str(save)!r} is OUTPUT or inside it; save the model outside "
+                f"save_model {str(save)!r} is the output or inside it; save the model outside "
                 "the output"
             )
         check_replaceable_file(save, overwrite=job.overwrite, inputs=protected)
@@ -456,7 +456,7 @@ def run(job: Job, *, client: Any = None, echo: Echo = print) -> RunReport:
     voxel_size = tuple(job.voxel_size) if job.voxel_size else image.voxel_size_um
     if job.voxel_size and len(job.voxel_size) != n_spatial:
         raise ParameterError(
-            f"--voxel-size needs {n_spatial} positive values for a {n_spatial}D image, "
+            f"voxel_size needs {n_spatial} positive values for a {n_spatial}D image, "
             f"got {len(job.voxel_size)}"
         )
     psfs, psf_info = resolve_psfs(job.psf, n_spatial, voxel_size, n_channels, spatial_shape)
@@ -483,7 +483,7 @@ def run(job: Job, *, client: Any = None, echo: Echo = print) -> RunReport:
     if user_depth is not None:
         depth = (user_depth,) * n_spatial if isinstance(user_depth, int) else tuple(user_depth)
         if len(depth) != n_spatial:
-            raise ParameterError(f"--depth needs 1 or {n_spatial} non-negative integers")
+            raise ParameterError(f"depth= needs 1 or {n_spatial} non-negative integers")
     check_local_memory(job.cluster, method)  # a limit below a worker's baseline, before training
     model = None
     if method == "ssi":
@@ -526,7 +526,7 @@ def run(job: Job, *, client: Any = None, echo: Echo = print) -> RunReport:
     lead_chunks = (1,) * n_lead
     shards = parse_chunks(job.layout.output_shards, n_spatial)
     if job.layout.shards and zarr_format != 3:
-        raise ParameterError("--shards needs Zarr format 3; add --zarr-format 3")
+        raise ParameterError("shards=True needs zarr_format=3")
     if job.layout.shards:
         shards = plan.working_chunks
     check_shard_alignment(

@@ -125,7 +125,7 @@ def load_psf(path: str | os.PathLike, ndim: int | None = None, *, crop: bool = T
     path = Path(path)
     name = f"PSF file {str(path)!r}"
     if not path.exists():
-        raise PSFError(f"{name} does not exist; check the path given to --psf")
+        raise PSFError(f"{name} does not exist; check the path given to psf=")
     suffix = path.suffix.lower()
     try:
         if suffix in (".tif", ".tiff"):
@@ -139,7 +139,7 @@ def load_psf(path: str | os.PathLike, ndim: int | None = None, *, crop: bool = T
 
             node = zarr.open(str(path), mode="r")
             if not hasattr(node, "shape"):
-                raise PSFError(f"{name} is a Zarr group, not an array; point --psf at the array")
+                raise PSFError(f"{name} is a Zarr group, not an array; point psf= at the array")
             psf = np.asarray(node[...])
         else:
             raise PSFError(

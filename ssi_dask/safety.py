@@ -198,7 +198,7 @@ def made_by_this_tool(store: str | os.PathLike) -> bool:
     return False
 
 
-def check_deletable(output: str | os.PathLike, *, option: str = "--overwrite") -> None:
+def check_deletable(output: str | os.PathLike, *, option: str = "overwrite=True") -> None:
     """Refuse to delete ``output`` unless it is a store this tool made (see the module notes).
 
     Raises
@@ -481,7 +481,7 @@ def check_output_target(
     if given.exists() or given.is_symlink():
         if not overwrite:
             raise OutputError(
-                f"output {str(target)!r} already exists; choose a new path or pass --overwrite"
+                f"output {str(target)!r} already exists; choose a new path or pass overwrite=True"
             )
         check_deletable(given)
     if not target.parent.is_dir():
@@ -525,7 +525,7 @@ def claim_output(
     except FileExistsError:
         raise OutputError(
             f"output {str(target)!r} already exists (another run created it just now?); "
-            "choose a new path or pass --overwrite"
+            "choose a new path or pass overwrite=True"
         ) from None
     except OSError as exc:
         raise OutputError(f"cannot create output {str(target)!r}: {exc.strerror or exc}") from None
@@ -590,7 +590,7 @@ def check_replaceable_file(
     *,
     overwrite: bool,
     inputs: Iterable[str | os.PathLike | None] = (),
-    option: str = "--overwrite",
+    option: str = "overwrite=True",
 ) -> Path:
     """Check that a single output file (PSF, checkpoint) may be written at ``path``.
 

@@ -95,8 +95,8 @@ def non_finite_message(data: np.ndarray, region: tuple[slice, ...]) -> str:
     return (
         f"the result of chunk {records.region_text(region)} is not finite ({bad} of {data.size} "
         "values NaN or Inf) and was not written; likely cause: negative input values (subtract "
-        "the background, e.g. with --offset) or values too large for float32, or with "
-        "--method ssi a model that does not fit this data"
+        "the background, e.g. with offset=) or values too large for float32, or with "
+        "method='ssi' a model that does not fit this data"
     )
 
 
@@ -115,21 +115,23 @@ def check_shard_alignment(
     if output_shards is None:
         return
     if zarr_format != 3:
-        raise OutputError("sharding needs a Zarr v3 output; drop --output-shards or use v3")
+        raise OutputError(
+            "sharding needs a Zarr v3 output; drop output_shards or use zarr_format=3"
+        )
     if len(output_shards) != len(shape):
         raise OutputError(f"invalid output shards {output_shards} for shape {shape}")
     for axis, (shard, chunk) in enumerate(zip(output_shards, output_chunks)):
         if shard % chunk:
             raise OutputError(
                 f"shard size {shard} along axis {axis} is not a multiple of the output chunk "
-                f"size {chunk}; choose --output-shards as multiples of {tuple(output_chunks)}"
+                f"size {chunk}; choose output_shards as multiples of {tuple(output_chunks)}"
             )
     for axis, (sizes, shard) in enumerate(zip(working_chunks, output_shards)):
         bad = [int(e) for e in np.cumsum(sizes)[:-1] if e % shard]
         if bad:
             raise OutputError(
                 f"working chunks along axis {axis} end at {bad[:3]} which are not multiples of the "
-                f"shard size {shard}: two tasks would rewrite the same shard; choose --chunks as "
+                f"shard size {shard}: two tasks would rewrite the same shard; choose chunks= as "
                 f"multiples of the shards {tuple(output_shards)}"
             )
 
@@ -239,9 +241,13 @@ def write_zarr(
         computation=computation,
     )
     if resume and overwrite:
-        raise OutputError("--resume keeps OUTPUT and --overwrite deletes it; give only one")
+        raise OutputError(
+            "resume=True keeps the output and overwrite=True deletes it; give only one"
+        )
     if repair and not resume:
-        raise OutputError("--repair checks an existing OUTPUT; give it together with --resume")
+        raise OutputError(
+            "repair=True checks an existing output; give it together with resume=True"
+        )
     given = input_path if isinstance(input_path, (list, tuple)) else [input_path]
     inputs = [*given, *safety.source_paths(result)]
     with contextlib.ExitStack() as claim:
@@ -347,7 +353,7 @@ def _compute_into(
         raise OutputError(
             f"only {len(finished)} of {len(regions)} chunks of {str(path)!r} are recorded as "
             f"written (first missing: {records.region_text(regions[missing[0]])}); the output is "
-            "incomplete: re-run with --resume"
+            "incomplete: re-run with resume=True"
         )
     array = zarr.open_array(str(path), mode="r+")
     provenance.update(complete=True, finished=_now(), chunks_written=len(finished))
@@ -485,12 +491,12 @@ def check_resume(
     except Exception as exc:
         raise OutputError(
             f"output {str(path)!r} cannot be opened as a Zarr array ({type(exc).__name__}); "
-            "cannot resume it, choose a new output or pass --overwrite"
+            "cannot resume it, choose a new output or pass overwrite=True"
         ) from None
     if "fingerprint" not in existing:
         raise OutputError(
             f"output {str(path)!r} has no ssi-dask progress records; cannot resume it, choose a "
-            "new output or pass --overwrite"
+            "new output or pass overwrite=True"
         )
     if existing["fingerprint"] != provenance["fingerprint"]:
         old = records.parameters_of(existing)
@@ -499,7 +505,7 @@ def check_resume(
         raise OutputError(
             f"output {str(path)!r} was made with different parameters "
             f"({'; '.join(differences[:4])}); resume with the same parameters, PSF and model, "
-            "or pass --overwrite to start again"
+            "or pass overwrite=True to start again"
         )
     if input_reference is not None:
         _check_input_unchanged(path, existing, input_reference)
@@ -519,7 +525,7 @@ def _check_input_unchanged(path: Path, existing: dict, input_reference: Any) -> 
         raise OutputError(
             f"the input changed since {str(path)!r} was written: {len(changed)} of {len(done)} "
             f"chunks already written were made from other input data (first: {first}); "
-            "resuming would mix old and new input: pass --overwrite to start again"
+            "resuming would mix old and new input: pass overwrite=True to start again"
         )
 
 
@@ -607,7 +613,7 @@ def _compute_on_cluster(client, writes, bar, callback, output, regions, worker_t
             if time.monotonic() - alone_since > worker_timeout:
                 raise SchedulerError(
                     f"no Dask worker left for {worker_timeout:g} s (all workers gone); "
-                    f"{_kept(output, regions)}: start workers and re-run with --resume"
+                    f"{_kept(output, regions)}: start workers and re-run with resume=True"
                 )
     except BaseException:
         try:
@@ -631,7 +637,7 @@ def _lost_scheduler(exc: BaseException, output: Path) -> SchedulerError:
     return SchedulerError(
         f"lost the Dask scheduler during the run ({type(exc).__name__}); the chunks written to "
         f"{str(output)!r} so far are kept: restart the scheduler and workers and re-run with "
-        "--resume"
+        "resume=True"
     )
 
 
@@ -661,7 +667,7 @@ def _task_failure(
     where = f" (chunk {region})" if region and region not in str(exc) else ""
     if isinstance(exc, NonFiniteResultError):
         return NonFiniteResultError(
-            f"{exc}; fix that, then re-run with --resume (same parameters) or --overwrite "
+            f"{exc}; fix that, then re-run with resume=True (same parameters) or overwrite=True "
             f"({_kept(output, regions)})"
         )
     if isinstance(exc, SsiDaskError):
@@ -669,8 +675,8 @@ def _task_failure(
     if type(exc).__name__ == "KilledWorker":
         return SchedulerError(
             f"a chunk{where} was lost with its worker too many times (the worker died: out of "
-            f"memory?); use smaller --chunks or a larger --memory-limit, then re-run with "
-            f"--resume ({_kept(output, regions)})"
+            f"memory?); use smaller chunks= or a larger memory_limit, then re-run with "
+            f"resume=True ({_kept(output, regions)})"
         )
     if isinstance(exc, (asyncio.CancelledError, concurrent.futures.CancelledError)):
         return _lost_scheduler(exc, output)
@@ -682,21 +688,21 @@ def _task_failure(
         if exc.errno in DISK_FULL_ERRNOS:
             return OutputError(
                 f"the disk is full writing {str(output)!r} ({reason}); free space or choose "
-                f"another output, then re-run with --resume ({_kept(output, regions)})"
+                f"another output, then re-run with resume=True ({_kept(output, regions)})"
             )
         if filename and not filename.startswith(str(output)):
             return RunError(
                 f"reading {filename!r} failed{where} ({reason}); check the input, then re-run "
-                f"with --resume ({_kept(output, regions)})"
+                f"with resume=True ({_kept(output, regions)})"
             )
         return OutputError(
-            f"writing the output failed{where} ({reason}); re-run with --resume once fixed "
+            f"writing the output failed{where} ({reason}); re-run with resume=True once fixed "
             f"({_kept(output, regions)})"
         )
     detail = str(exc).splitlines()[0] if str(exc) else ""
     return RunError(
         f"computing the chunk {region} failed ({type(exc).__name__}: {detail}); check the input "
-        f"there (a corrupt or unreadable file?), then re-run with --resume "
+        f"there (a corrupt or unreadable file?), then re-run with resume=True "
         f"({_kept(output, regions)})"
     )
 

@@ -149,7 +149,7 @@ def _before_work_cases(ws):
         ),
         "resume and overwrite": (
             ("run", src, ws["previous"], "--psf", psf, "--resume", "--overwrite"),
-            "--resume keeps OUTPUT and --overwrite deletes it; give only one",
+            "--resume keeps the output and --overwrite deletes it; give only one",
         ),
         "resume of a foreign output": (
             ("run", src, ws["previous"], "--psf", psf, "--resume"),

@@ -356,17 +356,17 @@ def test_memory_rule_follows_threads_chunks_and_dask_thresholds():
     task = 100 * mib
     fits = (WORKER_BASELINE_BYTES["lr"] + TASKS_IN_FLIGHT * task) / 0.8  # exactly at the pause
     assert check_worker_memory(f"{int(fits) + 1}B", 1, task) == int(fits) + 1
-    with pytest.raises(ParameterError, match=r"or more, or smaller --chunks$"):
+    with pytest.raises(ParameterError, match=r"or more, or smaller chunks=$"):
         check_worker_memory(f"{int(fits) - mib}B", 1, task)
     # two threads: twice the tasks in flight, and the hint names the threads too
-    with pytest.raises(ParameterError, match="4 tasks in flight.*fewer --threads-per-worker"):
+    with pytest.raises(ParameterError, match="4 tasks in flight.*fewer threads_per_worker"):
         check_worker_memory(f"{int(fits) + 1}B", 2, task)
     # without pausing, the terminate threshold (95 %) is the limit
     with dask.config.set({"distributed.worker.memory.pause": False}):
         assert check_worker_memory(f"{int(fits * 0.8 / 0.95) + 1}B", 1, task)
     assert check_worker_memory("0", 1, task) is None  # 0: no limit, as in Dask
     # the default limit (the machine's memory shared by the cores): fewer workers help too
-    with pytest.raises(ParameterError, match="^the default memory limit .* fewer --workers, or"):
+    with pytest.raises(ParameterError, match="^the default memory limit .* fewer workers=, or"):
         check_worker_memory(None, 1, 2**50)
 
 

@@ -115,7 +115,7 @@ def test_layout_thinner_than_the_measured_halo_is_refused_with_chunks_that_fit()
         plan_blocks((48, 160, 160), "float32", psf.shape, num_iter=10, chunks=(16, 48, 48), psf=psf)
     assert str(error.value) == (
         f"halo {halo} along axis 0 exceeds the smallest working chunk 16; "
-        "use larger --chunks (e.g. --chunks 24,48,48)"
+        "use larger chunks= (e.g. chunks=(24, 48, 48))"
     )  # and 24,48,48 is the first case of SEAM_CASES, tested against the whole volume
 
 
@@ -235,6 +235,8 @@ def test_write_zarr_refuses_existing_output(tmp_path, volume3d, psf3d):
     target = tmp_path / "exists.zarr"
     zarr.create_array(store=str(target), shape=(2, 2), dtype="float32")[...] = 7
     lazy = deconvolve(volume3d, psf3d, num_iter=1)
-    with pytest.raises(OutputError, match="already exists; choose a new path or pass --overwrite"):
+    with pytest.raises(
+        OutputError, match="already exists; choose a new path or pass overwrite=True"
+    ):
         write_zarr(lazy, target)
     assert zarr.open_array(str(target), mode="r")[0, 0] == 7

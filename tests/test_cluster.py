@@ -42,7 +42,7 @@ def test_allocator_threshold_follows_small_memory_limits():
 
 
 def test_both_scheduler_and_file_is_refused(tmp_path):
-    with pytest.raises(ParameterError, match="either --scheduler or --scheduler-file"):
+    with pytest.raises(ParameterError, match="either scheduler= or scheduler_file, not both"):
         with dask_client("tcp://127.0.0.1:1", scheduler_file=tmp_path / "s.json"):
             pass
 

@@ -148,7 +148,7 @@ def test_deconvolve_auto_records_the_choice(psf):
     choice = lazy.auto_choice
     # with user-set chunks only the counts whose halo fits them are tried (as on the CLI)
     assert 1 <= choice.max_iter < 12
-    with pytest.raises(ParameterError, match="use larger --chunks"):
+    with pytest.raises(ParameterError, match=r"use larger chunks= \(e.g. chunks=\("):
         deconvolve(image, psf, num_iter=choice.max_iter + 1,
                    back_projector="wiener-butterworth", chunks=(24, 32, 64))  # fmt: skip
     assert choice == choose_iterations(

@@ -263,7 +263,7 @@ def test_level_and_psf_computed_from_the_metadata(tmp_path, local_client, capsys
         ),
         (
             ["--psf", "{good}", "--shards"],
-            "--shards needs Zarr format 3; add --zarr-format 3",
+            "--shards needs --zarr-format 3",
         ),
     ],
 )

@@ -99,8 +99,14 @@ def test_ome_zarr_cli_resume_and_automatic_iterations(tmp_path, local_client):
     ("changes", "message"),
     [
         ({"method": "magic"}, "method must be 'lr' or 'ssi', got 'magic'"),
-        ({"resume": True, "overwrite": True}, "resume keeps the output and overwrite deletes"),
-        ({"repair": True}, "repair checks an existing output; give it together with resume"),
+        (
+            {"resume": True, "overwrite": True},
+            "resume=True keeps the output and overwrite=True deletes",
+        ),
+        (
+            {"repair": True},
+            "repair=True checks an existing output; give it together with resume=True",
+        ),
         (
             {"method": "ssi", "lr": ssi_dask.LRSettings(num_iter=5)},
             "lr.num_iter apply to method 'lr' only",

@@ -98,7 +98,7 @@ def test_verify_finds_lost_and_undecodable_chunks_and_repair_restores_them(
 def test_repair_needs_resume(tmp_path, zarr3d, psf3d_file):
     line = _one_line_error(_run(zarr3d, tmp_path / "out.zarr", psf3d_file, "--repair"))
     assert line == (
-        "ssi-dask: error: --repair checks an existing OUTPUT; give it together with --resume"
+        "ssi-dask: error: --repair checks an existing output; give it together with --resume"
     )
 
 
