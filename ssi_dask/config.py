@@ -105,7 +105,7 @@ def cli_message(message: str) -> str:
     literal = r"\([^()]*\)|'[^']*'|\"[^\"]*\"|[^\s,;)]+"
     message = re.sub(rf"(?<![\w.-])([a-z_.]+)=({literal})?", keyword, message)
     for name, flag in CLI_FLAGS.items():
-        if "_" in name or "." in name:
+        if "_" in name or "." in name or name == "cutoff":
             message = re.sub(rf"(?<![\w.-]){re.escape(name)}(?![\w-])", flag, message)
     return message
 

@@ -37,7 +37,7 @@ def test_run_wb_auto_on_a_local_cluster(tmp_path, zarr3d, psf3d_file, psf3d, vol
     )
     assert result.returncode == 0, result.stderr
     # 10 WB iterations would need a halo of 45 > 32: only counts whose halo fits are tried
-    assert "auto iterations: trying 1..6 (the halo of more exceeds --chunks)" in result.stdout
+    assert "auto iterations: trying 1..6 (the halo of more exceeds the chunks)" in result.stdout
     # the same choice as the Python API with the same settings
     choice = choose_iterations(
         volume3d, psf3d, back_projector="wiener-butterworth", n_samples=2, seed=5, max_iter=6

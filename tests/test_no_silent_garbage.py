@@ -69,7 +69,7 @@ def test_non_finite_chunk_fails_write_zarr_and_keeps_the_others(tmp_path):
     assert message.startswith(
         "the result of chunk [0:8, 0:16, 0:16] is not finite (1 of 2048 values NaN or Inf) "
         "and was not written; likely cause: negative input values (subtract the background, "
-        "e.g. with --offset)"
+        "e.g. with offset=)"
     )
     assert message.endswith(f"(1 of 2 chunks of {str(out)!r} are written and kept)")
     array = zarr.open_array(str(out), mode="r")

@@ -251,7 +251,7 @@ def test_level_and_psf_computed_from_the_metadata(tmp_path, local_client, capsys
         ),
         (
             ["--psf", "{good}", "--channel", "DAPI"],
-            "--channel 'DAPI' does not exist; the image has channels 0 to 1 (GFP, RFP)",
+            "channel 'DAPI' does not exist; the image has channels 0 to 1 (GFP, RFP)",
         ),
         (
             ["--psf", "{good},{good},{good}"],

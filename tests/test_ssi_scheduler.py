@@ -113,11 +113,11 @@ def test_gpu_without_cuda_is_one_line(tmp_path, zarr3d, psf3d_file):
         pytest.skip("a CUDA device is visible: --gpu would work here")
     model_path = tmp_path / "model.pt"
     trained = run_cli("train", zarr3d, "--psf", psf3d_file, "--out", model_path, "--gpu", *TINY_CLI)
-    _assert_clean_failure(trained, "--gpu/--train-device cuda needs a CUDA GPU visible to torch")
+    _assert_clean_failure(trained, "--train-device cuda needs a CUDA GPU visible to torch")
     assert not model_path.exists()
     out = tmp_path / "o.zarr"
     ran = run_cli("run", zarr3d, out, "--psf", psf3d_file, "--method", "ssi", "--gpu", *TINY_CLI)
-    _assert_clean_failure(ran, "--gpu/--train-device cuda needs a CUDA GPU visible to torch")
+    _assert_clean_failure(ran, "--train-device cuda needs a CUDA GPU visible to torch")
     assert not out.exists()
     remote = run_cli(
         "train", zarr3d, "--psf", psf3d_file, "--out", model_path, "--train-on", "worker"
