@@ -84,7 +84,7 @@ def main() -> None:
         steps=args.steps,
         patch_size=32,
         batch_size=4,
-        depth=2,
+        levels=2,
         base_channels=8,
         eval_every=10,
         restarts=0,

@@ -2,13 +2,19 @@
 
 For every image in ``--images`` (8-bit PNG/TIFF ground truths, default ../shared/data/ssi2d)
 and every seed: degrade with the protocol (2D ring PSF), restore with LR and SSI, score PSNR,
-SSIM (data range 1, 7x7), MI and SMI. ``--volume3d`` adds the 3D run on the built-in 64^3
-``binary_blobs`` volume with the 17^3 protocol PSF. Prints markdown tables (per image and seed,
-per image mean over seeds, overall mean) and writes everything to ``--json``.
+SSIM (data range 1, 7x7), MI and SMI. ``--conditions`` adds issue 16's other degradations
+(low-noise, offset, gaussian-psf; see :data:`ssi_dask.bench.protocol.CONDITIONS`), ``--crop``
+takes a centre crop (512 in issue 16). Every run reports SSI's self-check: how many training
+runs it took and how many were flagged as failed (and retried). ``--volume3d`` adds the 3D
+run on the built-in 64^3 ``binary_blobs`` volume with the 17^3 protocol PSF. Prints markdown
+tables (per image and seed, per image mean over seeds, overall mean) and writes everything to
+``--json``.
 
 Usage::
 
     python benchmarks/ssi_protocol.py --seeds 0,1,2 --json benchmarks/ssi_protocol.json
+    python benchmarks/ssi_protocol.py --crop 512 --seeds 0 --conditions low-noise,offset \
+        --only membrane,nuclei --json low_offset.json
     python benchmarks/ssi_protocol.py --images none --volume3d --seeds 0
     python benchmarks/ssi_protocol.py --merge s0.json s1.json s2.json --json all.json
 """
@@ -35,13 +41,23 @@ def _cases(args) -> list[tuple[str, np.ndarray, np.ndarray]]:
     if args.images != "none":
         folder = Path(args.images)
         files = sorted(p for p in folder.iterdir() if p.suffix.lower() in (".png", ".tif", ".tiff"))
+        if args.only:
+            wanted = args.only.split(",")
+            files = [p for p in files if any(p.stem.startswith(w) for w in wanted)]
         if not files:
             raise SystemExit(f"no PNG/TIFF ground truths in {folder}")
         psf2d = protocol_psf(2)
-        cases += [(p.stem, load_ground_truth(p), psf2d) for p in files]
+        cases += [(p.stem, _crop(load_ground_truth(p), args.crop), psf2d) for p in files]
     if args.volume3d:
         cases.append(("blobs64-3d", ground_truth_3d((64, 64, 64), seed=1), protocol_psf(3)))
     return cases
+
+
+def _crop(image: np.ndarray, size: int | None) -> np.ndarray:
+    if not size:
+        return image
+    y0, x0 = (max(s - size, 0) // 2 for s in image.shape)
+    return np.ascontiguousarray(image[y0 : y0 + size, x0 : x0 + size])
 
 
 def main() -> None:
@@ -52,6 +68,11 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--steps", type=int, help="override SSI training steps")
     parser.add_argument("--json", help="write all figures here")
+    parser.add_argument("--crop", type=int, help="centre crop of each 2D image (e.g. 512)")
+    parser.add_argument("--only", help="comma-separated image name prefixes")
+    parser.add_argument(
+        "--conditions", default="protocol", help="comma-separated: protocol, low-noise, ..."
+    )
     parser.add_argument("--png", metavar="DIR", help="also write one PNG figure per run here")
     parser.add_argument(
         "--merge", nargs="+", metavar="JSON", help="print the tables of earlier runs' JSON files"
@@ -59,7 +80,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.merge:
         records = [r for f in args.merge for r in json.loads(Path(f).read_text())]
-        records.sort(key=lambda r: (r["image"], r["seed"]))
+        records.sort(key=lambda r: (r.get("condition", "protocol"), r["image"], r["seed"]))
         print(_tables(records))
         if args.json:
             Path(args.json).write_text(json.dumps(records, indent=2))
@@ -70,36 +91,47 @@ def main() -> None:
     seeds = [int(s) for s in args.seeds.split(",")]
     options = {"steps": args.steps} if args.steps else None
     records = []
-    for name, truth, psf in _cases(args):
-        for seed in seeds:
-            started = time.perf_counter()
-            result = run_protocol(truth, psf, seed=seed, device=args.device, ssi_options=options)
-            if args.png:
-                from ssi_dask.bench.figures import protocol_figure
+    conditions = args.conditions.split(",")
+    for condition, (name, truth, psf), seed in (
+        (c, case, seed) for c in conditions for case in _cases(args) for seed in seeds
+    ):
+        started = time.perf_counter()
+        result = run_protocol(
+            truth,
+            psf,
+            seed=seed,
+            device=args.device,
+            ssi_options=options,
+            condition=condition,
+        )
+        if args.png:
+            from ssi_dask.bench.figures import protocol_figure
 
-                Path(args.png).mkdir(parents=True, exist_ok=True)
-                protocol_figure(
-                    result, Path(args.png) / f"{name}_seed{seed}.png", title=f"{name}, seed {seed}"
-                )
-            record = {
-                "image": name,
-                "shape": list(truth.shape),
-                "seed": seed,
-                "best_lr_iterations": result.best_lr_iterations,
-                "metrics": result.metrics,
-                "times_s": {k: round(v, 2) for k, v in result.times.items()},
-                "wall_s": round(time.perf_counter() - started, 1),
-                "training": result.info,
-            }
-            records.append(record)
-            m = result.metrics
-            print(
-                f"{name} seed {seed}: input {m['input']['psnr']:.2f}, best LR "
-                f"(n={result.best_lr_iterations}) {m['best-lr']['psnr']:.2f} / "
-                f"{m['best-lr']['ssim']:.3f}, SSI {m['ssi']['psnr']:.2f} / {m['ssi']['ssim']:.3f} "
-                f"(train {result.times['ssi_train']:.0f} s)",
-                flush=True,
+            Path(args.png).mkdir(parents=True, exist_ok=True)
+            protocol_figure(
+                result, Path(args.png) / f"{name}_seed{seed}.png", title=f"{name}, seed {seed}"
             )
+        record = {
+            "image": name,
+            "condition": condition,
+            "shape": list(truth.shape),
+            "seed": seed,
+            "best_lr_iterations": result.best_lr_iterations,
+            "metrics": result.metrics,
+            "times_s": {k: round(v, 2) for k, v in result.times.items()},
+            "wall_s": round(time.perf_counter() - started, 1),
+            "training": result.info,
+        }
+        records.append(record)
+        m = result.metrics
+        print(
+            f"{name} {condition} seed {seed}: input {m['input']['psnr']:.2f}, best LR "
+            f"(n={result.best_lr_iterations}) {m['best-lr']['psnr']:.2f} / "
+            f"{m['best-lr']['ssim']:.3f}, SSI {m['ssi']['psnr']:.2f} / {m['ssi']['ssim']:.3f} "
+            f"(train {result.times['ssi_train']:.0f} s, runs {result.info.get('runs')}, "
+            f"flagged failed {result.info.get('failed_runs')})",
+            flush=True,
+        )
     print()
     print(_tables(records))
     if args.json:
@@ -108,32 +140,38 @@ def main() -> None:
 
 def _tables(records: list[dict]) -> str:
     lines = [
-        "| image | seed | input | LR 2 | LR 5 | LR 10 | LR 20 | best-n LR (n) | SSI | "
-        "SSI - best LR | train s | apply s |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| image | condition | seed | input | LR 2 | LR 5 | LR 10 | LR 20 | best-n LR (n) | SSI | "
+        "SSI - best LR | runs (flagged failed) | train s | apply s |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in records:
         m = r["metrics"]
         cells = [f"{m[k]['psnr']:.2f} / {m[k]['ssim']:.3f}" for k in ROWS[:5]]
         lines.append(
-            f"| {r['image']} | {r['seed']} | "
+            f"| {r['image']} | {r.get('condition', 'protocol')} | {r['seed']} | "
             + " | ".join(cells)
             + f" | {m['best-lr']['psnr']:.2f} / {m['best-lr']['ssim']:.3f} "
             f"({r['best_lr_iterations']}) | {m['ssi']['psnr']:.2f} / {m['ssi']['ssim']:.3f} | "
             f"{m['ssi']['psnr'] - m['best-lr']['psnr']:+.2f} dB / "
             f"{m['ssi']['ssim'] - m['best-lr']['ssim']:+.3f} | "
+            f"{r['training'].get('runs', '?')} ({r['training'].get('failed_runs', '?')}) | "
             f"{r['times_s']['ssi_train']:.0f} | {r['times_s']['ssi_predict']:.1f} |"
         )
     lines += [
         "",
         "Mean over seeds (PSNR dB / SSIM / MI / SMI):",
         "",
-        "| image | input | best-n LR | SSI | SSI wins (PSNR and SSIM) |",
-        "| --- | --- | --- | --- | --- |",
+        "| image | input | best-n LR | SSI | SSI wins (PSNR and SSIM) | runs retried |",
+        "| --- | --- | --- | --- | --- | --- |",
     ]
-    names = list(dict.fromkeys(r["image"] for r in records))
+
+    def key(r: dict) -> str:
+        condition = r.get("condition", "protocol")
+        return r["image"] if condition == "protocol" else f"{r['image']} / {condition}"
+
+    names = list(dict.fromkeys(key(r) for r in records))
     for name in names + ["mean"]:
-        group = records if name == "mean" else [r for r in records if r["image"] == name]
+        group = records if name == "mean" else [r for r in records if key(r) == name]
         cells = []
         for key in ("input", "best-lr", "ssi"):
             values = {
@@ -151,7 +189,8 @@ def _tables(records: list[dict]) -> str:
             and r["metrics"]["ssi"]["ssim"] > r["metrics"]["best-lr"]["ssim"]
             for r in group
         )
-        lines.append(f"| {name} | " + " | ".join(cells) + f" | {wins}/{len(group)} |")
+        retried = sum(r["training"].get("failed_runs", 0) > 0 for r in group)
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {wins}/{len(group)} | {retried} |")
     return "\n".join(lines)
 
 

@@ -15,6 +15,7 @@ from .config import (  # noqa: E402
     LRSettings,
     PSFSettings,
     SSISettings,
+    TrainingRecipe,
     TrainSettings,
 )
 from .io import open_volume  # noqa: E402
@@ -32,6 +33,7 @@ __all__ = [
     "PSFSettings",
     "RunReport",
     "SSISettings",
+    "TrainingRecipe",
     "TrainSettings",
     "__version__",
     "deconvolve",

@@ -19,7 +19,7 @@ import dask
 import dask.array as da
 import numpy as np
 
-from .config import LRSettings, refuse_lr_options
+from .config import LRSettings, check_tta, refuse_lr_options, ssi_tta
 from .errors import DeviceError, OutputError, ParameterError
 
 #: Default working-chunk size in voxels: large enough that per-task compute dwarfs the
@@ -418,19 +418,24 @@ def negative_input_warning(client: Any, offset: float, since: float) -> str | No
 
 
 def _ssi_chunk(
-    block: np.ndarray, model: Any, device: str = "cpu", margin: Sequence[int] | None = None
+    block: np.ndarray,
+    model: Any,
+    device: str = "cpu",
+    margin: Sequence[int] | None = None,
+    tta: int | None = None,
 ) -> np.ndarray:
     """Per-chunk task: apply a trained SSI network to one padded block.
 
     The model object is a shared key of the graph: each worker receives it once and every task
     on that worker uses the same object (and the same copy of the weights on its device). The
     block is cut into tiles sized from the device's free memory and run in batches
-    (:func:`ssi_dask.ssi.predict_chunk`); ``margin`` is the halo ``map_overlap`` added.
+    (:func:`ssi_dask.ssi.predict_chunk`); ``margin`` is the halo ``map_overlap`` added;
+    ``tta`` the test-time transforms averaged.
     """
     from .ssi import predict_chunk  # noqa: PLC0415
 
     torch_device = "cuda" if device == "gpu" else "cpu"
-    return predict_chunk(model, block, margin, device=torch_device)
+    return predict_chunk(model, block, margin, device=torch_device, tta=tta)
 
 
 def _shared_token(value: Any) -> str:
@@ -518,7 +523,11 @@ def deconvolve(
     if method not in ("lr", "ssi"):
         raise ParameterError(f"unknown method {method!r}; choose 'lr' or 'ssi'")
     if method == "ssi":
+        method_options = dict(method_options)
+        tta = check_tta(method_options.pop("tta", None))
         refuse_lr_options("ssi", {"num_iter": num_iter, **method_options})
+        if tta is not None:
+            method_options["tta"] = tta
     else:
         settings = LRSettings.from_options(num_iter, **method_options)
         num_iter = settings.num_iter
@@ -545,6 +554,7 @@ def deconvolve(
             raise DeviceError("device='gpu' needs CuPy and a CUDA device; use device='cpu'")
     if method == "ssi":
         model = _resolve_model(model, volume.ndim)
+        method_options = {"tta": ssi_tta(method_options.get("tta"), volume.ndim)}
     method_options = dict(method_options)
     auto_options = method_options.pop("auto_options", None) or {}
     offset = check_offset(method_options.pop("offset", 0.0))
@@ -680,6 +690,7 @@ def computation_provenance(
         from .ssi import model_hash  # noqa: PLC0415
 
         computation["model_sha256"] = model_hash(model)
+        computation["tta"] = ssi_tta(options.get("tta"), volume.ndim)
     else:
         from .lr import resolve_back_projector  # noqa: PLC0415
 
@@ -713,6 +724,7 @@ def _deconvolve_graph(
             boundary=METHOD_BOUNDARY["ssi"],
             device=device,
             margin=tuple(plan.depth),
+            tta=ssi_tta(method_options.get("tta"), data.ndim),
         )
     # The PSF is checked, normalised and paired with its back projector once, here; the
     # prepared object crosses the graph as one key and each chunk uses it as it is.

@@ -263,11 +263,12 @@ def _add_training_options(parser: argparse.ArgumentParser) -> None:
         help=f"patches per step (default: {ssi_default_text('batch_size')})",
     )
     group.add_argument(
-        "--net-depth",
+        "--net-levels",
         type=int,
         metavar="N",
-        help=f"UNet resolution levels (default: {ssi_default_text('depth')})",
+        help=f"UNet resolution levels (default: {ssi_default_text('levels')})",
     )
+    group.add_argument("--net-depth", dest="net_levels", type=int, help=argparse.SUPPRESS)
     group.add_argument(
         "--base-channels",
         type=int,
@@ -390,6 +391,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument(
         "--save-model", metavar="PATH", help="ssi: also save the model trained by this run"
+    )
+    run.add_argument(
+        "--tta",
+        type=int,
+        metavar="N",
+        help="ssi: test-time transforms averaged per chunk, 1, 2, 4, 8 or 16 of the PSF's "
+        f"symmetries (quality per compute: benchmarks/RESULTS.md; default: "
+        f"{ssi_default_text('tta')})",
     )
     _add_training_options(run)
     _add_sampling_options(run)
@@ -716,7 +725,7 @@ def _train_settings(args: argparse.Namespace) -> TrainSettings:
         ensemble=args.ensemble,
         patch_size=args.patch_size,
         batch_size=args.batch_size,
-        net_depth=args.net_depth,
+        net_levels=args.net_levels,
         base_channels=args.base_channels,
         clipping=parse_clipping(args.clipping),
         device=args.train_device,
@@ -777,6 +786,8 @@ def job_from_args(args: argparse.Namespace) -> Job:
             raise ParameterError("--iterations auto applies to --method lr only")
     elif args.model or args.save_model:
         raise ParameterError("--model and --save-model apply to --method ssi only")
+    elif args.tta is not None:
+        raise ParameterError("--tta applies to --method ssi only")
     lr = LRSettings()
     if args.method == "lr":
         auto_options = {"n_samples": args.auto_samples}
@@ -817,6 +828,7 @@ def job_from_args(args: argparse.Namespace) -> Job:
             model=args.model,
             save_model=args.save_model,
             train=train_settings(args),
+            tta=args.tta,
         ),
         psf=PSFSettings(
             files=tuple(_psf_files(args)),

@@ -8,6 +8,7 @@ arguments with, so the Python API and the command line accept and refuse the sam
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
@@ -44,7 +45,8 @@ CLI_FLAGS = {
     "on_worker": "--train-on worker",
     "patch_size": "--patch-size",
     "batch_size": "--batch-size",
-    "net_depth": "--net-depth",
+    "net_levels": "--net-levels",
+    "tta": "--tta",
     "base_channels": "--base-channels",
     "refractive_index": "--refractive-index",
     "psf_shape": "--psf-shape",
@@ -254,24 +256,228 @@ def refuse_lr_options(method: str, given: Mapping[str, Any]) -> None:
     if names:
         raise ParameterError(
             f"{', '.join(names)} apply to method 'lr' only; method {method!r} takes model=, "
-            "chunks=, depth= and device="
+            "tta=, chunks=, depth= and device="
         )
 
 
-#: The tuned SSI training defaults per dimensionality (``ssi_dask.ssi.train_ssi`` reads them;
-#: the command line's help shows them).
+#: The tuned SSI training defaults per dimensionality (:meth:`TrainingRecipe.for_ndim` fills
+#: them in; the command line's help shows them). ``levels``: the UNet's resolution levels.
 SSI_TRAINING_DEFAULTS = {
-    2: dict(patch_size=96, batch_size=16, steps=800, depth=3, base_channels=8),
-    3: dict(patch_size=64, batch_size=2, steps=600, depth=3, base_channels=8),
+    2: dict(patch_size=96, batch_size=16, steps=800, levels=3, base_channels=8),
+    3: dict(patch_size=64, batch_size=2, steps=600, levels=3, base_channels=8),
 }
+
+#: Test-time transforms (PSF symmetries averaged at inference) per dimensionality when none
+#: are given; chosen from ``benchmarks/ssi_tta.py`` (``benchmarks/RESULTS.md``, issue 16).
+SSI_TTA_DEFAULTS = {2: 8, 3: 2}
+
+#: The numbers of test-time transforms one can ask for (subgroups of the PSF's symmetries).
+TTA_CHOICES = (1, 2, 4, 8, 16)
+
+#: Forward operators of SSI training (:mod:`ssi_dask.ssi.forward`).
+FORWARD_MODES = ("auto", "valid", "same")
 
 
 def ssi_default_text(key: str) -> str:
     """``"96 2D, 64 3D"``-style text of a training default, for help texts."""
-    values = {ndim: SSI_TRAINING_DEFAULTS[ndim][key] for ndim in (2, 3)}
+    table = SSI_TTA_DEFAULTS if key == "tta" else None
+    values = {ndim: (table[ndim] if table else SSI_TRAINING_DEFAULTS[ndim][key]) for ndim in (2, 3)}
     if values[2] == values[3]:
         return str(values[2])
     return f"{values[2]} 2D, {values[3]} 3D"
+
+
+def _pair(name: str, value: Any) -> tuple[float, float]:
+    try:
+        lo, hi = value
+    except (TypeError, ValueError):
+        raise ParameterError(f"{name} must be a pair (low, high), got {value!r}") from None
+    lo, hi = _finite(name, lo), _finite(name, hi)
+    if not lo < hi:
+        raise ParameterError(f"{name} must be (low, high) with low < high, got {value!r}")
+    return lo, hi
+
+
+def _fraction(name: str, value: Any, *, low_open: bool = True, high_open: bool = True) -> float:
+    number = _finite(name, value)
+    ok_low = number > 0 if low_open else number >= 0
+    ok_high = number < 1 if high_open else number <= 1
+    if not (ok_low and ok_high):
+        low, high = "(0" if low_open else "[0", "1)" if high_open else "1]"
+        raise ParameterError(f"{name} must be in {low}, {high}, got {value!r}")
+    return number
+
+
+def _non_negative(name: str, value: Any) -> float:
+    number = _finite(name, value)
+    if number < 0:
+        raise ParameterError(f"{name} must be >= 0, got {value!r}")
+    return number
+
+
+@dataclass(frozen=True)
+class TrainingRecipe:
+    """How one SSI network is trained: the one place for the training defaults.
+
+    ``None`` in ``steps``, ``patch_size``, ``batch_size``, ``levels`` and ``base_channels``
+    means the tuned default for the image's dimensionality (:data:`SSI_TRAINING_DEFAULTS`);
+    :meth:`for_ndim` fills them in. Every value is checked when the recipe is built and a bad
+    one fails with the parameter's name. :func:`ssi_dask.ssi.train_ssi` documents what each
+    field does; ``recipe.replace(steps=100)`` gives a changed copy.
+
+    Parameters
+    ----------
+    steps, patch_size, batch_size : int, optional
+        Optimiser steps per run, patch side, patches per step.
+    levels, base_channels, max_channels, batch_norm :
+        UNet architecture: resolution levels, channels at full resolution (doubled per level
+        up to ``max_channels``), BatchNorm.
+    learning_rate, weight_decay : float
+        Peak one-cycle learning rate and AdamW weight decay.
+    rho_start, rho_target, rho_decay_fraction : float
+        Masking density schedule.
+    validation_density, validation_patches, eval_every, patience :
+        Self-supervised validation (held-out pixels) and early stopping.
+    restarts, ensemble : int
+        Extra runs after a failed run; runs averaged into one network.
+    norm_percentiles, output_range : (float, float)
+        Normalisation percentiles of the image and the output clip range (normalised units).
+    bounds_weight, null_space_weight, null_space_scale, null_space_max, null_space_threshold :
+        Penalties (``null_space_weight="auto"``: from the image's signal-to-noise ratio).
+    sensor_clipping : "auto", None or (low, high)
+        Detector clipping modelled in the loss.
+    noise_penalty_weight, noise_penalty_fraction, augment, average_fraction :
+        Noise-sensitivity penalty, PSF-symmetry augmentation, weight averaging.
+    forward : {"auto", "valid", "same"}
+        Forward operator of the loss: ``"valid"`` blurs each patch and scores the interior the
+        PSF has full context for (patches must exceed the PSF); ``"same"`` blurs the patch
+        zero-extended (plus the patch mean outside it) and scores where most of the PSF's
+        energy falls inside the patch, for PSFs as large as the patches or the volume;
+        ``"auto"``: ``"valid"`` when the patches are larger than the PSF, else ``"same"``.
+    """
+
+    steps: int | None = None
+    patch_size: int | None = None
+    batch_size: int | None = None
+    levels: int | None = None
+    base_channels: int | None = None
+    max_channels: int = 64
+    batch_norm: bool = True
+    learning_rate: float = 4e-3
+    weight_decay: float = 1e-5
+    rho_start: float = 0.5
+    rho_target: float = 0.1
+    rho_decay_fraction: float = 0.25
+    validation_density: float = 0.1
+    validation_patches: int | None = None
+    eval_every: int = 50
+    patience: int | None = None
+    restarts: int = 2
+    ensemble: int = 1
+    norm_percentiles: tuple[float, float] = (0.01, 99.99)
+    output_range: tuple[float, float] = (0.0, 1.0)
+    bounds_weight: float = 0.1
+    null_space_weight: float | str = "auto"
+    null_space_scale: float = 2.5
+    null_space_max: float = 0.1
+    null_space_threshold: float = 1.0
+    sensor_clipping: Any = "auto"
+    noise_penalty_weight: float = 0.0
+    noise_penalty_fraction: float = 0.25
+    augment: bool = True
+    average_fraction: float = 0.5
+    forward: str = "auto"
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "patch_size", "batch_size", "levels", "base_channels"):
+            _optional_count(name, getattr(self, name), 1)
+        _count("max_channels", self.max_channels, 1)
+        _optional_count("validation_patches", self.validation_patches, 1)
+        _optional_count("patience", self.patience, 1)
+        _count("eval_every", self.eval_every, 1)
+        _count("restarts", self.restarts, 0)
+        _count("ensemble", self.ensemble, 1)
+        for name in ("batch_norm", "augment"):
+            if not isinstance(getattr(self, name), bool):
+                raise ParameterError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        _positive("learning_rate", self.learning_rate)
+        for name in ("weight_decay", "bounds_weight", "null_space_scale", "null_space_max"):
+            _non_negative(name, getattr(self, name))
+        _non_negative("noise_penalty_weight", self.noise_penalty_weight)
+        _positive("null_space_threshold", self.null_space_threshold)
+        _fraction("rho_start", self.rho_start)
+        _fraction("rho_target", self.rho_target)
+        if self.rho_target > self.rho_start:
+            raise ParameterError(
+                f"rho_target must be <= rho_start, got rho_target={self.rho_target!r} and "
+                f"rho_start={self.rho_start!r}"
+            )
+        _fraction("rho_decay_fraction", self.rho_decay_fraction, high_open=False)
+        _fraction("validation_density", self.validation_density)
+        _fraction("noise_penalty_fraction", self.noise_penalty_fraction, high_open=False)
+        _fraction("average_fraction", self.average_fraction, low_open=False)
+        lo, hi = _pair("norm_percentiles", self.norm_percentiles)
+        if lo < 0 or hi > 100:
+            raise ParameterError(
+                f"norm_percentiles must lie in [0, 100], got {self.norm_percentiles!r}"
+            )
+        object.__setattr__(self, "norm_percentiles", (lo, hi))
+        object.__setattr__(self, "output_range", _pair("output_range", self.output_range))
+        if isinstance(self.null_space_weight, str):
+            if self.null_space_weight != "auto":
+                raise ParameterError(
+                    "null_space_weight must be a number >= 0 or 'auto', got "
+                    f"{self.null_space_weight!r}"
+                )
+        else:
+            _non_negative("null_space_weight", self.null_space_weight)
+        clipping = self.sensor_clipping
+        if isinstance(clipping, str):
+            if clipping != "auto":
+                raise ParameterError(
+                    f"sensor_clipping must be 'auto', None or (lower, upper), got {clipping!r}"
+                )
+        elif clipping is not None and clipping is not False:
+            try:
+                lower, upper = clipping
+            except (TypeError, ValueError):
+                raise ParameterError(
+                    f"sensor_clipping must be 'auto', None or (lower, upper), got {clipping!r}"
+                ) from None
+            if lower is not None and upper is not None and not float(lower) < float(upper):
+                raise ParameterError(f"sensor_clipping needs lower < upper, got {clipping!r}")
+        if self.forward not in FORWARD_MODES:
+            raise ParameterError(
+                f"forward must be one of {', '.join(FORWARD_MODES)}, got {self.forward!r}"
+            )
+
+    def replace(self, **changes: Any) -> TrainingRecipe:
+        """A copy with ``changes`` (checked; an unknown name is refused with the known ones)."""
+        known = {f.name for f in fields(self)}
+        unknown = sorted(set(changes) - known)
+        if unknown:
+            raise ParameterError(
+                f"unknown training option(s) {', '.join(unknown)}; expected some of "
+                f"{', '.join(sorted(known))}"
+            )
+        return dataclasses.replace(self, **changes)
+
+    def for_ndim(self, ndim: int) -> TrainingRecipe:
+        """This recipe with the 2D or 3D defaults in place of ``None``."""
+        if ndim not in SSI_TRAINING_DEFAULTS:
+            raise ParameterError(f"SSI trains on 2D or 3D images, got ndim={ndim!r}")
+        defaults = SSI_TRAINING_DEFAULTS[ndim]
+        return dataclasses.replace(
+            self,
+            **{key: value for key, value in defaults.items() if getattr(self, key) is None},
+        )
+
+    def as_dict(self) -> dict[str, Any]:
+        """Plain values, for provenance."""
+        return {
+            key: (list(value) if isinstance(value, tuple) else value)
+            for key, value in asdict(self).items()
+        }
 
 
 #: SSI training regions when none are given (``ssi_dask.training.DEFAULT_REGIONS``).
@@ -290,7 +496,8 @@ def _optional_count(name: str, value: Any, minimum: int) -> None:
 class TrainSettings:
     """How an SSI network is trained (``ssi-dask train``, or ``run --method ssi`` without a model).
 
-    ``None`` keeps the tuned 2D/3D default of :data:`ssi_dask.ssi.DEFAULTS`.
+    The options a run exposes; :meth:`recipe` turns them into the :class:`TrainingRecipe` that
+    :func:`ssi_dask.ssi.train_ssi` takes. ``None`` keeps the recipe's (tuned 2D/3D) default.
     """
 
     seed: int = 0
@@ -299,7 +506,7 @@ class TrainSettings:
     ensemble: int | None = None
     patch_size: int | None = None
     batch_size: int | None = None
-    net_depth: int | None = None
+    net_levels: int | None = None
     base_channels: int | None = None
     clipping: Any = "auto"
     device: str = "auto"
@@ -310,7 +517,14 @@ class TrainSettings:
 
     def __post_init__(self) -> None:
         _count("seed", self.seed, 0)
-        for name in ("steps", "ensemble", "patch_size", "batch_size", "net_depth", "base_channels"):
+        for name in (
+            "steps",
+            "ensemble",
+            "patch_size",
+            "batch_size",
+            "net_levels",
+            "base_channels",
+        ):
             _optional_count(name, getattr(self, name), 1)
         _optional_count("restarts", self.restarts, 0)
         _count("regions", self.regions, 1)
@@ -320,34 +534,57 @@ class TrainSettings:
         if not isinstance(self.device, str) or not self.device:
             raise ParameterError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
 
-    def train_options(self) -> dict[str, Any]:
-        """Keywords of :func:`ssi_dask.ssi.train_ssi` that differ from its tuned defaults."""
-        options: dict[str, Any] = {"sensor_clipping": self.clipping}
+    def recipe(self) -> TrainingRecipe:
+        """The :class:`TrainingRecipe` these settings describe (defaults where ``None``)."""
+        changes: dict[str, Any] = {"sensor_clipping": self.clipping}
         for name, key in (
             ("steps", "steps"),
             ("restarts", "restarts"),
             ("ensemble", "ensemble"),
             ("patch_size", "patch_size"),
             ("batch_size", "batch_size"),
-            ("net_depth", "depth"),
+            ("net_levels", "levels"),
             ("base_channels", "base_channels"),
         ):
             if getattr(self, name) is not None:
-                options[key] = getattr(self, name)
-        return options
+                changes[key] = getattr(self, name)
+        return TrainingRecipe(**changes)
 
 
 @dataclass(frozen=True)
 class SSISettings:
-    """What SSI applies: a checkpoint (or model object), else a network trained by the run."""
+    """What SSI applies: a checkpoint (or model object), else a network trained by the run.
+
+    ``tta``: test-time transforms averaged per chunk (1, 2, 4, 8 or 16 of the PSF's
+    symmetries, capped at the number it has); ``None``: :data:`SSI_TTA_DEFAULTS`.
+    """
 
     model: Any = None
     save_model: str | None = None
     train: TrainSettings = TrainSettings()
+    tta: int | None = None
 
     def __post_init__(self) -> None:
         if self.model is not None and self.save_model is not None:
             raise ParameterError("save_model keeps a model trained by the run; drop it with model")
+        check_tta(self.tta)
+
+
+def check_tta(tta: Any) -> int | None:
+    """``tta`` checked: None or one of :data:`TTA_CHOICES` (named in the error)."""
+    if tta is None:
+        return None
+    if isinstance(tta, bool) or not isinstance(tta, Integral) or int(tta) not in TTA_CHOICES:
+        raise ParameterError(
+            f"tta={tta!r} is not a number of test-time transforms; give tta=1, 2, 4, 8 or 16"
+        )
+    return int(tta)
+
+
+def ssi_tta(tta: Any, ndim: int) -> int:
+    """The test-time transforms a run uses: ``tta`` checked, or the default for ``ndim``."""
+    tta = check_tta(tta)
+    return SSI_TTA_DEFAULTS[ndim] if tta is None else tta
 
 
 @dataclass(frozen=True)
@@ -479,3 +716,5 @@ class Job:
                 )
         elif self.ssi.model is not None or self.ssi.save_model is not None:
             raise ParameterError("ssi.model and ssi.save_model apply to method 'ssi' only")
+        elif self.ssi.tta is not None:
+            raise ParameterError("ssi.tta applies to method 'ssi' only")

@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from .config import ClusterSettings, Job, LRSettings, PSFSettings, TrainSettings
+from .config import ClusterSettings, Job, LRSettings, PSFSettings, TrainSettings, ssi_tta
 from .errors import CheckpointError, DeviceError, InputError, ParameterError, PSFError
 
 Echo = Callable[[str], None] | None
@@ -263,7 +263,7 @@ def train_model(
         client=client,
         on_worker=settings.on_worker,
         progress=echo is not None,
-        **settings.train_options(),
+        recipe=settings.recipe(),
     )
     info = model.training["sampling"]
     _say(
@@ -293,10 +293,10 @@ def _model_for_run(job: Job, volume: Any, psf: np.ndarray, protected: list, echo
             )
         return model
     if job.dry_run:
-        from .ssi import DEFAULTS, UNet  # noqa: PLC0415
+        from .ssi import UNet  # noqa: PLC0415
 
-        defaults = DEFAULTS[volume.ndim]
-        return UNet(volume.ndim, depth=defaults["depth"], base_channels=defaults["base_channels"])
+        recipe = job.ssi.train.recipe().for_ndim(volume.ndim)
+        return UNet(volume.ndim, levels=recipe.levels, base_channels=recipe.base_channels)
     save = job.ssi.save_model
     if save:
         model_path, output_path = resolved(save), resolved(job.output)
@@ -490,7 +490,10 @@ def run(job: Job, *, client: Any = None, echo: Echo = print) -> RunReport:
         model = _model_for_run(job, first_volume, psfs[0], protected, echo)
         if depth is None:
             depth = (model.halo,) * n_spatial
-    kernel_options = lr.kernel_options() if method == "lr" else {}
+    # SSI's only kernel option: the test-time transforms (provenance and the chunks' kernel)
+    kernel_options = (
+        lr.kernel_options() if method == "lr" else {"tta": ssi_tta(job.ssi.tta, n_spatial)}
+    )
     psf_shape = tuple(max(p.shape[a] for p in psfs) for a in range(n_spatial))
 
     def plan_for(num_iter: int):
@@ -507,7 +510,7 @@ def run(job: Job, *, client: Any = None, echo: Echo = print) -> RunReport:
             boundary=METHOD_BOUNDARY[method],
             back_projector=lr.back_projector,
             psf=psfs[0] if method == "lr" else None,
-            back_projector_options=kernel_options,
+            back_projector_options=kernel_options if method == "lr" else {},
         )
         if method == "ssi":  # the network's tiles, not the LR formula, set an SSI task's memory
             plan = replace(plan, memory_per_task=task_memory(plan, method, model))

@@ -16,7 +16,6 @@ Orchestration only (the training itself is :func:`ssi_dask.ssi.train_ssi`):
 
 from __future__ import annotations
 
-import inspect
 import math
 import time
 from collections.abc import Sequence
@@ -24,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from .config import DEFAULT_REGIONS
+from .config import DEFAULT_REGIONS, TrainingRecipe
 from .errors import ParameterError
 from .ssi.regions import RegionPool, background_scores
 
@@ -183,7 +182,8 @@ def train(
     client: Any = None,
     on_worker: bool = False,
     progress: bool = False,
-    **train_options: Any,
+    recipe: TrainingRecipe | None = None,
+    **overrides: Any,
 ) -> Any:
     """Train an SSI model on a volume of any size; returns an :class:`~ssi_dask.ssi.SSIModel`.
 
@@ -212,9 +212,11 @@ def train(
         Train on a worker of ``client`` (e.g. a GPU worker) instead of in this process.
     progress : bool
         Print training progress (in this process only).
-    **train_options
-        Passed to :func:`ssi_dask.ssi.train_ssi` (``steps``, ``patch_size``, ``depth``,
-        ``restarts``, ``patience``, ...).
+    recipe : TrainingRecipe, optional
+        How to train (:class:`ssi_dask.config.TrainingRecipe`; default: the tuned recipe).
+    **overrides
+        Recipe fields changed for this call (``steps``, ``patch_size``, ``levels``,
+        ``restarts``, ``patience``, ...), checked by name.
 
     Returns
     -------
@@ -225,27 +227,24 @@ def train(
     if on_worker and client is None:
         raise ParameterError("on_worker=True needs a client (a Dask cluster to train on)")
     psf = normalize_psf(np.asarray(psf, dtype=np.float32))
-    from .ssi import train_ssi  # noqa: PLC0415
-
-    default = inspect.signature(train_ssi).parameters["norm_percentiles"].default
-    percentiles = tuple(train_options.get("norm_percentiles", default))
+    recipe = (recipe if recipe is not None else TrainingRecipe()).replace(**overrides)
     pool = sample_regions(
         volume,
         region_shape,
         n_regions,
         candidates=candidates,
         background=background,
-        percentiles=percentiles,
+        percentiles=recipe.norm_percentiles,
         seed=seed,
         client=client,
-        patch_size=train_options.get("patch_size"),
+        patch_size=recipe.patch_size,
     )
     if psf.ndim != pool.ndim:
         raise ParameterError(
             f"the PSF has {psf.ndim} dimensions but the volume has {pool.ndim}; "
             f"give a {pool.ndim}D PSF"
         )
-    options = dict(train_options, seed=seed, device=device)
+    options = dict(recipe=recipe, seed=seed, device=device)
     started = time.perf_counter()
     if on_worker:
         future = client.submit(_train_on_pool, pool, psf, options, pure=False)

@@ -49,8 +49,8 @@ def test_ssi_refuses_lr_options_instead_of_dropping_them():
     with pytest.raises(ParameterError) as info:
         deconvolve(image, PSF, method="ssi", num_iter=999, wiener_alpha=-5)
     assert str(info.value) == (
-        "num_iter, wiener_alpha apply to method 'lr' only; method 'ssi' takes model=, chunks=, "
-        "depth= and device="
+        "num_iter, wiener_alpha apply to method 'lr' only; method 'ssi' takes model=, tta=, "
+        "chunks=, depth= and device="
     )
 
 

@@ -63,7 +63,7 @@ def _checkpoint(path: Path, ndim: int) -> Path:
     from ssi_dask.psf import protocol_psf
     from ssi_dask.ssi import DEFAULTS, SSIModel, UNet, save_checkpoint
 
-    network = UNet(ndim, depth=DEFAULTS[ndim]["depth"], base_channels=4)
+    network = UNet(ndim, levels=DEFAULTS[ndim]["levels"], base_channels=4)
     save_checkpoint(SSIModel(network, {"offset": 0.0, "scale": 1.0}, protocol_psf(ndim)), path)
     return path
 

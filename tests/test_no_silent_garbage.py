@@ -193,7 +193,7 @@ def test_cli_ssi_model_giving_nan_fails_and_is_not_complete(tmp_path, psf_file):
     from ssi_dask.psf import protocol_psf
     from ssi_dask.ssi import DEFAULTS, SSIModel, UNet, save_checkpoint
 
-    network = UNet(3, depth=DEFAULTS[3]["depth"], base_channels=4)
+    network = UNet(3, levels=DEFAULTS[3]["levels"], base_channels=4)
     with torch.no_grad():
         next(iter(network.parameters())).fill_(float("nan"))  # a broken (diverged) model
     model = tmp_path / "nan.pt"

@@ -51,7 +51,7 @@ def test_masked_input_holds_no_information_about_masked_pixels(ndim):
 
 def test_network_output_at_masked_pixel_does_not_depend_on_its_value():
     torch.manual_seed(0)
-    net = UNet(2, depth=2, base_channels=4).eval()
+    net = UNet(2, levels=2, base_channels=4).eval()
     x = torch.rand(1, 1, 32, 32, requires_grad=True)
     m = torch.zeros(1, 1, 32, 32, dtype=torch.bool)
     m[0, 0, 10, 13] = True
@@ -96,10 +96,10 @@ def _gradient_radius(net, ndim, size, position):
     return int(np.abs(nz - np.array(position)).max())
 
 
-@pytest.mark.parametrize("ndim,depth", [(2, 1), (2, 2), (2, 3), (2, 4), (3, 2)])
-def test_receptive_field_radius_is_exact(ndim, depth):
+@pytest.mark.parametrize("ndim,levels", [(2, 1), (2, 2), (2, 3), (2, 4), (3, 2)])
+def test_receptive_field_radius_is_exact(ndim, levels):
     torch.manual_seed(0)
-    net = UNet(ndim, depth=depth, base_channels=2, batch_norm=False)
+    net = UNet(ndim, levels=levels, base_channels=2, batch_norm=False)
     with torch.no_grad():  # positive weights: every path is active, no cancellation
         for p in net.parameters():
             p.copy_(p.abs() + 0.01)
@@ -115,7 +115,7 @@ def test_receptive_field_radius_is_exact(ndim, depth):
 
 
 def test_receptive_field_default_model_is_small():
-    net = UNet(2, depth=3, base_channels=8)
+    net = UNet(2, levels=3, base_channels=8)
     assert receptive_field_radius(net) == 23
     assert net.halo == 24
 

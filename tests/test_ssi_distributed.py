@@ -37,7 +37,7 @@ TINY = dict(
     restarts=0,
     patch_size=24,
     batch_size=2,
-    depth=2,
+    levels=2,
     base_channels=4,
     eval_every=3,
     learning_rate=0.01,
@@ -221,9 +221,9 @@ def test_train_on_a_worker(sampled_model, local_client, psf3d):
     assert np.abs(a - b).max() <= 1e-3 * float(np.ptp(b))
 
 
-def _random_model(depth=2, base=4):
+def _random_model(levels=2, base=4):
     torch.manual_seed(1)
-    net = UNet(3, depth=depth, base_channels=base, batch_norm=False).eval()
+    net = UNet(3, levels=levels, base_channels=base, batch_norm=False).eval()
     symmetries = [[[], False], [[2], False]]
     return SSIModel(
         net,
@@ -259,7 +259,7 @@ def test_choose_tile_fits_the_budget():
     assert choose_tile((30, 64, 64), 10, 2, budget, 100) == (30, 16, 32)
     # never below the alignment
     assert choose_tile((30, 64, 64), 10, 4, 1, 100) == (4, 4, 4)
-    net = UNet(3, depth=3, base_channels=8, batch_norm=False)
+    net = UNet(3, levels=3, base_channels=8, batch_norm=False)
     assert bytes_per_voxel(net) == 2 * 4 * (3 * 8 + 2 * 16 + 4)
 
 

@@ -132,7 +132,7 @@ def _clipped_scene(seed=0):
 
 
 TRAIN = dict(
-    steps=150, patch_size=48, batch_size=8, depth=2, base_channels=8, eval_every=50, restarts=0
+    steps=150, patch_size=48, batch_size=8, levels=2, base_channels=8, eval_every=50, restarts=0
 )
 
 

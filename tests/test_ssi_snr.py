@@ -62,7 +62,7 @@ def _image(noise_std, seed=0):
     return y.astype(np.float32)
 
 
-FAST = dict(steps=2, patch_size=32, batch_size=4, depth=2, base_channels=4, restarts=0)
+FAST = dict(steps=2, patch_size=32, batch_size=4, levels=2, base_channels=4, restarts=0)
 
 
 def test_auto_null_space_weight_follows_the_measured_snr():

@@ -45,7 +45,7 @@ def _psnr(a, b):
     return 10 * np.log10(1 / np.mean((np.clip(a, 0, 1) - b) ** 2))
 
 
-FAST = dict(steps=20, patch_size=32, batch_size=4, depth=2, base_channels=4, eval_every=10)
+FAST = dict(steps=20, patch_size=32, batch_size=4, levels=2, base_channels=4, eval_every=10)
 
 
 @pytest.fixture(scope="module")
@@ -108,7 +108,7 @@ def test_corrupt_or_edited_checkpoint_raises(tiny_model, tmp_path):
 @pytest.mark.parametrize("ndim", [2, 3])
 def test_tiled_prediction_equals_untiled(ndim):
     torch.manual_seed(0)
-    net = UNet(ndim, depth=3, base_channels=4).eval()
+    net = UNet(ndim, levels=3, base_channels=4).eval()
     psf = np.ones((3,) * ndim, np.float32) / 3**ndim
     model = SSIModel(net, {"offset": 0.0, "scale": 1.0, "output_range": (-10, 10)}, psf)
     shape = (70, 53) if ndim == 2 else (21, 30, 27)
@@ -122,7 +122,7 @@ def test_tiled_prediction_equals_untiled(ndim):
 def test_predict_block_matches_chunked_map_overlap():
     da = pytest.importorskip("dask.array")
     torch.manual_seed(1)
-    net = UNet(2, depth=3, base_channels=4).eval()
+    net = UNet(2, levels=3, base_channels=4).eval()
     model = SSIModel(
         net,
         {"offset": 0.0, "scale": 1.0, "output_range": (-10, 10)},
@@ -160,7 +160,7 @@ def test_training_reduces_validation_loss_and_improves_psnr():
         steps=150,
         patch_size=48,
         batch_size=8,
-        depth=2,
+        levels=2,
         base_channels=8,
         eval_every=25,
         restarts=0,
@@ -203,7 +203,7 @@ def test_weight_average_is_the_mean_of_the_states():
     nets = []
     for seed in range(3):
         torch.manual_seed(seed)
-        net = UNet(ndim=2, depth=2, base_channels=4)
+        net = UNet(ndim=2, levels=2, base_channels=4)
         net.train()
         net(torch.rand(2, 1, 16, 16))  # moves the BatchNorm running statistics
         nets.append(net)
@@ -235,8 +235,8 @@ def test_training_averages_the_last_part_of_the_run():
 
 def test_ensemble_network_is_the_mean_of_its_members():
     torch.manual_seed(0)
-    ensemble = EnsembleUNet(3, ndim=2, depth=2, base_channels=4).eval()
-    single = UNet(ndim=2, depth=2, base_channels=4)
+    ensemble = EnsembleUNet(3, ndim=2, levels=2, base_channels=4).eval()
+    single = UNet(ndim=2, levels=2, base_channels=4)
     assert (ensemble.halo, ensemble.alignment) == (single.halo, single.alignment)
     assert ensemble.config == dict(single.config, members=3)
     x = torch.rand(2, 1, 24, 24)
@@ -271,5 +271,5 @@ def test_training_an_ensemble(tmp_path):
     loaded = load_checkpoint(tmp_path / "ensemble.pt")
     assert loaded.config == model.config
     np.testing.assert_array_equal(predict(loaded, y), predict(model, y))
-    with pytest.raises(ParameterError, match="need ensemble >= 1 and restarts >= 0, got 0 and 0"):
+    with pytest.raises(ParameterError, match="ensemble must be an integer >= 1, got 0"):
         train_ssi(y, _psf(), ensemble=0, restarts=0, **FAST)

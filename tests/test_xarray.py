@@ -83,7 +83,7 @@ def test_dataarray_with_an_ssi_model_equals_whole_image_prediction(psf2d):
     image = xr.DataArray(values, dims=("t", "y", "x"), coords={"t": [0, 30]}, attrs={"run": 7})
     model = train_ssi(
         values[0], psf2d, seed=0, steps=2, restarts=0, device="cpu", validation_patches=2,
-        base_channels=4, depth=2, batch_size=2, patch_size=32,
+        base_channels=4, levels=2, batch_size=2, patch_size=32,
     )  # fmt: skip
     result = deconvolve(image, psf2d, method="ssi", model=model, chunks=(32, 72))
     assert result.dims == ("t", "y", "x") and list(result.coords["t"].values) == [0, 30]

@@ -38,6 +38,8 @@ __all__ = [
     "ground_truth_2d",
     "ground_truth_3d",
     "load_ground_truth",
+    "STRUCTURES_3D",
+    "structure_3d",
 ]
 
 RngLike = np.random.Generator | int | None
@@ -444,3 +446,130 @@ def load_ground_truth(path: str | os.PathLike[str], rgb: bool | None = None) -> 
         raise InputError(f"ground-truth file {p} does not exist")
     image = _read_image(p)
     return normalise_ground_truth(_to_gray(image, rgb))
+
+
+# --------------------------------------------------------------------------------------------
+# 3D ground truths of several kinds (issue 16, item 3)
+# --------------------------------------------------------------------------------------------
+
+#: Kinds of :func:`structure_3d`.
+STRUCTURES_3D = ("filaments", "shells", "beads", "blobs", "mixed")
+
+
+def _physical_grid(dims: tuple[int, ...], aspect: float) -> list[NDArray]:
+    """Open coordinate grids in lateral-pixel units (z scaled by ``aspect``)."""
+    z, y, x = np.ogrid[: dims[0], : dims[1], : dims[2]]
+    return [z * float(aspect), y.astype(np.float64), x.astype(np.float64)]
+
+
+def _filaments(dims, aspect, rng, count: int) -> NDArray:
+    """Smooth random curves (persistence ~ tens of pixels), one voxel thick, then softened."""
+    volume = np.zeros(dims, np.float64)
+    extent = np.array([dims[0] * aspect, dims[1], dims[2]], np.float64)
+    for _ in range(count):
+        pos = rng.uniform(0, 1, 3) * extent
+        direction = rng.normal(size=3)
+        direction[0] *= 0.3  # mostly lateral, as filaments in a thin cell
+        direction /= np.linalg.norm(direction)
+        brightness = rng.uniform(0.5, 1.0)
+        for _ in range(int(2.5 * max(dims[1:]))):
+            direction += rng.normal(scale=0.08, size=3)
+            direction /= np.linalg.norm(direction)
+            pos = pos + 0.5 * direction
+            idx = np.round(pos / np.array([aspect, 1, 1])).astype(int)
+            if np.any(idx < 0) or np.any(idx >= dims):
+                break
+            volume[tuple(idx)] = max(volume[tuple(idx)], brightness)
+    return scipy.ndimage.gaussian_filter(volume, sigma=(0.5 / aspect, 0.6, 0.6))
+
+
+def _shells(dims, aspect, rng, count: int) -> NDArray:
+    """Ellipsoidal membranes (thin shells) of random sizes."""
+    z, y, x = _physical_grid(dims, aspect)
+    volume = np.zeros(dims, np.float64)
+    side = min(dims[0] * aspect, dims[1], dims[2])
+    for _ in range(count):
+        centre = rng.uniform(0, 1, 3) * np.array([dims[0] * aspect, dims[1], dims[2]])
+        radii = rng.uniform(0.15, 0.4, 3) * side
+        r = np.sqrt(
+            ((z - centre[0]) / radii[0]) ** 2
+            + ((y - centre[1]) / radii[1]) ** 2
+            + ((x - centre[2]) / radii[2]) ** 2
+        )
+        thickness = 1.2 / radii.mean()  # ~1.2 lateral pixels
+        volume = np.maximum(volume, rng.uniform(0.5, 1.0) * np.exp(-(((r - 1) / thickness) ** 2)))
+    return volume
+
+
+def _beads(dims, aspect, rng, count: int) -> NDArray:
+    """Sub-resolution beads: single bright voxels (a point-source test)."""
+    volume = np.zeros(dims, np.float64)
+    idx = tuple(rng.integers(0, d, count) for d in dims)
+    volume[idx] = rng.uniform(0.5, 1.0, count)
+    return scipy.ndimage.gaussian_filter(volume, sigma=(0.3 / aspect, 0.5, 0.5)) * 4
+
+
+def _blobs3d(dims, aspect, rng, count: int) -> NDArray:
+    """Soft-edged blobs (nuclei-like) of random sizes and brightness."""
+    z, y, x = _physical_grid(dims, aspect)
+    volume = np.zeros(dims, np.float64)
+    side = min(dims[0] * aspect, dims[1], dims[2])
+    for _ in range(count):
+        centre = rng.uniform(0, 1, 3) * np.array([dims[0] * aspect, dims[1], dims[2]])
+        radius = rng.uniform(0.05, 0.15) * side
+        r = np.sqrt((z - centre[0]) ** 2 + (y - centre[1]) ** 2 + (x - centre[2]) ** 2)
+        edge = 1 / (1 + np.exp((r - radius) / 1.0))
+        volume = np.maximum(volume, rng.uniform(0.3, 1.0) * edge)
+    return volume
+
+
+def structure_3d(
+    kind: str,
+    shape: Sequence[int] = (128, 256, 256),
+    *,
+    aspect: float = 3.0,
+    seed: int = 0,
+    density: float = 1.0,
+) -> NDArray[np.float32]:
+    """A 3D ground truth of one kind of structure, float32 in [0, 1], seeded.
+
+    Parameters
+    ----------
+    kind : {"filaments", "shells", "beads", "blobs", "mixed"}
+        Curvilinear filaments (cytoskeleton-like), ellipsoidal membranes, sub-resolution
+        beads, soft-edged blobs (nuclei-like), or all four summed (each at half density).
+    shape : sequence of 3 ints
+        ``(nz, ny, nx)``.
+    aspect : float
+        z step over the lateral pixel size (the structures are isotropic in physical units).
+    seed : int
+        Seed of the generator.
+    density : float
+        Scales the number of objects (1: the defaults for a 128x256x256 volume, scaled by
+        the volume).
+
+    Returns
+    -------
+    numpy.ndarray
+    """
+    dims = tuple(int(s) for s in shape)
+    if len(dims) != 3 or min(dims) < 1:
+        raise ParameterError(f"shape must be three positive integers, got {shape}")
+    if kind not in STRUCTURES_3D:
+        raise ParameterError(f"kind must be one of {', '.join(STRUCTURES_3D)}, got {kind!r}")
+    rng = np.random.default_rng(seed)
+    scale = density * float(np.prod(dims)) / (128 * 256 * 256)
+    makers = {
+        "filaments": (_filaments, 60),
+        "shells": (_shells, 12),
+        "beads": (_beads, 1500),
+        "blobs": (_blobs3d, 40),
+    }
+    kinds = list(makers) if kind == "mixed" else [kind]
+    factor = 0.5 if kind == "mixed" else 1.0
+    volume = np.zeros(dims, np.float64)
+    for name in kinds:
+        maker, count = makers[name]
+        volume += maker(dims, float(aspect), rng, max(1, int(round(count * scale * factor))))
+    volume = np.clip(volume / max(float(volume.max()), 1e-12), 0.0, 1.0)
+    return volume.astype(np.float32)

@@ -61,7 +61,7 @@ def content_hash(
         64 hex digits.
     """
     h = hashlib.sha256(b"ssi-dask model v2\0")
-    h.update(json.dumps(config, sort_keys=True).encode())
+    h.update(json.dumps(_hashed_config(config), sort_keys=True).encode())
     for name in sorted(state_dict):
         t = state_dict[name].detach().cpu().contiguous()
         h.update(name.encode())
@@ -75,6 +75,15 @@ def content_hash(
     settings = {k: v for k, v in training.items() if k not in UNHASHED_TRAINING_KEYS}
     h.update(_canonical(settings).encode())
     return h.hexdigest()
+
+
+def _hashed_config(config: dict) -> dict:
+    """The architecture as the hash spells it: the UNet's ``levels`` under their first name,
+    ``depth``, so a model hashes the same whichever name its checkpoint used."""
+    config = dict(config)
+    if "levels" in config:
+        config["depth"] = config.pop("levels")
+    return config
 
 
 def model_hash(model: SSIModel) -> str:

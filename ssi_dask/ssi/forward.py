@@ -1,10 +1,20 @@
-"""The PSF forward operator in torch (FFT-based, 2D and 3D).
+"""The PSF forward operators of SSI training in torch (FFT-based, 2D and 3D).
 
-In training, the network sees a patch of side P; its prediction is blurred with the PSF and
-compared to the measurement only where the blur has full context: the *valid* part of the linear
-convolution, i.e. the patch interior cropped by the PSF radius on each side. A circular FFT
-convolution of size P is exact there (the wrap-around only reaches the cropped border), so no
-padding is needed and the cost is one rFFT pair per patch.
+``PSFOperator`` (``forward="valid"``): in training, the network sees a patch of side P; its
+prediction is blurred with the PSF and compared to the measurement only where the blur has full
+context: the *valid* part of the linear convolution, i.e. the patch interior cropped by the PSF
+radius on each side. A circular FFT convolution of size P is exact there (the wrap-around only
+reaches the cropped border), so no padding is needed and the cost is one rFFT pair per patch.
+
+``SamePSFOperator`` (``forward="same"``) is for PSFs as large as the patches or the whole
+volume (widefield PSFs whose tails reach across it), where no patch has a valid interior. The
+estimate on the patch is convolved with the PSF by a *linear* FFT convolution (zero-extended,
+no wrap-around), and the light the patch's surroundings would add is modelled by the patch's
+mean intensity: predicted measurement ``h * (1_P f) + (1 - c) mean(f)``, with ``c = h * 1_P``
+the share of each pixel's PSF that lies inside the patch. The loss is scored on the central
+box where at least ``1 - tail`` of each axis's marginal PSF energy lies inside the patch
+(never less than the central half of each side). Only the PSF's central ``2 P - 1`` voxels per
+axis can reach a patch of side ``P``, so a larger PSF is cropped to that, exactly.
 """
 
 from __future__ import annotations
@@ -14,7 +24,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-__all__ = ["PSFOperator"]
+__all__ = ["PSFOperator", "SamePSFOperator", "forward_operator", "fits_valid"]
 
 
 class PSFOperator:
@@ -88,3 +98,157 @@ class PSFOperator:
         """'Same'-size correlation with the PSF (the adjoint, up to boundary handling)."""
         flipped = PSFOperator(np.flip(self.psf).copy(), self.device)
         return flipped.same(x, mode)
+
+
+def fits_valid(patch_shape: Sequence[int], psf_shape: Sequence[int]) -> bool:
+    """True when patches have a valid interior for the PSF (``P >= K + 4`` per axis)."""
+    return all(int(p) >= int(k) + 4 for p, k in zip(patch_shape, psf_shape))
+
+
+def _fast_size(n: int) -> int:
+    """Smallest 2^a 3^b 5^c >= n (a fast FFT size)."""
+    best = None
+    p5 = 1
+    while p5 < 2 * n:
+        p35 = p5
+        while p35 < 2 * n:
+            size = p35
+            while size < n:
+                size *= 2
+            best = size if best is None else min(best, size)
+            p35 *= 3
+        p5 *= 5
+    return int(best)
+
+
+class SamePSFOperator:
+    """Linear ('same') convolution of a patch with a PSF as large as the patch or larger.
+
+    Same interface as :class:`PSFOperator` as training uses it: :meth:`valid` gives the
+    predicted measurement on the scored box and :meth:`crop` cuts the data to that box.
+
+    Parameters
+    ----------
+    psf : array-like
+        Kernel with ``ndim`` dimensions, any size (cropped to ``2 * patch - 1`` per axis).
+    patch_shape : sequence of int
+        Size of the training patches.
+    device : torch.device or str
+        Where the transforms live.
+    tail : float
+        Marginal PSF energy per axis allowed outside the patch at a scored pixel.
+    """
+
+    def __init__(self, psf, patch_shape: Sequence[int], device="cpu", tail: float = 0.05):
+        psf = np.asarray(psf, dtype=np.float32)
+        patch_shape = tuple(int(p) for p in patch_shape)
+        self.ndim = psf.ndim
+        self.patch_shape = patch_shape
+        pad = [(0, 1 - s % 2) for s in psf.shape]
+        if any(p[1] for p in pad):
+            psf = np.pad(psf, pad)
+        # only offsets up to P - 1 from the centre reach a patch of side P
+        sl = tuple(
+            slice(max(k // 2 - (p - 1), 0), k // 2 + min(p - 1, k // 2) + 1)
+            for k, p in zip(psf.shape, patch_shape)
+        )
+        self.psf = np.ascontiguousarray(psf[sl])
+        self.device = torch.device(device)
+        self.radius = tuple(k // 2 for k in self.psf.shape)
+        self._fft_shape = tuple(_fast_size(p + k - 1) for p, k in zip(patch_shape, self.psf.shape))
+        self._dims = tuple(range(-self.ndim, 0))
+        kernel = torch.from_numpy(self.psf).to(self.device)
+        self._kernel_otf = torch.fft.rfftn(kernel, s=self._fft_shape, dim=self._dims)
+        self._flipped_otf = torch.fft.rfftn(
+            torch.flip(kernel, dims=self._dims), s=self._fft_shape, dim=self._dims
+        )
+        self._otf_cache: dict[tuple[int, ...], torch.Tensor] = {}
+        # scored box: per axis, the margin beyond which the marginal PSF's one-sided tail
+        # outside the patch is below `tail` (at most a quarter of the side)
+        margins = []
+        for ax, p in enumerate(patch_shape):
+            other = tuple(i for i in range(self.ndim) if i != ax)
+            marginal = self.psf.sum(axis=other) if other else self.psf
+            marginal = marginal / marginal.sum()
+            r = len(marginal) // 2
+            m = 0
+            while m < p // 4:
+                # a pixel m from the patch edge misses the PSF beyond m on that side
+                beyond = max(marginal[: max(r - m, 0)].sum(), marginal[r + m + 1 :].sum())
+                if beyond <= tail:
+                    break
+                m += 1
+            margins.append(m)
+        self.margins = tuple(margins)
+        ones = torch.ones((1, 1, *patch_shape), device=self.device)
+        self.coverage = self._conv(ones, self._kernel_otf)[0, 0]
+
+    def _conv(self, x: torch.Tensor, otf: torch.Tensor) -> torch.Tensor:
+        """Linear convolution of ``x`` (``(..., *patch)``) with the kernel of ``otf``, 'same'."""
+        spatial = x.shape[-self.ndim :]
+        y = torch.fft.irfftn(
+            torch.fft.rfftn(x.float(), s=self._fft_shape, dim=self._dims) * otf,
+            s=self._fft_shape,
+            dim=self._dims,
+        )
+        sl = tuple(slice(r, r + s) for r, s in zip(self.radius, spatial))
+        return y[(Ellipsis, *sl)]
+
+    def _check(self, x: torch.Tensor) -> None:
+        if tuple(x.shape[-self.ndim :]) != self.patch_shape:
+            raise ValueError(
+                f"the operator is built for patches {self.patch_shape}, got {tuple(x.shape)}"
+            )
+
+    def same(self, x: torch.Tensor, mode: str = "mean") -> torch.Tensor:
+        """Predicted measurement on the whole patch: the blurred patch plus the mean's share."""
+        self._check(x)
+        blurred = self._conv(x, self._kernel_otf)
+        mean = x.float().mean(dim=self._dims, keepdim=True)
+        return blurred + (1 - self.coverage) * mean
+
+    def same_transpose(self, x: torch.Tensor, mode: str = "mean") -> torch.Tensor:
+        """Correlation with the PSF on the patch, normalised by its response to ones."""
+        self._check(x)
+        return self._conv(x, self._flipped_otf) / self._conv(
+            torch.ones_like(x), self._flipped_otf
+        ).clamp_min(1e-6)
+
+    def valid(self, x: torch.Tensor) -> torch.Tensor:
+        """The predicted measurement on the scored box (aligned with :meth:`crop`)."""
+        return self.crop(self.same(x))
+
+    def crop(self, x: torch.Tensor) -> torch.Tensor:
+        """Crop ``x`` to the scored box."""
+        sl = tuple(slice(m, s - m) for m, s in zip(self.margins, x.shape[-self.ndim :]))
+        return x[(Ellipsis, *sl)]
+
+    def _otf(self, shape: Sequence[int]) -> torch.Tensor:
+        """The OTF on a ``shape`` grid of the PSF cropped to it (its modulus is what is used)."""
+        shape = tuple(int(s) for s in shape)
+        otf = self._otf_cache.get(shape)
+        if otf is None:
+            sl = tuple(
+                slice(max(k // 2 - s // 2, 0), max(k // 2 - s // 2, 0) + min(s, k))
+                for k, s in zip(self.psf.shape, shape)
+            )
+            kernel = torch.from_numpy(np.ascontiguousarray(self.psf[sl])).to(self.device)
+            otf = torch.fft.rfftn(kernel, s=shape, dim=self._dims)
+            self._otf_cache[shape] = otf
+        return otf
+
+
+def forward_operator(psf, patch_shape: Sequence[int], device="cpu", mode: str = "auto"):
+    """The forward operator of SSI training for ``mode`` (``"auto"``, ``"valid"``, ``"same"``).
+
+    ``"auto"`` is ``"valid"`` when the patches are larger than the PSF (:func:`fits_valid`),
+    else ``"same"``. Returns ``(operator, resolved mode)``.
+    """
+    psf = np.asarray(psf, dtype=np.float32)
+    if mode == "auto":
+        mode = "valid" if fits_valid(patch_shape, psf.shape) else "same"
+    if mode == "valid":
+        return PSFOperator(psf, device), mode
+    if mode == "same":
+        return SamePSFOperator(psf, patch_shape, device), mode
+    raise ValueError(f"forward must be 'auto', 'valid' or 'same', got {mode!r}")

@@ -2,13 +2,13 @@
 
 Design (chosen for CPU speed and an affordable chunk halo):
 
-- ``depth`` resolution levels, each with two 3x3(x3) convolutions (+ optional BatchNorm, ReLU);
+- ``levels`` resolution levels, each with two 3x3(x3) convolutions (+ optional BatchNorm, ReLU);
 - down-sampling by 2x2(x2) *average* pooling, up-sampling by nearest neighbour, skip connections by
   concatenation, a 1x1 output convolution with no activation;
 - average pooling (not max pooling) keeps the network's dependence on every input pixel of its
   receptive field, so the gradient-based test of :func:`receptive_field_radius` is exact.
 
-The network is not shift-equivariant for shifts that are not multiples of ``2 ** (depth - 1)``
+The network is not shift-equivariant for shifts that are not multiples of ``2 ** (levels - 1)``
 (the pooling grid): tiled or chunked application must start tiles on that grid (see
 :attr:`UNet.alignment`) and pad each tile's end up to a multiple of it.
 """
@@ -53,8 +53,9 @@ class UNet(nn.Module):
     ----------
     ndim : {2, 3}
         Number of spatial dimensions.
-    depth : int
-        Number of resolution levels (1 = no down-sampling).
+    levels : int
+        Number of resolution levels (1 = no down-sampling). Checkpoints written before the
+        name was ``levels`` call it ``depth`` (:func:`build_network` reads both).
     base_channels : int
         Channels at the finest level; doubled at each coarser level up to ``max_channels``.
     max_channels : int
@@ -68,7 +69,7 @@ class UNet(nn.Module):
     def __init__(
         self,
         ndim: int = 2,
-        depth: int = 3,
+        levels: int = 3,
         base_channels: int = 16,
         max_channels: int = 64,
         batch_norm: bool = True,
@@ -77,27 +78,27 @@ class UNet(nn.Module):
         super().__init__()
         if ndim not in (2, 3):
             raise ParameterError(f"ndim must be 2 or 3, got {ndim}")
-        if depth < 1 or base_channels < 1 or kernel_size < 1 or kernel_size % 2 == 0:
+        if levels < 1 or base_channels < 1 or kernel_size < 1 or kernel_size % 2 == 0:
             raise ParameterError(
-                "depth and base_channels must be >= 1 and kernel_size odd, got "
-                f"depth={depth}, base_channels={base_channels}, kernel_size={kernel_size}"
+                "levels and base_channels must be >= 1 and kernel_size odd, got "
+                f"levels={levels}, base_channels={base_channels}, kernel_size={kernel_size}"
             )
         self.config = dict(
             ndim=int(ndim),
-            depth=int(depth),
+            levels=int(levels),
             base_channels=int(base_channels),
             max_channels=int(max_channels),
             batch_norm=bool(batch_norm),
             kernel_size=int(kernel_size),
         )
-        chans = [min(base_channels * 2**i, max_channels) for i in range(depth)]
+        chans = [min(base_channels * 2**i, max_channels) for i in range(levels)]
         self.encoders = nn.ModuleList()
         cin = 1
         for c in chans:
             self.encoders.append(_DoubleConv(ndim, cin, c, batch_norm, kernel_size))
             cin = c
         self.decoders = nn.ModuleList()
-        for level in range(depth - 2, -1, -1):
+        for level in range(levels - 2, -1, -1):
             self.decoders.append(
                 _DoubleConv(
                     ndim, chans[level] + chans[level + 1], chans[level], batch_norm, kernel_size
@@ -114,7 +115,7 @@ class UNet(nn.Module):
     @property
     def alignment(self) -> int:
         """Tiles must start on multiples of this and have sizes that are multiples of it."""
-        return 2 ** (self.config["depth"] - 1)
+        return 2 ** (self.config["levels"] - 1)
 
     @property
     def receptive_field_radius(self) -> int:
@@ -182,23 +183,25 @@ def build_network(config: dict) -> nn.Module:
     """The network a config describes: a :class:`UNet`, or an :class:`EnsembleUNet` when the
     config has ``members`` (> 1)."""
     config = dict(config)
+    if "depth" in config:  # checkpoints written before the UNet's levels were named so
+        config["levels"] = config.pop("depth")
     members = int(config.pop("members", 1))
     return EnsembleUNet(members, **config) if members > 1 else UNet(**config)
 
 
 @lru_cache(maxsize=64)
-def _radius(depth: int, kernel_size: int) -> int:
+def _radius(levels: int, kernel_size: int) -> int:
     """Exact receptive-field radius of the UNet above, by interval propagation in 1D.
 
     Separable structure: the dependence along each axis is an interval [lo(i), hi(i)] of input
-    positions for output position i; it is periodic in i with period 2 ** (depth - 1).
+    positions for output position i; it is periodic in i with period 2 ** (levels - 1).
     """
     k = kernel_size // 2  # radius of one convolution
     conv2 = 2 * k  # two convolutions per block
 
     def interval(level: int, i: int) -> tuple[int, int]:
         # Sub-network from `level` downwards: input and output at that level's resolution.
-        if level == depth - 1:  # bottom: one double conv
+        if level == levels - 1:  # bottom: one double conv
             return i - conv2, i + conv2
         lo, hi = None, None
         for j in range(i - conv2, i + conv2 + 1):  # decoder double conv
@@ -211,7 +214,7 @@ def _radius(depth: int, kernel_size: int) -> int:
             hi = b if hi is None else max(hi, b)
         return lo, hi
 
-    period = 2 ** (depth - 1)
+    period = 2 ** (levels - 1)
     radius = 0
     for i in range(period, 2 * period):
         lo, hi = interval(0, i)
@@ -223,7 +226,7 @@ def receptive_field_radius(model) -> int:
     """Exact receptive-field radius (pixels, one side) of a :class:`UNet` or an SSI model."""
     net = getattr(model, "network", model)
     cfg = net.config
-    return _radius(cfg["depth"], cfg["kernel_size"])
+    return _radius(cfg["levels"], cfg["kernel_size"])
 
 
 class SSIModel:
@@ -307,7 +310,7 @@ class SSIModel:
         c = self.config
         members = f" x{c['members']}" if c.get("members", 1) > 1 else ""
         return (
-            f"SSIModel({c['ndim']}D UNet{members} depth={c['depth']} "
+            f"SSIModel({c['ndim']}D UNet{members} levels={c['levels']} "
             f"base_channels={c['base_channels']}, halo={self.halo}, psf={tuple(self.psf.shape)})"
         )
 

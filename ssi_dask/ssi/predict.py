@@ -21,6 +21,7 @@ from ..errors import ParameterError
 from .device import resolve_device
 from .symmetry import apply as apply_transform
 from .symmetry import invert as invert_transform
+from .symmetry import resolve_tta, tta_transforms
 
 __all__ = ["predict", "predict_block", "run_network"]
 
@@ -80,7 +81,12 @@ def _denormalise(model, y):
     return (y * np.float32(n["scale"]) + np.float32(n["offset"])).astype(np.float32)
 
 
-def predict_block(model, block, device="auto", amp: bool = False, tta: bool = True) -> np.ndarray:
+def test_time_transforms(model, tta) -> list:
+    """The PSF symmetries averaged at inference for ``tta`` (see :func:`predict`)."""
+    return tta_transforms(model.symmetries, resolve_tta(tta, model.ndim), model.ndim)
+
+
+def predict_block(model, block, device="auto", amp: bool = False, tta=None) -> np.ndarray:
     """Apply a trained model to one block (e.g. a chunk with its halo); same shape out.
 
     Normalises with the stored statistics, runs the network, undoes the normalisation and clips
@@ -88,7 +94,7 @@ def predict_block(model, block, device="auto", amp: bool = False, tta: bool = Tr
     """
     net, dev = _prepare(model, device)
     x = _normalise(model, block)
-    transforms = model.symmetries if tta else None
+    transforms = test_time_transforms(model, tta)
     return _denormalise(model, run_network(net, x[None], dev, amp, transforms)[0])
 
 
@@ -99,7 +105,7 @@ def predict(
     device="auto",
     batch_size: int = 1,
     amp: bool = False,
-    tta: bool = True,
+    tta: int | bool | None = None,
 ) -> np.ndarray:
     """Restore an in-memory 2D/3D image with a trained SSI model.
 
@@ -118,9 +124,13 @@ def predict(
         Tiles per network call.
     amp : bool
         bfloat16 autocast on CUDA (faster, agrees with float32 to about 1e-2).
-    tta : bool
-        Average over the PSF's symmetries (flips / axis swaps; up to 8x the compute in 2D,
-        16x in 3D). Strongly reduces null-space artefacts.
+    tta : int, bool or None
+        Test-time transforms: the network's outputs on 1, 2, 4, 8 or 16 of the PSF's
+        symmetries (flips / axis swaps, a subgroup: :func:`~ssi_dask.ssi.symmetry.tta_transforms`)
+        are averaged, at that many times the compute; fewer when the PSF has fewer
+        symmetries. Averaging reduces null-space artefacts. None: the default per
+        dimensionality (:data:`ssi_dask.config.SSI_TTA_DEFAULTS`, chosen by
+        ``benchmarks/ssi_tta.py``); True: all (16); False: 1.
 
     Returns
     -------
@@ -149,13 +159,14 @@ def predict(
     mode = "symmetric" if all(s >= max(p) for s, p in zip(shape, pad)) else "edge"
     xp = np.pad(x, pad, mode=mode)
     out = np.empty(tuple(c * t for c, t in zip(counts, tile)), dtype=np.float32)
+    transforms = test_time_transforms(model, tta)
     corners = list(itertools.product(*[range(0, c * t, t) for c, t in zip(counts, tile)]))
     for i in range(0, len(corners), max(int(batch_size), 1)):
         group = corners[i : i + batch_size]
         blocks = np.stack(
             [xp[tuple(slice(c, c + t + 2 * halo) for c, t in zip(cor, tile))] for cor in group]
         )
-        res = run_network(net, blocks, dev, amp, model.symmetries if tta else None)
+        res = run_network(net, blocks, dev, amp, transforms)
         for cor, r in zip(group, res):
             out[tuple(slice(c, c + t) for c, t in zip(cor, tile))] = r[
                 tuple(slice(halo, halo + t) for t in tile)

@@ -22,7 +22,7 @@ import torch
 
 from ..errors import ParameterError
 from .device import resolve_device
-from .predict import _denormalise, _normalise, _prepare, run_network
+from .predict import _denormalise, _normalise, _prepare, run_network, test_time_transforms
 
 __all__ = ["bytes_per_voxel", "choose_tile", "predict_chunk", "tile_budget"]
 
@@ -42,7 +42,7 @@ def bytes_per_voxel(network) -> int:
     """
     cfg = network.config
     c0 = min(cfg["base_channels"], cfg["max_channels"])
-    c1 = min(2 * cfg["base_channels"], cfg["max_channels"]) if cfg["depth"] > 1 else 0
+    c1 = min(2 * cfg["base_channels"], cfg["max_channels"]) if cfg["levels"] > 1 else 0
     return 2 * 4 * (3 * c0 + 2 * c1 + 4)
 
 
@@ -95,7 +95,7 @@ def predict_chunk(
     tile_shape: int | Sequence[int] | None = None,
     budget: int | None = None,
     amp: bool = False,
-    tta: bool = True,
+    tta: int | bool | None = None,
 ) -> np.ndarray:
     """Apply ``model`` to one chunk with its halo, in batched tiles; same shape out.
 
@@ -149,7 +149,7 @@ def predict_chunk(
         in_shape = tuple(stop - start for _, _, start, stop in spans)
         groups.setdefault(in_shape, []).append(spans)
     out = np.empty(block.shape, dtype=np.float32)
-    transforms = model.symmetries if tta else None
+    transforms = test_time_transforms(model, tta)
     for in_shape, members in groups.items():
         per_call = max(1, budget // max(math.prod(in_shape) * per_voxel, 1))
         for i in range(0, len(members), per_call):

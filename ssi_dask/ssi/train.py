@@ -43,14 +43,16 @@ import math
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 
-from ..config import SSI_TRAINING_DEFAULTS
+from ..config import SSI_TRAINING_DEFAULTS, TrainingRecipe
 from ..errors import ParameterError
 from .device import resolve_device
-from .forward import PSFOperator
+from .forward import PSFOperator, fits_valid, forward_operator
 from .masking import bernoulli_mask, mask_input, rho_schedule, validation_mask
 from .model import EnsembleUNet, SSIModel, UNet
 from .sampler import PatchSampler, sample_values
@@ -257,45 +259,40 @@ def _progress_fn(progress) -> Callable[[dict], None] | None:
     return None
 
 
+@dataclass
+class _RunContext:
+    """What every run of one :func:`train_ssi` call shares (built once from the recipe)."""
+
+    arch: dict
+    op: Any
+    validator: _Validator
+    patch_shape: tuple[int, ...]
+    normalisation: dict
+    device: torch.device
+    clip: tuple[float, float]
+    null_space_weight: float
+    noise_sigma: float
+    val_seed: int
+    symmetries: list
+    max_time: float | None
+    report: Callable[[dict], None] | None
+
+
+#: Keywords of :func:`train_ssi` that are not recipe fields.
+_CALL_OPTIONS = ("seed", "device", "progress", "max_time", "num_threads")
+
+
 def train_ssi(
     image,
     psf,
+    recipe: TrainingRecipe | None = None,
     *,
     seed: int = 0,
     device="auto",
-    steps: int | None = None,
-    patch_size: int | None = None,
-    batch_size: int | None = None,
-    depth: int | None = None,
-    base_channels: int | None = None,
-    max_channels: int = 64,
-    batch_norm: bool = True,
-    learning_rate: float = 4e-3,
-    weight_decay: float = 1e-5,
-    rho_start: float = 0.5,
-    rho_target: float = 0.1,
-    rho_decay_fraction: float = 0.25,
-    validation_density: float = 0.1,
-    validation_patches: int | None = None,
-    eval_every: int = 50,
-    patience: int | None = None,
-    restarts: int = 2,
-    ensemble: int = 1,
-    norm_percentiles=(0.01, 99.99),
-    output_range=(0.0, 1.0),
-    bounds_weight: float = 0.1,
-    null_space_weight: float | str = "auto",
-    null_space_scale: float = 2.5,
-    null_space_max: float = 0.1,
-    null_space_threshold: float = 1.0,
-    sensor_clipping="auto",
-    noise_penalty_weight: float = 0.0,
-    noise_penalty_fraction: float = 0.25,
-    augment: bool = True,
-    average_fraction: float = 0.5,
+    progress=False,
     max_time: float | None = None,
     num_threads: int | None = None,
-    progress=False,
+    **overrides: Any,
 ) -> SSIModel:
     """Train an SSI network on one image (2D or 3D) without ground truth.
 
@@ -307,18 +304,34 @@ def train_ssi(
         (:func:`ssi_dask.train`): patches are drawn inside the regions and the normalisation
         statistics come from the pool.
     psf : array-like
-        The PSF, same number of dimensions as the image.
+        The PSF, same number of dimensions as the image (any size: a PSF as large as the
+        patches or the volume is trained with the ``"same"`` forward operator).
+    recipe : TrainingRecipe, optional
+        How to train (:class:`ssi_dask.config.TrainingRecipe`; default: the tuned 2D/3D
+        recipe). Its fields are described below.
     seed : int
         Seed of the weights, patch positions, masks (same seed and device -> same weights).
         Restart ``r`` uses ``seed + 1000 * r``.
     device : str
         ``"auto"``, ``"cpu"`` or ``"cuda[:N]"``. Mixed precision (bfloat16 autocast) on CUDA.
+    progress : bool or callable
+        Print progress lines, or call ``progress(entry)`` at each evaluation.
+    max_time : float, optional
+        Wall-clock budget in seconds for each run (stops early; not reproducible).
+    num_threads : int, optional
+        ``torch.set_num_threads`` for CPU training.
+    **overrides
+        Recipe fields changed for this call (``steps=100``); checked like the recipe's, an
+        unknown name is refused with the known ones.
+
+    Recipe fields
+    -------------
     steps : int
         Optimiser steps per run (one-cycle schedule over them). Default 800 (2D), 600 (3D).
     patch_size, batch_size : int
-        Patch side and patches per step. Defaults 96 / 16 (2D), 48 / 4 (3D).
-    depth, base_channels, max_channels, batch_norm :
-        UNet architecture (defaults: depth 3, 8 base channels).
+        Patch side and patches per step (defaults in :data:`ssi_dask.config.SSI_TRAINING_DEFAULTS`).
+    levels, base_channels, max_channels, batch_norm :
+        UNet architecture (defaults: 3 resolution levels, 8 base channels).
     learning_rate, weight_decay : float
         Peak learning rate of the one-cycle schedule and AdamW weight decay.
     rho_start, rho_target, rho_decay_fraction : float
@@ -390,17 +403,26 @@ def train_ssi(
     augment : bool
         Random flips / axis swaps of each batch, restricted to the symmetries of the PSF (which
         leave the forward model unchanged). The same symmetries are averaged at inference.
-    max_time : float, optional
-        Wall-clock budget in seconds for each run (stops early; not reproducible).
-    num_threads : int, optional
-        ``torch.set_num_threads`` for CPU training.
-    progress : bool or callable
-        Print progress lines, or call ``progress(entry)`` at each evaluation.
+    forward : {"auto", "valid", "same"}
+        Forward operator of the loss (:mod:`ssi_dask.ssi.forward`): ``"valid"`` scores each
+        patch's interior where the blur has full context (patches must be larger than the PSF
+        + 4); ``"same"`` blurs the zero-extended patch plus its mean's share of the light from
+        outside and scores the central box, for PSFs as large as the patches or the volume;
+        ``"auto"`` (default) picks ``"valid"`` when it fits.
 
     Returns
     -------
     SSIModel
     """
+    clash = sorted(set(overrides) & set(_CALL_OPTIONS))
+    if clash:  # cannot happen through Python's keyword binding; kept for **dict callers
+        raise ParameterError(f"{', '.join(clash)} given twice")
+    recipe = recipe if recipe is not None else TrainingRecipe()
+    if not isinstance(recipe, TrainingRecipe):
+        raise ParameterError(
+            f"recipe must be a TrainingRecipe (ssi_dask.config), got {type(recipe).__name__}"
+        )
+    recipe = recipe.replace(**overrides) if overrides else recipe
     ndim = len(image.shape)
     if ndim not in (2, 3):
         raise ParameterError(f"SSI needs a 2D or 3D image, got shape {tuple(image.shape)}")
@@ -408,26 +430,14 @@ def train_ssi(
     if psf.ndim != ndim:
         raise ParameterError(f"PSF has {psf.ndim} dimensions but the image has {ndim}")
     psf = psf / psf.sum()
-    d = DEFAULTS[ndim]
-    steps = int(steps or d["steps"])
-    batch_size = int(batch_size or d["batch_size"])
-    depth = int(depth or d["depth"])
-    base_channels = int(base_channels or d["base_channels"])
-    align = 2 ** (depth - 1)
-    patch = int(patch_size or d["patch_size"])
-    patch_shape = tuple(max(min(patch, s) // align * align, align) for s in image.shape)
-    if any(p < k + 4 for p, k in zip(patch_shape, psf.shape)):
+    recipe = recipe.for_ndim(ndim)
+    align = 2 ** (recipe.levels - 1)
+    patch_shape = tuple(max(min(recipe.patch_size, s) // align * align, align) for s in image.shape)
+    if recipe.forward == "valid" and not fits_valid(patch_shape, psf.shape):
         raise ParameterError(
-            f"patches {patch_shape} must be larger than the PSF {psf.shape} (+4); "
-            "use a larger image or patch_size, or crop the PSF"
+            f"patches {patch_shape} must be larger than the PSF {psf.shape} (+4) with "
+            "forward='valid'; use forward='same' (or 'auto'), a larger patch_size, or crop the PSF"
         )
-    if steps < 1 or batch_size < 1:
-        raise ParameterError("steps and batch_size must be >= 1")
-    if int(ensemble) < 1 or int(restarts) < 0:
-        raise ParameterError(f"need ensemble >= 1 and restarts >= 0, got {ensemble} and {restarts}")
-    ensemble, restarts = int(ensemble), int(restarts)
-    if not 0 < rho_target <= rho_start < 1:
-        raise ParameterError("need 0 < rho_target <= rho_start < 1")
     dev = resolve_device(device)
     if num_threads and dev.type == "cpu":
         torch.set_num_threads(int(num_threads))
@@ -436,35 +446,33 @@ def train_ssi(
         values = image.sample_values()
     else:
         values = sample_values(image, seed=seed)
-    lo, hi = (float(v) for v in np.percentile(values, norm_percentiles))
+    lo, hi = (float(v) for v in np.percentile(values, recipe.norm_percentiles))
     scale = hi - lo if hi > lo else 1.0
-    normalisation = {"offset": lo, "scale": scale, "output_range": tuple(output_range)}
-    clip = tuple(float(v) for v in output_range)
+    clip = tuple(float(v) for v in recipe.output_range)
+    normalisation = {"offset": lo, "scale": scale, "output_range": clip}
 
-    op = PSFOperator(psf, dev)
-    n_val = int(validation_patches or 2 * batch_size)
+    op, forward = forward_operator(psf, patch_shape, dev, recipe.forward)
+    n_val = int(recipe.validation_patches or 2 * recipe.batch_size)
     val_sampler = _patch_sampler(image, patch_shape, seed=seed + 7919)
     vpatches, vorigins = val_sampler.batch(n_val)
     vpatches = (vpatches - lo) / scale
-    vmasks = np.stack([validation_mask(o, patch_shape, validation_density, seed) for o in vorigins])
-    sensor = _clipped_sensor(sensor_clipping, values, vpatches, lo, scale)
+    vmasks = np.stack(
+        [validation_mask(o, patch_shape, recipe.validation_density, seed) for o in vorigins]
+    )
+    sensor = _clipped_sensor(recipe.sensor_clipping, values, vpatches, lo, scale)
     validator = _Validator(vpatches.astype(np.float32), vmasks, op, dev, sensor)
     baselines = validator.baselines(clip)
-    noise_sigma = _noise_sigma(vpatches)
     snr = None
-    if isinstance(null_space_weight, str):
-        if null_space_weight != "auto":
-            raise ParameterError(
-                f"null_space_weight must be a number >= 0 or 'auto', got {null_space_weight!r}"
-            )
+    null_space_weight = recipe.null_space_weight
+    if null_space_weight == "auto":
         # ~4 Mvoxels of patches: the estimate's spread between samples is about +-10 %
         n_snr = int(np.clip(2**22 // int(np.prod(patch_shape)), 128, 512))
         spatches, _ = _patch_sampler(image, patch_shape, seed=seed + 4253).batch(n_snr)
         snr = estimate_signal_to_noise((spatches - lo) / scale, op)
-        null_space_weight = min(float(null_space_scale) / max(snr, 2.0) ** 2, float(null_space_max))
+        null_space_weight = min(
+            float(recipe.null_space_scale) / max(snr, 2.0) ** 2, float(recipe.null_space_max)
+        )
     null_space_weight = float(null_space_weight)
-    if null_space_weight < 0:
-        raise ParameterError(f"null_space_weight must be >= 0, got {null_space_weight}")
     best_baseline = min(baselines.values())
     # A run fails when it does not capture at least a tenth of the validation-loss gain that
     # the best Lucy-Richardson baseline makes over the identity. The null-space penalty trades a
@@ -476,27 +484,27 @@ def train_ssi(
 
     settings = dict(
         seed=seed,
-        steps=steps,
+        steps=recipe.steps,
         patch_shape=list(patch_shape),
-        batch_size=batch_size,
-        learning_rate=learning_rate,
-        weight_decay=weight_decay,
-        rho_start=rho_start,
-        rho_target=rho_target,
-        rho_decay_fraction=rho_decay_fraction,
-        validation_density=validation_density,
+        batch_size=recipe.batch_size,
+        learning_rate=recipe.learning_rate,
+        weight_decay=recipe.weight_decay,
+        rho_start=recipe.rho_start,
+        rho_target=recipe.rho_target,
+        rho_decay_fraction=recipe.rho_decay_fraction,
+        validation_density=recipe.validation_density,
         validation_patches=n_val,
-        eval_every=eval_every,
-        patience=patience,
-        restarts=restarts,
-        ensemble=ensemble,
-        norm_percentiles=list(norm_percentiles),
-        bounds_weight=bounds_weight,
+        eval_every=recipe.eval_every,
+        patience=recipe.patience,
+        restarts=recipe.restarts,
+        ensemble=recipe.ensemble,
+        norm_percentiles=list(recipe.norm_percentiles),
+        bounds_weight=recipe.bounds_weight,
         null_space_weight=null_space_weight,
         signal_to_noise=snr,
-        null_space_scale=null_space_scale,
-        null_space_max=null_space_max,
-        null_space_threshold=null_space_threshold,
+        null_space_scale=recipe.null_space_scale,
+        null_space_max=recipe.null_space_max,
+        null_space_threshold=recipe.null_space_threshold,
         sensor=None
         if sensor is None
         else dict(
@@ -505,65 +513,49 @@ def train_ssi(
             upper_raw=None if sensor.upper is None else sensor.upper * scale + lo,
             units="normalised (lower_raw/upper_raw: image units)",
         ),
-        noise_penalty_weight=noise_penalty_weight,
-        noise_penalty_fraction=noise_penalty_fraction,
-        average_fraction=average_fraction,
+        noise_penalty_weight=recipe.noise_penalty_weight,
+        noise_penalty_fraction=recipe.noise_penalty_fraction,
+        average_fraction=recipe.average_fraction,
         device=str(dev),
         loss="masked L2 on PSF-valid interior"
         + ("" if sensor is None else " (expected clipped measurement)"),
     )
+    if forward == "same":  # recorded only when used: older models' hashes stay as they were
+        settings["forward"] = dict(mode="same", scored_margins=list(op.margins))
+        settings["loss"] = settings["loss"].replace(
+            "PSF-valid interior", "central box, linear convolution + mean outside the patch"
+        )
     symmetries = psf_symmetries(psf)
     settings["symmetries"] = [[list(f), bool(w)] for f, w in symmetries]
-    report = _progress_fn(progress)
     log: list[dict] = [{"baselines": baselines}]
-    arch = dict(
-        ndim=ndim,
-        depth=depth,
-        base_channels=base_channels,
-        max_channels=max_channels,
-        batch_norm=batch_norm,
+    ctx = _RunContext(
+        arch=dict(
+            ndim=ndim,
+            levels=recipe.levels,
+            base_channels=recipe.base_channels,
+            max_channels=recipe.max_channels,
+            batch_norm=recipe.batch_norm,
+        ),
+        op=op,
+        validator=validator,
+        patch_shape=patch_shape,
+        normalisation=normalisation,
+        device=dev,
+        clip=clip,
+        null_space_weight=null_space_weight,
+        noise_sigma=_noise_sigma(vpatches),
+        val_seed=seed,
+        symmetries=symmetries if recipe.augment else [((), False)],
+        max_time=max_time,
+        report=_progress_fn(progress),
     )
     runs = []  # (val_loss, state, run) of every finite run
     succeeded = 0
-    for run in range(ensemble + restarts):
-        if succeeded == ensemble:
+    for run in range(recipe.ensemble + recipe.restarts):
+        if succeeded == recipe.ensemble:
             break
         run_seed = seed + 1000 * run
-        val, state, run_log = _train_run(
-            image,
-            arch,
-            op,
-            validator,
-            patch_shape,
-            normalisation,
-            run_seed,
-            run,
-            dev,
-            steps,
-            batch_size,
-            learning_rate,
-            weight_decay,
-            rho_start,
-            rho_target,
-            rho_decay_fraction,
-            validation_density,
-            seed,
-            eval_every,
-            patience,
-            clip,
-            bounds_weight,
-            null_space_weight,
-            null_space_threshold,
-            dict(
-                weight=noise_penalty_weight,
-                fraction=noise_penalty_fraction,
-                sigma=noise_sigma,
-            ),
-            max_time,
-            report,
-            symmetries if augment else [((), False)],
-            average_fraction,
-        )
+        val, state, run_log = _train_run(image, recipe, ctx, run, run_seed)
         failed = not math.isfinite(val) or val >= fail_threshold
         log.extend(run_log)
         log.append(
@@ -583,13 +575,13 @@ def train_ssi(
         raise RuntimeError("SSI training diverged (NaN loss) in every run; lower learning_rate")
     # the `ensemble` runs with the lowest validation loss (successful runs first: a failed
     # run's loss is above the threshold every successful one is below)
-    members = sorted(runs, key=lambda r: r[0])[:ensemble]
+    members = sorted(runs, key=lambda r: r[0])[: recipe.ensemble]
     if len(members) == 1:
-        net = UNet(**arch)
+        net = UNet(**ctx.arch)
         net.load_state_dict(members[0][1])
         val = members[0][0]
     else:
-        net = EnsembleUNet(len(members), **arch)
+        net = EnsembleUNet(len(members), **ctx.arch)
         net.load_state_dict(
             {f"members.{i}.{k}": v for i, m in enumerate(members) for k, v in m[1].items()}
         )
@@ -641,53 +633,30 @@ def _autocast_for(dev: torch.device):
     return autocast
 
 
-def _train_run(
-    image,
-    arch,
-    op,
-    validator,
-    patch_shape,
-    normalisation,
-    run_seed,
-    run,
-    dev,
-    steps,
-    batch_size,
-    learning_rate,
-    weight_decay,
-    rho_start,
-    rho_target,
-    rho_decay_fraction,
-    validation_density,
-    val_seed,
-    eval_every,
-    patience,
-    clip,
-    bounds_weight,
-    null_space_weight,
-    null_space_threshold,
-    noise_pen,
-    max_time,
-    report,
-    symmetries,
-    average_fraction,
-):
+def _train_run(image, recipe: TrainingRecipe, ctx: _RunContext, run: int, run_seed: int):
+    """One seeded training run; returns ``(validation loss, weights, log entries)``."""
+    steps, batch_size = recipe.steps, recipe.batch_size
+    op, validator, dev, patch_shape = ctx.op, ctx.validator, ctx.device, ctx.patch_shape
+    null_space_weight, symmetries = ctx.null_space_weight, ctx.symmetries
+    max_time, report, average_fraction = ctx.max_time, ctx.report, recipe.average_fraction
     torch.manual_seed(run_seed)
-    net = UNet(**arch).to(dev)
+    net = UNet(**ctx.arch).to(dev)
     use_cuda = dev.type == "cuda"
     if use_cuda:
         net = net.to(
-            memory_format=torch.channels_last if arch["ndim"] == 2 else torch.channels_last_3d
+            memory_format=torch.channels_last if ctx.arch["ndim"] == 2 else torch.channels_last_3d
         )
 
     autocast = _autocast_for(dev)
     null_penalty = _NullSpacePenalty(
-        op, x_shape=patch_shape, device=dev, threshold=null_space_threshold
+        op, x_shape=patch_shape, device=dev, threshold=recipe.null_space_threshold
     )
-    opt = torch.optim.AdamW(net.parameters(), lr=learning_rate, weight_decay=weight_decay)
+    opt = torch.optim.AdamW(
+        net.parameters(), lr=recipe.learning_rate, weight_decay=recipe.weight_decay
+    )
     sched = torch.optim.lr_scheduler.OneCycleLR(
         opt,
-        max_lr=learning_rate,
+        max_lr=recipe.learning_rate,
         total_steps=steps,
         pct_start=0.15,
         div_factor=10,
@@ -695,31 +664,36 @@ def _train_run(
     )
     gen = torch.Generator().manual_seed(run_seed)
     sampler = _patch_sampler(image, patch_shape, seed=run_seed + 1)
-    offset, scale = normalisation["offset"], normalisation["scale"]
+    offset, scale = ctx.normalisation["offset"], ctx.normalisation["scale"]
     best_val, best_state, since_best = math.inf, None, 0
     averager = _WeightAverage() if average_fraction > 0 else None
     average_start = int(round(steps * (1 - average_fraction)))
     run_log, running, t0 = [], [], time.perf_counter()
-    lo_c, hi_c = clip
+    lo_c, hi_c = ctx.clip
     for step in range(1, steps + 1):
         patches, origins = sampler.batch(batch_size)
         x = torch.from_numpy((patches - offset) / scale)[:, None].to(dev, non_blocking=True)
         vmask = np.stack(
-            [validation_mask(o, patch_shape, validation_density, val_seed) for o in origins]
+            [
+                validation_mask(o, patch_shape, recipe.validation_density, ctx.val_seed)
+                for o in origins
+            ]
         )
         vmask = torch.from_numpy(vmask)[:, None].to(dev)
         if len(symmetries) > 1:
             t = symmetries[int(torch.randint(len(symmetries), (1,), generator=gen))]
             x, vmask = apply_transform(x, t).contiguous(), apply_transform(vmask, t).contiguous()
-        rho = rho_schedule(step - 1, steps, rho_start, rho_target, rho_decay_fraction)
+        rho = rho_schedule(
+            step - 1, steps, recipe.rho_start, recipe.rho_target, recipe.rho_decay_fraction
+        )
         m = bernoulli_mask(x.shape, rho, gen, dev)
         x_in = mask_input(x, m)
         n_noisy = 0
-        if noise_pen["weight"] > 0:
-            n_noisy = max(1, int(round(noise_pen["fraction"] * x.shape[0])))
+        if recipe.noise_penalty_weight > 0:
+            n_noisy = max(1, int(round(recipe.noise_penalty_fraction * x.shape[0])))
             delta = (
                 torch.randn((n_noisy, *x_in.shape[1:]), generator=gen, device="cpu").to(dev)
-                * noise_pen["sigma"]
+                * ctx.noise_sigma
             )
             x_in = torch.cat([x_in, x_in[:n_noisy] + delta])
         with autocast():
@@ -731,12 +705,14 @@ def _train_run(
         w = op.crop(m & ~vmask).float()
         data = ((blurred - op.crop(x)) ** 2 * w).sum() / w.sum().clamp_min(1)
         bounds = (torch.relu(lo_c - out) + torch.relu(out - hi_c)).mean() ** 2
-        loss = data + bounds_weight * bounds
+        loss = data + recipe.bounds_weight * bounds
         if null_space_weight > 0:
             loss = loss + null_space_weight * null_penalty(out)
         if n_noisy:
             diff = out_noisy - out[:n_noisy]
-            loss = loss + noise_pen["weight"] * null_penalty(diff) / noise_pen["sigma"] ** 2 * 1e-2
+            loss = (
+                loss + recipe.noise_penalty_weight * null_penalty(diff) / ctx.noise_sigma**2 * 1e-2
+            )
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -746,8 +722,8 @@ def _train_run(
         running.append(float(data.detach()))
         last = step == steps
         out_of_time = max_time is not None and time.perf_counter() - t0 > max_time
-        if step % eval_every == 0 or last or out_of_time:
-            val = validator.evaluate(net, clip, autocast)
+        if step % recipe.eval_every == 0 or last or out_of_time:
+            val = validator.evaluate(net, ctx.clip, autocast)
             entry = {
                 "run": run,
                 "step": step,
@@ -768,13 +744,15 @@ def _train_run(
                 )
             else:
                 since_best += 1
-            if not math.isfinite(val) or (patience is not None and since_best >= patience):
+            if not math.isfinite(val) or (
+                recipe.patience is not None and since_best >= recipe.patience
+            ):
                 break
         if out_of_time:
             break
     if averager is not None and averager.count:
         net.load_state_dict(averager.state())
-        val = validator.evaluate(net, clip, autocast)
+        val = validator.evaluate(net, ctx.clip, autocast)
         entry = {
             "run": run,
             "step": step,

@@ -1,0 +1,193 @@
+"""SSI quality per compute: inference voxels/s per CPU core vs test-time transforms (issue 16).
+
+One model is trained per case (2D: a held-out protocol image; 3D: a generated volume of mixed
+structures through a widefield PSF), then applied with 1, 2, 4, 8 (and 16 in 3D) test-time
+transforms (:func:`ssi_dask.ssi.symmetry.tta_transforms`) on one thread; each row gives the
+voxels per second per core and the PSNR / SSIM against the ground truth. ``--budgets`` also
+times the 3D chunk kernel (:func:`ssi_dask.ssi.predict_chunk`) at several CPU tile budgets.
+All timings of one case come from one run on one machine (ratios are what count).
+
+Usage::
+
+    nice -n 19 python benchmarks/ssi_tta.py --json benchmarks/ssi_tta_cpu.json
+    python benchmarks/ssi_tta.py --steps2d 100 --steps3d 60 --quick   # a smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+IMAGES = ROOT.parent / "shared" / "data" / "ssi2d"
+
+
+def _time_predict(model, image, tta: int, repeats: int) -> float:
+    from ssi_dask.ssi import predict
+
+    best = float("inf")
+    for _ in range(repeats):
+        started = time.perf_counter()
+        predict(model, image, tta=tta)
+        best = min(best, time.perf_counter() - started)
+    return best
+
+
+def _case(name, truth, noisy, psf, train_options, counts, repeats, log):
+    import torch
+
+    from ssi_dask.bench.metrics import psnr, ssim
+    from ssi_dask.lr import richardson_lucy
+    from ssi_dask.ssi import predict, train_ssi
+    from ssi_dask.ssi.symmetry import tta_transforms
+
+    started = time.perf_counter()
+    model = train_ssi(noisy, psf, seed=0, device="cpu", **train_options)
+    train_s = time.perf_counter() - started
+    lr = {
+        n: psnr(truth, np.clip(richardson_lucy(noisy, psf, num_iter=n), 0, 1)) for n in (2, 5, 10)
+    }
+    torch.set_num_threads(1)  # per core
+    rows = []
+    for n in counts:
+        used = len(tta_transforms(model.symmetries, n, model.ndim))
+        started = time.perf_counter()
+        restored = np.clip(predict(model, noisy, tta=n), 0, 1)
+        seconds = time.perf_counter() - started
+        if repeats > 1:
+            seconds = min(seconds, _time_predict(model, noisy, n, repeats - 1))
+        row = {
+            "case": name,
+            "tta": n,
+            "transforms_used": used,
+            "voxels_per_s_per_core": noisy.size / seconds,
+            "seconds": seconds,
+            "psnr": psnr(truth, restored),
+            "ssim": ssim(truth, restored),
+        }
+        rows.append(row)
+        log(
+            f"{name} tta {n} ({used} used): {row['voxels_per_s_per_core']:.0f} vox/s/core, "
+            f"PSNR {row['psnr']:.2f} SSIM {row['ssim']:.3f}"
+        )
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    info = {
+        "case": name,
+        "shape": list(noisy.shape),
+        "psf_shape": list(psf.shape),
+        "train_s": train_s,
+        "train_options": train_options,
+        "input_psnr": psnr(truth, noisy),
+        "lr_psnr": lr,
+        "symmetries": len(model.symmetries),
+        "beats_baselines": model.training.get("beats_baselines"),
+    }
+    return rows, info, model
+
+
+def _budgets(model, volume, budgets, log):
+    import torch
+
+    from ssi_dask.ssi import predict_chunk
+
+    torch.set_num_threads(1)
+    rows = []
+    for mib in budgets:
+        started = time.perf_counter()
+        predict_chunk(model, volume, margin=model.halo, budget=int(mib * 2**20), tta=1)
+        seconds = time.perf_counter() - started
+        rows.append({"budget_mib": mib, "voxels_per_s_per_core": volume.size / seconds})
+        log(f"tile budget {mib} MiB: {volume.size / seconds:.0f} vox/s/core (tta 1)")
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--image", default="membrane924x924.png", help="held-out 2D image")
+    parser.add_argument("--crop2d", type=int, default=256)
+    parser.add_argument("--shape3d", default="32,128,128")
+    parser.add_argument("--steps2d", type=int, default=400)
+    parser.add_argument("--steps3d", type=int, default=300)
+    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--budgets", default="32,128,512,2048", help="MiB; empty to skip")
+    parser.add_argument("--skip2d", action="store_true")
+    parser.add_argument("--skip3d", action="store_true")
+    parser.add_argument("--json")
+    args = parser.parse_args()
+
+    from ssi_dask.bench.synthetic import degrade, load_ground_truth, structure_3d
+    from ssi_dask.psf import protocol_psf, widefield_psf
+
+    def log(line: str) -> None:
+        print(line, flush=True)
+
+    rows, infos, budget_rows = [], [], []
+    if not args.skip2d:
+        truth = load_ground_truth(IMAGES / args.image)
+        c = args.crop2d
+        y0, x0 = (truth.shape[0] - c) // 2, (truth.shape[1] - c) // 2
+        truth = np.ascontiguousarray(truth[y0 : y0 + c, x0 : x0 + c])
+        psf = protocol_psf(2)
+        noisy = degrade(truth, psf, seed=0)
+        r, info, _ = _case(
+            f"2D {Path(args.image).stem} {c}x{c}",
+            truth,
+            noisy,
+            psf,
+            {"steps": args.steps2d, "restarts": 0},
+            (1, 2, 4, 8),
+            args.repeats,
+            log,
+        )
+        rows += r
+        infos.append(info)
+    if not args.skip3d:
+        shape = tuple(int(v) for v in args.shape3d.split(","))
+        truth = structure_3d("mixed", shape, aspect=3.0, seed=0, density=4.0)
+        psf = widefield_psf((21, 31, 31), (0.3, 0.1, 0.1), na=1.2, wavelength=0.52)
+        noisy = degrade(
+            truth, psf, seed=0, poisson_scale=0.001, gaussian_std=0.02, salt_and_pepper=0
+        )
+        r, info, model = _case(
+            f"3D mixed {'x'.join(map(str, shape))}",
+            truth,
+            noisy,
+            psf,
+            {"steps": args.steps3d, "restarts": 0, "patch_size": 32, "batch_size": 2},
+            (1, 2, 4, 8, 16),
+            args.repeats,
+            log,
+        )
+        rows += r
+        infos.append(info)
+        if args.budgets:
+            budget_rows = _budgets(model, noisy, [int(v) for v in args.budgets.split(",")], log)
+    print()
+    print("| case | tta (used) | voxels/s per core | x vs tta 16 (3D) / 8 (2D) | PSNR | SSIM |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for row in rows:
+        ref = max((r for r in rows if r["case"] == row["case"]), key=lambda r: r["tta"])
+        print(
+            f"| {row['case']} | {row['tta']} ({row['transforms_used']}) | "
+            f"{row['voxels_per_s_per_core']:.0f} | "
+            f"{row['voxels_per_s_per_core'] / ref['voxels_per_s_per_core']:.1f}x | "
+            f"{row['psnr']:.2f} ({row['psnr'] - ref['psnr']:+.2f}) | {row['ssim']:.3f} |"
+        )
+    for info in infos:
+        print(
+            f"{info['case']}: input {info['input_psnr']:.2f} dB, LR "
+            + ", ".join(f"n={n} {v:.2f}" for n, v in info["lr_psnr"].items())
+            + f"; trained {info['train_s']:.0f} s, self-check passed: {info['beats_baselines']}"
+        )
+    if args.json:
+        Path(args.json).write_text(
+            json.dumps({"rows": rows, "cases": infos, "budgets": budget_rows}, indent=2)
+        )
+
+
+if __name__ == "__main__":
+    main()
