@@ -2,7 +2,9 @@
 
 Public API::
 
-    model = train_ssi(image, psf, seed=0)          # -> SSIModel
+    model = train_ssi(image, psf, seed=0)          # -> SSIModel (the tuned recipe)
+    model = train_ssi(image, psf, TrainingRecipe(steps=200), seed=0, restarts=0)
+    restored = predict(model, image, tta=2)        # 2 test-time transforms
     restored = predict(model, image)               # or model.predict(image)
     save_checkpoint(model, "model.pt"); model = load_checkpoint("model.pt")
     predict_block(model, block)                     # pure per-chunk kernel (halo = model.halo)

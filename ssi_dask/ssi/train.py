@@ -278,10 +278,6 @@ class _RunContext:
     report: Callable[[dict], None] | None
 
 
-#: Keywords of :func:`train_ssi` that are not recipe fields.
-_CALL_OPTIONS = ("seed", "device", "progress", "max_time", "num_threads")
-
-
 def train_ssi(
     image,
     psf,
@@ -414,9 +410,6 @@ def train_ssi(
     -------
     SSIModel
     """
-    clash = sorted(set(overrides) & set(_CALL_OPTIONS))
-    if clash:  # cannot happen through Python's keyword binding; kept for **dict callers
-        raise ParameterError(f"{', '.join(clash)} given twice")
     recipe = recipe if recipe is not None else TrainingRecipe()
     if not isinstance(recipe, TrainingRecipe):
         raise ParameterError(
