@@ -360,7 +360,9 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="PSF",
         help="point spread function (.tif, .tiff, .npy or Zarr array) with the image's "
         "dimensionality; make one with `ssi-dask psf`; one per channel separated by commas; "
-        "without it, --na and --wavelength compute one at the image's voxel size",
+        "without it, --na and --wavelength compute one at the image's voxel size; with "
+        "--method ssi --model, the PSF stored in the checkpoint is used (a different --psf "
+        "is refused)",
     )
     run.add_argument(
         "--method",

@@ -276,22 +276,58 @@ def train_model(
     return model
 
 
+def given_model(model: Any, ndim: int):
+    """The job's SSI model (a checkpoint path or a model object), checked for ``ndim``."""
+    from .ssi import load_checkpoint  # noqa: PLC0415
+
+    source = model
+    if isinstance(model, (str, Path)):
+        model = load_checkpoint(model)
+    if model.ndim != ndim:
+        raise CheckpointError(
+            f"checkpoint {str(source)!r} is for {model.ndim}D images but the input is "
+            f"{ndim}D; train a model on this data (ssi-dask train)"
+        )
+    return model
+
+
+def checkpoint_psf(
+    model: Any, source: Any, psfs: list[np.ndarray] | None
+) -> tuple[list[np.ndarray], list[dict]] | None:
+    """The PSF an SSI checkpoint was trained with, when the job gives none.
+
+    A checkpoint holds the PSF its network was trained for, so ``model=`` alone is enough.
+    When the job also gives PSFs (files or optics), they must equal the checkpoint's (after
+    normalisation and cropping), else the run is refused: the network inverts its own PSF.
+    Returns None when the given PSFs match (they are used as they are).
+    """
+    from .psf import crop_psf, describe_psf, normalize_psf  # noqa: PLC0415
+
+    stored = normalize_psf(crop_psf(np.asarray(model.psf, dtype=np.float32)))
+    name = str(source) if isinstance(source, (str, Path)) else "the model object"
+    if psfs is None:
+        return [stored], [{**describe_psf(stored), "source": f"stored in the checkpoint {name}"}]
+    for psf in psfs:
+        given = normalize_psf(crop_psf(np.asarray(psf, dtype=np.float32)))
+        same = given.shape == stored.shape and np.allclose(
+            given, stored, rtol=1e-3, atol=1e-4 * float(stored.max())
+        )
+        if not same:
+            raise PSFError(
+                f"psf= differs from the PSF stored in model= {name} (shape {given.shape} vs "
+                f"{stored.shape}); the network was trained for its own PSF: drop psf= to use "
+                "the checkpoint's, or train a model with this PSF"
+            )
+    return None
+
+
 def _model_for_run(job: Job, volume: Any, psf: np.ndarray, protected: list, echo: Echo):
     """The SSI model: the job's checkpoint or model object, or one trained on the input now."""
     from .safety import check_replaceable_file, resolved  # noqa: PLC0415
-    from .ssi import load_checkpoint, save_checkpoint  # noqa: PLC0415
+    from .ssi import save_checkpoint  # noqa: PLC0415
 
-    model = job.ssi.model
-    if model is not None:
-        source = model
-        if isinstance(model, (str, Path)):
-            model = load_checkpoint(model)
-        if model.ndim != volume.ndim:
-            raise CheckpointError(
-                f"checkpoint {str(source)!r} is for {model.ndim}D images but the input is "
-                f"{volume.ndim}D; train a model on this data (ssi-dask train)"
-            )
-        return model
+    if job.ssi.model is not None:
+        return given_model(job.ssi.model, volume.ndim)
     if job.dry_run:
         from .ssi import DEFAULTS, UNet  # noqa: PLC0415
 
@@ -459,7 +495,15 @@ def run(job: Job, *, client: Any = None, echo: Echo = print) -> RunReport:
             f"voxel_size needs {n_spatial} positive values for a {n_spatial}D image, "
             f"got {len(job.voxel_size)}"
         )
-    psfs, psf_info = resolve_psfs(job.psf, n_spatial, voxel_size, n_channels, spatial_shape)
+    given = None  # an SSI checkpoint holds its PSF: psf= may be left out
+    if job.method == "ssi" and job.ssi.model is not None:
+        given = given_model(job.ssi.model, n_spatial)
+    if given is not None and not job.psf.files and job.psf.na is None:
+        psfs, psf_info = checkpoint_psf(given, job.ssi.model, None)
+    else:
+        psfs, psf_info = resolve_psfs(job.psf, n_spatial, voxel_size, n_channels, spatial_shape)
+        if given is not None:
+            checkpoint_psf(given, job.ssi.model, psfs)
     model_files = [job.ssi.model] if isinstance(job.ssi.model, (str, Path)) else []
     protected = [image.path, *job.psf.files, *model_files]
     ome_out = job.layout.output_format == "ome-zarr" or (
@@ -487,7 +531,7 @@ def run(job: Job, *, client: Any = None, echo: Echo = print) -> RunReport:
     check_local_memory(job.cluster, method)  # a limit below a worker's baseline, before training
     model = None
     if method == "ssi":
-        model = _model_for_run(job, first_volume, psfs[0], protected, echo)
+        model = given or _model_for_run(job, first_volume, psfs[0], protected, echo)
         if depth is None:
             depth = (model.halo,) * n_spatial
     kernel_options = lr.kernel_options() if method == "lr" else {}
