@@ -19,12 +19,12 @@ import dask
 import dask.array as da
 import numpy as np
 
-from .config import LRSettings, refuse_lr_options
+from .config import DEFAULT_TARGET_VOXELS, LRSettings, refuse_lr_options
 from .errors import DeviceError, OutputError, ParameterError
 
-#: Default working-chunk size in voxels: large enough that per-task compute dwarfs the
-#: scheduler's per-task overhead (DESIGN.md rule 4), small enough for ~1 GiB workers.
-DEFAULT_TARGET_VOXELS = {2: 2048 * 2048, 3: 64 * 256 * 256}
+# Default working-chunk size in voxels: config.DEFAULT_TARGET_VOXELS, large enough that
+# per-task compute dwarfs the scheduler's per-task overhead (DESIGN.md rule 4), small enough
+# for ~1 GiB workers.
 
 #: ``map_overlap`` boundary per method. LR keeps the Bertero-Boccacci treatment of the true
 #: edges ("none": edge chunks see the same edge as a whole-volume run); the SSI network needs

@@ -15,9 +15,17 @@ from pathlib import Path
 
 from ._version import __version__
 from .config import (
+    DEFAULT_AUTO_MAX_ITER,
+    DEFAULT_AUTO_SAMPLES,
     DEFAULT_BACKGROUND,
+    DEFAULT_ENSEMBLE,
     DEFAULT_NUM_ITER,
+    DEFAULT_REFRACTIVE_INDEX,
     DEFAULT_REGIONS,
+    DEFAULT_RESTARTS,
+    DEFAULT_TARGET_VOXELS,
+    WB_DEFAULT_ALPHA,
+    WB_DEFAULT_ORDER,
     ClusterSettings,
     Job,
     LayoutSettings,
@@ -26,7 +34,9 @@ from .config import (
     SSISettings,
     TrainSettings,
     cli_message,
+    default_of,
     ssi_default_text,
+    voxels_text,
 )
 from .errors import ParameterError, PSFError, SsiDaskError
 from .safety import check_replaceable_file
@@ -64,8 +74,8 @@ def add_image_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--refractive-index",
         type=float,
-        default=1.33,
-        help="without --psf: immersion refractive index (default 1.33)",
+        default=DEFAULT_REFRACTIVE_INDEX,
+        help=f"without --psf: immersion refractive index (default: {DEFAULT_REFRACTIVE_INDEX})",
     )
     group.add_argument(
         "--psf-shape",
@@ -108,9 +118,9 @@ def _add_cluster_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--threads-per-worker",
         type=int,
-        default=1,
+        default=default_of(ClusterSettings, "threads_per_worker"),
         metavar="N",
-        help="local cluster: threads per worker (default: 1)",
+        help="local cluster: threads per worker (default: %(default)s)",
     )
     group.add_argument(
         "--memory-limit",
@@ -127,17 +137,17 @@ def _add_cluster_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--worker-timeout",
         type=float,
-        default=120.0,
+        default=default_of(ClusterSettings, "worker_timeout"),
         metavar="SECONDS",
         help="give up, keeping the progress for --resume, when no worker has been connected "
-        "for this long (default: 120)",
+        "for this long (default: %(default)g)",
     )
     group.add_argument(
         "--connect-timeout",
         type=float,
-        default=5.0,
+        default=default_of(ClusterSettings, "connect_timeout"),
         metavar="SECONDS",
-        help="seconds to wait for a remote scheduler (default: 5)",
+        help="seconds to wait for a remote scheduler (default: %(default)g)",
     )
 
 
@@ -154,13 +164,14 @@ def _add_back_projector_options(parser: argparse.ArgumentParser) -> None:
         "--wiener-alpha",
         type=float,
         metavar="A",
-        help="wiener-butterworth: Wiener parameter (default: 0.05, or chosen by --iterations auto)",
+        help=f"wiener-butterworth: Wiener parameter (default: {WB_DEFAULT_ALPHA}, or chosen by "
+        "--iterations auto)",
     )
     group.add_argument(
         "--butterworth-order",
         type=float,
         metavar="P",
-        help="wiener-butterworth: order of the Butterworth filter (default: 10)",
+        help=f"wiener-butterworth: order of the Butterworth filter (default: {WB_DEFAULT_ORDER})",
     )
     group.add_argument(
         "--cutoff",
@@ -172,14 +183,17 @@ def _add_back_projector_options(parser: argparse.ArgumentParser) -> None:
         "--auto-max-iterations",
         type=int,
         metavar="N",
-        help="--iterations auto: largest count tried (default: 50 classic, 10 wiener-butterworth)",
+        help="--iterations auto: largest count tried (default: "
+        f"{DEFAULT_AUTO_MAX_ITER['classic']} classic, "
+        f"{DEFAULT_AUTO_MAX_ITER['wiener-butterworth']} wiener-butterworth)",
     )
     group.add_argument(
         "--auto-samples",
         type=int,
-        default=4,
+        default=DEFAULT_AUTO_SAMPLES,
         metavar="N",
-        help="--iterations auto: chunks sampled from the volume (default: 4; seeded by --seed)",
+        help="--iterations auto: chunks sampled from the volume "
+        f"(default: {DEFAULT_AUTO_SAMPLES}; seeded by --seed)",
     )
 
 
@@ -241,14 +255,14 @@ def _add_training_options(parser: argparse.ArgumentParser) -> None:
         type=int,
         metavar="N",
         help="extra runs with other seeds when a run fails its self-supervised check "
-        "(default: tuned)",
+        f"(default: {DEFAULT_RESTARTS})",
     )
     group.add_argument(
         "--ensemble",
         type=int,
         metavar="N",
         help="networks trained with different seeds and averaged: less variation between "
-        "seeds, N times the compute (default 1)",
+        f"seeds, N times the compute (default: {DEFAULT_ENSEMBLE})",
     )
     group.add_argument(
         "--patch-size",
@@ -369,7 +383,7 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["lr", "ssi"],
         default="lr",
         help="lr: Lucy-Richardson; ssi: Self-Supervised Inversion (trains on the input first "
-        "unless --model is given)",
+        "unless --model is given) (default: %(default)s)",
     )
     run.add_argument(
         "--iterations",
@@ -398,8 +412,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--chunks",
         metavar="SPEC",
-        help="working chunk shape, e.g. 64,256,256 or 256 for every "
-        "axis (default: grown from the input's chunks to ~7M voxels in 3D, 4M in 2D)",
+        help="working chunk shape, e.g. 64,256,256 or 256 for every axis (default: grown from "
+        f"the input's chunks to ~{voxels_text(DEFAULT_TARGET_VOXELS[3])} voxels in 3D, "
+        f"{voxels_text(DEFAULT_TARGET_VOXELS[2])} in 2D)",
     )
     run.add_argument(
         "--output-chunks",
@@ -493,8 +508,8 @@ def build_parser() -> argparse.ArgumentParser:
     psf.add_argument(
         "--refractive-index",
         type=float,
-        default=1.33,
-        help="immersion refractive index (default 1.33, water)",
+        default=DEFAULT_REFRACTIVE_INDEX,
+        help=f"immersion refractive index (default: {DEFAULT_REFRACTIVE_INDEX}, water)",
     )
     psf.add_argument(
         "--sample-index",
@@ -502,7 +517,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="sample refractive index (default: the immersion index, no aberration)",
     )
     psf.add_argument(
-        "--z-offset", type=float, default=0.0, help="2D only: defocus of the plane in micrometres"
+        "--z-offset",
+        type=float,
+        default=0.0,
+        help="2D only: defocus of the plane in micrometres (default: %(default)g)",
     )
     psf.add_argument(
         "--model",
@@ -546,8 +564,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--train-on",
         choices=["client", "worker"],
         default="client",
-        help="train in this process (default) or on a worker of the cluster, e.g. a "
-        "`dask cuda worker` (needs --scheduler)",
+        help="client: train in this process; worker: on a worker of the cluster, e.g. a "
+        "`dask cuda worker` (needs --scheduler) (default: %(default)s)",
     )
     remote.add_argument(
         "--gpu",
@@ -581,11 +599,15 @@ def build_parser() -> argparse.ArgumentParser:
         "2/5/10/20 iterations and with SSI, print PSNR/SSIM/MI/SMI, and write a PNG figure and a "
         "JSON of the metrics into DIR.",
     )
-    demo.add_argument("--dim", type=int, choices=[2, 3], default=2, help="2D image or 3D volume")
+    demo.add_argument(
+        "--dim", type=int, choices=[2, 3], default=2, help="2D image or 3D volume (default: 2)"
+    )
     demo.add_argument(
         "--image", metavar="PATH", help="ground-truth image (PNG/TIFF; default: built in)"
     )
-    demo.add_argument("--out", default="demo-out", metavar="DIR", help="output folder")
+    demo.add_argument(
+        "--out", default="demo-out", metavar="DIR", help="output folder (default: demo-out)"
+    )
     demo.add_argument("--seed", type=int, default=0, help="noise and training seed (default 0)")
     demo.add_argument(
         "--device", default="auto", help="torch device for SSI: auto, cpu, cuda (default auto)"

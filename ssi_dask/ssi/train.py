@@ -47,7 +47,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from ..config import SSI_TRAINING_DEFAULTS
+from ..config import DEFAULT_ENSEMBLE, DEFAULT_RESTARTS, SSI_TRAINING_DEFAULTS
 from ..errors import ParameterError
 from .device import resolve_device
 from .forward import PSFOperator
@@ -279,8 +279,8 @@ def train_ssi(
     validation_patches: int | None = None,
     eval_every: int = 50,
     patience: int | None = None,
-    restarts: int = 2,
-    ensemble: int = 1,
+    restarts: int = DEFAULT_RESTARTS,
+    ensemble: int = DEFAULT_ENSEMBLE,
     norm_percentiles=(0.01, 99.99),
     output_range=(0.0, 1.0),
     bounds_weight: float = 0.1,
@@ -314,9 +314,10 @@ def train_ssi(
     device : str
         ``"auto"``, ``"cpu"`` or ``"cuda[:N]"``. Mixed precision (bfloat16 autocast) on CUDA.
     steps : int
-        Optimiser steps per run (one-cycle schedule over them). Default 800 (2D), 600 (3D).
+        Optimiser steps per run (one-cycle schedule over them). Defaults:
+        ``ssi_dask.config.SSI_TRAINING_DEFAULTS``.
     patch_size, batch_size : int
-        Patch side and patches per step. Defaults 96 / 16 (2D), 48 / 4 (3D).
+        Patch side and patches per step. Defaults: ``SSI_TRAINING_DEFAULTS``.
     depth, base_channels, max_channels, batch_norm :
         UNet architecture (defaults: depth 3, 8 base channels).
     learning_rate, weight_decay : float
