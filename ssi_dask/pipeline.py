@@ -59,6 +59,8 @@ class RunReport:
         True when nothing was computed or written.
     warnings : list of str
         Warning lines for the user (missing input chunks, negative input values).
+    write_seconds, written_voxels : float, optional
+        The chunk write as the progress bar measured it (its rate is the summary's).
     """
 
     output: Path
@@ -73,6 +75,8 @@ class RunReport:
     dry_run: bool = False
     ome_zarr: bool = False
     warnings: list[str] = field(default_factory=list)
+    write_seconds: float | None = None
+    written_voxels: float | None = None
 
     def summary(self) -> str:
         """The one-screen summary the command line prints at the end."""
@@ -89,6 +93,8 @@ class RunReport:
             ome_zarr=self.ome_zarr,
             levels=self.levels,
             volumes=self.volumes,
+            write_seconds=self.write_seconds,
+            written_voxels=self.written_voxels,
         )
 
 
@@ -321,6 +327,18 @@ def checkpoint_psf(
     return None
 
 
+def planned_network(settings: TrainSettings, ndim: int):
+    """The untrained network a run will train (its halo and alignment set the plan)."""
+    from .ssi import DEFAULTS, UNet  # noqa: PLC0415
+
+    defaults = DEFAULTS[ndim]
+    return UNet(
+        ndim,
+        depth=settings.net_depth or defaults["depth"],
+        base_channels=settings.base_channels or defaults["base_channels"],
+    )
+
+
 def _model_for_run(job: Job, volume: Any, psf: np.ndarray, protected: list, echo: Echo):
     """The SSI model: the job's checkpoint or model object, or one trained on the input now."""
     from .safety import check_replaceable_file, resolved  # noqa: PLC0415
@@ -329,10 +347,7 @@ def _model_for_run(job: Job, volume: Any, psf: np.ndarray, protected: list, echo
     if job.ssi.model is not None:
         return given_model(job.ssi.model, volume.ndim)
     if job.dry_run:
-        from .ssi import DEFAULTS, UNet  # noqa: PLC0415
-
-        defaults = DEFAULTS[volume.ndim]
-        return UNet(volume.ndim, depth=defaults["depth"], base_channels=defaults["base_channels"])
+        return planned_network(job.ssi.train, volume.ndim)
     save = job.ssi.save_model
     if save:
         model_path, output_path = resolved(save), resolved(job.output)
@@ -459,6 +474,7 @@ def run(job: Job, *, client: Any = None, echo: Echo = print) -> RunReport:
     from ._version import __version__  # noqa: PLC0415
     from .blockwise import (  # noqa: PLC0415
         METHOD_BOUNDARY,
+        SSI_TILES_EVENT,
         _deconvolve_graph,
         chunk_grid,
         computation_provenance,
@@ -530,8 +546,16 @@ def run(job: Job, *, client: Any = None, echo: Echo = print) -> RunReport:
             raise ParameterError(f"depth= needs 1 or {n_spatial} non-negative integers")
     check_local_memory(job.cluster, method)  # a limit below a worker's baseline, before training
     model = None
+    train_now = method == "ssi" and given is None and not job.dry_run
     if method == "ssi":
-        model = given or _model_for_run(job, first_volume, psfs[0], protected, echo)
+        # a network to be trained is planned from its architecture (the plan is printed
+        # before training starts); a given model, or the dry run's, is used as it is
+        if given is not None:
+            model = given
+        elif train_now:
+            model = planned_network(job.ssi.train, n_spatial)
+        else:
+            model = _model_for_run(job, first_volume, psfs[0], protected, echo)
         if depth is None:
             depth = (model.halo,) * n_spatial
     kernel_options = lr.kernel_options() if method == "lr" else {}
@@ -607,6 +631,16 @@ def run(job: Job, *, client: Any = None, echo: Echo = print) -> RunReport:
         _say(echo, f"  {missing_input.warning()}")
     if auto:
         _say(echo, "  iterations      auto: chosen before the run (halo above for 1 iteration)")
+    if train_now:
+        planned = model
+        model = _model_for_run(job, first_volume, psfs[0], protected, echo)
+        if (model.halo, model.alignment) != (planned.halo, planned.alignment):
+            # not expected: the trained network has the planned architecture
+            depth = depth if user_depth is not None else (model.halo,) * n_spatial
+            plan = plan_for(0)
+            _say(echo, plan.summary())
+        else:
+            plan = replace(plan, memory_per_task=task_memory(plan, method, model))
 
     def provenance_now() -> dict:
         entry: dict[str, Any] = {
@@ -749,6 +783,7 @@ def run(job: Job, *, client: Any = None, echo: Echo = print) -> RunReport:
         )
         result.ssi_dask_provenance = computation_now()
         result.ssi_dask_input = reference
+        timing: dict = {}
         levels = _write(
             job,
             result,
@@ -764,7 +799,11 @@ def run(job: Job, *, client: Any = None, echo: Echo = print) -> RunReport:
             ome_out=ome_out,
             protected=protected,
             client=client,
+            timing=timing,
         )
+        if job.method == "ssi" and client is not None:
+            with contextlib.suppress(Exception):
+                client.unsubscribe_topic(SSI_TILES_EVENT)
         from .blockwise import negative_input_warning  # noqa: PLC0415
 
         negative = negative_input_warning(client, lr.offset, since)
@@ -782,6 +821,8 @@ def run(job: Job, *, client: Any = None, echo: Echo = print) -> RunReport:
         provenance=provenance,
         ome_zarr=ome_out,
         warnings=warnings,
+        write_seconds=timing["progress"].seconds if "progress" in timing else None,
+        written_voxels=timing["progress"].voxels if "progress" in timing else None,
     )
 
 
@@ -934,8 +975,12 @@ def _write(
     ome_out: bool,
     protected: list,
     client: Any,
+    timing: dict | None = None,
 ) -> int:
-    """Write the result (an OME-Zarr image with its pyramid, or a Zarr array); return levels."""
+    """Write the result (an OME-Zarr image with its pyramid, or a Zarr array); return levels.
+
+    ``timing["progress"]`` receives the :class:`~ssi_dask.summary.ChunkProgress` that measured
+    the write (the summary quotes its rate)."""
     from .ome import (  # noqa: PLC0415
         create_ome_group,
         level_transforms,
@@ -948,7 +993,16 @@ def _write(
     from .store import write_zarr  # noqa: PLC0415
     from .summary import ChunkProgress  # noqa: PLC0415
 
-    progress = ChunkProgress(int(np.prod(result.shape))) if job.progress else False
+    progress = ChunkProgress(
+        int(np.prod(result.shape)), total_chunks=int(np.prod(result.numblocks)), show=job.progress
+    )
+    if job.method == "ssi" and job.progress and client is not None:
+        from .blockwise import SSI_TILES_EVENT  # noqa: PLC0415
+
+        with contextlib.suppress(Exception):  # tiles within chunks, as the workers report them
+            client.subscribe_topic(SSI_TILES_EVENT, progress.tile_event)
+    if timing is not None:
+        timing["progress"] = progress
     dimension_names = tuple(image.axis_names) if zarr_format == 3 and ome_out else None
     with contextlib.ExitStack() as claim:
         if ome_out:  # the group is this run's: made new (or replaced, or resumed), locked

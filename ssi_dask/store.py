@@ -554,6 +554,8 @@ def _run_with_progress(
         from tqdm.auto import tqdm  # noqa: PLC0415
 
         bar = tqdm(total=total, unit="chunk", desc="deconvolving", dynamic_ncols=True)
+    if callback is not None:
+        callback(0, total)  # the bar appears (and the clock starts) before the first chunk ends
     try:
         if client is None:
             try:
