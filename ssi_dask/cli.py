@@ -24,6 +24,7 @@ from .config import (
     DEFAULT_REGIONS,
     DEFAULT_RESTARTS,
     DEFAULT_TARGET_VOXELS,
+    PSF_ENERGY_FRACTION,
     WB_DEFAULT_ALPHA,
     WB_DEFAULT_ORDER,
     ClusterSettings,
@@ -501,9 +502,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     psf.add_argument(
         "--shape",
-        required=True,
         metavar="NZ,NY,NX",
-        help="PSF size in voxels: 'nz,ny,nx' (3D) or 'ny,nx' (2D); lateral sizes equal and odd",
+        help="PSF size in voxels: 'nz,ny,nx' (3D) or 'ny,nx' (2D); lateral sizes equal and odd "
+        f"(default: the smallest lateral size holding {100 * PSF_ENERGY_FRACTION:g}%% of the "
+        "energy on a large grid, and +-3 n lambda/NA^2 planes in 3D; a --shape holding less "
+        "is written with a warning)",
     )
     psf.add_argument(
         "--refractive-index",
@@ -690,7 +693,12 @@ def _parse_depth(text: str | None, ndim: int) -> tuple[int, ...] | None:
 
 
 def _psf_command(args: argparse.Namespace) -> int:
-    from .psf import save_psf, widefield_psf  # noqa: PLC0415
+    from .psf import (  # noqa: PLC0415
+        energy_held,
+        energy_psf_shape,
+        save_psf,
+        widefield_psf,
+    )
 
     out = Path(args.output)
     if out.suffix.lower() not in (".tif", ".tiff", ".npy"):
@@ -699,11 +707,8 @@ def _psf_command(args: argparse.Namespace) -> int:
         check_replaceable_file(out, overwrite=args.overwrite)
     except SsiDaskError as exc:
         raise PSFError(str(exc)) from None
-    shape = tuple(int(v) for v in _parse_floats(args.shape, "--shape"))
     voxel_size = _parse_floats(args.voxel_size, "--voxel-size")
-    psf = widefield_psf(
-        shape,
-        voxel_size,
+    optics = dict(
         na=args.na,
         wavelength=args.wavelength,
         refractive_index=args.refractive_index,
@@ -711,8 +716,30 @@ def _psf_command(args: argparse.Namespace) -> int:
         z_offset=args.z_offset,
         model=args.model,
     )
+    if len(voxel_size) not in (2, 3):
+        raise PSFError("give 2 or 3 sizes for --voxel-size (dy,dx or dz,dy,dx)")
+    fraction = 100 * PSF_ENERGY_FRACTION
+    if args.shape is None:
+        shape, held = energy_psf_shape(voxel_size, **optics)
+        note = f"{100 * held:.1f} % of the energy; the default shape holds at least {fraction:g} %"
+    else:
+        shape = tuple(int(v) for v in _parse_floats(args.shape, "--shape"))
+        if len(shape) != len(voxel_size):
+            raise PSFError("give as many sizes for --shape as for --voxel-size")
+        widefield_psf(shape, voxel_size, **optics)  # bad shapes fail before the large grid
+        held = energy_held(shape, voxel_size, **optics)
+        note = f"{100 * held:.1f} % of the energy"
+        if held < PSF_ENERGY_FRACTION:
+            best, _ = energy_psf_shape(voxel_size, **optics)
+            print(
+                f"warning: --shape {args.shape} holds only {100 * held:.1f} % of the PSF's "
+                f"energy (measured on a large grid): the rest is cut off; the default shape "
+                f"{','.join(map(str, best))} holds {fraction:g} %: leave out --shape or enlarge it",
+                file=sys.stderr,
+            )
+    psf = widefield_psf(shape, voxel_size, **optics)
     save_psf(out, psf, voxel_size)
-    print(f"wrote {out} {psf.shape} (sum 1, peak at {tuple(int(i) // 1 for i in psf.shape)} / 2)")
+    print(f"wrote {out} {psf.shape}, sum 1, holding {note}")
     return 0
 
 

@@ -34,6 +34,9 @@ DEFAULT_AUTO_SAMPLES = 4
 #: Default working-chunk size in voxels per dimensionality (``ssi_dask.blockwise``).
 DEFAULT_TARGET_VOXELS = {2: 2048 * 2048, 3: 64 * 256 * 256}
 
+#: Share of a PSF's energy the default PSF shape holds (``ssi-dask psf`` without ``--shape``).
+PSF_ENERGY_FRACTION = 0.99
+
 #: Immersion refractive index when none is given (water).
 DEFAULT_REFRACTIVE_INDEX = 1.33
 
