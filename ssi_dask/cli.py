@@ -910,7 +910,10 @@ def job_from_args(args: argparse.Namespace) -> Job:
 def _run_command(args: argparse.Namespace) -> int:
     from .pipeline import run  # noqa: PLC0415
 
-    report = run(job_from_args(args))  # errors name parameters; main() maps them to flags
+    def echo(line: str) -> None:  # warnings name parameters: mapped to flags
+        print(cli_message(line) if line.lstrip().startswith("warning:") else line)
+
+    report = run(job_from_args(args), echo=echo)  # errors: main() maps them to flags
     if report.dry_run:
         return 0
     print(report.summary())

@@ -213,6 +213,30 @@ def resolve_psfs(
     return psfs, info
 
 
+def data_warnings(
+    volume: Any, psf: np.ndarray, *, ome_out: bool, voxel_size: Sequence[float] | None
+) -> list[str]:
+    """Warnings about the data before the run: a PSF wider than the data's measured
+    resolution (:mod:`ssi_dask.resolution`), and an OME-Zarr output without voxel sizes."""
+    from .resolution import check_resolution, sample_planes  # noqa: PLC0415
+
+    lines = []
+    try:  # a check, never a reason to fail the run
+        line = check_resolution(sample_planes(volume), psf).warning()
+    except Exception:  # noqa: BLE001
+        line = None
+    if line:
+        lines.append(line)
+    if ome_out and not voxel_size:
+        lines.append(
+            "warning: the input declares no voxel size, so the OME-Zarr output gets scale 1 "
+            "without units: give voxel_size="
+            + ("(DZ, DY, DX)" if volume.ndim == 3 else "(DY, DX)")
+            + " in micrometres"
+        )
+    return lines
+
+
 def check_optics(na: float, wavelengths: Sequence[float], refractive_index: float) -> None:
     """Refuse optics no PSF can be computed from (before any division by them)."""
     if not (math.isfinite(refractive_index) and refractive_index > 0):
@@ -629,6 +653,9 @@ def run(job: Job, *, client: Any = None, echo: Echo = print) -> RunReport:
     if missing_input is not None and missing_input.count:
         warnings.append(missing_input.warning())
         _say(echo, f"  {missing_input.warning()}")
+    for line in data_warnings(first_volume.data, psfs[0], ome_out=ome_out, voxel_size=voxel_size):
+        warnings.append(line)
+        _say(echo, f"  {line}")
     if auto:
         _say(echo, "  iterations      auto: chosen before the run (halo above for 1 iteration)")
     if train_now:
