@@ -275,13 +275,19 @@ class TrainingPrinter:
         )
 
     def run_done(self, run: int, failed: bool, val: float, threshold: float, more: bool) -> None:
-        """Say when a run failed its self-supervised check (and whether another follows)."""
-        if failed:
-            self._print(
-                f"[ssi] run {run + 1} failed its self-supervised check (val {val:.5f} >= "
-                f"{threshold:.5f})"
-                + ("; training a restart" if more else "; no restart left, the best run is kept")
-            )
+        """Say when a run failed its self-supervised check (and what follows)."""
+        if not failed:
+            return
+        if not more:
+            then = "; no restart left, the best runs are kept"
+        elif run + 1 >= self.plan.get("ensemble", 1):
+            then = "; training a restart"
+        else:
+            then = ""
+        self._print(
+            f"[ssi] run {run + 1} failed its self-supervised check (val {val:.5f} >= "
+            f"{threshold:.5f}){then}"
+        )
 
     def __call__(self, entry: dict) -> None:
         run, elapsed = entry["run"], entry["elapsed_s"]
