@@ -293,9 +293,7 @@ class TrainingPrinter:
         run, elapsed = entry["run"], entry["elapsed_s"]
         steps = self.plan.get("steps", entry.get("step", 1))
         ensemble = self.plan.get("ensemble", 1)
-        label = f"[ssi] run {run + 1}" + (
-            f" of {ensemble}" if run < ensemble else " (restart)"
-        )
+        label = f"[ssi] run {run + 1}" + (f" of {ensemble}" if run < ensemble else " (restart)")
         if "averaged_steps" in entry:
             self._print(
                 f"{label}: weights averaged over the last {entry['averaged_steps']} steps, "
