@@ -19,6 +19,10 @@ with the right PSF and is above 2 with a PSF twice as wide (``tests/test_resolut
 
 For a 3D volume the planes are lateral (y, x) and the PSF's transfer is that of its in-focus
 plane (the 2D transform of one plane of a 3D PSF is its 3D OTF integrated along ``kz``).
+That is an upper bound of what a plane transmits (out-of-focus planes transmit less), so in
+3D the check never mistakes defocus blur for a wide PSF, but it misses PSFs that are too
+wide only out of focus (generated 3D scenes with the 3D protocol PSF: a PSF 2x wider
+laterally was not flagged).
 """
 
 from __future__ import annotations
