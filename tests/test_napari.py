@@ -122,3 +122,31 @@ def test_qt_widget_builds_headless():
     factory = widget.deconvolve_widget
     built = factory()
     assert {w.name for w in built} >= {"layer", "method", "psf", "iterations", "model", "scheduler"}
+
+
+def test_qt_widget_call_runs_in_the_background_and_returns_the_layer(tmp_path):
+    """The button's path without a viewer (no OpenGL on a headless machine): the magicgui
+    widget called with an Image layer starts the work in the background thread with a napari
+    progress bar and returns a Future of the layer data tuple magicgui adds to the viewer."""
+    os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
+    try:
+        import qtpy.QtWidgets  # noqa: F401
+    except Exception as exc:
+        pytest.skip(f"no Qt binding: {exc}")
+    napari = pytest.importorskip("napari")
+    from concurrent.futures import Future
+
+    from ssi_dask.lr import richardson_lucy
+
+    paths = make_example(tmp_path / "ex", shape=(20, 32, 32), overwrite=True)
+    volume = np.asarray(zarr.open_array(str(paths["volume"]))[...], dtype=np.float32)
+    layer = napari.layers.Image(volume, name="raw", scale=(0.4, 0.2, 0.2))
+    built = widget.deconvolve_widget()
+    future = built(layer=layer, method="lr", psf=Path(paths["psf"]), iterations=3)
+    assert isinstance(future, Future)
+    data, kwargs, kind = future.result(timeout=300)
+    assert kind == "image" and kwargs["name"] == "raw (LR 3)"
+    assert tuple(kwargs["scale"]) == pytest.approx((0.4, 0.2, 0.2))
+    assert kwargs["metadata"]["ssi_dask"]["method"] == "lr"
+    reference = richardson_lucy(volume, ssi_dask.load_psf(paths["psf"], ndim=3), num_iter=3)
+    np.testing.assert_allclose(data, reference, rtol=1e-4, atol=1e-4 * reference.max())
