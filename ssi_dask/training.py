@@ -171,7 +171,7 @@ def _read_regions(
         from distributed import as_completed  # noqa: PLC0415
 
         futures = client.compute(lazy)
-        for done, _ in enumerate(as_completed(futures), 1):
+        for done, _ in enumerate(as_completed(futures, loop=client.loop), 1):
             if progress is not None:
                 progress(done, total)
         reads = client.gather(futures)

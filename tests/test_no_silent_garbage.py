@@ -186,7 +186,7 @@ def test_cli_bad_offset_is_refused_before_any_work(tmp_path, psf_file, capsys, e
     assert not out.exists() and tree_digest(source) == before
 
 
-def test_cli_ssi_model_giving_nan_fails_and_is_not_complete(tmp_path, psf_file):
+def test_cli_ssi_model_giving_nan_fails_and_is_not_complete(tmp_path):
     """The SSI path: a model whose output is not finite stops the run the same way."""
     import torch
 
@@ -202,7 +202,7 @@ def test_cli_ssi_model_giving_nan_fails_and_is_not_complete(tmp_path, psf_file):
     before = tree_digest(source)
     out = tmp_path / "out.zarr"
     result = run_cli(
-        "run", source, out, "--psf", psf_file, "--method", "ssi", "--model", model,
+        "run", source, out, "--method", "ssi", "--model", model,  # the checkpoint's PSF
         "--workers", 1, "--no-progress",
     )  # fmt: skip
     lines = result.stderr.strip().splitlines()
