@@ -470,6 +470,7 @@ def run(job: Job, *, client: Any = None, echo: Echo = print) -> RunReport:
     else:
         output = check_output_path(job.output, input_path=protected, overwrite=job.overwrite)
     store_chunks = _store_chunks(array)
+    store_input = _store_input(image, array)
     first_volume = Volume(
         data=_as_dask(array, store_chunks)[(0,) * n_lead],
         store_chunks=store_chunks[n_lead:],
@@ -508,6 +509,7 @@ def run(job: Job, *, client: Any = None, echo: Echo = print) -> RunReport:
             back_projector=lr.back_projector,
             psf=psfs[0] if method == "lr" else None,
             back_projector_options=kernel_options,
+            tasks_per_chunk=1 if store_input is not None else None,
         )
         if method == "ssi":  # the network's tiles, not the LR formula, set an SSI task's memory
             plan = replace(plan, memory_per_task=task_memory(plan, method, model))
@@ -689,20 +691,38 @@ def run(job: Job, *, client: Any = None, echo: Echo = print) -> RunReport:
             auto_record = choice.as_dict()
             provenance = provenance_now()
             reference = _input_reference(image, array, n_lead, channels, plan.depth)
-        result = _build_graph(
-            array,
-            n_lead,
-            channels,
-            image.channel_axis,
-            psfs,
-            plan,
-            method=method,
-            lr=lr,
-            kernel_options=kernel_options,
-            model=model,
-            device="gpu" if job.cluster.gpu else "cpu",
-            graph=_deconvolve_graph,
-        )
+        if store_input is not None:  # one task per chunk, reading its halo from the store
+            from .storegraph import store_result  # noqa: PLC0415
+
+            result = store_result(
+                store_input,
+                lead_shape,
+                _lead_map(n_lead, channels, image.channel_axis),
+                image.channel_axis,
+                psfs,
+                plan,
+                method=method,
+                num_iter=int(lr.num_iter) if method == "lr" else 0,
+                kernel_options=kernel_options,
+                model=model,
+                device="gpu" if job.cluster.gpu else "cpu",
+                offset=lr.offset,
+            )
+        else:
+            result = _build_graph(
+                array,
+                n_lead,
+                channels,
+                image.channel_axis,
+                psfs,
+                plan,
+                method=method,
+                lr=lr,
+                kernel_options=kernel_options,
+                model=model,
+                device="gpu" if job.cluster.gpu else "cpu",
+                graph=_deconvolve_graph,
+            )
         result.ssi_dask_provenance = computation_now()
         result.ssi_dask_input = reference
         levels = _write(
@@ -751,6 +771,25 @@ def _store_chunks(array: Any) -> tuple[int, ...]:
     if chunks is None:  # an in-memory array
         return tuple(int(s) for s in array.shape)
     return tuple(int(c[0]) if isinstance(c, tuple) else int(c) for c in chunks)
+
+
+def _store_input(image: Any, array: Any) -> str | None:
+    """The input array's folder when the run can read chunks straight from a Zarr store
+    (:mod:`ssi_dask.storegraph`); None for TIFF, DataArray and in-memory inputs."""
+    import zarr  # noqa: PLC0415
+
+    path = _level_path(image)
+    if path is None or not isinstance(array, zarr.Array) or not Path(path).is_dir():
+        return None
+    return str(path)
+
+
+def _lead_map(n_lead: int, channels: Any, channel_axis: int | None) -> list:
+    """Per leading axis, the input index of each output index (selected channels) or None."""
+    lead: list = [None] * n_lead
+    if channels is not None and channel_axis is not None:
+        lead[channel_axis] = tuple(int(c) for c in channels)
+    return lead
 
 
 def _as_dask(array: Any, chunks: Sequence[int]) -> Any:

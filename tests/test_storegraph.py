@@ -1,0 +1,158 @@
+"""Zarr-to-Zarr runs with one task per working chunk (issue 15): bit-identical to the
+``map_overlap`` path, about one scheduler task per chunk, resumable and verifiable."""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+
+import numpy as np
+import pytest
+import zarr
+from conftest import smooth_volume, tree_digest
+from distributed.diagnostics.plugin import SchedulerPlugin
+
+import ssi_dask
+from ssi_dask import deconvolve, write_zarr
+from ssi_dask.progress import progress_folder
+
+
+class CountTasks(SchedulerPlugin):
+    """Every key the scheduler sends to a worker, from registration on."""
+
+    name = "ssi-dask-count-tasks"
+
+    def __init__(self) -> None:
+        self.keys: set = set()
+
+    def transition(self, key, start, finish, *args, **kwargs) -> None:
+        if finish == "processing":
+            self.keys.add(key)
+
+
+def _counting(client):
+    client.register_plugin(CountTasks())
+
+    def count() -> int:
+        n = client.run_on_scheduler(
+            lambda dask_scheduler: len(dask_scheduler.plugins[CountTasks.name].keys)
+        )
+        client.unregister_scheduler_plugin(CountTasks.name)
+        return n
+
+    return count
+
+
+def _tiny_model(ndim: int):
+    import torch
+
+    from ssi_dask.ssi import SSIModel, UNet
+
+    torch.manual_seed(3)
+    network = UNet(ndim, depth=2, base_channels=2, batch_norm=False).eval()
+    return SSIModel(
+        network,
+        {"offset": 0.1, "scale": 2.0, "output_range": (-5.0, 5.0)},
+        np.ones((3,) * ndim, np.float32) / 3**ndim,
+    )
+
+
+CASES = {
+    # ndim, method, shape, store chunks, working chunks (none divides the shape)
+    "2d-lr": (2, "lr", (150, 170), (25, 25), (50, 75)),
+    "3d-lr": (3, "lr", (21, 70, 90), (21, 10, 10), (21, 30, 40)),
+    "2d-ssi": (2, "ssi", (90, 110), (16, 16), (32, 48)),
+    "3d-ssi": (3, "ssi", (20, 44, 60), (20, 8, 8), (20, 16, 24)),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_store_graph_is_bit_identical_with_one_task_per_chunk(tmp_path, local_client, case):
+    from ssi_dask.psf import widefield_psf
+
+    ndim, method, shape, store_chunks, chunks = CASES[case]
+    volume = (smooth_volume(shape, seed=5) * 3000).astype(np.uint16)
+    source = tmp_path / "input.zarr"
+    zarr.create_array(store=str(source), shape=shape, chunks=store_chunks, dtype="uint16")[...] = (
+        volume
+    )
+    before = tree_digest(source)
+    if ndim == 3:
+        psf = widefield_psf((5, 7, 7), (0.3, 0.15, 0.15), na=1.0, wavelength=0.52)
+    else:
+        psf = widefield_psf((7, 7), (0.15, 0.15), na=1.0, wavelength=0.52)
+    import tifffile
+
+    psf_file = tmp_path / "psf.tif"
+    tifffile.imwrite(psf_file, psf)
+    model = _tiny_model(ndim) if method == "ssi" else None
+    depth = None
+    if model is not None:
+        depth = (min(model.halo, min(chunks)),) * ndim  # the tiny test chunks bound the halo
+        options = {"model": model, "depth": depth}
+    else:
+        options = {"num_iter": 4}
+
+    # the map_overlap path (deconvolve + write_zarr), tasks counted on the scheduler
+    count = _counting(local_client)
+    reference = deconvolve(str(source), psf, method, chunks=chunks, **options)
+    write_zarr(reference, tmp_path / "reference.zarr", client=local_client)
+    overlap_tasks = count()
+
+    job = ssi_dask.Job(
+        input=source,
+        output=tmp_path / "out.zarr",
+        method=method,
+        psf=ssi_dask.PSFSettings(files=(str(psf_file),)),
+        lr=ssi_dask.LRSettings(num_iter=4) if method == "lr" else ssi_dask.LRSettings(),
+        layout=ssi_dask.LayoutSettings(chunks=chunks, depth=depth),
+        ssi=ssi_dask.SSISettings(model=model) if model is not None else ssi_dask.SSISettings(),
+        progress=False,
+    )
+    count = _counting(local_client)
+    report = ssi_dask.run(job, client=local_client, echo=None)
+    store_tasks = count()
+
+    expected = zarr.open_array(str(tmp_path / "reference.zarr"), mode="r")[...]
+    out = zarr.open_array(str(tmp_path / "out.zarr"), mode="r")
+    np.testing.assert_array_equal(out[...], expected)  # bit-identical, edges included
+    assert out.attrs["ssi_dask"]["complete"] is True
+    assert ssi_dask.verify_output(tmp_path / "out.zarr", check_data=True).ok
+    n_chunks = report.chunks
+    assert n_chunks == int(np.prod([-(-s // c) for s, c in zip(shape, chunks)]))
+    assert store_tasks == n_chunks + 1  # one per chunk plus the shared PSF/model task
+    assert store_tasks / n_chunks <= 1.5 < overlap_tasks / n_chunks
+    assert report.plan.n_tasks == n_chunks + 1
+    assert tree_digest(source) == before
+
+
+def test_store_graph_resume_recomputes_only_lost_chunks(tmp_path, local_client, psf3d_file):
+    shape = (16, 40, 60)
+    volume = smooth_volume(shape, seed=2)
+    source = tmp_path / "input.zarr"
+    zarr.create_array(store=str(source), shape=shape, chunks=(16, 20, 20), dtype="f4")[...] = volume
+    out = tmp_path / "out.zarr"
+    job = ssi_dask.Job(
+        input=source,
+        output=out,
+        psf=ssi_dask.PSFSettings(files=(str(psf3d_file),)),
+        lr=ssi_dask.LRSettings(num_iter=3),
+        layout=ssi_dask.LayoutSettings(chunks=(16, 20, 20)),
+        progress=False,
+    )
+    ssi_dask.run(job, client=local_client, echo=None)
+    first = zarr.open_array(str(out), mode="r")[...]
+    records = sorted(p for p in progress_folder(out).iterdir() if not p.name.startswith("."))
+    assert len(records) == 6
+    records[0].unlink()  # an interrupted run: one record and one chunk's files gone
+    shutil.rmtree(out / "c" / "0" / "1")
+    kept = records[1:3]  # 0.0.1 and 0.0.2: intact, so not rewritten
+    stamps = [p.stat().st_mtime_ns for p in kept]
+    assert not ssi_dask.verify_output(out).ok
+    count = _counting(local_client)
+    ssi_dask.run(dataclasses.replace(job, resume=True), client=local_client, echo=None)
+    # chunk (0,0,0) lost its record, (0,1,*) their files: 1 + 3 chunks, plus the shared task
+    assert count() == 5
+    assert np.array_equal(zarr.open_array(str(out), mode="r")[...], first)
+    assert ssi_dask.verify_output(out, check_data=True).ok
+    assert [p.stat().st_mtime_ns for p in kept] == stamps
