@@ -330,7 +330,6 @@ def _compute_into(
     worker_timeout: float,
 ):
     """Compute the chunks of ``result`` that ``path`` has no record of; mark it complete."""
-    import zarr  # noqa: PLC0415
 
     run_fingerprint = provenance["fingerprint"]
     done = records.read_records(path, run_fingerprint=run_fingerprint, regions=regions)
