@@ -73,6 +73,8 @@ class RunReport:
     dry_run: bool = False
     ome_zarr: bool = False
     warnings: list[str] = field(default_factory=list)
+    output_dtype: str = "float32"
+    clipped: int = 0
 
     def summary(self) -> str:
         """The one-screen summary the command line prints at the end."""
@@ -80,7 +82,7 @@ class RunReport:
 
         if self.dry_run:
             return "dry run: nothing computed or written"
-        return run_summary(
+        text = run_summary(
             output=str(self.output),
             shape=self.shape,
             seconds=self.seconds,
@@ -90,6 +92,14 @@ class RunReport:
             levels=self.levels,
             volumes=self.volumes,
         )
+        if self.output_dtype == "float32":
+            return text
+        lines = text.splitlines()
+        lines.insert(
+            -1,
+            f"  stored as   {self.output_dtype}, {self.clipped} values clipped to its range",
+        )
+        return "\n".join(lines)
 
 
 def _say(echo: Echo, text: str) -> None:
@@ -538,6 +548,7 @@ def run(job: Job, *, client: Any = None, echo: Echo = print) -> RunReport:
         plan.shape,
         zarr_format,
     )
+    output_dtype = resolve_output_dtype(job.layout.output_dtype, array.dtype)
     names = image.axis_names
     _say(echo, f"ssi-dask {__version__}: {method} on {image.path or 'a DataArray'} -> {output}")
     if image.is_ome:
@@ -552,7 +563,7 @@ def run(job: Job, *, client: Any = None, echo: Echo = print) -> RunReport:
     )
     _say(
         echo,
-        f"  output          {(*lead_shape, *plan.shape)} float32, "
+        f"  output          {(*lead_shape, *plan.shape)} {output_dtype}, "
         + ("OME-Zarr" if ome_out else "Zarr")
         + f" v{zarr_format}, chunks {plan.output_chunks}"
         + (f", shards {shards}" if shards else ""),
@@ -576,6 +587,8 @@ def run(job: Job, *, client: Any = None, echo: Echo = print) -> RunReport:
             "working_chunks": list(plan.working_chunks),
             "command": job.command,
         }
+        if output_dtype != "float32":
+            entry["output_dtype"] = output_dtype
         if image.is_ome:
             entry["input_level"] = image.level
             entry["channels"] = channels if channels is not None else "all"
@@ -626,6 +639,7 @@ def run(job: Job, *, client: Any = None, echo: Echo = print) -> RunReport:
             output_shards=target_shards,
             zarr_format=zarr_format,
             computation=computation_now(),
+            dtype=output_dtype,
         )
         existing = check_resume(target, layout, input_path=protected, input_reference=reference)
         done = recorded_chunks(target, existing)
@@ -740,7 +754,14 @@ def run(job: Job, *, client: Any = None, echo: Echo = print) -> RunReport:
             ome_out=ome_out,
             protected=protected,
             client=client,
+            output_dtype=output_dtype,
         )
+        clipped = _clipped_values(target)
+        if clipped:
+            warnings.append(
+                f"warning: {clipped} values outside the {output_dtype} range were clipped "
+                "(store float32 with --output-dtype float32 to keep them)"
+            )
         from .blockwise import negative_input_warning  # noqa: PLC0415
 
         negative = negative_input_warning(client, lr.offset, since)
@@ -758,6 +779,8 @@ def run(job: Job, *, client: Any = None, echo: Echo = print) -> RunReport:
         provenance=provenance,
         ome_zarr=ome_out,
         warnings=warnings,
+        output_dtype=output_dtype,
+        clipped=clipped,
     )
 
 
@@ -771,6 +794,32 @@ def _store_chunks(array: Any) -> tuple[int, ...]:
     if chunks is None:  # an in-memory array
         return tuple(int(s) for s in array.shape)
     return tuple(int(c[0]) if isinstance(c, tuple) else int(c) for c in chunks)
+
+
+def resolve_output_dtype(choice: str, input_dtype: Any) -> str:
+    """The stored type of a run's output: ``choice``, or the input's type for ``same``."""
+    from .store import STORED_DTYPES  # noqa: PLC0415
+
+    if choice != "same":
+        return choice
+    name = np.dtype(input_dtype).name
+    if name not in STORED_DTYPES:
+        raise ParameterError(
+            f"output_dtype='same' cannot store the input's type {name}; choose "
+            "output_dtype='float32' (or float16, uint16)"
+        )
+    return name
+
+
+def _clipped_values(target: Path) -> int:
+    """Values the write clipped to the output dtype's range (from the output's provenance)."""
+    import zarr  # noqa: PLC0415
+
+    try:
+        attrs = dict(zarr.open_array(str(target), mode="r").attrs.get("ssi_dask") or {})
+    except Exception:
+        return 0
+    return int(attrs.get("clipped_values", 0))
 
 
 def _store_input(image: Any, array: Any) -> str | None:
@@ -929,6 +978,7 @@ def _write(
     ome_out: bool,
     protected: list,
     client: Any,
+    output_dtype: str = "float32",
 ) -> int:
     """Write the result (an OME-Zarr image with its pyramid, or a Zarr array); return levels."""
     from .ome import (  # noqa: PLC0415
@@ -967,6 +1017,7 @@ def _write(
             output_shards=shards,
             worker_timeout=job.cluster.worker_timeout,
             dimension_names=dimension_names,
+            output_dtype=output_dtype,
         )
         if not ome_out:
             return 1

@@ -94,7 +94,14 @@ def write_chunk(
         from .errors import NonFiniteResultError  # noqa: PLC0415
 
         raise NonFiniteResultError(non_finite_message(data, region))
-    data = np.ascontiguousarray(data, dtype=array.dtype)
+    clipped = 0
+    if array.dtype != np.float32:
+        data, clipped = encode_values(
+            data,
+            array.dtype,
+            float(array.attrs.get("scale_factor", 1.0)),
+            float(array.attrs.get("add_offset", 0.0)),
+        )
     array[region] = data
     signature = input_reference.signature(region) if input_reference is not None else None
     # Only now, with the data in the store, may the chunk count as finished.
@@ -106,7 +113,42 @@ def write_chunk(
         checksum=records.data_checksum(data),
         run_id=run,
         input_signature=signature,
+        clipped=clipped,
     )
+
+
+#: Output dtypes :func:`write_zarr` can store (``output_dtype``).
+STORED_DTYPES = ("float32", "float16", "uint16", "uint8")
+
+
+def encode_values(
+    data: np.ndarray, dtype: Any, scale_factor: float = 1.0, add_offset: float = 0.0
+) -> tuple[np.ndarray, int]:
+    """Float32 results as stored in ``dtype``, and how many values were clipped to its range.
+
+    Integer types hold ``round((value - add_offset) / scale_factor)`` (CF conventions: a
+    reader gets ``stored * scale_factor + add_offset`` back, as xarray does by itself);
+    float16 holds the values, those beyond +-65504 clipped there instead of becoming Inf.
+    """
+    dtype = np.dtype(dtype)
+    if dtype.kind in "iu":
+        info = np.iinfo(dtype)
+        values = np.rint((data.astype(np.float64) - add_offset) / scale_factor)
+    else:
+        info = np.finfo(dtype)
+        values = data
+    low, high = float(info.min), float(info.max)
+    clipped = int(np.count_nonzero(values < low) + np.count_nonzero(values > high))
+    if clipped:
+        values = np.clip(values, low, high)
+    return np.ascontiguousarray(values.astype(dtype)), clipped
+
+
+def output_attributes(dtype: Any) -> dict:
+    """CF attributes that map an integer output's stored values back (none for floats)."""
+    if np.dtype(dtype).kind in "iu":
+        return {"scale_factor": 1.0, "add_offset": 0.0}
+    return {}
 
 
 def non_finite_message(data: np.ndarray, region: tuple[slice, ...]) -> str:
@@ -172,6 +214,7 @@ def write_zarr(
     worker_timeout: float = 120.0,
     dimension_names: tuple[str, ...] | None = None,
     repair: bool = False,
+    output_dtype: str = "float32",
 ):
     """Compute ``result`` and store it as a Zarr array at ``output``, chunk by chunk.
 
@@ -225,6 +268,10 @@ def write_zarr(
     repair : bool
         With ``resume``: also re-read every recorded chunk and recompute those that do not
         decode or whose data differ from the checksum in their record.
+    output_dtype : {"float32", "float16", "uint16", "uint8"}
+        The stored type (see :func:`encode_values`): integer outputs get CF ``scale_factor``
+        and ``add_offset`` attributes; the values clipped to the type's range are counted in
+        the records and stored as ``ssi_dask.clipped_values`` at the end.
 
     Returns
     -------
@@ -251,6 +298,10 @@ def write_zarr(
     metadata = dict(attrs or {})
     computation = getattr(result, "ssi_dask_provenance", None)
     input_reference = getattr(result, "ssi_dask_input", None)
+    if output_dtype not in STORED_DTYPES:
+        raise OutputError(
+            f"output_dtype must be one of {', '.join(STORED_DTYPES)}, got {output_dtype!r}"
+        )
     provenance = output_provenance(
         metadata,
         shape=shape,
@@ -259,6 +310,7 @@ def write_zarr(
         output_shards=output_shards,
         zarr_format=zarr_format,
         computation=computation,
+        dtype=output_dtype,
     )
     if resume and overwrite:
         raise OutputError(
@@ -292,11 +344,12 @@ def write_zarr(
             )
             provenance["started"] = _now()
             metadata["ssi_dask"] = provenance
+            metadata.update(output_attributes(output_dtype))
             create_output_array(
                 path,
                 shape=shape,
                 chunks=output_chunks,
-                dtype=np.float32,
+                dtype=output_dtype,
                 zarr_format=zarr_format,
                 attrs=metadata,
                 shards=output_shards,
@@ -396,7 +449,10 @@ def _finish(path: Path, provenance: dict, regions: Any):
             "incomplete: re-run with resume=True"
         )
     array = zarr.open_array(str(path), mode="r+")
+    clipped = sum(int(record.get("clipped", 0)) for record in finished.values())
     provenance.update(complete=True, finished=_now(), chunks_written=len(finished))
+    if clipped or provenance.get("layout", {}).get("dtype", "float32") != "float32":
+        provenance["clipped_values"] = clipped
     array.attrs["ssi_dask"] = provenance
     return zarr.open_array(str(path), mode="r")
 
@@ -452,6 +508,7 @@ def output_provenance(
     output_shards: tuple[int, ...] | None,
     zarr_format: int,
     computation: dict | None = None,
+    dtype: str = "float32",
 ) -> dict:
     """The ``ssi_dask`` attributes of a new output: provenance, layout, fingerprint.
 
@@ -473,7 +530,7 @@ def output_provenance(
         "output_chunks": [int(c) for c in output_chunks],
         "output_shards": [int(s) for s in output_shards] if output_shards else None,
         "zarr_format": int(zarr_format),
-        "dtype": "float32",
+        "dtype": str(dtype),
     }
     if computation is not None:
         provenance["computation"] = computation

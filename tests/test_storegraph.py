@@ -156,3 +156,52 @@ def test_store_graph_resume_recomputes_only_lost_chunks(tmp_path, local_client, 
     assert np.array_equal(zarr.open_array(str(out), mode="r")[...], first)
     assert ssi_dask.verify_output(out, check_data=True).ok
     assert [p.stat().st_mtime_ns for p in kept] == stamps
+
+
+@pytest.mark.parametrize("dtype", ["uint16", "float16", "same"])
+def test_output_dtype_rounds_clips_counts_and_records(tmp_path, local_client, psf3d_file, dtype):
+    shape = (16, 40, 40)
+    volume = (smooth_volume(shape, seed=4) * 60000).astype(np.uint16)  # LR overshoots 65535
+    source = tmp_path / "input.zarr"
+    zarr.create_array(store=str(source), shape=shape, chunks=(16, 20, 20), dtype="u2")[...] = volume
+    job = ssi_dask.Job(
+        input=source,
+        output=tmp_path / "f32.zarr",
+        psf=ssi_dask.PSFSettings(files=(str(psf3d_file),)),
+        lr=ssi_dask.LRSettings(num_iter=5),
+        layout=ssi_dask.LayoutSettings(chunks=(16, 20, 20)),
+        progress=False,
+    )
+    ssi_dask.run(job, client=local_client, echo=None)
+    full = zarr.open_array(str(tmp_path / "f32.zarr"), mode="r")[...]
+    layout = dataclasses.replace(job.layout, output_dtype=dtype)
+    report = ssi_dask.run(
+        dataclasses.replace(job, output=tmp_path / "out.zarr", layout=layout),
+        client=local_client,
+        echo=None,
+    )
+    out = zarr.open_array(str(tmp_path / "out.zarr"), mode="r")
+    stored = "uint16" if dtype == "same" else dtype
+    assert out.dtype == np.dtype(stored)
+    if stored == "uint16":
+        expected = np.clip(np.rint(full.astype(np.float64)), 0, 65535)
+        assert out.attrs["scale_factor"] == 1.0 and out.attrs["add_offset"] == 0.0
+    else:
+        expected = np.clip(full, -65504, 65504)
+        assert "scale_factor" not in out.attrs
+    if stored == "uint16":
+        clipped = int(np.count_nonzero((np.rint(full) > 65535) | (np.rint(full) < 0)))
+    else:
+        clipped = int(np.count_nonzero(np.abs(full) > 65504))
+    np.testing.assert_array_equal(out[...], expected.astype(stored))
+    assert clipped > 0  # LR overshoots the input's range: the test would miss clipping otherwise
+    assert report.clipped == clipped == out.attrs["ssi_dask"]["clipped_values"]
+    assert out.attrs["ssi_dask"]["output_dtype"] == stored
+    assert out.attrs["ssi_dask"]["layout"]["dtype"] == stored
+    assert f"stored as   {stored}, {clipped} values clipped" in report.summary()
+    assert ssi_dask.verify_output(tmp_path / "out.zarr", check_data=True).ok
+    # the dtype is part of the fingerprint: resuming the float32 output as uint16 is refused
+    with pytest.raises(ssi_dask.errors.OutputError, match="layout.dtype"):
+        ssi_dask.run(
+            dataclasses.replace(job, layout=layout, resume=True), client=local_client, echo=None
+        )
