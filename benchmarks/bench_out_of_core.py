@@ -20,6 +20,7 @@ import json
 import logging
 import math
 import shutil
+import threading
 import time
 from pathlib import Path
 
@@ -114,7 +115,40 @@ def run_one(folder: Path, shape: tuple[int, ...], label: str) -> dict:
         progress=False,
     )
     started = time.perf_counter()
-    report = ssi_dask.run(job, client=client, echo=None)
+    stop = threading.Event()
+    total = math.prod(-(-s // c) for s, c in zip(shape, WORKING))
+
+    def monitor() -> None:  # a line a minute: a run cut short still leaves its figures
+        records = folder / f"out-{label}.zarr" / ".ssi_dask_progress"
+        while not stop.wait(60):
+            try:
+                done = sum(1 for p in records.iterdir() if not p.name.startswith("."))
+                peaks = client.run(_peak_rss)
+            except Exception:
+                continue
+            elapsed = time.perf_counter() - started
+            voxels = math.prod(shape) * done / total
+            print(
+                json.dumps(
+                    {
+                        "progress": label,
+                        "chunks_done": done,
+                        "chunks": total,
+                        "elapsed_s": round(elapsed, 1),
+                        "mvoxels_per_s": round(voxels / elapsed / 1e6, 3),
+                        "worker_peak_mib": round(max(peaks.values()) / 2**20, 1),
+                        "client_peak_mib": round(_peak_rss() / 2**20, 1),
+                    }
+                ),
+                flush=True,
+            )
+
+    watcher = threading.Thread(target=monitor, daemon=True)
+    watcher.start()
+    try:
+        report = ssi_dask.run(job, client=client, echo=None)
+    finally:
+        stop.set()
     seconds = time.perf_counter() - started
     tasks = client.run_on_scheduler(
         lambda dask_scheduler: len(dask_scheduler.plugins["count-tasks"].keys)
