@@ -432,6 +432,7 @@ def run(job: Job, *, client: Any = None, echo: Echo = print) -> RunReport:
 
     from ._version import __version__  # noqa: PLC0415
     from .blockwise import (  # noqa: PLC0415
+        DEFAULT_TARGET_VOXELS,
         METHOD_BOUNDARY,
         _deconvolve_graph,
         chunk_grid,
@@ -504,7 +505,13 @@ def run(job: Job, *, client: Any = None, echo: Echo = print) -> RunReport:
     kernel_options = lr.kernel_options() if method == "lr" else {}
     psf_shape = tuple(max(p.shape[a] for p in psfs) for a in range(n_spatial))
 
-    def plan_for(num_iter: int):
+    sized, sizing_reason = None, "given (chunks=)" if job.layout.chunks else "default"
+    if method == "lr" and job.layout.chunks is None:
+        from .sizing import target_voxels  # noqa: PLC0415
+
+        sized, sizing_reason = target_voxels(job.cluster, method, psf_shape, n_spatial)
+
+    def plan_for(num_iter: int, target: int | None = sized):
         plan = plan_blocks(
             spatial_shape,
             array.dtype,
@@ -520,7 +527,17 @@ def run(job: Job, *, client: Any = None, echo: Echo = print) -> RunReport:
             psf=psfs[0] if method == "lr" else None,
             back_projector_options=kernel_options,
             tasks_per_chunk=1 if store_input is not None else None,
+            target_voxels=target,
         )
+        if target is not None and not job.cluster.gpu:
+            try:  # the sized chunk grows in whole store chunks: it may overshoot the budget
+                check_local_memory(job.cluster, method, plan, model)
+            except ParameterError:  # halve the target until it fits (or is the default)
+                smaller = target // 2 if target // 2 > DEFAULT_TARGET_VOXELS[n_spatial] else None
+                if smaller is None:
+                    nonlocal sizing_reason
+                    sizing_reason = "default (the memory limit fits no larger task)"
+                return plan_for(num_iter, smaller)
         if method == "ssi":  # the network's tiles, not the LR formula, set an SSI task's memory
             plan = replace(plan, memory_per_task=task_memory(plan, method, model))
         return plan
@@ -648,6 +665,19 @@ def run(job: Job, *, client: Any = None, echo: Echo = print) -> RunReport:
     check_local_memory(job.cluster, method, plan, model)
     n_volumes = _count_volumes(lead_shape)
     if job.dry_run:
+        from .sizing import task_cost_line  # noqa: PLC0415
+
+        _say(echo, f"  chunk size      {sizing_reason}")
+        line, overhead_warning = task_cost_line(
+            plan,
+            method,
+            int(lr.num_iter) if method == "lr" and not auto else 1,
+            "gpu" if job.cluster.gpu else "cpu",
+            psf_shape,
+        )
+        _say(echo, line)
+        if overhead_warning:
+            _say(echo, f"  {overhead_warning}")
         # the same dict the run writes under "ssi_dask" (and fingerprints, with the layout)
         _say(echo, "  provenance      " + json.dumps(provenance, sort_keys=True, default=str))
         _say(echo, "dry run: nothing computed or written")
