@@ -432,6 +432,13 @@ def build_parser() -> argparse.ArgumentParser:
         "(rounded, CF scale_factor/add_offset recorded) halves the output too; values outside "
         "the type's range are clipped and counted in the summary; same: the input's type",
     )
+    run.add_argument(
+        "--skip-background",
+        type=float,
+        metavar="THRESHOLD",
+        help="LR, Zarr input: write chunks whose input (with halo) is at most THRESHOLD "
+        "everywhere as their background value without computing them (counted in the summary)",
+    )
     run.add_argument("--overwrite", action="store_true", help="replace an existing OUTPUT store")
     run.add_argument(
         "--resume",
@@ -843,6 +850,7 @@ def job_from_args(args: argparse.Namespace) -> Job:
             zarr_format=args.zarr_format,
             output_format=args.output_format,
             output_dtype=args.output_dtype,
+            skip_background=args.skip_background,
         ),
         cluster=ClusterSettings(
             scheduler=args.scheduler,

@@ -55,6 +55,7 @@ CLI_FLAGS = {
     "output_format": "--output-format",
     "output_shards": "--output-shards",
     "output_dtype": "--output-dtype",
+    "skip_background": "--skip-background",
     "output_chunks": "--output-chunks",
     "shards": "--shards",
     "chunks": "--chunks",
@@ -382,8 +383,19 @@ class LayoutSettings:
     output_format: str = "auto"
     #: Stored type of the result (see :data:`OUTPUT_DTYPES` and README "Output dtype").
     output_dtype: str = "float32"
+    #: LR, Zarr input: chunks whose input (with halo) is at most this everywhere are written
+    #: as their background value without computing (None: compute every chunk).
+    skip_background: float | None = None
 
     def __post_init__(self) -> None:
+        if self.skip_background is not None and (
+            isinstance(self.skip_background, bool)
+            or not isinstance(self.skip_background, (int, float))
+            or not math.isfinite(self.skip_background)
+        ):
+            raise ParameterError(
+                f"skip_background must be a finite number, got {self.skip_background!r}"
+            )
         if self.output_dtype not in OUTPUT_DTYPES:
             raise ParameterError(
                 f"output_dtype must be one of {', '.join(OUTPUT_DTYPES)}, got {self.output_dtype!r}"

@@ -75,6 +75,7 @@ class RunReport:
     warnings: list[str] = field(default_factory=list)
     output_dtype: str = "float32"
     clipped: int = 0
+    skipped: int = 0
 
     def summary(self) -> str:
         """The one-screen summary the command line prints at the end."""
@@ -92,14 +93,19 @@ class RunReport:
             levels=self.levels,
             volumes=self.volumes,
         )
-        if self.output_dtype == "float32":
+        extra = []
+        if self.output_dtype != "float32":
+            extra.append(
+                f"  stored as   {self.output_dtype}, {self.clipped} values clipped to its range"
+            )
+        if "skip_background" in self.provenance:
+            extra.append(
+                f"  background  {self.skipped} of {self.chunks} chunks written without computing"
+            )
+        if not extra:
             return text
         lines = text.splitlines()
-        lines.insert(
-            -1,
-            f"  stored as   {self.output_dtype}, {self.clipped} values clipped to its range",
-        )
-        return "\n".join(lines)
+        return "\n".join([*lines[:-1], *extra, lines[-1]])
 
 
 def _say(echo: Echo, text: str) -> None:
@@ -482,6 +488,14 @@ def run(job: Job, *, client: Any = None, echo: Echo = print) -> RunReport:
         output = check_output_path(job.output, input_path=protected, overwrite=job.overwrite)
     store_chunks = _store_chunks(array)
     store_input = _store_input(image, array)
+    skip_background = job.layout.skip_background
+    if skip_background is not None and job.method != "lr":
+        raise ParameterError("skip_background applies to method 'lr'; drop it for SSI")
+    if skip_background is not None and store_input is None:
+        raise ParameterError(
+            "skip_background needs a Zarr input (each chunk decides from what it reads); "
+            "convert the input to Zarr or drop skip_background"
+        )
     first_volume = Volume(
         data=_as_dask(array, store_chunks)[(0,) * n_lead],
         store_chunks=store_chunks[n_lead:],
@@ -566,6 +580,7 @@ def run(job: Job, *, client: Any = None, echo: Echo = print) -> RunReport:
         zarr_format,
     )
     output_dtype = resolve_output_dtype(job.layout.output_dtype, array.dtype)
+
     names = image.axis_names
     _say(echo, f"ssi-dask {__version__}: {method} on {image.path or 'a DataArray'} -> {output}")
     if image.is_ome:
@@ -606,6 +621,8 @@ def run(job: Job, *, client: Any = None, echo: Echo = print) -> RunReport:
         }
         if output_dtype != "float32":
             entry["output_dtype"] = output_dtype
+        if skip_background is not None:
+            entry["skip_background"] = float(skip_background)
         if image.is_ome:
             entry["input_level"] = image.level
             entry["channels"] = channels if channels is not None else "all"
@@ -751,6 +768,7 @@ def run(job: Job, *, client: Any = None, echo: Echo = print) -> RunReport:
                 model=model,
                 device="gpu" if job.cluster.gpu else "cpu",
                 offset=lr.offset,
+                skip_background=skip_background,
             )
         else:
             result = _build_graph(
@@ -786,7 +804,9 @@ def run(job: Job, *, client: Any = None, echo: Echo = print) -> RunReport:
             client=client,
             output_dtype=output_dtype,
         )
-        clipped = _clipped_values(target)
+        clipped, skipped = _clipped_values(target)
+        if skip_background is not None:
+            _say(echo, f"skipped {skipped} background chunks (input <= {skip_background:g})")
         if clipped:
             warnings.append(
                 f"warning: {clipped} values outside the {output_dtype} range were clipped "
@@ -811,6 +831,7 @@ def run(job: Job, *, client: Any = None, echo: Echo = print) -> RunReport:
         warnings=warnings,
         output_dtype=output_dtype,
         clipped=clipped,
+        skipped=skipped,
     )
 
 
@@ -841,15 +862,16 @@ def resolve_output_dtype(choice: str, input_dtype: Any) -> str:
     return name
 
 
-def _clipped_values(target: Path) -> int:
-    """Values the write clipped to the output dtype's range (from the output's provenance)."""
+def _clipped_values(target: Path) -> tuple[int, int]:
+    """Values the write clipped to the output dtype's range, and background chunks skipped
+    (from the output's provenance)."""
     import zarr  # noqa: PLC0415
 
     try:
         attrs = dict(zarr.open_array(str(target), mode="r").attrs.get("ssi_dask") or {})
     except Exception:
-        return 0
-    return int(attrs.get("clipped_values", 0))
+        return 0, 0
+    return int(attrs.get("clipped_values", 0)), int(attrs.get("skipped_chunks", 0))
 
 
 def _store_input(image: Any, array: Any) -> str | None:

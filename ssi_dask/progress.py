@@ -119,6 +119,7 @@ def write_record(
     run_id: str,
     input_signature: dict[str, str] | None = None,
     clipped: int = 0,
+    skipped: bool = False,
 ) -> Path:
     """Record that the working chunk at ``index`` is written; atomic and safe to repeat.
 
@@ -144,6 +145,8 @@ def write_record(
         record["input"] = dict(input_signature)
     if clipped:  # values outside the output dtype's range (see ssi_dask.store.encode_values)
         record["clipped"] = int(clipped)
+    if skipped:  # written as background without computing (skip_background)
+        record["skipped"] = True
     write_atomically(final, json.dumps(record))
     return final
 

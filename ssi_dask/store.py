@@ -77,6 +77,7 @@ def write_chunk(
     fingerprint: str,
     run: str,
     input_reference: Any = None,
+    skipped: bool = False,
 ) -> None:
     """Write one computed working chunk into ``region`` of the output, then record it done.
 
@@ -114,6 +115,7 @@ def write_chunk(
         run_id=run,
         input_signature=signature,
         clipped=clipped,
+        skipped=skipped,
     )
 
 
@@ -453,6 +455,10 @@ def _finish(path: Path, provenance: dict, regions: Any):
     provenance.update(complete=True, finished=_now(), chunks_written=len(finished))
     if clipped or provenance.get("layout", {}).get("dtype", "float32") != "float32":
         provenance["clipped_values"] = clipped
+    if "skip_background" in provenance:
+        provenance["skipped_chunks"] = sum(
+            1 for record in finished.values() if record.get("skipped")
+        )
     array.attrs["ssi_dask"] = provenance
     return zarr.open_array(str(path), mode="r")
 

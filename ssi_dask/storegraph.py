@@ -112,6 +112,23 @@ class ChunkKernel:
     offset: float = 0.0
     channel_axis: int | None = None
     margin: tuple[int, ...] = ()
+    skip_background: float | None = None
+
+    def background(self, block: np.ndarray) -> float | None:
+        """The value a background chunk is written as, or None when it must be computed.
+
+        A chunk is background when every input value it reads (region and halo) is at most
+        ``skip_background`` (a max-based decision: a chunk with any voxel above it is always
+        computed). It is written as the mean of its input after the offset, negative values
+        counted as 0 (as Lucy-Richardson treats them): 0 for an all-zero chunk, which is
+        exactly what computing it gives.
+        """
+        if self.skip_background is None or self.method != "lr" or not block.size:
+            return None
+        if not np.isfinite(block).all() or float(block.max()) > self.skip_background:
+            return None
+        values = block.astype(np.float64) - self.offset
+        return float(np.maximum(values, 0).mean())
 
     def __call__(self, block: np.ndarray, index: Sequence[int]) -> np.ndarray:
         from .blockwise import _call_on_float32, _lr_chunk, _ssi_chunk  # noqa: PLC0415
@@ -147,13 +164,30 @@ def _run_chunk(
     from .store import write_chunk  # noqa: PLC0415
 
     block, crop = source.read(index)
-    result = kernel(block, index)
-    if hasattr(result, "get"):  # CuPy -> NumPy
-        result = result.get()
-    result = np.asarray(result)[crop]
+    background = kernel.background(block)
+    if background is not None:  # uniform background: written without computing
+        from .blockwise import _report_negative  # noqa: PLC0415
+
+        _report_negative(block.astype(np.float32) - np.float32(kernel.offset))
+        result = np.full(block.shape, background, dtype=np.float32)[crop]
+    else:
+        result = kernel(block, index)
+        if hasattr(result, "get"):  # CuPy -> NumPy
+            result = result.get()
+        result = np.asarray(result)[crop]
     n_lead = len(source.lead)
     result = result.reshape((1,) * n_lead + result.shape)
-    write_chunk(result, output, index, source.region(index), fingerprint, run, input_reference)
+    region = source.region(index)
+    write_chunk(
+        result,
+        output,
+        index,
+        region,
+        fingerprint,
+        run,
+        input_reference,
+        skipped=background is not None,
+    )
     return 1
 
 
@@ -282,6 +316,7 @@ def store_result(
     model: Any = None,
     device: str = "cpu",
     offset: float = 0.0,
+    skip_background: float | None = None,
 ) -> StoreResult:
     """The :class:`StoreResult` of a run from the Zarr array at ``input_path``.
 
@@ -308,6 +343,9 @@ def store_result(
     device : {"cpu", "gpu"}
     offset : float
         LR background subtracted first.
+    skip_background : float, optional
+        LR: chunks whose input (with halo) is at most this everywhere are written as their
+        background value without computing (:meth:`ChunkKernel.background`).
 
     Returns
     -------
@@ -333,6 +371,7 @@ def store_result(
             device=device,
             offset=float(offset),
             channel_axis=channel_axis,
+            skip_background=None if skip_background is None else float(skip_background),
         )
     source = ChunkSource(
         input_path=str(input_path),

@@ -205,3 +205,92 @@ def test_output_dtype_rounds_clips_counts_and_records(tmp_path, local_client, ps
         ssi_dask.run(
             dataclasses.replace(job, layout=layout, resume=True), client=local_client, echo=None
         )
+
+
+def _background_case(tmp_path, psf3d_file, volume):
+    source = tmp_path / "bg.zarr"
+    zarr.create_array(store=str(source), shape=volume.shape, chunks=(16, 20, 20), dtype="f4")[
+        ...
+    ] = volume
+    return ssi_dask.Job(
+        input=source,
+        output=tmp_path / "all.zarr",
+        psf=ssi_dask.PSFSettings(files=(str(psf3d_file),)),
+        lr=ssi_dask.LRSettings(num_iter=3),
+        layout=ssi_dask.LayoutSettings(chunks=(16, 20, 20)),
+        progress=False,
+    )
+
+
+def _background_chunks(volume, depth, threshold):
+    """Chunks (16, 20, 20) whose input with halo is <= threshold, counted independently."""
+    count = 0
+    for y in range(0, volume.shape[1], 20):
+        for x in range(0, volume.shape[2], 20):
+            grown = volume[
+                :,
+                max(0, y - depth[1]) : y + 20 + depth[1],
+                max(0, x - depth[2]) : x + 20 + depth[2],
+            ]
+            count += int(grown.max() <= threshold)
+    return count
+
+
+def test_skip_background_zero_threshold_is_identical_to_computing(
+    tmp_path, local_client, psf3d_file
+):
+    volume = smooth_volume((16, 60, 120), seed=6)
+    volume[:, :, :60] = 0  # an empty region: the chunks that read only zeros are skipped
+    job = _background_case(tmp_path, psf3d_file, volume)
+    full = ssi_dask.run(job, client=local_client, echo=None)
+    lines: list[str] = []
+    layout = dataclasses.replace(job.layout, skip_background=0.0)
+    skipping = dataclasses.replace(job, output=tmp_path / "skip.zarr", layout=layout)
+    report = ssi_dask.run(skipping, client=local_client, echo=lines.append)
+    expected = _background_chunks(volume, full.plan.depth, 0.0)
+    assert expected >= 3
+    assert report.skipped == expected
+    assert f"skipped {expected} background chunks (input <= 0)" in lines
+    assert f"background  {expected} of 18 chunks written without computing" in report.summary()
+    out = zarr.open_array(str(tmp_path / "skip.zarr"), mode="r")
+    assert out.attrs["ssi_dask"]["skip_background"] == 0.0
+    assert out.attrs["ssi_dask"]["skipped_chunks"] == expected
+    np.testing.assert_array_equal(out[...], zarr.open_array(str(tmp_path / "all.zarr"))[...])
+    assert ssi_dask.verify_output(tmp_path / "skip.zarr", check_data=True).ok
+
+
+def test_skip_background_above_zero_writes_the_mean_and_never_skips_signal(
+    tmp_path, local_client, psf3d_file
+):
+    rng = np.random.default_rng(0)
+    volume = (100 + rng.random((16, 60, 120)) * 5).astype(np.float32)  # background 100-105
+    volume[:, 20:40, 80:100] += 2000 * smooth_volume((16, 20, 20), seed=1)  # one bright patch
+    job = _background_case(tmp_path, psf3d_file, volume)
+    full = ssi_dask.run(job, client=local_client, echo=None)
+    layout = dataclasses.replace(job.layout, skip_background=106.0)
+    skipping = dataclasses.replace(job, output=tmp_path / "skip.zarr", layout=layout)
+    report = ssi_dask.run(skipping, client=local_client, echo=None)
+    expected = _background_chunks(volume, full.plan.depth, 106.0)
+    assert report.skipped == expected and 0 < expected < 18
+    computed = zarr.open_array(str(tmp_path / "all.zarr"))[...]
+    skipped = zarr.open_array(str(tmp_path / "skip.zarr"))[...]
+    # the patch and every chunk whose halo reaches it are computed exactly as without skipping
+    near = (slice(None), slice(0, 60), slice(60, 120))
+    np.testing.assert_array_equal(skipped[near], computed[near])
+    # a skipped chunk holds one value, the background, close to what LR computes there
+    corner = skipped[:, :20, :20]
+    assert np.unique(corner).size == 1
+    assert abs(float(corner[0, 0, 0]) - float(computed[:, :20, :20].mean())) < 2.0
+
+
+def test_skip_background_is_refused_for_ssi(tmp_path, psf3d_file):
+    with pytest.raises(ssi_dask.errors.ParameterError, match="skip_background must be a finite"):
+        ssi_dask.LayoutSettings(skip_background=float("nan"))
+    volume = smooth_volume((16, 40, 40), seed=6)
+    job = _background_case(tmp_path, psf3d_file, volume)
+    layout = dataclasses.replace(job.layout, skip_background=1.0)
+    with pytest.raises(ssi_dask.errors.ParameterError, match="applies to method 'lr'"):
+        ssi_dask.run(
+            dataclasses.replace(job, method="ssi", lr=ssi_dask.LRSettings(), layout=layout),
+            echo=None,
+        )
