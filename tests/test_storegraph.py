@@ -294,3 +294,30 @@ def test_skip_background_is_refused_for_ssi(tmp_path, psf3d_file):
             dataclasses.replace(job, method="ssi", lr=ssi_dask.LRSettings(), layout=layout),
             echo=None,
         )
+
+
+def test_cli_output_dtype_and_skip_background(tmp_path, psf3d_file):
+    from conftest import run_cli
+
+    volume = (smooth_volume((16, 40, 60), seed=8) * 60000).astype(np.uint16)
+    volume[:, :, :40] = 0
+    source = tmp_path / "in.zarr"
+    zarr.create_array(store=str(source), shape=volume.shape, chunks=(16, 20, 20), dtype="u2")[
+        ...
+    ] = volume
+    out = tmp_path / "out.zarr"
+    result = run_cli(
+        "run", source, out, "--psf", psf3d_file, "--iterations", "3", "--chunks", "16,20,20",
+        "--output-dtype", "same", "--skip-background", "0", "--workers", "1", "--no-progress",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    stored = zarr.open_array(str(out), mode="r")
+    attrs = stored.attrs["ssi_dask"]
+    assert stored.dtype == np.uint16 and attrs["output_dtype"] == "uint16"
+    assert f"stored as   uint16, {attrs['clipped_values']} values clipped" in result.stdout
+    assert attrs["skip_background"] == 0.0 and attrs["skipped_chunks"] >= 1
+    assert f"skipped {attrs['skipped_chunks']} background chunks (input <= 0)" in result.stdout
+    assert "  output          (16, 40, 60) uint16, Zarr v3" in result.stdout
+    refused = run_cli("run", source, tmp_path / "x.zarr", "--psf", psf3d_file,
+                      "--output-dtype", "int8")  # fmt: skip
+    assert refused.returncode == 2 and "--output-dtype: invalid choice: 'int8'" in refused.stderr
