@@ -305,6 +305,7 @@ class BlockPlan:
     n_tasks: int
     memory_per_task: int
     output_bytes: int
+    output_dtype: str = "float32"
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -313,7 +314,7 @@ class BlockPlan:
         """Human-readable multi-line description."""
         return "\n".join(
             [
-                f"  shape           {self.shape} ({self.input_dtype} in, float32 out)",
+                f"  shape           {self.shape} ({self.input_dtype} in, {self.output_dtype} out)",
                 f"  working chunks  {self.working_chunks} -> {self.n_chunks} chunks",
                 f"  output chunks   {self.output_chunks}",
                 f"  halo (depth)    {self.depth}",

@@ -7,6 +7,10 @@ NGFF metadata), from the command line and from notebooks alike: ``ssi-dask run``
 its flags into a job, calls :func:`run` and prints. Every stage prints one line of what it
 does through ``echo`` (``print`` by default, ``None`` for silence).
 
+A run from an on-disk Zarr array gives each working chunk one task that reads its halo from
+the store and writes its own output chunks, submitted in waves (:mod:`ssi_dask.storegraph`);
+TIFF, DataArray and in-memory inputs use :func:`ssi_dask.deconvolve`'s ``map_overlap`` graph.
+
 An image with time or channel axes is processed one 2D/3D volume at a time with one plan for
 all of them (every volume has the same shape); each task still covers one spatial working
 chunk of one volume.
@@ -488,6 +492,7 @@ def run(job: Job, *, client: Any = None, echo: Echo = print) -> RunReport:
         output = check_output_path(job.output, input_path=protected, overwrite=job.overwrite)
     store_chunks = _store_chunks(array)
     store_input = _store_input(image, array)
+    output_dtype = resolve_output_dtype(job.layout.output_dtype, array.dtype)
     skip_background = job.layout.skip_background
     if skip_background is not None and job.method != "lr":
         raise ParameterError("skip_background applies to method 'lr'; drop it for SSI")
@@ -554,6 +559,9 @@ def run(job: Job, *, client: Any = None, echo: Echo = print) -> RunReport:
                 return plan_for(num_iter, smaller)
         if method == "ssi":  # the network's tiles, not the LR formula, set an SSI task's memory
             plan = replace(plan, memory_per_task=task_memory(plan, method, model))
+        if output_dtype != "float32":
+            size = np.dtype(output_dtype).itemsize * math.prod(plan.shape)
+            plan = replace(plan, output_dtype=output_dtype, output_bytes=size)
         return plan
 
     resumed_choice = _recorded_auto_choice(output) if auto and job.resume else None
@@ -579,7 +587,6 @@ def run(job: Job, *, client: Any = None, echo: Echo = print) -> RunReport:
         plan.shape,
         zarr_format,
     )
-    output_dtype = resolve_output_dtype(job.layout.output_dtype, array.dtype)
 
     names = image.axis_names
     _say(echo, f"ssi-dask {__version__}: {method} on {image.path or 'a DataArray'} -> {output}")

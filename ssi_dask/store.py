@@ -222,8 +222,9 @@ def write_zarr(
 
     Parameters
     ----------
-    result : dask.array.Array
-        Lazy result, e.g. from :func:`ssi_dask.deconvolve`.
+    result : dask.array.Array or ssi_dask.storegraph.StoreResult
+        Lazy result, e.g. from :func:`ssi_dask.deconvolve`; or a run from the store
+        (``ssi_dask.run``), computed one task per chunk in waves with a distributed client.
     output : str or path-like
         Path of the Zarr array to create (or to complete, with ``resume``).
     output_chunks : tuple of int, optional
