@@ -321,3 +321,66 @@ def test_cli_output_dtype_and_skip_background(tmp_path, psf3d_file):
     refused = run_cli("run", source, tmp_path / "x.zarr", "--psf", psf3d_file,
                       "--output-dtype", "int8")  # fmt: skip
     assert refused.returncode == 2 and "--output-dtype: invalid choice: 'int8'" in refused.stderr
+
+
+class LiveChunkTasks(SchedulerPlugin):
+    """The most chunk tasks the scheduler held at once, and how many it ran."""
+
+    name = "ssi-dask-live-chunks"
+
+    def __init__(self) -> None:
+        self.held: set = set()  # known to the scheduler (results not yet released included)
+        self.running: set = set()  # waiting or processing
+        self.ran: set = set()
+        self.most_held = self.most_running = 0
+
+    def transition(self, key, start, finish, *args, **kwargs) -> None:
+        if not str(key).startswith("ssi-dask-chunk-"):
+            return
+        if finish in ("forgotten", "released"):
+            self.held.discard(key)
+        else:
+            self.held.add(key)
+        if finish in ("waiting", "processing", "no-worker", "queued"):
+            self.running.add(key)
+        else:
+            self.running.discard(key)
+        if finish == "processing":
+            self.ran.add(key)
+        self.most_held = max(self.most_held, len(self.held))
+        self.most_running = max(self.most_running, len(self.running))
+
+
+def test_chunk_tasks_are_submitted_in_bounded_waves(tmp_path, local_client, psf2d):
+    import tifffile
+
+    volume = smooth_volume((96, 400), seed=9)
+    source = tmp_path / "in.zarr"
+    zarr.create_array(store=str(source), shape=volume.shape, chunks=(16, 16), dtype="f4")[...] = (
+        volume
+    )
+    tifffile.imwrite(tmp_path / "psf.tif", psf2d)
+    job = ssi_dask.Job(
+        input=source,
+        output=tmp_path / "out.zarr",
+        psf=ssi_dask.PSFSettings(files=(str(tmp_path / "psf.tif"),)),
+        lr=ssi_dask.LRSettings(num_iter=0),
+        layout=ssi_dask.LayoutSettings(chunks=(16, 16)),
+        progress=False,
+    )
+    local_client.register_plugin(LiveChunkTasks())
+    report = ssi_dask.run(job, client=local_client, echo=None)
+    running, held, ran = local_client.run_on_scheduler(
+        lambda dask_scheduler: (
+            dask_scheduler.plugins[LiveChunkTasks.name].most_running,
+            dask_scheduler.plugins[LiveChunkTasks.name].most_held,
+            len(dask_scheduler.plugins[LiveChunkTasks.name].ran),
+        )
+    )
+    local_client.unregister_scheduler_plugin(LiveChunkTasks.name)
+    assert report.chunks == 6 * 25 == ran  # every chunk once
+    assert running <= 16  # max(16, 4 x 2 worker threads) in flight, never the whole volume
+    # finished tasks wait for the client's (batched) release: at most about one more wave
+    assert held <= 3 * 16 < report.chunks
+    expected = deconvolve(str(source), psf2d, num_iter=0, chunks=(16, 16)).compute()
+    np.testing.assert_array_equal(zarr.open_array(str(tmp_path / "out.zarr"))[...], expected)
