@@ -388,14 +388,8 @@ class LayoutSettings:
     skip_background: float | None = None
 
     def __post_init__(self) -> None:
-        if self.skip_background is not None and (
-            isinstance(self.skip_background, bool)
-            or not isinstance(self.skip_background, (int, float))
-            or not math.isfinite(self.skip_background)
-        ):
-            raise ParameterError(
-                f"skip_background must be a finite number, got {self.skip_background!r}"
-            )
+        if self.skip_background is not None:
+            _finite("skip_background", self.skip_background)
         if self.output_dtype not in OUTPUT_DTYPES:
             raise ParameterError(
                 f"output_dtype must be one of {', '.join(OUTPUT_DTYPES)}, got {self.output_dtype!r}"

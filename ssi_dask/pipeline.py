@@ -817,7 +817,7 @@ def run(job: Job, *, client: Any = None, echo: Echo = print) -> RunReport:
         if clipped:
             warnings.append(
                 f"warning: {clipped} values outside the {output_dtype} range were clipped "
-                "(store float32 with --output-dtype float32 to keep them)"
+                "to it; output_dtype='float32' keeps them"
             )
         from .blockwise import negative_input_warning  # noqa: PLC0415
 
