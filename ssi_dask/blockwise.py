@@ -19,12 +19,12 @@ import dask
 import dask.array as da
 import numpy as np
 
-from .config import LRSettings, refuse_lr_options
+from .config import DEFAULT_TARGET_VOXELS, LRSettings, refuse_lr_options
 from .errors import DeviceError, OutputError, ParameterError
 
-#: Default working-chunk size in voxels: large enough that per-task compute dwarfs the
-#: scheduler's per-task overhead (DESIGN.md rule 4), small enough for ~1 GiB workers.
-DEFAULT_TARGET_VOXELS = {2: 2048 * 2048, 3: 64 * 256 * 256}
+# Default working-chunk size in voxels: config.DEFAULT_TARGET_VOXELS, large enough that
+# per-task compute dwarfs the scheduler's per-task overhead (DESIGN.md rule 4), small enough
+# for ~1 GiB workers.
 
 #: ``map_overlap`` boundary per method. LR keeps the Bertero-Boccacci treatment of the true
 #: edges ("none": edge chunks see the same edge as a whole-volume run); the SSI network needs
@@ -431,7 +431,39 @@ def _ssi_chunk(
     from .ssi import predict_chunk  # noqa: PLC0415
 
     torch_device = "cuda" if device == "gpu" else "cpu"
-    return predict_chunk(model, block, margin, device=torch_device)
+    return predict_chunk(model, block, margin, device=torch_device, progress=_tile_reporter())
+
+
+#: Topic of the Dask worker events that report SSI tiles done within a chunk (the command
+#: line shows them while chunks are few and each takes long).
+SSI_TILES_EVENT = "ssi-dask-tiles"
+
+#: Least seconds between two tile events of one chunk (the last one is always sent).
+TILE_EVENT_INTERVAL = 1.0
+
+
+def _tile_reporter() -> Any:
+    """A ``progress(done, total)`` for one chunk's tiles that logs throttled worker events
+    (:data:`SSI_TILES_EVENT`); None outside a distributed worker."""
+    import time  # noqa: PLC0415
+    import uuid  # noqa: PLC0415
+
+    try:
+        from distributed import get_worker  # noqa: PLC0415
+
+        worker = get_worker()
+    except (ImportError, ValueError):
+        return None
+    chunk, last = uuid.uuid4().hex[:12], [-math.inf]
+
+    def report(done: int, total: int) -> None:
+        now = time.monotonic()
+        if 0 < done < total and now - last[0] < TILE_EVENT_INTERVAL:
+            return
+        last[0] = now
+        worker.log_event(SSI_TILES_EVENT, {"chunk": chunk, "done": done, "total": total})
+
+    return report
 
 
 def _shared_token(value: Any) -> str:

@@ -15,10 +15,19 @@ from pathlib import Path
 
 from ._version import __version__
 from .config import (
+    DEFAULT_AUTO_MAX_ITER,
+    DEFAULT_AUTO_SAMPLES,
     DEFAULT_BACKGROUND,
+    DEFAULT_ENSEMBLE,
     DEFAULT_NUM_ITER,
+    DEFAULT_REFRACTIVE_INDEX,
     DEFAULT_REGIONS,
+    DEFAULT_RESTARTS,
+    DEFAULT_TARGET_VOXELS,
     OUTPUT_DTYPES,
+    PSF_ENERGY_FRACTION,
+    WB_DEFAULT_ALPHA,
+    WB_DEFAULT_ORDER,
     ClusterSettings,
     Job,
     LayoutSettings,
@@ -27,7 +36,9 @@ from .config import (
     SSISettings,
     TrainSettings,
     cli_message,
+    default_of,
     ssi_default_text,
+    voxels_text,
 )
 from .errors import ParameterError, PSFError, SsiDaskError
 from .safety import check_replaceable_file
@@ -65,8 +76,8 @@ def add_image_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--refractive-index",
         type=float,
-        default=1.33,
-        help="without --psf: immersion refractive index (default 1.33)",
+        default=DEFAULT_REFRACTIVE_INDEX,
+        help=f"without --psf: immersion refractive index (default: {DEFAULT_REFRACTIVE_INDEX})",
     )
     group.add_argument(
         "--psf-shape",
@@ -109,9 +120,9 @@ def _add_cluster_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--threads-per-worker",
         type=int,
-        default=1,
+        default=default_of(ClusterSettings, "threads_per_worker"),
         metavar="N",
-        help="local cluster: threads per worker (default: 1)",
+        help="local cluster: threads per worker (default: %(default)s)",
     )
     group.add_argument(
         "--memory-limit",
@@ -128,17 +139,17 @@ def _add_cluster_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--worker-timeout",
         type=float,
-        default=120.0,
+        default=default_of(ClusterSettings, "worker_timeout"),
         metavar="SECONDS",
         help="give up, keeping the progress for --resume, when no worker has been connected "
-        "for this long (default: 120)",
+        "for this long (default: %(default)g)",
     )
     group.add_argument(
         "--connect-timeout",
         type=float,
-        default=5.0,
+        default=default_of(ClusterSettings, "connect_timeout"),
         metavar="SECONDS",
-        help="seconds to wait for a remote scheduler (default: 5)",
+        help="seconds to wait for a remote scheduler (default: %(default)g)",
     )
 
 
@@ -155,13 +166,14 @@ def _add_back_projector_options(parser: argparse.ArgumentParser) -> None:
         "--wiener-alpha",
         type=float,
         metavar="A",
-        help="wiener-butterworth: Wiener parameter (default: 0.05, or chosen by --iterations auto)",
+        help=f"wiener-butterworth: Wiener parameter (default: {WB_DEFAULT_ALPHA}, or chosen by "
+        "--iterations auto)",
     )
     group.add_argument(
         "--butterworth-order",
         type=float,
         metavar="P",
-        help="wiener-butterworth: order of the Butterworth filter (default: 10)",
+        help=f"wiener-butterworth: order of the Butterworth filter (default: {WB_DEFAULT_ORDER})",
     )
     group.add_argument(
         "--cutoff",
@@ -173,14 +185,17 @@ def _add_back_projector_options(parser: argparse.ArgumentParser) -> None:
         "--auto-max-iterations",
         type=int,
         metavar="N",
-        help="--iterations auto: largest count tried (default: 50 classic, 10 wiener-butterworth)",
+        help="--iterations auto: largest count tried (default: "
+        f"{DEFAULT_AUTO_MAX_ITER['classic']} classic, "
+        f"{DEFAULT_AUTO_MAX_ITER['wiener-butterworth']} wiener-butterworth)",
     )
     group.add_argument(
         "--auto-samples",
         type=int,
-        default=4,
+        default=DEFAULT_AUTO_SAMPLES,
         metavar="N",
-        help="--iterations auto: chunks sampled from the volume (default: 4; seeded by --seed)",
+        help="--iterations auto: chunks sampled from the volume "
+        f"(default: {DEFAULT_AUTO_SAMPLES}; seeded by --seed)",
     )
 
 
@@ -242,14 +257,14 @@ def _add_training_options(parser: argparse.ArgumentParser) -> None:
         type=int,
         metavar="N",
         help="extra runs with other seeds when a run fails its self-supervised check "
-        "(default: tuned)",
+        f"(default: {DEFAULT_RESTARTS})",
     )
     group.add_argument(
         "--ensemble",
         type=int,
         metavar="N",
         help="networks trained with different seeds and averaged: less variation between "
-        "seeds, N times the compute (default 1)",
+        f"seeds, N times the compute (default: {DEFAULT_ENSEMBLE})",
     )
     group.add_argument(
         "--patch-size",
@@ -361,14 +376,16 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="PSF",
         help="point spread function (.tif, .tiff, .npy or Zarr array) with the image's "
         "dimensionality; make one with `ssi-dask psf`; one per channel separated by commas; "
-        "without it, --na and --wavelength compute one at the image's voxel size",
+        "without it, --na and --wavelength compute one at the image's voxel size; with "
+        "--method ssi --model, the PSF stored in the checkpoint is used (a different --psf "
+        "is refused)",
     )
     run.add_argument(
         "--method",
         choices=["lr", "ssi"],
         default="lr",
         help="lr: Lucy-Richardson; ssi: Self-Supervised Inversion (trains on the input first "
-        "unless --model is given)",
+        "unless --model is given) (default: %(default)s)",
     )
     run.add_argument(
         "--iterations",
@@ -397,8 +414,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--chunks",
         metavar="SPEC",
-        help="working chunk shape, e.g. 64,256,256 or 256 for every "
-        "axis (default: grown from the input's chunks to ~7M voxels in 3D, 4M in 2D)",
+        help="working chunk shape, e.g. 64,256,256 or 256 for every axis (default: grown from "
+        f"the input's chunks to ~{voxels_text(DEFAULT_TARGET_VOXELS[3])} voxels in 3D, "
+        f"{voxels_text(DEFAULT_TARGET_VOXELS[2])} in 2D)",
     )
     run.add_argument(
         "--output-chunks",
@@ -500,15 +518,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     psf.add_argument(
         "--shape",
-        required=True,
         metavar="NZ,NY,NX",
-        help="PSF size in voxels: 'nz,ny,nx' (3D) or 'ny,nx' (2D); lateral sizes equal and odd",
+        help="PSF size in voxels: 'nz,ny,nx' (3D) or 'ny,nx' (2D); lateral sizes equal and odd "
+        f"(default: the smallest lateral size holding {100 * PSF_ENERGY_FRACTION:g}%% of the "
+        "energy on a large grid, and +-3 n lambda/NA^2 planes in 3D; a --shape holding less "
+        "is written with a warning)",
     )
     psf.add_argument(
         "--refractive-index",
         type=float,
-        default=1.33,
-        help="immersion refractive index (default 1.33, water)",
+        default=DEFAULT_REFRACTIVE_INDEX,
+        help=f"immersion refractive index (default: {DEFAULT_REFRACTIVE_INDEX}, water)",
     )
     psf.add_argument(
         "--sample-index",
@@ -516,7 +536,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="sample refractive index (default: the immersion index, no aberration)",
     )
     psf.add_argument(
-        "--z-offset", type=float, default=0.0, help="2D only: defocus of the plane in micrometres"
+        "--z-offset",
+        type=float,
+        default=0.0,
+        help="2D only: defocus of the plane in micrometres (default: %(default)g)",
     )
     psf.add_argument(
         "--model",
@@ -560,8 +583,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--train-on",
         choices=["client", "worker"],
         default="client",
-        help="train in this process (default) or on a worker of the cluster, e.g. a "
-        "`dask cuda worker` (needs --scheduler)",
+        help="client: train in this process; worker: on a worker of the cluster, e.g. a "
+        "`dask cuda worker` (needs --scheduler) (default: %(default)s)",
     )
     remote.add_argument(
         "--gpu",
@@ -589,17 +612,25 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = commands.add_parser(
         "demo",
-        help="compare Lucy-Richardson and SSI on a degraded built-in image",
+        help="compare Lucy-Richardson and SSI on a generated microscopy-like scene",
         description="Degrade a ground truth with the benchmark protocol (widefield ring PSF, "
         "Poisson-Gaussian noise, salt and pepper, 10-bit quantisation), restore it with LR at "
-        "2/5/10/20 iterations and with SSI, print PSNR/SSIM/MI/SMI, and write a PNG figure and a "
+        "2/5/10/20 iterations and with SSI, print PSNR/SSIM/MI/SMI (each explained) and SSI's "
+        "margin over the best LR, and write a PNG figure (zoomed insets, a line profile) and a "
         "JSON of the metrics into DIR.",
     )
-    demo.add_argument("--dim", type=int, choices=[2, 3], default=2, help="2D image or 3D volume")
     demo.add_argument(
-        "--image", metavar="PATH", help="ground-truth image (PNG/TIFF; default: built in)"
+        "--dim", type=int, choices=[2, 3], default=2, help="2D image or 3D volume (default: 2)"
     )
-    demo.add_argument("--out", default="demo-out", metavar="DIR", help="output folder")
+    demo.add_argument(
+        "--image",
+        metavar="PATH",
+        help="ground-truth image (PNG/TIFF; default: a generated scene of nuclei, vesicles and "
+        "filaments, 256x256 in 2D, 32x96x96 in 3D)",
+    )
+    demo.add_argument(
+        "--out", default="demo-out", metavar="DIR", help="output folder (default: demo-out)"
+    )
     demo.add_argument("--seed", type=int, default=0, help="noise and training seed (default 0)")
     demo.add_argument(
         "--device", default="auto", help="torch device for SSI: auto, cpu, cuda (default auto)"
@@ -682,7 +713,12 @@ def _parse_depth(text: str | None, ndim: int) -> tuple[int, ...] | None:
 
 
 def _psf_command(args: argparse.Namespace) -> int:
-    from .psf import save_psf, widefield_psf  # noqa: PLC0415
+    from .psf import (  # noqa: PLC0415
+        energy_held,
+        energy_psf_shape,
+        save_psf,
+        widefield_psf,
+    )
 
     out = Path(args.output)
     if out.suffix.lower() not in (".tif", ".tiff", ".npy"):
@@ -691,11 +727,8 @@ def _psf_command(args: argparse.Namespace) -> int:
         check_replaceable_file(out, overwrite=args.overwrite)
     except SsiDaskError as exc:
         raise PSFError(str(exc)) from None
-    shape = tuple(int(v) for v in _parse_floats(args.shape, "--shape"))
     voxel_size = _parse_floats(args.voxel_size, "--voxel-size")
-    psf = widefield_psf(
-        shape,
-        voxel_size,
+    optics = dict(
         na=args.na,
         wavelength=args.wavelength,
         refractive_index=args.refractive_index,
@@ -703,8 +736,30 @@ def _psf_command(args: argparse.Namespace) -> int:
         z_offset=args.z_offset,
         model=args.model,
     )
+    if len(voxel_size) not in (2, 3):
+        raise PSFError("give 2 or 3 sizes for --voxel-size (dy,dx or dz,dy,dx)")
+    fraction = 100 * PSF_ENERGY_FRACTION
+    if args.shape is None:
+        shape, held = energy_psf_shape(voxel_size, **optics)
+        note = f"{100 * held:.1f} % of the energy; the default shape holds at least {fraction:g} %"
+    else:
+        shape = tuple(int(v) for v in _parse_floats(args.shape, "--shape"))
+        if len(shape) != len(voxel_size):
+            raise PSFError("give as many sizes for --shape as for --voxel-size")
+        widefield_psf(shape, voxel_size, **optics)  # bad shapes fail before the large grid
+        held = energy_held(shape, voxel_size, **optics)
+        note = f"{100 * held:.1f} % of the energy"
+        if held < PSF_ENERGY_FRACTION:
+            best, _ = energy_psf_shape(voxel_size, **optics)
+            print(
+                f"warning: --shape {args.shape} holds only {100 * held:.1f} % of the PSF's "
+                f"energy (measured on a large grid): the rest is cut off; the default shape "
+                f"{','.join(map(str, best))} holds {fraction:g} %: leave out --shape or enlarge it",
+                file=sys.stderr,
+            )
+    psf = widefield_psf(shape, voxel_size, **optics)
     save_psf(out, psf, voxel_size)
-    print(f"wrote {out} {psf.shape} (sum 1, peak at {tuple(int(i) // 1 for i in psf.shape)} / 2)")
+    print(f"wrote {out} {psf.shape}, sum 1, holding {note}")
     return 0
 
 
@@ -877,7 +932,10 @@ def job_from_args(args: argparse.Namespace) -> Job:
 def _run_command(args: argparse.Namespace) -> int:
     from .pipeline import run  # noqa: PLC0415
 
-    report = run(job_from_args(args))  # errors name parameters; main() maps them to flags
+    def echo(line: str) -> None:  # warnings name parameters: mapped to flags
+        print(cli_message(line) if line.lstrip().startswith("warning:") else line)
+
+    report = run(job_from_args(args), echo=echo)  # errors: main() maps them to flags
     if report.dry_run:
         return 0
     print(report.summary())

@@ -22,6 +22,35 @@ DEFAULT_NUM_ITER = 10
 #: Back projectors of Lucy-Richardson.
 BACK_PROJECTORS = ("classic", "wiener-butterworth")
 
+#: Wiener-Butterworth back projector: Wiener alpha by default (the OTF's relative level at the
+#: cut-off, ``ssi_dask.lr.WB_SUPPORT_FRACTION``) and Butterworth order (Guo et al. 2020: 4 .. 15).
+WB_DEFAULT_ALPHA = 0.05
+WB_DEFAULT_ORDER = 10
+
+#: ``iterations="auto"``: largest count scored per back projector, and chunks sampled.
+DEFAULT_AUTO_MAX_ITER = {"classic": 50, "wiener-butterworth": 10}
+DEFAULT_AUTO_SAMPLES = 4
+
+#: Default working-chunk size in voxels per dimensionality (``ssi_dask.blockwise``).
+DEFAULT_TARGET_VOXELS = {2: 2048 * 2048, 3: 64 * 256 * 256}
+
+#: Share of a PSF's energy the default PSF shape holds (``ssi-dask psf`` without ``--shape``).
+PSF_ENERGY_FRACTION = 0.99
+
+#: Immersion refractive index when none is given (water).
+DEFAULT_REFRACTIVE_INDEX = 1.33
+
+
+def default_of(cls: type, name: str) -> Any:
+    """The default of field ``name`` of the settings dataclass ``cls`` (for help texts)."""
+    return {f.name: f.default for f in fields(cls)}[name]
+
+
+def voxels_text(voxels: int) -> str:
+    """``4194304`` -> ``"4.2M"``: a voxel count for help texts."""
+    return f"{voxels / 1e6:.1f}M"
+
+
 #: Library parameter -> command-line flag: the one table the command line maps library
 #: messages with. Library messages name a parameter either as a keyword (``chunks=``,
 #: ``resume=True``, ``voxel_size=(1, 0.1, 0.1)``), which is mapped whatever the name, or bare
@@ -276,6 +305,11 @@ def ssi_default_text(key: str) -> str:
     return f"{values[2]} 2D, {values[3]} 3D"
 
 
+#: Extra SSI training runs (other seeds) when a run fails its self-supervised check, and
+#: networks averaged (``ssi_dask.ssi.train_ssi``).
+DEFAULT_RESTARTS = 2
+DEFAULT_ENSEMBLE = 1
+
 #: SSI training regions when none are given (``ssi_dask.training.DEFAULT_REGIONS``).
 DEFAULT_REGIONS = 24
 
@@ -359,7 +393,7 @@ class PSFSettings:
     files: tuple[str, ...] = ()
     na: float | None = None
     wavelength: tuple[float, ...] = ()
-    refractive_index: float = 1.33
+    refractive_index: float = DEFAULT_REFRACTIVE_INDEX
     shape: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:

@@ -85,6 +85,7 @@ from typing import Any
 import numpy as np
 
 from ssi_dask._backend import get_array_module, get_fft_module
+from ssi_dask.config import WB_DEFAULT_ALPHA, WB_DEFAULT_ORDER
 from ssi_dask.errors import InputError, ParameterError, PSFError
 
 __all__ = [
@@ -106,10 +107,10 @@ __all__ = [
 BACK_PROJECTORS = ("classic", "wiener-butterworth")
 #: The OTF's relative level that defines its support (cut-off) and the default Wiener alpha.
 WB_SUPPORT_FRACTION = 0.05
-#: Wiener parameter alpha by default: the OTF's relative level at the cut-off.
-WB_DEFAULT_ALPHA = WB_SUPPORT_FRACTION
-#: Butterworth order by default (Guo et al. 2020: 4 .. 15; their code's default).
-WB_DEFAULT_ORDER = 10
+# WB_DEFAULT_ALPHA (config): the Wiener alpha by default, the OTF's relative level at the
+# cut-off (WB_SUPPORT_FRACTION); WB_DEFAULT_ORDER (config): the Butterworth order by default
+# (Guo et al. 2020: 4 .. 15; their code's default).
+assert WB_DEFAULT_ALPHA == WB_SUPPORT_FRACTION
 #: Gain of the Butterworth filter at the cut-off (Guo et al. 2020: 0.001 .. 0.01).
 WB_BETA = 0.01
 

@@ -37,6 +37,7 @@ from typing import Any
 import dask
 import numpy as np
 
+from .config import DEFAULT_AUTO_MAX_ITER, DEFAULT_AUTO_SAMPLES
 from .errors import ParameterError
 from .lr import (
     _check_edge_threshold,
@@ -56,7 +57,7 @@ __all__ = [
 ]
 
 #: Largest iteration count scored, per back projector.
-DEFAULT_MAX_ITER = {"classic": 50, "wiener-butterworth": 10}
+DEFAULT_MAX_ITER = DEFAULT_AUTO_MAX_ITER  # defined in ssi_dask.config
 #: Wiener alphas tried by default (Wiener-Butterworth).
 DEFAULT_ALPHAS = (0.003, 0.01, 0.03, 0.1, 0.3)
 #: Size of a sampled chunk per dimensionality (capped at the volume's shape).
@@ -212,7 +213,7 @@ def choose_iterations(
     max_iter: int | None = None,
     alphas: Sequence[float] | None = None,
     wiener_alpha: float | None = None,
-    n_samples: int = 4,
+    n_samples: int = DEFAULT_AUTO_SAMPLES,
     sample_shape: Sequence[int] | None = None,
     density: float = 0.05,
     n_masks: int = 2,

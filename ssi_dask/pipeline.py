@@ -63,6 +63,8 @@ class RunReport:
         True when nothing was computed or written.
     warnings : list of str
         Warning lines for the user (missing input chunks, negative input values).
+    write_seconds, written_voxels : float, optional
+        The chunk write as the progress bar measured it (its rate is the summary's).
     """
 
     output: Path
@@ -80,6 +82,8 @@ class RunReport:
     output_dtype: str = "float32"
     clipped: int = 0
     skipped: int = 0
+    write_seconds: float | None = None
+    written_voxels: float | None = None
 
     def summary(self) -> str:
         """The one-screen summary the command line prints at the end."""
@@ -96,6 +100,8 @@ class RunReport:
             ome_zarr=self.ome_zarr,
             levels=self.levels,
             volumes=self.volumes,
+            write_seconds=self.write_seconds,
+            written_voxels=self.written_voxels,
         )
         extra = []
         if self.output_dtype != "float32":
@@ -227,6 +233,30 @@ def resolve_psfs(
     return psfs, info
 
 
+def data_warnings(
+    volume: Any, psf: np.ndarray, *, ome_out: bool, voxel_size: Sequence[float] | None
+) -> list[str]:
+    """Warnings about the data before the run: a PSF wider than the data's measured
+    resolution (:mod:`ssi_dask.resolution`), and an OME-Zarr output without voxel sizes."""
+    from .resolution import check_resolution, sample_planes  # noqa: PLC0415
+
+    lines = []
+    try:  # a check, never a reason to fail the run
+        line = check_resolution(sample_planes(volume), psf).warning()
+    except Exception:  # noqa: BLE001
+        line = None
+    if line:
+        lines.append(line)
+    if ome_out and not voxel_size:
+        lines.append(
+            "warning: the input declares no voxel size, so the OME-Zarr output gets scale 1 "
+            "without units: give voxel_size="
+            + ("(DZ, DY, DX)" if volume.ndim == 3 else "(DY, DX)")
+            + " in micrometres"
+        )
+    return lines
+
+
 def check_optics(na: float, wavelengths: Sequence[float], refractive_index: float) -> None:
     """Refuse optics no PSF can be computed from (before any division by them)."""
     if not (math.isfinite(refractive_index) and refractive_index > 0):
@@ -296,27 +326,72 @@ def train_model(
     return model
 
 
+def given_model(model: Any, ndim: int):
+    """The job's SSI model (a checkpoint path or a model object), checked for ``ndim``."""
+    from .ssi import load_checkpoint  # noqa: PLC0415
+
+    source = model
+    if isinstance(model, (str, Path)):
+        model = load_checkpoint(model)
+    if model.ndim != ndim:
+        raise CheckpointError(
+            f"checkpoint {str(source)!r} is for {model.ndim}D images but the input is "
+            f"{ndim}D; train a model on this data (ssi-dask train)"
+        )
+    return model
+
+
+def checkpoint_psf(
+    model: Any, source: Any, psfs: list[np.ndarray] | None
+) -> tuple[list[np.ndarray], list[dict]] | None:
+    """The PSF an SSI checkpoint was trained with, when the job gives none.
+
+    A checkpoint holds the PSF its network was trained for, so ``model=`` alone is enough.
+    When the job also gives PSFs (files or optics), they must equal the checkpoint's (after
+    normalisation and cropping), else the run is refused: the network inverts its own PSF.
+    Returns None when the given PSFs match (they are used as they are).
+    """
+    from .psf import crop_psf, describe_psf, normalize_psf  # noqa: PLC0415
+
+    stored = normalize_psf(crop_psf(np.asarray(model.psf, dtype=np.float32)))
+    name = str(source) if isinstance(source, (str, Path)) else "the model object"
+    if psfs is None:
+        return [stored], [{**describe_psf(stored), "source": f"stored in the checkpoint {name}"}]
+    for psf in psfs:
+        given = normalize_psf(crop_psf(np.asarray(psf, dtype=np.float32)))
+        same = given.shape == stored.shape and np.allclose(
+            given, stored, rtol=1e-3, atol=1e-4 * float(stored.max())
+        )
+        if not same:
+            raise PSFError(
+                f"psf= differs from the PSF stored in model= {name} (shape {given.shape} vs "
+                f"{stored.shape}); the network was trained for its own PSF: drop psf= to use "
+                "the checkpoint's, or train a model with this PSF"
+            )
+    return None
+
+
+def planned_network(settings: TrainSettings, ndim: int):
+    """The untrained network a run will train (its halo and alignment set the plan)."""
+    from .ssi import DEFAULTS, UNet  # noqa: PLC0415
+
+    defaults = DEFAULTS[ndim]
+    return UNet(
+        ndim,
+        depth=settings.net_depth or defaults["depth"],
+        base_channels=settings.base_channels or defaults["base_channels"],
+    )
+
+
 def _model_for_run(job: Job, volume: Any, psf: np.ndarray, protected: list, echo: Echo):
     """The SSI model: the job's checkpoint or model object, or one trained on the input now."""
     from .safety import check_replaceable_file, resolved  # noqa: PLC0415
-    from .ssi import load_checkpoint, save_checkpoint  # noqa: PLC0415
+    from .ssi import save_checkpoint  # noqa: PLC0415
 
-    model = job.ssi.model
-    if model is not None:
-        source = model
-        if isinstance(model, (str, Path)):
-            model = load_checkpoint(model)
-        if model.ndim != volume.ndim:
-            raise CheckpointError(
-                f"checkpoint {str(source)!r} is for {model.ndim}D images but the input is "
-                f"{volume.ndim}D; train a model on this data (ssi-dask train)"
-            )
-        return model
+    if job.ssi.model is not None:
+        return given_model(job.ssi.model, volume.ndim)
     if job.dry_run:
-        from .ssi import DEFAULTS, UNet  # noqa: PLC0415
-
-        defaults = DEFAULTS[volume.ndim]
-        return UNet(volume.ndim, depth=defaults["depth"], base_channels=defaults["base_channels"])
+        return planned_network(job.ssi.train, volume.ndim)
     save = job.ssi.save_model
     if save:
         model_path, output_path = resolved(save), resolved(job.output)
@@ -442,8 +517,8 @@ def run(job: Job, *, client: Any = None, echo: Echo = print) -> RunReport:
 
     from ._version import __version__  # noqa: PLC0415
     from .blockwise import (  # noqa: PLC0415
-        DEFAULT_TARGET_VOXELS,
         METHOD_BOUNDARY,
+        SSI_TILES_EVENT,
         _deconvolve_graph,
         chunk_grid,
         computation_provenance,
@@ -451,6 +526,7 @@ def run(job: Job, *, client: Any = None, echo: Echo = print) -> RunReport:
         plan_blocks,
     )
     from .chunkfiles import missing_input_chunks  # noqa: PLC0415
+    from .config import DEFAULT_TARGET_VOXELS  # noqa: PLC0415
     from .io import Volume, check_image_array, check_output_path  # noqa: PLC0415
     from .ome import select_channels  # noqa: PLC0415
     from .store import (  # noqa: PLC0415
@@ -480,7 +556,15 @@ def run(job: Job, *, client: Any = None, echo: Echo = print) -> RunReport:
             f"voxel_size needs {n_spatial} positive values for a {n_spatial}D image, "
             f"got {len(job.voxel_size)}"
         )
-    psfs, psf_info = resolve_psfs(job.psf, n_spatial, voxel_size, n_channels, spatial_shape)
+    given = None  # an SSI checkpoint holds its PSF: psf= may be left out
+    if job.method == "ssi" and job.ssi.model is not None:
+        given = given_model(job.ssi.model, n_spatial)
+    if given is not None and not job.psf.files and job.psf.na is None:
+        psfs, psf_info = checkpoint_psf(given, job.ssi.model, None)
+    else:
+        psfs, psf_info = resolve_psfs(job.psf, n_spatial, voxel_size, n_channels, spatial_shape)
+        if given is not None:
+            checkpoint_psf(given, job.ssi.model, psfs)
     model_files = [job.ssi.model] if isinstance(job.ssi.model, (str, Path)) else []
     protected = [image.path, *job.psf.files, *model_files]
     ome_out = job.layout.output_format == "ome-zarr" or (
@@ -517,8 +601,16 @@ def run(job: Job, *, client: Any = None, echo: Echo = print) -> RunReport:
             raise ParameterError(f"depth= needs 1 or {n_spatial} non-negative integers")
     check_local_memory(job.cluster, method)  # a limit below a worker's baseline, before training
     model = None
+    train_now = method == "ssi" and given is None and not job.dry_run
     if method == "ssi":
-        model = _model_for_run(job, first_volume, psfs[0], protected, echo)
+        # a network to be trained is planned from its architecture (the plan is printed
+        # before training starts); a given model, or the dry run's, is used as it is
+        if given is not None:
+            model = given
+        elif train_now:
+            model = planned_network(job.ssi.train, n_spatial)
+        else:
+            model = _model_for_run(job, first_volume, psfs[0], protected, echo)
         if depth is None:
             depth = (model.halo,) * n_spatial
     kernel_options = lr.kernel_options() if method == "lr" else {}
@@ -613,8 +705,21 @@ def run(job: Job, *, client: Any = None, echo: Echo = print) -> RunReport:
     if missing_input is not None and missing_input.count:
         warnings.append(missing_input.warning())
         _say(echo, f"  {missing_input.warning()}")
+    for line in data_warnings(first_volume.data, psfs[0], ome_out=ome_out, voxel_size=voxel_size):
+        warnings.append(line)
+        _say(echo, f"  {line}")
     if auto:
         _say(echo, "  iterations      auto: chosen before the run (halo above for 1 iteration)")
+    if train_now:
+        planned = model
+        model = _model_for_run(job, first_volume, psfs[0], protected, echo)
+        if (model.halo, model.alignment) != (planned.halo, planned.alignment):
+            # not expected: the trained network has the planned architecture
+            depth = depth if user_depth is not None else (model.halo,) * n_spatial
+            plan = plan_for(0)
+            _say(echo, plan.summary())
+        else:
+            plan = replace(plan, memory_per_task=task_memory(plan, method, model))
 
     def provenance_now() -> dict:
         entry: dict[str, Any] = {
@@ -794,6 +899,7 @@ def run(job: Job, *, client: Any = None, echo: Echo = print) -> RunReport:
             )
         result.ssi_dask_provenance = computation_now()
         result.ssi_dask_input = reference
+        timing: dict = {}
         levels = _write(
             job,
             result,
@@ -810,7 +916,11 @@ def run(job: Job, *, client: Any = None, echo: Echo = print) -> RunReport:
             protected=protected,
             client=client,
             output_dtype=output_dtype,
+            timing=timing,
         )
+        if job.method == "ssi" and client is not None:
+            with contextlib.suppress(Exception):
+                client.unsubscribe_topic(SSI_TILES_EVENT)
         clipped, skipped = _clipped_values(target)
         if skip_background is not None:
             _say(echo, f"skipped {skipped} background chunks (input <= {skip_background:g})")
@@ -839,6 +949,8 @@ def run(job: Job, *, client: Any = None, echo: Echo = print) -> RunReport:
         output_dtype=output_dtype,
         clipped=clipped,
         skipped=skipped,
+        write_seconds=timing["progress"].seconds if "progress" in timing else None,
+        written_voxels=timing["progress"].voxels if "progress" in timing else None,
     )
 
 
@@ -1038,8 +1150,12 @@ def _write(
     protected: list,
     client: Any,
     output_dtype: str = "float32",
+    timing: dict | None = None,
 ) -> int:
-    """Write the result (an OME-Zarr image with its pyramid, or a Zarr array); return levels."""
+    """Write the result (an OME-Zarr image with its pyramid, or a Zarr array); return levels.
+
+    ``timing["progress"]`` receives the :class:`~ssi_dask.summary.ChunkProgress` that measured
+    the write (the summary quotes its rate)."""
     from .ome import (  # noqa: PLC0415
         create_ome_group,
         level_transforms,
@@ -1052,7 +1168,16 @@ def _write(
     from .store import write_zarr  # noqa: PLC0415
     from .summary import ChunkProgress  # noqa: PLC0415
 
-    progress = ChunkProgress(int(np.prod(result.shape))) if job.progress else False
+    progress = ChunkProgress(
+        int(np.prod(result.shape)), total_chunks=int(np.prod(result.numblocks)), show=job.progress
+    )
+    if job.method == "ssi" and job.progress and client is not None:
+        from .blockwise import SSI_TILES_EVENT  # noqa: PLC0415
+
+        with contextlib.suppress(Exception):  # tiles within chunks, as the workers report them
+            client.subscribe_topic(SSI_TILES_EVENT, progress.tile_event)
+    if timing is not None:
+        timing["progress"] = progress
     dimension_names = tuple(image.axis_names) if zarr_format == 3 and ome_out else None
     with contextlib.ExitStack() as claim:
         if ome_out:  # the group is this run's: made new (or replaced, or resumed), locked

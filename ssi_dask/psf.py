@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
+from .config import PSF_ENERGY_FRACTION
 from .errors import ParameterError, PSFError
 
 PSF_SUFFIXES = (".tif", ".tiff", ".npy", ".zarr")
@@ -255,6 +256,106 @@ def widefield_psf(
             [z_offset], shape[-1], dxy=voxel_size[-1], model=model, **optics
         )[0]
     return normalize_psf(np.clip(stack, 0, None))
+
+
+# PSF_ENERGY_FRACTION (config): the share of a PSF's energy the default PSF shape holds.
+
+
+def axial_extent(
+    voxel_size: Sequence[float], na: float, wavelength: float, refractive_index: float = 1.33
+) -> int:
+    """Planes of a default 3D widefield PSF: +-3 n lambda / NA^2 (the main lobe and its first
+    side lobes), odd, at least 3.
+
+    A widefield PSF's energy is the same in every plane (out-of-focus light spreads, it does
+    not vanish), so no finite z range holds 99 % of it; the axial size is this optical rule,
+    and the energy criterion applies to the planes it keeps.
+    """
+    half = int(np.ceil(3.0 * refractive_index * wavelength / na**2 / float(voxel_size[0])))
+    return max(2 * half + 1, 3)
+
+
+def _reference_grid(
+    voxel_size: Sequence[float], na: float, wavelength: float, refractive_index: float, nz: int
+) -> int:
+    """A lateral size large enough that a widefield PSF of ``nz`` planes keeps all but a
+    negligible part of its energy on it: twice the widest defocus disc plus 3 lambda/NA."""
+    z_max = (nz // 2) * float(voxel_size[0]) if len(voxel_size) == 3 else 0.0
+    angle = np.arcsin(min(na / refractive_index, 0.999))
+    radius = z_max * np.tan(angle) + 3.0 * wavelength / na
+    return min(2 * int(np.ceil(2.0 * radius / float(voxel_size[-1]))) + 1, 1025)
+
+
+def _box_energy(psf: np.ndarray) -> np.ndarray:
+    """Energy inside centred lateral squares of half-size 0, 1, 2, ... (cumulative)."""
+    plane = psf.sum(axis=0) if psf.ndim == 3 else psf
+    c = plane.shape[-1] // 2
+    yy, xx = np.indices(plane.shape)
+    cheb = np.maximum(np.abs(yy - c), np.abs(xx - c))
+    return np.cumsum(np.bincount(cheb.ravel(), weights=plane.ravel().astype(np.float64)))
+
+
+def energy_psf_shape(
+    voxel_size: Sequence[float],
+    na: float,
+    wavelength: float,
+    refractive_index: float = 1.33,
+    *,
+    fraction: float = PSF_ENERGY_FRACTION,
+    **optics,
+) -> tuple[tuple[int, ...], float]:
+    """The smallest odd lateral PSF size holding ``fraction`` of the energy, and that share.
+
+    The PSF is computed on a large grid (:func:`widefield_psf`, ``optics`` passed on:
+    ``sample_index``, ``z_offset``, ``model``); the lateral size is the smallest odd square
+    that holds ``fraction`` of the energy of the planes kept (:func:`axial_extent` in 3D).
+
+    Returns
+    -------
+    shape : tuple of int
+        ``(nz, n, n)`` or ``(n, n)``.
+    held : float
+        The share of the large grid's energy the shape holds.
+    """
+    ndim = len(voxel_size)
+    nz = axial_extent(voxel_size, na, wavelength, refractive_index) if ndim == 3 else 1
+    side = _reference_grid(voxel_size, na, wavelength, refractive_index, nz)
+    shape = (nz, side, side) if ndim == 3 else (side, side)
+    big = widefield_psf(
+        shape, voxel_size, na=na, wavelength=wavelength, refractive_index=refractive_index,
+        **optics,
+    )  # fmt: skip
+    energy = _box_energy(big)
+    half = int(np.searchsorted(energy, fraction * energy[-1]))
+    half = max(min(half, side // 2), 1)
+    lateral = 2 * half + 1
+    return (*shape[:-2], lateral, lateral), float(energy[half] / energy[-1])
+
+
+def energy_held(
+    shape: Sequence[int],
+    voxel_size: Sequence[float],
+    na: float,
+    wavelength: float,
+    refractive_index: float = 1.33,
+    **optics,
+) -> float:
+    """The share of a widefield PSF's energy that a PSF of ``shape`` holds, measured against
+    a large grid with at least the default planes (:func:`energy_psf_shape`)."""
+    shape = tuple(int(s) for s in shape)
+    nz = shape[0] if len(shape) == 3 else 1
+    if len(shape) == 3:
+        nz = max(nz, axial_extent(voxel_size, na, wavelength, refractive_index))
+        nz += 1 - nz % 2
+    side = max(_reference_grid(voxel_size, na, wavelength, refractive_index, nz), shape[-1])
+    side += 1 - side % 2
+    big_shape = (nz, side, side) if len(shape) == 3 else (side, side)
+    big = widefield_psf(
+        big_shape, voxel_size, na=na, wavelength=wavelength, refractive_index=refractive_index,
+        **optics,
+    )  # fmt: skip
+    box = tuple(slice(n // 2 - s // 2, n // 2 - s // 2 + s) for n, s in zip(big_shape, shape))
+    return float(big[box].sum() / big.sum())
 
 
 def protocol_psf(ndim: int = 2) -> np.ndarray:

@@ -86,8 +86,8 @@ def target_voxels(
     Returns ``(None, reason)`` where the default applies: a remote scheduler (its workers'
     memory is theirs), no explicit CPU memory limit, or a GPU run without a visible device.
     """
-    from .blockwise import DEFAULT_TARGET_VOXELS  # noqa: PLC0415
     from .cluster import local_memory_limit  # noqa: PLC0415
+    from .config import DEFAULT_TARGET_VOXELS  # noqa: PLC0415
 
     default = DEFAULT_TARGET_VOXELS.get(ndim, 2**22)
     if cluster.remote:

@@ -22,6 +22,7 @@ import contextlib
 import datetime as _dt
 import errno
 import itertools
+import math
 import os
 import time
 from collections.abc import Callable
@@ -655,10 +656,13 @@ def _run_with_progress(
     total = len(writes) if waves is None else waves[2]
     callback = progress if callable(progress) else None
     bar = None
-    if progress is True:
-        from tqdm.auto import tqdm  # noqa: PLC0415
+    if progress is True:  # the command line's bar: chunks and one rate, in voxels/s
+        from .summary import ChunkProgress  # noqa: PLC0415
 
-        bar = tqdm(total=total, unit="chunk", desc="deconvolving", dynamic_ncols=True)
+        sizes = [math.prod(s.stop - s.start for s in region) for region in regions.values()]
+        callback = ChunkProgress(sum(sizes), total_chunks=len(regions))
+    if callback is not None:
+        callback(0, total)  # the bar appears (and the clock starts) before the first chunk ends
     try:
         if client is None:
             try:
@@ -687,6 +691,8 @@ def _run_with_progress(
     finally:
         if bar is not None:
             bar.close()
+        if progress is True and callback is not None:
+            callback.close()
 
 
 def _compute_on_cluster(client, writes, bar, callback, output, regions, worker_timeout) -> None:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import inspect
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -62,6 +62,7 @@ def sample_regions(
     seed: int = 0,
     client: Any = None,
     patch_size: int | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> RegionPool:
     """Read random regions of a (large) volume through Dask and keep those with signal.
 
@@ -89,14 +90,14 @@ def sample_regions(
         Read the regions on this cluster's workers (they must see the volume's path).
     patch_size : int, optional
         The training patch side, for the default region shape.
+    progress : callable, optional
+        Called as ``progress(done, total)`` each time a region has been read.
 
     Returns
     -------
     RegionPool
         The kept regions with their global origins; ``pool.info`` records the sampling.
     """
-    import dask  # noqa: PLC0415
-
     from .io import open_volume  # noqa: PLC0415
 
     vol = open_volume(volume)
@@ -118,11 +119,7 @@ def sample_regions(
     origins = np.stack([rng.integers(0, h, size=n_candidates) for h in highs], axis=1)
     lazy = [data[tuple(slice(int(o), int(o) + r) for o, r in zip(org, region))] for org in origins]
     started = time.perf_counter()
-    if client is not None:
-        reads = client.gather(client.compute(lazy))
-    else:
-        reads = dask.compute(*lazy)
-    reads = [np.asarray(r, dtype=np.float32) for r in reads]
+    reads = _read_regions(lazy, client, progress)
     read_s = time.perf_counter() - started
     values = np.concatenate([r.ravel() for r in reads])
     values = values[np.isfinite(values)]
@@ -161,6 +158,41 @@ def sample_regions(
         statistics_values=values,
         info=info,
     )
+
+
+def _read_regions(
+    lazy: list, client: Any, progress: Callable[[int, int], None] | None
+) -> list[np.ndarray]:
+    """Compute the lazy regions (on the client's workers, else local threads), in order,
+    calling ``progress(done, total)`` as each one arrives."""
+    total = len(lazy)
+    if progress is not None:
+        progress(0, total)
+    if client is not None:
+        from distributed import as_completed  # noqa: PLC0415
+
+        futures = client.compute(lazy)
+        for done, _ in enumerate(as_completed(futures), 1):
+            if progress is not None:
+                progress(done, total)
+        reads = client.gather(futures)
+    else:
+        import os  # noqa: PLC0415
+        from concurrent.futures import ThreadPoolExecutor  # noqa: PLC0415
+        from concurrent.futures import as_completed as completed  # noqa: PLC0415
+
+        def read(region: Any) -> np.ndarray:
+            if hasattr(region, "compute"):
+                region = region.compute(scheduler="synchronous")
+            return np.asarray(region)
+
+        with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1, total)) as pool:
+            futures = [pool.submit(read, region) for region in lazy]
+            for done, _ in enumerate(completed(futures), 1):
+                if progress is not None:
+                    progress(done, total)
+            reads = [future.result() for future in futures]
+    return [np.asarray(r, dtype=np.float32) for r in reads]
 
 
 def _train_on_pool(pool: RegionPool, psf: np.ndarray, options: dict) -> Any:
@@ -229,6 +261,17 @@ def train(
 
     default = inspect.signature(train_ssi).parameters["norm_percentiles"].default
     percentiles = tuple(train_options.get("norm_percentiles", default))
+    reading = None
+    if progress:
+        from .summary import StageProgress  # noqa: PLC0415
+
+        where = "on the cluster's workers" if client is not None else "with local threads"
+        reading = StageProgress(f"sampling training regions ({where})", 0, "regions")
+
+        def show(done: int, total: int) -> None:
+            reading.total = total
+            reading.update(done)
+
     pool = sample_regions(
         volume,
         region_shape,
@@ -239,6 +282,7 @@ def train(
         seed=seed,
         client=client,
         patch_size=train_options.get("patch_size"),
+        progress=show if reading is not None else None,
     )
     if psf.ndim != pool.ndim:
         raise ParameterError(

@@ -47,6 +47,35 @@ def test_demo_writes_figure_and_metrics(tmp_path):
     assert stored["best_lr_iterations"] == best
     assert set(stored["metrics"]["ssi"]) == {"psnr", "ssim", "mi", "smi"}
     assert any("| restoration | PSNR (dB)" in line for line in lines)
+    # each metric explained in one line under the table, and the margin stated
+    for metric in ("PSNR", "SSIM", "MI", "SMI"):
+        assert sum(line.strip().startswith(f"{metric}: ") for line in lines) == 1
+    margin = stored["metrics"]["ssi"]["psnr"] - stored["metrics"]["best-lr"]["psnr"]
+    assert stored["ssi_minus_best_lr"]["psnr_db"] == margin
+    assert any(line.startswith(f"SSI vs the best LR (n={best}") and f"{margin:+.2f} dB" in line
+               for line in lines)  # fmt: skip
+
+
+def test_builtin_demo_scenes_are_microscopy_like():
+    from scipy import ndimage
+
+    from ssi_dask.bench.demo import DEMO_SHAPE, demo_ground_truth
+    from ssi_dask.bench.figures import _inset_box
+
+    for dim in (2, 3):
+        truth, name = demo_ground_truth(dim)
+        assert truth.shape == DEMO_SHAPE[dim] and name == f"cells{dim}d"
+        assert truth.dtype == np.float32 and truth.min() == 0 and truth.max() == 1
+        np.testing.assert_array_equal(truth, demo_ground_truth(dim)[0])  # generated, seeded
+        # mostly dark background with bright thin structures and dim large nuclei
+        assert 0.4 < float(np.mean(truth < 0.02)) < 0.95
+        labels, count = ndimage.label(truth > 0.2)
+        assert count >= 10
+    truth, _ = demo_ground_truth(2)
+    y, x, side = _inset_box(truth, 64)
+    assert side == 64 and 0 <= y <= 256 - 64 and 0 <= x <= 256 - 64
+    detail = np.abs(ndimage.laplace(truth.astype(np.float64)))
+    assert detail[y : y + 64, x : x + 64].sum() >= detail[:64, :64].sum()  # the busiest box
 
 
 def test_demo_rejects_missing_image(tmp_path):

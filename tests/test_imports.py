@@ -51,6 +51,25 @@ def test_lr_path_does_not_import_torch():
     assert result.stdout.split() == ["False", "True"]  # torch only once train is asked for
 
 
+def test_cli_parser_imports_no_heavy_library():
+    """``ssi-dask --help`` builds its parser without Dask, distributed, zarr or torch (the
+    package's public names load on first use); every public name still resolves."""
+    code = (
+        "import sys, ssi_dask, ssi_dask.cli; ssi_dask.cli.build_parser(); "
+        "print(sorted(m for m in ('dask', 'distributed', 'zarr', 'xarray', 'torch', 'numpy') "
+        "if m in sys.modules)); "
+        "print(all(getattr(ssi_dask, n) is not None for n in ssi_dask.__all__ if n != 'train')); "
+        "print('dask.array' in sys.modules, 'torch' in sys.modules)"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == ["[]", "True", "True False"]
+    help_text = subprocess.run(
+        [sys.executable, "-m", "ssi_dask", "--help"], capture_output=True, text=True
+    )
+    assert help_text.returncode == 0 and "COMMAND" in help_text.stdout
+
+
 @pytest.fixture
 def without_extras(tmp_path):
     """Run ``ssi-dask`` in a subprocess (and its workers) where torch, matplotlib and

@@ -9,8 +9,8 @@ import pytest
 import zarr
 
 import ssi_dask
-from ssi_dask.blockwise import DEFAULT_TARGET_VOXELS
 from ssi_dask.cluster import check_worker_memory
+from ssi_dask.config import DEFAULT_TARGET_VOXELS
 from ssi_dask.sizing import cpu_task_bytes, gpu_task_bytes
 
 

@@ -43,7 +43,7 @@ def _counting(client):
     return count
 
 
-def _tiny_model(ndim: int):
+def _tiny_model(ndim: int, psf: np.ndarray):
     import torch
 
     from ssi_dask.ssi import SSIModel, UNet
@@ -53,7 +53,7 @@ def _tiny_model(ndim: int):
     return SSIModel(
         network,
         {"offset": 0.1, "scale": 2.0, "output_range": (-5.0, 5.0)},
-        np.ones((3,) * ndim, np.float32) / 3**ndim,
+        psf.astype(np.float32),
     )
 
 
@@ -85,7 +85,7 @@ def test_store_graph_is_bit_identical_with_one_task_per_chunk(tmp_path, local_cl
 
     psf_file = tmp_path / "psf.tif"
     tifffile.imwrite(psf_file, psf)
-    model = _tiny_model(ndim) if method == "ssi" else None
+    model = _tiny_model(ndim, psf) if method == "ssi" else None
     depth = None
     if model is not None:
         depth = (min(model.halo, min(chunks)),) * ndim  # the tiny test chunks bound the halo

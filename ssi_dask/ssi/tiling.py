@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -96,6 +96,7 @@ def predict_chunk(
     budget: int | None = None,
     amp: bool = False,
     tta: bool = True,
+    progress: Callable[[int, int], None] | None = None,
 ) -> np.ndarray:
     """Apply ``model`` to one chunk with its halo, in batched tiles; same shape out.
 
@@ -115,6 +116,8 @@ def predict_chunk(
         Bytes per network call (default :func:`tile_budget` of the device).
     amp, tta :
         As in :func:`ssi_dask.ssi.predict_block`.
+    progress : callable, optional
+        Called as ``progress(tiles_done, tiles_total)`` after each batch of tiles.
 
     Returns
     -------
@@ -150,6 +153,9 @@ def predict_chunk(
         groups.setdefault(in_shape, []).append(spans)
     out = np.empty(block.shape, dtype=np.float32)
     transforms = model.symmetries if tta else None
+    n_tiles, tiles_done = sum(len(m) for m in groups.values()), 0
+    if progress is not None:
+        progress(0, n_tiles)
     for in_shape, members in groups.items():
         per_call = max(1, budget // max(math.prod(in_shape) * per_voxel, 1))
         for i in range(0, len(members), per_call):
@@ -162,4 +168,7 @@ def predict_chunk(
                 dst = tuple(slice(lo, hi) for lo, hi, _, _ in spans)
                 src = tuple(slice(lo - start, hi - start) for lo, hi, start, _ in spans)
                 out[dst] = res[src]
+            tiles_done += len(batch)
+            if progress is not None:
+                progress(tiles_done, n_tiles)
     return _denormalise(model, out)

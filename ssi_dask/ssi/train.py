@@ -47,8 +47,9 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from ..config import SSI_TRAINING_DEFAULTS
+from ..config import DEFAULT_ENSEMBLE, DEFAULT_RESTARTS, SSI_TRAINING_DEFAULTS
 from ..errors import ParameterError
+from ..summary import format_duration
 from .device import resolve_device
 from .forward import PSFOperator
 from .masking import bernoulli_mask, mask_input, rho_schedule, validation_mask
@@ -230,30 +231,92 @@ class _Validator:
         return res
 
 
+def device_name(dev: torch.device) -> str:
+    """``cuda:0 (NVIDIA H100 80GB HBM3)`` or ``cpu (2 threads)``: the training device."""
+    if dev.type == "cuda":
+        try:
+            return f"{dev} ({torch.cuda.get_device_name(dev)})"
+        except Exception:  # pragma: no cover - a device that does not answer
+            return str(dev)
+    return f"{dev} ({torch.get_num_threads()} threads)"
+
+
+class TrainingPrinter:
+    """Prints SSI training progress on stderr: the plan first, then ``step k/N``, losses,
+    elapsed time and an ETA, at each evaluation and at least every ``interval`` seconds.
+
+    The ETA counts the steps left in this run and in the runs still planned (``ensemble``);
+    a restart (a run that failed its self-supervised check) adds a run and is announced.
+    """
+
+    wants_heartbeats = True
+
+    def __init__(self, *, interval: float = 10.0, file=None):
+        self.interval = float(interval)
+        self.file = file
+        self.plan: dict = {}
+
+    def _print(self, text: str) -> None:
+        print(text, file=self.file or sys.stderr, flush=True)
+
+    def start(self, plan: dict) -> None:
+        """Print the training plan (device, runs, steps, batch, patches)."""
+        self.plan = plan
+        restarts = plan["restarts"]
+        self._print(
+            f"[ssi] training on {plan['device']}: {plan['ensemble']} network(s) x "
+            f"{plan['steps']} steps, {plan['batch_size']} patches of "
+            f"{'x'.join(map(str, plan['patch_shape']))} per step"
+            + (
+                f"; up to {restarts} restart(s) if a run fails its self-supervised check"
+                if restarts
+                else ""
+            )
+        )
+
+    def run_done(self, run: int, failed: bool, val: float, threshold: float, more: bool) -> None:
+        """Say when a run failed its self-supervised check (and what follows)."""
+        if not failed:
+            return
+        if not more:
+            then = "; no restart left, the best runs are kept"
+        elif run + 1 >= self.plan.get("ensemble", 1):
+            then = "; training a restart"
+        else:
+            then = ""
+        self._print(
+            f"[ssi] run {run + 1} failed its self-supervised check (val {val:.5f} >= "
+            f"{threshold:.5f}){then}"
+        )
+
+    def __call__(self, entry: dict) -> None:
+        run, elapsed = entry["run"], entry["elapsed_s"]
+        steps = self.plan.get("steps", entry.get("step", 1))
+        ensemble = self.plan.get("ensemble", 1)
+        label = f"[ssi] run {run + 1}" + (f" of {ensemble}" if run < ensemble else " (restart)")
+        if "averaged_steps" in entry:
+            self._print(
+                f"{label}: weights averaged over the last {entry['averaged_steps']} steps, "
+                f"val {entry['val_loss']:.5f}, run took {format_duration(elapsed)}"
+            )
+            return
+        step = entry["step"]
+        per_step = elapsed / max(step, 1)
+        later_runs = max(ensemble - run - 1, 0)
+        eta = per_step * ((steps - step) + later_runs * steps)
+        text = f"{label}: step {step}/{steps} ({100 * step / steps:.0f} %)"
+        text += f"  train {entry['train_loss']:.5f}"
+        if "val_loss" in entry:
+            text += f"  val {entry['val_loss']:.5f}  rho {entry['rho']:.3f}"
+        text += f"  elapsed {format_duration(elapsed)}  ETA {format_duration(eta)}"
+        self._print(text)
+
+
 def _progress_fn(progress) -> Callable[[dict], None] | None:
     if callable(progress):
         return progress
     if progress:
-
-        def show(entry):
-            if "averaged_steps" in entry:
-                print(
-                    f"[ssi] run {entry['run']} weights averaged over the last "
-                    f"{entry['averaged_steps']} steps  val {entry['val_loss']:.5f}  "
-                    f"{entry['elapsed_s']:.0f}s",
-                    file=sys.stderr,
-                    flush=True,
-                )
-            elif "val_loss" in entry:
-                print(
-                    f"[ssi] run {entry['run']} step {entry['step']:5d}  "
-                    f"train {entry['train_loss']:.5f}  val {entry['val_loss']:.5f}  "
-                    f"rho {entry['rho']:.3f}  {entry['elapsed_s']:.0f}s",
-                    file=sys.stderr,
-                    flush=True,
-                )
-
-        return show
+        return TrainingPrinter()
     return None
 
 
@@ -279,8 +342,8 @@ def train_ssi(
     validation_patches: int | None = None,
     eval_every: int = 50,
     patience: int | None = None,
-    restarts: int = 2,
-    ensemble: int = 1,
+    restarts: int = DEFAULT_RESTARTS,
+    ensemble: int = DEFAULT_ENSEMBLE,
     norm_percentiles=(0.01, 99.99),
     output_range=(0.0, 1.0),
     bounds_weight: float = 0.1,
@@ -314,9 +377,10 @@ def train_ssi(
     device : str
         ``"auto"``, ``"cpu"`` or ``"cuda[:N]"``. Mixed precision (bfloat16 autocast) on CUDA.
     steps : int
-        Optimiser steps per run (one-cycle schedule over them). Default 800 (2D), 600 (3D).
+        Optimiser steps per run (one-cycle schedule over them). Defaults:
+        ``ssi_dask.config.SSI_TRAINING_DEFAULTS``.
     patch_size, batch_size : int
-        Patch side and patches per step. Defaults 96 / 16 (2D), 48 / 4 (3D).
+        Patch side and patches per step. Defaults: ``SSI_TRAINING_DEFAULTS``.
     depth, base_channels, max_channels, batch_norm :
         UNet architecture (defaults: depth 3, 8 base channels).
     learning_rate, weight_decay : float
@@ -515,6 +579,17 @@ def train_ssi(
     symmetries = psf_symmetries(psf)
     settings["symmetries"] = [[list(f), bool(w)] for f, w in symmetries]
     report = _progress_fn(progress)
+    if hasattr(report, "start"):
+        report.start(
+            dict(
+                device=device_name(dev),
+                ensemble=ensemble,
+                restarts=restarts,
+                steps=steps,
+                batch_size=batch_size,
+                patch_shape=list(patch_shape),
+            )
+        )
     log: list[dict] = [{"baselines": baselines}]
     arch = dict(
         ndim=ndim,
@@ -579,6 +654,9 @@ def train_ssi(
         if math.isfinite(val):
             runs.append((val, state, run))
         succeeded += not failed
+        if hasattr(report, "run_done"):
+            more = succeeded < ensemble and run + 1 < ensemble + restarts
+            report.run_done(run, failed, val, fail_threshold, more)
     if not runs:
         raise RuntimeError("SSI training diverged (NaN loss) in every run; lower learning_rate")
     # the `ensemble` runs with the lowest validation loss (successful runs first: a failed
@@ -700,6 +778,9 @@ def _train_run(
     averager = _WeightAverage() if average_fraction > 0 else None
     average_start = int(round(steps * (1 - average_fraction)))
     run_log, running, t0 = [], [], time.perf_counter()
+    heartbeat = getattr(report, "interval", None)  # a TrainingPrinter also prints between evals
+    heartbeat = heartbeat if getattr(report, "wants_heartbeats", False) else None
+    last_line = t0
     lo_c, hi_c = clip
     for step in range(1, steps + 1):
         patches, origins = sampler.batch(batch_size)
@@ -746,7 +827,18 @@ def _train_run(
         running.append(float(data.detach()))
         last = step == steps
         out_of_time = max_time is not None and time.perf_counter() - t0 > max_time
+        if heartbeat and time.perf_counter() - last_line >= heartbeat and step % eval_every:
+            last_line = time.perf_counter()  # a line between evaluations: the loss so far
+            report(
+                {
+                    "run": run,
+                    "step": step,
+                    "train_loss": float(np.mean(running)),
+                    "elapsed_s": last_line - t0,
+                }
+            )
         if step % eval_every == 0 or last or out_of_time:
+            last_line = time.perf_counter()
             val = validator.evaluate(net, clip, autocast)
             entry = {
                 "run": run,
