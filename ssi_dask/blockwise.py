@@ -305,6 +305,7 @@ class BlockPlan:
     n_tasks: int
     memory_per_task: int
     output_bytes: int
+    output_dtype: str = "float32"
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -313,7 +314,7 @@ class BlockPlan:
         """Human-readable multi-line description."""
         return "\n".join(
             [
-                f"  shape           {self.shape} ({self.input_dtype} in, float32 out)",
+                f"  shape           {self.shape} ({self.input_dtype} in, {self.output_dtype} out)",
                 f"  working chunks  {self.working_chunks} -> {self.n_chunks} chunks",
                 f"  output chunks   {self.output_chunks}",
                 f"  halo (depth)    {self.depth}",
@@ -917,8 +918,13 @@ def plan_blocks(
     back_projector: str = "classic",
     psf: np.ndarray | Sequence[np.ndarray] | None = None,
     back_projector_options: dict | None = None,
+    tasks_per_chunk: int | None = None,
 ) -> BlockPlan:
     """Choose working chunks, output chunks and halo for a volume; check write alignment.
+
+    ``tasks_per_chunk`` (1 for a run from the store, :mod:`ssi_dask.storegraph`) gives the
+    graph's task count without building the ``map_overlap`` stand-in that counts it otherwise
+    (plus one shared task for the PSF or model).
 
     ``alignment`` (an SSI network's pooling grid) makes every working chunk a multiple of it.
     ``boundary`` is the ``map_overlap`` boundary: with ``"none"`` (LR) an axis held in one
@@ -996,7 +1002,11 @@ def plan_blocks(
         output_chunks=tuple(out_chunks),
         depth=effective_depth,
         n_chunks=n_chunks,
-        n_tasks=_count_tasks(shape, working, depth),
+        n_tasks=(
+            _count_tasks(shape, working, depth)
+            if tasks_per_chunk is None
+            else tasks_per_chunk * n_chunks + 1
+        ),
         memory_per_task=estimate_lr_task_memory(working, effective_depth, psf_shape),
         output_bytes=4 * math.prod(shape),
     )

@@ -22,8 +22,9 @@ import functools
 import hashlib
 import itertools
 import json
+import math
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -317,3 +318,42 @@ def block_regions(chunks: tuple[tuple[int, ...], ...]) -> list[tuple[tuple[int, 
         )
         regions.append((index, region))
     return regions
+
+
+class GridRegions(Mapping):
+    """``{block index: region}`` of a chunk grid, computed on demand (nothing per chunk stored).
+
+    Behaves like ``dict(block_regions(chunks))`` (C-ordered iteration, ``len``, lookup) in
+    memory that grows with the number of chunks along each axis, not with their product, so
+    a petabyte's grid costs kilobytes.
+    """
+
+    def __init__(self, chunks: Sequence[Sequence[int]]) -> None:
+        self.chunks = tuple(tuple(int(s) for s in sizes) for sizes in chunks)
+        self._offsets = [np.concatenate([[0], np.cumsum(s)]).astype(np.int64) for s in self.chunks]
+        self._counts = tuple(len(sizes) for sizes in self.chunks)
+
+    def __getitem__(self, index: tuple[int, ...]) -> tuple[slice, ...]:
+        try:
+            if len(index) != len(self._counts) or not all(
+                0 <= int(i) < n for i, n in zip(index, self._counts)
+            ):
+                raise KeyError(index)
+        except TypeError:
+            raise KeyError(index) from None
+        return tuple(
+            slice(int(offsets[i]), int(offsets[i + 1])) for offsets, i in zip(self._offsets, index)
+        )
+
+    def __iter__(self):
+        return itertools.product(*(range(n) for n in self._counts))
+
+    def __len__(self) -> int:
+        return math.prod(self._counts)
+
+    def __contains__(self, index: object) -> bool:
+        try:
+            self[index]  # type: ignore[index]
+        except KeyError:
+            return False
+        return True

@@ -24,6 +24,7 @@ from .config import (
     DEFAULT_REGIONS,
     DEFAULT_RESTARTS,
     DEFAULT_TARGET_VOXELS,
+    OUTPUT_DTYPES,
     PSF_ENERGY_FRACTION,
     WB_DEFAULT_ALPHA,
     WB_DEFAULT_ORDER,
@@ -449,6 +450,21 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SPEC",
         help="Zarr v3 only: shard shape of the output, multiples of the output chunks "
         "(default: no sharding); every working chunk must be made of whole shards",
+    )
+    run.add_argument(
+        "--output-dtype",
+        choices=OUTPUT_DTYPES,
+        default=LayoutSettings.output_dtype,
+        help="stored type of the result (default: %(default)s); float16 halves and uint16 "
+        "(rounded, CF scale_factor/add_offset recorded) halves the output too; values outside "
+        "the type's range are clipped and counted in the summary; same: the input's type",
+    )
+    run.add_argument(
+        "--skip-background",
+        type=float,
+        metavar="THRESHOLD",
+        help="LR, Zarr input: write chunks whose input (with halo) is at most THRESHOLD "
+        "everywhere as their background value without computing them (counted in the summary)",
     )
     run.add_argument("--overwrite", action="store_true", help="replace an existing OUTPUT store")
     run.add_argument(
@@ -900,6 +916,8 @@ def job_from_args(args: argparse.Namespace) -> Job:
             shards=args.shards,
             zarr_format=args.zarr_format,
             output_format=args.output_format,
+            output_dtype=args.output_dtype,
+            skip_background=args.skip_background,
         ),
         cluster=ClusterSettings(
             scheduler=args.scheduler,

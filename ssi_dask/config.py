@@ -85,6 +85,8 @@ CLI_FLAGS = {
     "zarr_format": "--zarr-format",
     "output_format": "--output-format",
     "output_shards": "--output-shards",
+    "output_dtype": "--output-dtype",
+    "skip_background": "--skip-background",
     "output_chunks": "--output-chunks",
     "shards": "--shards",
     "chunks": "--chunks",
@@ -651,8 +653,19 @@ class LayoutSettings:
     shards: bool = False
     zarr_format: int | None = None
     output_format: str = "auto"
+    #: Stored type of the result (see :data:`OUTPUT_DTYPES` and README "Output dtype").
+    output_dtype: str = "float32"
+    #: LR, Zarr input: chunks whose input (with halo) is at most this everywhere are written
+    #: as their background value without computing (None: compute every chunk).
+    skip_background: float | None = None
 
     def __post_init__(self) -> None:
+        if self.skip_background is not None:
+            _finite("skip_background", self.skip_background)
+        if self.output_dtype not in OUTPUT_DTYPES:
+            raise ParameterError(
+                f"output_dtype must be one of {', '.join(OUTPUT_DTYPES)}, got {self.output_dtype!r}"
+            )
         if self.zarr_format not in (None, 2, 3):
             raise ParameterError(f"zarr_format must be 2 or 3, got {self.zarr_format!r}")
         if self.output_format not in ("auto", "ome-zarr", "zarr"):
@@ -668,6 +681,13 @@ class LayoutSettings:
             values = (depth,) if isinstance(depth, int) else tuple(depth)
             for value in values:
                 _count("depth", value, 0)
+
+
+#: Choices of ``LayoutSettings.output_dtype``: ``same`` stores the input's type (float32,
+#: float16, uint16 or uint8). Integer outputs hold round(value) with CF ``scale_factor`` 1
+#: and ``add_offset`` 0 in the array's attributes; values outside the type's range are
+#: clipped, counted and reported.
+OUTPUT_DTYPES = ("float32", "float16", "uint16", "same")
 
 
 @dataclass(frozen=True)

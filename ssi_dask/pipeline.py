@@ -7,6 +7,10 @@ NGFF metadata), from the command line and from notebooks alike: ``ssi-dask run``
 its flags into a job, calls :func:`run` and prints. Every stage prints one line of what it
 does through ``echo`` (``print`` by default, ``None`` for silence).
 
+A run from an on-disk Zarr array gives each working chunk one task that reads its halo from
+the store and writes its own output chunks, submitted in waves (:mod:`ssi_dask.storegraph`);
+TIFF, DataArray and in-memory inputs use :func:`ssi_dask.deconvolve`'s ``map_overlap`` graph.
+
 An image with time or channel axes is processed one 2D/3D volume at a time with one plan for
 all of them (every volume has the same shape); each task still covers one spatial working
 chunk of one volume.
@@ -75,6 +79,9 @@ class RunReport:
     dry_run: bool = False
     ome_zarr: bool = False
     warnings: list[str] = field(default_factory=list)
+    output_dtype: str = "float32"
+    clipped: int = 0
+    skipped: int = 0
     write_seconds: float | None = None
     written_voxels: float | None = None
 
@@ -84,7 +91,7 @@ class RunReport:
 
         if self.dry_run:
             return "dry run: nothing computed or written"
-        return run_summary(
+        text = run_summary(
             output=str(self.output),
             shape=self.shape,
             seconds=self.seconds,
@@ -96,6 +103,19 @@ class RunReport:
             write_seconds=self.write_seconds,
             written_voxels=self.written_voxels,
         )
+        extra = []
+        if self.output_dtype != "float32":
+            extra.append(
+                f"  stored as   {self.output_dtype}, {self.clipped} values clipped to its range"
+            )
+        if "skip_background" in self.provenance:
+            extra.append(
+                f"  background  {self.skipped} of {self.chunks} chunks written without computing"
+            )
+        if not extra:
+            return text
+        lines = text.splitlines()
+        return "\n".join([*lines[:-1], *extra, lines[-1]])
 
 
 def _say(echo: Echo, text: str) -> None:
@@ -502,6 +522,7 @@ def run(job: Job, *, client: Any = None, echo: Echo = print) -> RunReport:
         plan_blocks,
     )
     from .chunkfiles import missing_input_chunks  # noqa: PLC0415
+    from .config import DEFAULT_TARGET_VOXELS  # noqa: PLC0415
     from .io import Volume, check_image_array, check_output_path  # noqa: PLC0415
     from .ome import select_channels  # noqa: PLC0415
     from .store import (  # noqa: PLC0415
@@ -550,6 +571,16 @@ def run(job: Job, *, client: Any = None, echo: Echo = print) -> RunReport:
     else:
         output = check_output_path(job.output, input_path=protected, overwrite=job.overwrite)
     store_chunks = _store_chunks(array)
+    store_input = _store_input(image, array)
+    output_dtype = resolve_output_dtype(job.layout.output_dtype, array.dtype)
+    skip_background = job.layout.skip_background
+    if skip_background is not None and job.method != "lr":
+        raise ParameterError("skip_background applies to method 'lr'; drop it for SSI")
+    if skip_background is not None and store_input is None:
+        raise ParameterError(
+            "skip_background needs a Zarr input (each chunk decides from what it reads); "
+            "convert the input to Zarr or drop skip_background"
+        )
     first_volume = Volume(
         data=_as_dask(array, store_chunks)[(0,) * n_lead],
         store_chunks=store_chunks[n_lead:],
@@ -584,7 +615,13 @@ def run(job: Job, *, client: Any = None, echo: Echo = print) -> RunReport:
     )
     psf_shape = tuple(max(p.shape[a] for p in psfs) for a in range(n_spatial))
 
-    def plan_for(num_iter: int):
+    sized, sizing_reason = None, "given (chunks=)" if job.layout.chunks else "default"
+    if method == "lr" and job.layout.chunks is None:
+        from .sizing import target_voxels  # noqa: PLC0415
+
+        sized, sizing_reason = target_voxels(job.cluster, method, psf_shape, n_spatial)
+
+    def plan_for(num_iter: int, target: int | None = sized):
         plan = plan_blocks(
             spatial_shape,
             array.dtype,
@@ -599,9 +636,23 @@ def run(job: Job, *, client: Any = None, echo: Echo = print) -> RunReport:
             back_projector=lr.back_projector,
             psf=psfs[0] if method == "lr" else None,
             back_projector_options=kernel_options if method == "lr" else {},
+            tasks_per_chunk=1 if store_input is not None else None,
+            target_voxels=target,
         )
+        if target is not None and not job.cluster.gpu:
+            try:  # the sized chunk grows in whole store chunks: it may overshoot the budget
+                check_local_memory(job.cluster, method, plan, model)
+            except ParameterError:  # halve the target until it fits (or is the default)
+                smaller = target // 2 if target // 2 > DEFAULT_TARGET_VOXELS[n_spatial] else None
+                if smaller is None:
+                    nonlocal sizing_reason
+                    sizing_reason = "default (the memory limit fits no larger task)"
+                return plan_for(num_iter, smaller)
         if method == "ssi":  # the network's tiles, not the LR formula, set an SSI task's memory
             plan = replace(plan, memory_per_task=task_memory(plan, method, model))
+        if output_dtype != "float32":
+            size = np.dtype(output_dtype).itemsize * math.prod(plan.shape)
+            plan = replace(plan, output_dtype=output_dtype, output_bytes=size)
         return plan
 
     resumed_choice = _recorded_auto_choice(output) if auto and job.resume else None
@@ -627,6 +678,7 @@ def run(job: Job, *, client: Any = None, echo: Echo = print) -> RunReport:
         plan.shape,
         zarr_format,
     )
+
     names = image.axis_names
     _say(echo, f"ssi-dask {__version__}: {method} on {image.path or 'a DataArray'} -> {output}")
     if image.is_ome:
@@ -641,7 +693,7 @@ def run(job: Job, *, client: Any = None, echo: Echo = print) -> RunReport:
     )
     _say(
         echo,
-        f"  output          {(*lead_shape, *plan.shape)} float32, "
+        f"  output          {(*lead_shape, *plan.shape)} {output_dtype}, "
         + ("OME-Zarr" if ome_out else "Zarr")
         + f" v{zarr_format}, chunks {plan.output_chunks}"
         + (f", shards {shards}" if shards else ""),
@@ -678,6 +730,10 @@ def run(job: Job, *, client: Any = None, echo: Echo = print) -> RunReport:
             "working_chunks": list(plan.working_chunks),
             "command": job.command,
         }
+        if output_dtype != "float32":
+            entry["output_dtype"] = output_dtype
+        if skip_background is not None:
+            entry["skip_background"] = float(skip_background)
         if image.is_ome:
             entry["input_level"] = image.level
             entry["channels"] = channels if channels is not None else "all"
@@ -728,6 +784,7 @@ def run(job: Job, *, client: Any = None, echo: Echo = print) -> RunReport:
             output_shards=target_shards,
             zarr_format=zarr_format,
             computation=computation_now(),
+            dtype=output_dtype,
         )
         existing = check_resume(target, layout, input_path=protected, input_reference=reference)
         done = recorded_chunks(target, existing)
@@ -736,6 +793,19 @@ def run(job: Job, *, client: Any = None, echo: Echo = print) -> RunReport:
     check_local_memory(job.cluster, method, plan, model)
     n_volumes = _count_volumes(lead_shape)
     if job.dry_run:
+        from .sizing import task_cost_line  # noqa: PLC0415
+
+        _say(echo, f"  chunk size      {sizing_reason}")
+        line, overhead_warning = task_cost_line(
+            plan,
+            method,
+            int(lr.num_iter) if method == "lr" and not auto else 1,
+            "gpu" if job.cluster.gpu else "cpu",
+            psf_shape,
+        )
+        _say(echo, line)
+        if overhead_warning:
+            _say(echo, f"  {overhead_warning}")
         # the same dict the run writes under "ssi_dask" (and fingerprints, with the layout)
         _say(echo, "  provenance      " + json.dumps(provenance, sort_keys=True, default=str))
         _say(echo, "dry run: nothing computed or written")
@@ -793,20 +863,39 @@ def run(job: Job, *, client: Any = None, echo: Echo = print) -> RunReport:
             auto_record = choice.as_dict()
             provenance = provenance_now()
             reference = _input_reference(image, array, n_lead, channels, plan.depth)
-        result = _build_graph(
-            array,
-            n_lead,
-            channels,
-            image.channel_axis,
-            psfs,
-            plan,
-            method=method,
-            lr=lr,
-            kernel_options=kernel_options,
-            model=model,
-            device="gpu" if job.cluster.gpu else "cpu",
-            graph=_deconvolve_graph,
-        )
+        if store_input is not None:  # one task per chunk, reading its halo from the store
+            from .storegraph import store_result  # noqa: PLC0415
+
+            result = store_result(
+                store_input,
+                lead_shape,
+                _lead_map(n_lead, channels, image.channel_axis),
+                image.channel_axis,
+                psfs,
+                plan,
+                method=method,
+                num_iter=int(lr.num_iter) if method == "lr" else 0,
+                kernel_options=kernel_options,
+                model=model,
+                device="gpu" if job.cluster.gpu else "cpu",
+                offset=lr.offset,
+                skip_background=skip_background,
+            )
+        else:
+            result = _build_graph(
+                array,
+                n_lead,
+                channels,
+                image.channel_axis,
+                psfs,
+                plan,
+                method=method,
+                lr=lr,
+                kernel_options=kernel_options,
+                model=model,
+                device="gpu" if job.cluster.gpu else "cpu",
+                graph=_deconvolve_graph,
+            )
         result.ssi_dask_provenance = computation_now()
         result.ssi_dask_input = reference
         timing: dict = {}
@@ -825,11 +914,20 @@ def run(job: Job, *, client: Any = None, echo: Echo = print) -> RunReport:
             ome_out=ome_out,
             protected=protected,
             client=client,
+            output_dtype=output_dtype,
             timing=timing,
         )
         if job.method == "ssi" and client is not None:
             with contextlib.suppress(Exception):
                 client.unsubscribe_topic(SSI_TILES_EVENT)
+        clipped, skipped = _clipped_values(target)
+        if skip_background is not None:
+            _say(echo, f"skipped {skipped} background chunks (input <= {skip_background:g})")
+        if clipped:
+            warnings.append(
+                f"warning: {clipped} values outside the {output_dtype} range were clipped "
+                "to it; output_dtype='float32' keeps them"
+            )
         from .blockwise import negative_input_warning  # noqa: PLC0415
 
         negative = negative_input_warning(client, lr.offset, since)
@@ -847,6 +945,9 @@ def run(job: Job, *, client: Any = None, echo: Echo = print) -> RunReport:
         provenance=provenance,
         ome_zarr=ome_out,
         warnings=warnings,
+        output_dtype=output_dtype,
+        clipped=clipped,
+        skipped=skipped,
         write_seconds=timing["progress"].seconds if "progress" in timing else None,
         written_voxels=timing["progress"].voxels if "progress" in timing else None,
     )
@@ -862,6 +963,52 @@ def _store_chunks(array: Any) -> tuple[int, ...]:
     if chunks is None:  # an in-memory array
         return tuple(int(s) for s in array.shape)
     return tuple(int(c[0]) if isinstance(c, tuple) else int(c) for c in chunks)
+
+
+def resolve_output_dtype(choice: str, input_dtype: Any) -> str:
+    """The stored type of a run's output: ``choice``, or the input's type for ``same``."""
+    from .store import STORED_DTYPES  # noqa: PLC0415
+
+    if choice != "same":
+        return choice
+    name = np.dtype(input_dtype).name
+    if name not in STORED_DTYPES:
+        raise ParameterError(
+            f"output_dtype='same' cannot store the input's type {name}; choose "
+            "output_dtype='float32' (or float16, uint16)"
+        )
+    return name
+
+
+def _clipped_values(target: Path) -> tuple[int, int]:
+    """Values the write clipped to the output dtype's range, and background chunks skipped
+    (from the output's provenance)."""
+    import zarr  # noqa: PLC0415
+
+    try:
+        attrs = dict(zarr.open_array(str(target), mode="r").attrs.get("ssi_dask") or {})
+    except Exception:
+        return 0, 0
+    return int(attrs.get("clipped_values", 0)), int(attrs.get("skipped_chunks", 0))
+
+
+def _store_input(image: Any, array: Any) -> str | None:
+    """The input array's folder when the run can read chunks straight from a Zarr store
+    (:mod:`ssi_dask.storegraph`); None for TIFF, DataArray and in-memory inputs."""
+    import zarr  # noqa: PLC0415
+
+    path = _level_path(image)
+    if path is None or not isinstance(array, zarr.Array) or not Path(path).is_dir():
+        return None
+    return str(path)
+
+
+def _lead_map(n_lead: int, channels: Any, channel_axis: int | None) -> list:
+    """Per leading axis, the input index of each output index (selected channels) or None."""
+    lead: list = [None] * n_lead
+    if channels is not None and channel_axis is not None:
+        lead[channel_axis] = tuple(int(c) for c in channels)
+    return lead
 
 
 def _as_dask(array: Any, chunks: Sequence[int]) -> Any:
@@ -1001,6 +1148,7 @@ def _write(
     ome_out: bool,
     protected: list,
     client: Any,
+    output_dtype: str = "float32",
     timing: dict | None = None,
 ) -> int:
     """Write the result (an OME-Zarr image with its pyramid, or a Zarr array); return levels.
@@ -1052,6 +1200,7 @@ def _write(
             output_shards=shards,
             worker_timeout=job.cluster.worker_timeout,
             dimension_names=dimension_names,
+            output_dtype=output_dtype,
         )
         if not ome_out:
             return 1

@@ -118,13 +118,16 @@ def write_record(
     checksum: str,
     run_id: str,
     input_signature: dict[str, str] | None = None,
+    clipped: int = 0,
+    skipped: bool = False,
 ) -> Path:
     """Record that the working chunk at ``index`` is written; atomic and safe to repeat.
 
     The record goes to a temporary file unique to this writer, is flushed and fsynced, and is
     then renamed over the final name. ``input_signature`` (see
     :meth:`ssi_dask.chunkfiles.InputReference.signature`) says what input the chunk was made
-    from, so that a resume can detect a changed input. Two writers of the same chunk (a task
+    from, so that a resume can detect a changed input; ``clipped`` counts the values clipped
+    to the output dtype's range. Two writers of the same chunk (a task
     retried while its first attempt still runs) each leave a whole record, and a crash leaves
     no record at all.
     """
@@ -140,6 +143,10 @@ def write_record(
     }
     if input_signature is not None:
         record["input"] = dict(input_signature)
+    if clipped:  # values outside the output dtype's range (see ssi_dask.store.encode_values)
+        record["clipped"] = int(clipped)
+    if skipped:  # written as background without computing (skip_background)
+        record["skipped"] = True
     write_atomically(final, json.dumps(record))
     return final
 

@@ -21,6 +21,7 @@ import concurrent.futures
 import contextlib
 import datetime as _dt
 import errno
+import itertools
 import math
 import os
 import time
@@ -35,7 +36,7 @@ import numpy as np
 from . import progress as records
 from . import safety
 from .blockwise import check_write_alignment
-from .chunkfiles import block_regions
+from .chunkfiles import GridRegions
 from .errors import OutputError, RunError, SchedulerError, SsiDaskError
 from .io import create_output_array, is_zarr_path
 
@@ -63,31 +64,94 @@ def _write_block(
     the signature of the input region the block was computed from. Returns a one-element
     array per block.
     """
-    import zarr  # noqa: PLC0415
-
     info = block_info[0]
     region = tuple(slice(int(a), int(b)) for a, b in info["array-location"])
+    write_chunk(block, path, info["chunk-location"], region, fingerprint, run, input_reference)
+    return np.ones((1,) * block.ndim, dtype=np.int8)
+
+
+def write_chunk(
+    block: np.ndarray,
+    path: str,
+    index: tuple[int, ...],
+    region: tuple[slice, ...],
+    fingerprint: str,
+    run: str,
+    input_reference: Any = None,
+    skipped: bool = False,
+) -> None:
+    """Write one computed working chunk into ``region`` of the output, then record it done.
+
+    Shared by both graphs (``map_overlap`` and :mod:`ssi_dask.storegraph`): refuses a
+    non-finite result (nothing written, no record), writes every output chunk even when all
+    zero, and only then writes the completion record with the input signature.
+    """
+    import zarr  # noqa: PLC0415
+
     if hasattr(block, "get"):  # CuPy -> NumPy before touching the store
         block = block.get()
     array = zarr.open_array(path, mode="r+").with_config({"write_empty_chunks": True})
-    data = np.ascontiguousarray(block, dtype=array.dtype)
+    data = np.ascontiguousarray(block, dtype=np.float32)
     if not np.isfinite(data).all():  # never store (nor record) garbage: the run must stop
         from .errors import NonFiniteResultError  # noqa: PLC0415
 
         raise NonFiniteResultError(non_finite_message(data, region))
+    clipped = 0
+    if array.dtype != np.float32:
+        data, clipped = encode_values(
+            data,
+            array.dtype,
+            float(array.attrs.get("scale_factor", 1.0)),
+            float(array.attrs.get("add_offset", 0.0)),
+        )
     array[region] = data
     signature = input_reference.signature(region) if input_reference is not None else None
     # Only now, with the data in the store, may the chunk count as finished.
     records.write_record(
         path,
-        info["chunk-location"],
+        index,
         region,
         run_fingerprint=fingerprint,
         checksum=records.data_checksum(data),
         run_id=run,
         input_signature=signature,
+        clipped=clipped,
+        skipped=skipped,
     )
-    return np.ones((1,) * data.ndim, dtype=np.int8)
+
+
+#: Output dtypes :func:`write_zarr` can store (``output_dtype``).
+STORED_DTYPES = ("float32", "float16", "uint16", "uint8")
+
+
+def encode_values(
+    data: np.ndarray, dtype: Any, scale_factor: float = 1.0, add_offset: float = 0.0
+) -> tuple[np.ndarray, int]:
+    """Float32 results as stored in ``dtype``, and how many values were clipped to its range.
+
+    Integer types hold ``round((value - add_offset) / scale_factor)`` (CF conventions: a
+    reader gets ``stored * scale_factor + add_offset`` back, as xarray does by itself);
+    float16 holds the values, those beyond +-65504 clipped there instead of becoming Inf.
+    """
+    dtype = np.dtype(dtype)
+    if dtype.kind in "iu":
+        info = np.iinfo(dtype)
+        values = np.rint((data.astype(np.float64) - add_offset) / scale_factor)
+    else:
+        info = np.finfo(dtype)
+        values = data
+    low, high = float(info.min), float(info.max)
+    clipped = int(np.count_nonzero(values < low) + np.count_nonzero(values > high))
+    if clipped:
+        values = np.clip(values, low, high)
+    return np.ascontiguousarray(values.astype(dtype)), clipped
+
+
+def output_attributes(dtype: Any) -> dict:
+    """CF attributes that map an integer output's stored values back (none for floats)."""
+    if np.dtype(dtype).kind in "iu":
+        return {"scale_factor": 1.0, "add_offset": 0.0}
+    return {}
 
 
 def non_finite_message(data: np.ndarray, region: tuple[slice, ...]) -> str:
@@ -153,13 +217,15 @@ def write_zarr(
     worker_timeout: float = 120.0,
     dimension_names: tuple[str, ...] | None = None,
     repair: bool = False,
+    output_dtype: str = "float32",
 ):
     """Compute ``result`` and store it as a Zarr array at ``output``, chunk by chunk.
 
     Parameters
     ----------
-    result : dask.array.Array
-        Lazy result, e.g. from :func:`ssi_dask.deconvolve`.
+    result : dask.array.Array or ssi_dask.storegraph.StoreResult
+        Lazy result, e.g. from :func:`ssi_dask.deconvolve`; or a run from the store
+        (``ssi_dask.run``), computed one task per chunk in waves with a distributed client.
     output : str or path-like
         Path of the Zarr array to create (or to complete, with ``resume``).
     output_chunks : tuple of int, optional
@@ -206,6 +272,10 @@ def write_zarr(
     repair : bool
         With ``resume``: also re-read every recorded chunk and recompute those that do not
         decode or whose data differ from the checksum in their record.
+    output_dtype : {"float32", "float16", "uint16", "uint8"}
+        The stored type (see :func:`encode_values`): integer outputs get CF ``scale_factor``
+        and ``add_offset`` attributes; the values clipped to the type's range are counted in
+        the records and stored as ``ssi_dask.clipped_values`` at the end.
 
     Returns
     -------
@@ -228,10 +298,14 @@ def write_zarr(
         output_shards = tuple(int(s) for s in output_shards)
     check_write_alignment(result.chunks, output_chunks, shape)
     check_shard_alignment(result.chunks, output_chunks, output_shards, shape, zarr_format)
-    regions = dict(block_regions(result.chunks))
+    regions = GridRegions(result.chunks)
     metadata = dict(attrs or {})
     computation = getattr(result, "ssi_dask_provenance", None)
     input_reference = getattr(result, "ssi_dask_input", None)
+    if output_dtype not in STORED_DTYPES:
+        raise OutputError(
+            f"output_dtype must be one of {', '.join(STORED_DTYPES)}, got {output_dtype!r}"
+        )
     provenance = output_provenance(
         metadata,
         shape=shape,
@@ -240,6 +314,7 @@ def write_zarr(
         output_shards=output_shards,
         zarr_format=zarr_format,
         computation=computation,
+        dtype=output_dtype,
     )
     if resume and overwrite:
         raise OutputError(
@@ -273,11 +348,12 @@ def write_zarr(
             )
             provenance["started"] = _now()
             metadata["ssi_dask"] = provenance
+            metadata.update(output_attributes(output_dtype))
             create_output_array(
                 path,
                 shape=shape,
                 chunks=output_chunks,
-                dtype=np.float32,
+                dtype=output_dtype,
                 zarr_format=zarr_format,
                 attrs=metadata,
                 shards=output_shards,
@@ -311,20 +387,32 @@ def _compute_into(
     worker_timeout: float,
 ):
     """Compute the chunks of ``result`` that ``path`` has no record of; mark it complete."""
-    import zarr  # noqa: PLC0415
 
     run_fingerprint = provenance["fingerprint"]
     done = records.read_records(path, run_fingerprint=run_fingerprint, regions=regions)
     if resume and done:
         done = _drop_lost_chunks(path, regions, done, repair=repair)
-    todo = records.missing_blocks(regions, done)
     if resume and done:
         print(
             f"resuming {path}: {len(done)} of {len(regions)} chunks already written, "
-            f"computing {len(todo)}",
+            f"computing {len(regions) - len(done)}",
             flush=True,
         )
     run_id = records.new_run_id()
+    if hasattr(result, "chunk_tasks"):  # ssi_dask.storegraph: one task per chunk, in waves
+        if len(regions) > len(done):
+            tasks = result.chunk_tasks(str(path), run_fingerprint, run_id)
+            _run_with_progress(
+                {},
+                client=client,
+                progress=progress,
+                output=path,
+                regions=regions,
+                worker_timeout=worker_timeout,
+                waves=(tasks, (i for i in regions if i not in done), len(regions) - len(done)),
+            )
+        return _finish(path, provenance, regions)
+    todo = records.missing_blocks(regions, done)
     written = result.map_blocks(
         _write_block,
         str(path),
@@ -347,6 +435,14 @@ def _compute_into(
             regions=regions,
             worker_timeout=worker_timeout,
         )
+    return _finish(path, provenance, regions)
+
+
+def _finish(path: Path, provenance: dict, regions: Any):
+    """Check that every chunk is recorded with its files; mark the output complete."""
+    import zarr  # noqa: PLC0415
+
+    run_fingerprint = provenance["fingerprint"]
     finished = records.read_records(path, run_fingerprint=run_fingerprint, regions=regions)
     finished = _drop_lost_chunks(path, regions, finished, repair=False, quiet=True)
     missing = records.missing_blocks(regions, finished)
@@ -357,7 +453,14 @@ def _compute_into(
             "incomplete: re-run with resume=True"
         )
     array = zarr.open_array(str(path), mode="r+")
+    clipped = sum(int(record.get("clipped", 0)) for record in finished.values())
     provenance.update(complete=True, finished=_now(), chunks_written=len(finished))
+    if clipped or provenance.get("layout", {}).get("dtype", "float32") != "float32":
+        provenance["clipped_values"] = clipped
+    if "skip_background" in provenance:
+        provenance["skipped_chunks"] = sum(
+            1 for record in finished.values() if record.get("skipped")
+        )
     array.attrs["ssi_dask"] = provenance
     return zarr.open_array(str(path), mode="r")
 
@@ -413,6 +516,7 @@ def output_provenance(
     output_shards: tuple[int, ...] | None,
     zarr_format: int,
     computation: dict | None = None,
+    dtype: str = "float32",
 ) -> dict:
     """The ``ssi_dask`` attributes of a new output: provenance, layout, fingerprint.
 
@@ -434,7 +538,7 @@ def output_provenance(
         "output_chunks": [int(c) for c in output_chunks],
         "output_shards": [int(s) for s in output_shards] if output_shards else None,
         "zarr_format": int(zarr_format),
-        "dtype": "float32",
+        "dtype": str(dtype),
     }
     if computation is not None:
         provenance["computation"] = computation
@@ -518,7 +622,7 @@ def _check_input_unchanged(path: Path, existing: dict, input_reference: Any) -> 
     from .chunkfiles import changed_input_chunks  # noqa: PLC0415
 
     grid = tuple(tuple(sizes) for sizes in existing["layout"]["grid"])
-    regions = dict(block_regions(grid))
+    regions = GridRegions(grid)
     done = records.read_records(path, run_fingerprint=existing["fingerprint"], regions=regions)
     changed, _ = changed_input_chunks(input_reference, done, regions)
     if changed:
@@ -533,7 +637,7 @@ def _check_input_unchanged(path: Path, existing: dict, input_reference: Any) -> 
 def recorded_chunks(output: str | os.PathLike, provenance: dict) -> int:
     """How many working chunks of ``output`` are recorded as written for this computation."""
     grid = tuple(tuple(sizes) for sizes in provenance["layout"]["grid"])
-    regions = dict(block_regions(grid))
+    regions = GridRegions(grid)
     return len(
         records.read_records(output, run_fingerprint=provenance["fingerprint"], regions=regions)
     )
@@ -547,8 +651,9 @@ def _run_with_progress(
     output: Path,
     regions: dict,
     worker_timeout: float,
+    waves: tuple | None = None,
 ) -> None:
-    total = len(writes)
+    total = len(writes) if waves is None else waves[2]
     callback = progress if callable(progress) else None
     bar = None
     if progress is True:  # the command line's bar: chunks and one rate, in voxels/s
@@ -566,6 +671,16 @@ def _run_with_progress(
                 client = default_client()
             except (ImportError, ValueError):
                 client = None
+        if waves is not None:
+            tasks, todo, _ = waves
+            if client is None:
+                raise SchedulerError(
+                    "a run from the store needs a Dask distributed client: pass client="
+                )
+            _compute_in_waves(
+                client, tasks, todo, total, bar, callback, output, regions, worker_timeout
+            )
+            return
         if client is None:
             try:
                 _compute_locally(list(writes.values()), bar, callback)
@@ -627,6 +742,74 @@ def _compute_on_cluster(client, writes, bar, callback, output, regions, worker_t
         except Exception:
             pass
         raise
+
+
+def _compute_in_waves(
+    client, tasks, todo, total, bar, callback, output, regions, worker_timeout
+) -> None:
+    """Submit one task per chunk, a bounded number in flight, the next as earlier ones finish.
+
+    ``tasks`` (a :class:`ssi_dask.storegraph.ChunkTasks`) submits the task of one block index;
+    ``todo`` is a lazy iterator over the block indices still to compute, so neither this
+    process nor the scheduler ever holds more than ``tasks.in_flight(client)`` chunk tasks:
+    their memory stays flat whatever the volume's size. Lost workers, a lost scheduler and
+    failed chunks are handled as by :func:`_compute_on_cluster`.
+    """
+    from distributed import as_completed  # noqa: PLC0415
+
+    limit = tasks.in_flight(client)
+    index_of: dict = {}
+    try:
+        tasks.start(client)
+        waiting = as_completed([], loop=client.loop)
+        for index in itertools.islice(todo, limit):
+            future = tasks.submit(client, index)
+            index_of[future.key] = index
+            waiting.add(future)
+    except OSError as exc:
+        raise _lost_scheduler(exc, output) from None
+    done = 0
+    alone_since = None
+    try:
+        while not waiting.is_empty():
+            finished = waiting.next_batch(block=False) if waiting.has_ready() else []
+            for future in finished:
+                index = index_of.pop(future.key, None)
+                if future.status == "error":
+                    exc = future.exception()
+                    raise _task_failure(exc, output, regions, index)
+                if future.status == "cancelled":  # cancelled with the scheduler connection
+                    raise _lost_scheduler(ConnectionError("cancelled"), output)
+                future.release()  # a lost worker must not make the scheduler redo this write
+                done += 1
+                _tick(bar, callback, done, total)
+                for following in itertools.islice(todo, 1):  # the next wave, one by one
+                    try:
+                        submitted = tasks.submit(client, following)
+                    except OSError as exc:
+                        raise _lost_scheduler(exc, output) from None
+                    index_of[submitted.key] = following
+                    waiting.add(submitted)
+            if finished:
+                continue
+            time.sleep(POLL_SECONDS)
+            if _worker_count(client, output):
+                alone_since = None
+                continue
+            alone_since = alone_since or time.monotonic()
+            if time.monotonic() - alone_since > worker_timeout:
+                raise SchedulerError(
+                    f"no Dask worker left for {worker_timeout:g} s (all workers gone); "
+                    f"{_kept(output, regions)}: start workers and re-run with resume=True"
+                )
+    except BaseException:
+        try:
+            client.cancel(list(waiting.futures))
+        except Exception:
+            pass
+        raise
+    finally:
+        tasks.stop(client)
 
 
 def _worker_count(client: Any, output: Path) -> int:
