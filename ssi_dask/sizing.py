@@ -116,7 +116,7 @@ def task_cost_line(plan: Any, method: str, num_iter: int, device: str, psf_shape
 
     Returns ``(line, warning or None)``. SSI's time per task is not estimated (it depends on
     the network); LR's is the kernel's measured time per voxel and iteration times the task's
-    linear working domain.
+    linear working domain. No warning when one chunk already holds the whole image.
     """
     overhead = SCHEDULER_SECONDS_PER_TASK
     if method != "lr":
@@ -134,7 +134,7 @@ def task_cost_line(plan: Any, method: str, num_iter: int, device: str, psf_shape
         f"scheduler overhead ~{overhead * 1e3:.1f} ms ({100 * share:.2g} %)"
     )
     warning = None
-    if share > OVERHEAD_WARNING:
+    if share > OVERHEAD_WARNING and plan.n_chunks > 1:  # one chunk: none larger to choose
         warning = (
             f"warning: the scheduler's overhead per task is {100 * share:.0f} % of its compute "
             "time; use larger chunks= so that the cluster computes rather than schedules"

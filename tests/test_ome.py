@@ -364,7 +364,7 @@ def test_ssi_model_on_a_2d_multichannel_ome_zarr(tmp_path, local_client, capsys)
     psf_path = tmp_path / "psf.tif"
     save_psf(psf_path, psf, (0.406, 0.406))
     model_path = tmp_path / "model.pt"
-    small = {"base_channels": 4, "depth": 2, "batch_size": 2, "patch_size": 32}
+    small = {"base_channels": 4, "levels": 2, "batch_size": 2, "patch_size": 32}
     model = train_ssi(
         data[0], psf, seed=0, steps=2, restarts=0, device="cpu", validation_patches=2, **small
     )
