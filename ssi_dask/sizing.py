@@ -11,6 +11,14 @@ A task should compute long enough that the scheduler's cost per task is small ne
   the default working chunk (a limit too small for that is refused as before, naming the
   size that would do).
 
+With a connected client (a scheduler given, or ``ssi_dask.run(job, client=...)``) the
+workers' own figures from ``client.scheduler_info()`` size the chunks instead
+(:func:`client_target_voxels`): the smallest worker's memory limit per thread (or, for a GPU
+run, the smallest GPU memory the workers report) bounds a task, below or above the default.
+
+SSI's working chunks are not sized: a task's memory is its block plus the network's tiles,
+capped by the tile budget whatever the chunk, and its compute time is not estimated.
+
 :func:`task_cost_line` gives ``--dry-run``'s estimate of the compute time per task against the
 scheduler's overhead per task, with a warning above :data:`OVERHEAD_WARNING`.
 """
@@ -109,6 +117,83 @@ def target_voxels(
     if voxels <= default:
         return None, "default (the memory limit fits no larger task)"
     return voxels, f"from the memory limit {limit / 2**30:.2f} GiB (~{task / 2**20:.0f} MiB a task)"
+
+
+def _worker_gpu_bytes(worker: dict) -> int | None:
+    """GPU memory a worker reports (distributed's NVML startup information), or None."""
+    value = (worker.get("gpu") or {}).get("memory-total")
+    if not value:
+        value = (worker.get("metrics") or {}).get("gpu-memory-total")
+    return int(value) if value else None
+
+
+def client_target_voxels(
+    info: dict, method: str, psf_shape: Sequence[int], ndim: int, *, gpu: bool = False
+) -> tuple[int | None, str, int | None]:
+    """Working-chunk voxels for the workers in ``info`` (``client.scheduler_info()``), and why.
+
+    The smallest budget per thread among the workers bounds a task: on CPU, the worker's
+    memory limit less its baseline, shared by :data:`~ssi_dask.cluster.TASKS_IN_FLIGHT` tasks
+    per thread below the pause threshold (:func:`cpu_task_bytes`; the threshold is read from
+    this process's Dask configuration); for a GPU run, :func:`gpu_task_bytes` of the smallest
+    GPU memory the workers report. Unlike a local cluster's explicit limit, the result may be
+    below the default working chunk (nothing refuses a remote worker's limit beforehand).
+
+    Returns
+    -------
+    (voxels or None, reason, task bytes or None)
+        None where the default applies: no workers, no memory limits, or GPU memory not
+        reported.
+    """
+    workers = list((info or {}).get("workers", {}).values())
+    count = len(workers)
+    noun = f"{count} worker" + ("s" if count != 1 else "")
+    if not workers:
+        return None, "default (the scheduler has no workers yet)", None
+    if gpu:
+        devices = [_worker_gpu_bytes(w) for w in workers]
+        if any(d is None for d in devices):
+            missing = sum(d is None for d in devices)
+            return (
+                None,
+                f"default (GPU memory not known: {missing} of {noun} report none)",
+                None,
+            )
+        task = min(
+            gpu_task_bytes(d) // max(int(w.get("nthreads", 1)), 1) for d, w in zip(devices, workers)
+        )
+        device = min(d for d in devices if d is not None)
+        voxels = voxels_for_bytes(task, psf_shape, ndim)
+        return (
+            voxels,
+            f"from the workers' GPU memory {device / 2**30:.1f} GiB ({noun}, "
+            f"~{task / 2**30:.2f} GiB a task)",
+            task,
+        )
+    limited = [
+        (int(w["memory_limit"]), max(int(w.get("nthreads", 1)), 1))
+        for w in workers
+        if w.get("memory_limit")
+    ]
+    if not limited:
+        return None, f"default (no memory limit on the {noun})", None
+    limit, threads = min(limited, key=lambda lt: cpu_task_bytes(lt[0], lt[1], method))
+    task = cpu_task_bytes(limit, threads, method)
+    if task <= 0:
+        return (
+            None,
+            f"default (the workers' memory limit {limit / 2**30:.2f} GiB leaves no room for a "
+            "task beyond a worker's baseline)",
+            None,
+        )
+    voxels = voxels_for_bytes(task, psf_shape, ndim)
+    return (
+        voxels,
+        f"from the workers' memory limit {limit / 2**30:.2f} GiB ({noun}, {threads} thread"
+        + ("s" if threads != 1 else "")
+        + f" each, ~{task / 2**20:.0f} MiB a task)",
+        task,
+    )
 
 
 def task_cost_line(plan: Any, method: str, num_iter: int, device: str, psf_shape: Sequence[int]):
