@@ -835,6 +835,16 @@ def _run(job: Job, *, client: Any = None, echo: Echo = print) -> RunReport:
         total = math.prod(lead_shape) * plan.n_chunks
         _say(echo, f"  resume          {done} of {total} chunks already written")
     check_local_memory(checked, method, plan, model)
+    if budget is not None and plan.memory_per_task > budget:  # no smaller chunk to choose
+        from dask.utils import format_bytes  # noqa: PLC0415
+
+        line = (
+            f"warning: one task needs ~{format_bytes(plan.memory_per_task)}, more than the "
+            f"workers' memory limit holds ({format_bytes(budget)} a task); workers may pause "
+            "or be restarted: give the workers more memory or use smaller store chunks"
+        )
+        warnings.append(line)
+        _say(echo, f"  {line}")
     n_volumes = _count_volumes(lead_shape)
     if job.dry_run:
         from .sizing import task_cost_line  # noqa: PLC0415

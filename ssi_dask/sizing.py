@@ -53,13 +53,22 @@ def gpu_task_bytes(device_bytes: int) -> int:
     return int(min(4 * 2**30, max(256 * 2**20, device_bytes // 16)))
 
 
-def cpu_task_bytes(limit_bytes: int, threads_per_worker: int, method: str = "lr") -> int:
-    """The largest task working set a worker with ``limit_bytes`` holds without pausing."""
+def cpu_task_bytes(
+    limit_bytes: int,
+    threads_per_worker: int,
+    method: str = "lr",
+    cap: int | None = CPU_MAX_TASK_BYTES,
+) -> int:
+    """The largest task working set a worker with ``limit_bytes`` holds without pausing.
+
+    At most ``cap`` (the size chosen on a CPU worker); ``cap=None`` gives the largest task
+    that :func:`ssi_dask.cluster.check_worker_memory` accepts.
+    """
     from .cluster import TASKS_IN_FLIGHT, WORKER_BASELINE_BYTES, _memory_fraction  # noqa: PLC0415
 
     usable = limit_bytes * _memory_fraction() - WORKER_BASELINE_BYTES[method]
     per_task = usable / (TASKS_IN_FLIGHT * max(int(threads_per_worker), 1))
-    return int(max(0, min(CPU_MAX_TASK_BYTES, per_task)))
+    return int(max(0, per_task if cap is None else min(cap, per_task)))
 
 
 def voxels_for_bytes(task_bytes: int, psf_shape: Sequence[int], ndim: int) -> int:
@@ -141,9 +150,11 @@ def client_target_voxels(
 
     Returns
     -------
-    (voxels or None, reason, task bytes or None)
-        None where the default applies: no workers, no memory limits, or GPU memory not
-        reported.
+    (voxels or None, reason, budget or None)
+        ``voxels`` is None where the default applies: no workers, no memory limits, or GPU
+        memory not reported. ``budget`` (CPU only) is the largest task the smallest worker
+        holds, uncapped, as :func:`ssi_dask.cluster.check_worker_memory` counts it: the plan
+        halves its chunks until a task fits it, and warns when even one store chunk does not.
     """
     workers = list((info or {}).get("workers", {}).values())
     count = len(workers)
@@ -168,7 +179,7 @@ def client_target_voxels(
             voxels,
             f"from the workers' GPU memory {device / 2**30:.1f} GiB ({noun}, "
             f"~{task / 2**30:.2f} GiB a task)",
-            task,
+            None,  # as for a local GPU: the device's share sets the size, nothing refuses it
         )
     limited = [
         (int(w["memory_limit"]), max(int(w.get("nthreads", 1)), 1))
@@ -192,7 +203,7 @@ def client_target_voxels(
         f"from the workers' memory limit {limit / 2**30:.2f} GiB ({noun}, {threads} thread"
         + ("s" if threads != 1 else "")
         + f" each, ~{task / 2**20:.0f} MiB a task)",
-        task,
+        cpu_task_bytes(limit, threads, method, cap=None),
     )
 
 

@@ -8,6 +8,7 @@ import logging
 import numpy as np
 import pytest
 import zarr
+from dask.utils import format_bytes
 
 import ssi_dask
 from ssi_dask.cluster import check_worker_memory
@@ -121,6 +122,16 @@ def test_chunks_sized_from_the_connected_workers(tmp_path, psf3d_file):
             lines: list[str] = []
             plans[limit] = ssi_dask.run(job, client=client, echo=lines.append).plan
             texts[limit] = "\n".join(lines)
+            if limit == "1GiB":  # a store chunk larger than the workers hold: warned
+                coarse = tmp_path / "coarse.zarr"
+                zarr.create_array(
+                    store=str(coarse), shape=(64, 2048, 2048), chunks=(64, 512, 512), dtype="u2"
+                )
+                lines = []
+                warned = ssi_dask.run(
+                    dataclasses.replace(job, input=coarse), client=client, echo=lines.append
+                )
+                coarse_text = "\n".join(lines)
             if limit == "4GiB":  # the command connects first, and sizes from the same workers
                 given = ssi_dask.run(
                     dataclasses.replace(job, layout=ssi_dask.LayoutSettings(chunks=(64, 64, 64))),
@@ -139,6 +150,14 @@ def test_chunks_sized_from_the_connected_workers(tmp_path, psf3d_file):
     voxels = {k: int(np.prod(p.working_chunks)) for k, p in plans.items()}
     assert voxels["1GiB"] < voxels["4GiB"]
     assert plans["1GiB"].n_chunks > plans["4GiB"].n_chunks
+    assert warned.plan.working_chunks == (64, 512, 512)
+    budget = cpu_task_bytes(2**30, 1, cap=None)
+    assert warned.plan.memory_per_task > budget
+    assert (
+        f"warning: one task needs ~{format_bytes(warned.plan.memory_per_task)}, more than the "
+        f"workers' memory limit holds ({format_bytes(budget)} a task)"
+    ) in coarse_text
+    assert any(w.startswith("warning: one task needs") for w in warned.warnings)
     # explicit chunks= wins over the workers' figures
     assert given.plan.working_chunks == (64, 64, 64)
     assert cli.returncode == 0, cli.stderr
@@ -151,10 +170,11 @@ def test_client_sizing_for_gpu_workers_reads_their_reported_memory():
     psf = (17, 17, 17)
     gpu = {"nthreads": 1, "memory_limit": 2**34, "gpu": {"memory-total": 80 * 10**9}}
     info = {"workers": {"a": gpu, "b": dict(gpu, gpu={"memory-total": 24 * 10**9})}}
-    voxels, reason, task = client_target_voxels(info, "lr", psf, 3, gpu=True)
-    assert task == gpu_task_bytes(24 * 10**9)  # the smallest device bounds a task
+    voxels, reason, budget = client_target_voxels(info, "lr", psf, 3, gpu=True)
+    task = gpu_task_bytes(24 * 10**9)  # the smallest device bounds a task
     assert voxels == voxels_for_bytes(task, psf, 3) > DEFAULT_TARGET_VOXELS[3]
-    assert reason.startswith("from the workers' GPU memory 22.4 GiB (2 workers")
+    assert reason == "from the workers' GPU memory 22.4 GiB (2 workers, ~1.40 GiB a task)"
+    assert budget is None  # as on a local GPU, nothing refuses the device's share
     unknown = {"workers": {"a": gpu, "b": {"nthreads": 1, "memory_limit": 2**34}}}
     assert client_target_voxels(unknown, "lr", psf, 3, gpu=True) == (
         None,
@@ -164,8 +184,10 @@ def test_client_sizing_for_gpu_workers_reads_their_reported_memory():
     # CPU: the smallest budget per thread, not the smallest limit, bounds a task
     cpu = {"workers": {"a": {"nthreads": 4, "memory_limit": 8 * 2**30},
                        "b": {"nthreads": 1, "memory_limit": 4 * 2**30}}}  # fmt: skip
-    _, reason, task = client_target_voxels(cpu, "lr", psf, 3)
-    assert task == cpu_task_bytes(8 * 2**30, 4) < cpu_task_bytes(4 * 2**30, 1)
+    voxels, reason, budget = client_target_voxels(cpu, "lr", psf, 3)
+    assert voxels == voxels_for_bytes(cpu_task_bytes(8 * 2**30, 4), psf, 3)
+    assert cpu_task_bytes(8 * 2**30, 4) < cpu_task_bytes(4 * 2**30, 1)
+    assert budget == cpu_task_bytes(8 * 2**30, 4, cap=None)
     assert "8.00 GiB (2 workers, 4 threads each" in reason
     no_limit = {"workers": {"a": {"nthreads": 1, "memory_limit": 0}}}
     assert client_target_voxels(no_limit, "lr", psf, 3)[:2] == (
