@@ -462,6 +462,34 @@ def check_local_memory(
     check_worker_memory(cluster.memory_limit, cluster.threads_per_worker, task_bytes, method=method)
 
 
+def _quiet_distributed_logs() -> None:
+    """The client logs its own view of a lost scheduler or worker (with tracebacks); the run
+    reports those cases itself in one line, keeping the progress for resume."""
+    import distributed  # noqa: F401, PLC0415  (its import sets the logging levels first)
+
+    for name in ["distributed", *logging.root.manager.loggerDict]:
+        if name.startswith("distributed"):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
+
+
+def scheduler_workers(cluster: ClusterSettings) -> dict:
+    """``scheduler_info()`` of the job's scheduler, read over a short connection of its own.
+
+    The run's own client connects later, as before: it becomes Dask's default, and the
+    planning stage's small reads (the data checks) stay in this process until then.
+    """
+    from .cluster import dask_client  # noqa: PLC0415
+
+    _quiet_distributed_logs()
+    with dask_client(
+        cluster.scheduler,
+        scheduler_file=cluster.scheduler_file,
+        connect_timeout=cluster.connect_timeout,
+        set_as_default=False,
+    ) as client:
+        return client.scheduler_info()
+
+
 @contextlib.contextmanager
 def cluster_client(cluster: ClusterSettings, *, echo: Echo = print) -> Iterator[Any]:
     """The Dask client of a run: connected, or on a new local cluster; dashboard printed."""
@@ -510,26 +538,6 @@ def run(job: Job, *, client: Any = None, echo: Echo = print) -> RunReport:
         Every problem a user can cause, with a one-line message, before any work where it can
         be known then; a run that fails midway keeps its finished chunks for ``resume``.
     """
-    if client is None and job.cluster.remote and job.method == "lr" and not job.layout.chunks:
-        # the working chunks are sized from the scheduler's workers: connect before planning
-        _quiet_distributed_logs()
-        with cluster_client(job.cluster, echo=echo) as connected:
-            return _run(job, client=connected, echo=echo)
-    return _run(job, client=client, echo=echo)
-
-
-def _quiet_distributed_logs() -> None:
-    """The client logs its own view of a lost scheduler or worker (with tracebacks); the run
-    reports those cases itself in one line, keeping the progress for resume."""
-    import distributed  # noqa: F401, PLC0415  (its import sets the logging levels first)
-
-    for name in ["distributed", *logging.root.manager.loggerDict]:
-        if name.startswith("distributed"):
-            logging.getLogger(name).setLevel(logging.CRITICAL)
-
-
-def _run(job: Job, *, client: Any = None, echo: Echo = print) -> RunReport:
-    """:func:`run` with the client, if any, already connected."""
 
     from ._version import __version__  # noqa: PLC0415
     from .blockwise import (  # noqa: PLC0415
@@ -648,11 +656,13 @@ def _run(job: Job, *, client: Any = None, echo: Echo = print) -> RunReport:
             "default (SSI chunks are not sized from the workers: a task tiles its block "
             "within the network's memory budget whatever the chunk size)"
         )
-    elif job.layout.chunks is None and client is not None:
+    elif job.layout.chunks is None and (client is not None or job.cluster.remote):
         from .sizing import client_target_voxels  # noqa: PLC0415
 
+        # the workers that will compute size the chunks: a given client's, or the scheduler's
+        info = client.scheduler_info() if client is not None else scheduler_workers(job.cluster)
         sized, sizing_reason, budget = client_target_voxels(
-            client.scheduler_info(), method, psf_shape, n_spatial, gpu=job.cluster.gpu
+            info, method, psf_shape, n_spatial, gpu=job.cluster.gpu
         )
     elif job.layout.chunks is None:
         from .sizing import target_voxels  # noqa: PLC0415
