@@ -100,8 +100,9 @@ def target_voxels(
 ) -> tuple[int | None, str]:
     """Working-chunk voxels for a local run with ``cluster`` (ClusterSettings), and why.
 
-    Returns ``(None, reason)`` where the default applies: a remote scheduler (its workers'
-    memory is theirs), no explicit CPU memory limit, or a GPU run without a visible device.
+    Returns ``(None, reason)`` where the default applies: a remote scheduler (the run sizes
+    from its workers with :func:`client_target_voxels` instead), no explicit CPU memory limit,
+    or a GPU run without a visible device.
     """
     from .cluster import local_memory_limit  # noqa: PLC0415
     from .config import DEFAULT_TARGET_VOXELS  # noqa: PLC0415
