@@ -705,43 +705,12 @@ def _compute_on_cluster(client, writes, bar, callback, output, regions, worker_t
     except OSError as exc:
         raise _lost_scheduler(exc, output) from None
     index_of = {future.key: index for future, index in zip(futures, indices)}
-    total = len(futures)
     waiting = as_completed(futures, loop=client.loop)
+    total = len(futures)
     del futures
-    done = 0
-    alone_since = None
-    try:
-        while not waiting.is_empty():
-            finished = waiting.next_batch(block=False) if waiting.has_ready() else []
-            for future in finished:
-                # Never gather: a finished write's small result may sit on a worker that has
-                # since died, and gathering it would wait for a recomputation.
-                if future.status == "error":
-                    exc = future.exception()
-                    raise _task_failure(exc, output, regions, index_of.get(future.key))
-                if future.status == "cancelled":  # cancelled with the scheduler connection
-                    raise _lost_scheduler(ConnectionError("cancelled"), output)
-                future.release()  # a lost worker must not make the scheduler redo this write
-                done += 1
-                _tick(bar, callback, done, total)
-            if finished:
-                continue
-            time.sleep(POLL_SECONDS)
-            if _worker_count(client, output):
-                alone_since = None
-                continue
-            alone_since = alone_since or time.monotonic()
-            if time.monotonic() - alone_since > worker_timeout:
-                raise SchedulerError(
-                    f"no Dask worker left for {worker_timeout:g} s (all workers gone); "
-                    f"{_kept(output, regions)}: start workers and re-run with resume=True"
-                )
-    except BaseException:
-        try:
-            client.cancel(list(waiting.futures))
-        except Exception:
-            pass
-        raise
+    _wait_for_writes(
+        client, waiting, index_of, total, bar, callback, output, regions, worker_timeout
+    )
 
 
 def _compute_in_waves(
@@ -768,28 +737,51 @@ def _compute_in_waves(
             waiting.add(future)
     except OSError as exc:
         raise _lost_scheduler(exc, output) from None
+    try:
+        _wait_for_writes(
+            client, waiting, index_of, total, bar, callback, output, regions, worker_timeout,
+            next_wave=lambda: _submit_next(client, tasks, todo, waiting, index_of, output),
+        )  # fmt: skip
+    finally:
+        tasks.stop(client)
+
+
+def _submit_next(client, tasks, todo, waiting, index_of, output) -> None:
+    """Submit the task of the next block index in ``todo``, if any (one wave step)."""
+    for following in itertools.islice(todo, 1):
+        try:
+            submitted = tasks.submit(client, following)
+        except OSError as exc:
+            raise _lost_scheduler(exc, output) from None
+        index_of[submitted.key] = following
+        waiting.add(submitted)
+
+
+def _wait_for_writes(
+    client, waiting, index_of, total, bar, callback, output, regions, worker_timeout, next_wave=None
+) -> None:
+    """Wait for the chunk writes in ``waiting`` (``as_completed``), ticking the progress; a
+    failed chunk, a lost scheduler or no worker left for ``worker_timeout`` seconds stops the
+    run (cancelling what is still waiting). ``next_wave()`` is called after each finished
+    write (the waves submit their next task there)."""
     done = 0
     alone_since = None
     try:
         while not waiting.is_empty():
             finished = waiting.next_batch(block=False) if waiting.has_ready() else []
             for future in finished:
+                # Never gather: a finished write's small result may sit on a worker that has
+                # since died, and gathering it would wait for a recomputation.
                 index = index_of.pop(future.key, None)
                 if future.status == "error":
-                    exc = future.exception()
-                    raise _task_failure(exc, output, regions, index)
+                    raise _task_failure(future.exception(), output, regions, index)
                 if future.status == "cancelled":  # cancelled with the scheduler connection
                     raise _lost_scheduler(ConnectionError("cancelled"), output)
                 future.release()  # a lost worker must not make the scheduler redo this write
                 done += 1
                 _tick(bar, callback, done, total)
-                for following in itertools.islice(todo, 1):  # the next wave, one by one
-                    try:
-                        submitted = tasks.submit(client, following)
-                    except OSError as exc:
-                        raise _lost_scheduler(exc, output) from None
-                    index_of[submitted.key] = following
-                    waiting.add(submitted)
+                if next_wave is not None:
+                    next_wave()
             if finished:
                 continue
             time.sleep(POLL_SECONDS)
@@ -808,8 +800,6 @@ def _compute_in_waves(
         except Exception:
             pass
         raise
-    finally:
-        tasks.stop(client)
 
 
 def _worker_count(client: Any, output: Path) -> int:
