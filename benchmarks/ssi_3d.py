@@ -50,6 +50,11 @@ def main() -> None:
         help="support of the widefield PSF (the PSF is cropped there and renormalised; it is "
         "the true PSF of the simulation, given to LR and SSI alike)",
     )
+    parser.add_argument(
+        "--output-range",
+        help="SSI's output clip range in normalised units, 'lo,hi' (default: the recipe's; a "
+        "diagnostic: the default (0, 1) caps the output at the input's 99.99th percentile)",
+    )
     parser.add_argument("--json")
     args = parser.parse_args()
 
@@ -88,6 +93,9 @@ def main() -> None:
                         best = (n, score)
                 row["best_lr_n"], row["best_lr"] = best
                 options = {"steps": args.steps} if args.steps else {}
+                if args.output_range:
+                    options["output_range"] = tuple(float(v) for v in args.output_range.split(","))
+                row["output_range"] = options.get("output_range", "recipe default")
                 started = time.perf_counter()
                 model = train_ssi(noisy, psf, seed=seed, device="cpu", **options)
                 row["train_s"] = time.perf_counter() - started
