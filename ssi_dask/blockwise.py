@@ -525,9 +525,10 @@ def deconvolve(
         Halo per axis; by default derived from the PSF support and ``num_iter``.
     target_voxels : int, optional
         Size of the automatically chosen working chunks.
-    device : {"cpu", "gpu"}
-        Where each chunk is computed: NumPy/SciPy on the CPU, or CuPy on the worker's GPU
-        (dask-cuda workers); the result is always returned in host memory.
+    device : {"cpu", "cuda"}
+        Where each chunk is computed: NumPy/SciPy (or torch) on the CPU, or CuPy (or torch)
+        on the worker's CUDA GPU (dask-cuda workers); the result is always returned in host
+        memory. The same names as training's ``device`` (``"gpu"`` is accepted as an alias).
     model : SSIModel or path, optional
         For ``method="ssi"``: the trained model (see :func:`ssi_dask.ssi.train_ssi`) or the
         path of a checkpoint. The halo is the model's receptive-field radius rounded up to its
@@ -580,13 +581,15 @@ def deconvolve(
     volume = open_volume(image)
     validate_psf(psf, volume.ndim)
     psf = normalize_psf(psf)
-    if device not in ("cpu", "gpu"):
-        raise ParameterError(f"unknown device {device!r}; choose 'cpu' or 'gpu'")
+    # one device vocabulary with training (torch's names: "cpu", "cuda"); "gpu" is an alias
+    if device not in ("cpu", "cuda", "gpu"):
+        raise ParameterError(f"device must be 'cpu' or 'cuda', got {device!r}")
+    device = "gpu" if device == "cuda" else device  # the chunk kernels' name for it
     if device == "gpu" and method == "lr":  # SSI needs torch's CUDA on the workers only
         from ._backend import cupy_or_none  # noqa: PLC0415
 
         if cupy_or_none() is None:
-            raise DeviceError("device='gpu' needs CuPy and a CUDA device; use device='cpu'")
+            raise DeviceError("device='cuda' needs CuPy and a CUDA device; use device='cpu'")
     if method == "ssi":
         model = _resolve_model(model, volume.ndim)
         method_options = {"tta": ssi_tta(method_options.get("tta"), volume.ndim)}

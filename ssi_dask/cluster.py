@@ -276,6 +276,7 @@ def dask_client(
     memory_limit: str | None = None,
     gpu: bool = False,
     connect_timeout: float = 5.0,
+    set_as_default: bool = True,
 ) -> Iterator[Any]:
     """Yield a ``distributed.Client``: connected to a scheduler, or on a new local cluster.
 
@@ -291,6 +292,8 @@ def dask_client(
         Start a ``LocalCUDACluster`` (one worker per GPU) instead of a CPU cluster.
     connect_timeout : float
         Seconds to wait for a remote scheduler before failing.
+    set_as_default : bool
+        Make the client Dask's default scheduler while it is open.
 
     Raises
     ------
@@ -313,7 +316,7 @@ def dask_client(
                 address=scheduler,
                 scheduler_file=str(scheduler_file) if scheduler_file else None,
                 timeout=f"{connect_timeout}s",
-                set_as_default=True,
+                set_as_default=set_as_default,
             )
         except (OSError, TimeoutError, ValueError) as exc:
             raise SchedulerError(
@@ -326,7 +329,7 @@ def dask_client(
             client.close()
         return
     cluster = _local_cluster(n_workers, threads_per_worker, memory_limit, gpu)
-    client = Client(cluster, set_as_default=True)
+    client = Client(cluster, set_as_default=set_as_default)
     try:
         client.register_plugin(QuietLibrariesPlugin())
         yield client

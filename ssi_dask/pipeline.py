@@ -462,6 +462,34 @@ def check_local_memory(
     check_worker_memory(cluster.memory_limit, cluster.threads_per_worker, task_bytes, method=method)
 
 
+def _quiet_distributed_logs() -> None:
+    """The client logs its own view of a lost scheduler or worker (with tracebacks); the run
+    reports those cases itself in one line, keeping the progress for resume."""
+    import distributed  # noqa: F401, PLC0415  (its import sets the logging levels first)
+
+    for name in ["distributed", *logging.root.manager.loggerDict]:
+        if name.startswith("distributed"):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
+
+
+def scheduler_workers(cluster: ClusterSettings) -> dict:
+    """``scheduler_info()`` of the job's scheduler, read over a short connection of its own.
+
+    The run's own client connects later, as before: it becomes Dask's default, and the
+    planning stage's small reads (the data checks) stay in this process until then.
+    """
+    from .cluster import dask_client  # noqa: PLC0415
+
+    _quiet_distributed_logs()
+    with dask_client(
+        cluster.scheduler,
+        scheduler_file=cluster.scheduler_file,
+        connect_timeout=cluster.connect_timeout,
+        set_as_default=False,
+    ) as client:
+        return client.scheduler_info()
+
+
 @contextlib.contextmanager
 def cluster_client(cluster: ClusterSettings, *, echo: Echo = print) -> Iterator[Any]:
     """The Dask client of a run: connected, or on a new local cluster; dashboard printed."""
@@ -532,6 +560,12 @@ def run(job: Job, *, client: Any = None, echo: Echo = print) -> RunReport:
         recorded_chunks,
     )
 
+    # a connected client's workers have their own limits: the local cluster's are not checked
+    checked = (
+        job.cluster
+        if client is None or job.cluster.remote
+        else replace(job.cluster, scheduler="the given client")
+    )
     image = open_image(job.input, level=job.level, voxel_size=job.voxel_size)
     array = image.array
     n_spatial = len(image.spatial_axes)
@@ -595,7 +629,7 @@ def run(job: Job, *, client: Any = None, echo: Echo = print) -> RunReport:
         depth = (user_depth,) * n_spatial if isinstance(user_depth, int) else tuple(user_depth)
         if len(depth) != n_spatial:
             raise ParameterError(f"depth= needs 1 or {n_spatial} non-negative integers")
-    check_local_memory(job.cluster, method)  # a limit below a worker's baseline, before training
+    check_local_memory(checked, method)  # a limit below a worker's baseline, before training
     model = None
     train_now = method == "ssi" and given is None and not job.dry_run
     if method == "ssi":
@@ -616,7 +650,21 @@ def run(job: Job, *, client: Any = None, echo: Echo = print) -> RunReport:
     psf_shape = tuple(max(p.shape[a] for p in psfs) for a in range(n_spatial))
 
     sized, sizing_reason = None, "given (chunks=)" if job.layout.chunks else "default"
-    if method == "lr" and job.layout.chunks is None:
+    budget = None  # a connected cluster's bytes per task, which the sized plan must fit
+    if method == "ssi" and job.layout.chunks is None:
+        sizing_reason = (
+            "default (SSI chunks are not sized from the workers: a task tiles its block "
+            "within the network's memory budget whatever the chunk size)"
+        )
+    elif job.layout.chunks is None and (client is not None or job.cluster.remote):
+        from .sizing import client_target_voxels  # noqa: PLC0415
+
+        # the workers that will compute size the chunks: a given client's, or the scheduler's
+        info = client.scheduler_info() if client is not None else scheduler_workers(job.cluster)
+        sized, sizing_reason, budget = client_target_voxels(
+            info, method, psf_shape, n_spatial, gpu=job.cluster.gpu
+        )
+    elif job.layout.chunks is None:
         from .sizing import target_voxels  # noqa: PLC0415
 
         sized, sizing_reason = target_voxels(job.cluster, method, psf_shape, n_spatial)
@@ -639,9 +687,15 @@ def run(job: Job, *, client: Any = None, echo: Echo = print) -> RunReport:
             tasks_per_chunk=1 if store_input is not None else None,
             target_voxels=target,
         )
-        if target is not None and not job.cluster.gpu:
+        if target is not None and budget is not None:
+            # the sized chunk grows in whole store chunks: halve it while it exceeds the budget
+            if plan.memory_per_task > budget and target > 1:
+                smaller = plan_for(num_iter, target // 2)
+                if smaller.working_chunks != plan.working_chunks:
+                    return smaller
+        elif target is not None and not job.cluster.gpu:
             try:  # the sized chunk grows in whole store chunks: it may overshoot the budget
-                check_local_memory(job.cluster, method, plan, model)
+                check_local_memory(checked, method, plan, model)
             except ParameterError:  # halve the target until it fits (or is the default)
                 smaller = target // 2 if target // 2 > DEFAULT_TARGET_VOXELS[n_spatial] else None
                 if smaller is None:
@@ -790,7 +844,17 @@ def run(job: Job, *, client: Any = None, echo: Echo = print) -> RunReport:
         done = recorded_chunks(target, existing)
         total = math.prod(lead_shape) * plan.n_chunks
         _say(echo, f"  resume          {done} of {total} chunks already written")
-    check_local_memory(job.cluster, method, plan, model)
+    check_local_memory(checked, method, plan, model)
+    if budget is not None and plan.memory_per_task > budget:  # no smaller chunk to choose
+        from dask.utils import format_bytes  # noqa: PLC0415
+
+        line = (
+            f"warning: one task needs ~{format_bytes(plan.memory_per_task)}, more than the "
+            f"workers' memory limit holds ({format_bytes(budget)} a task); workers may pause "
+            "or be restarted: give the workers more memory or use smaller store chunks"
+        )
+        warnings.append(line)
+        _say(echo, f"  {line}")
     n_volumes = _count_volumes(lead_shape)
     if job.dry_run:
         from .sizing import task_cost_line  # noqa: PLC0415
@@ -823,13 +887,7 @@ def run(job: Job, *, client: Any = None, echo: Echo = print) -> RunReport:
             ome_zarr=ome_out,
             warnings=warnings,
         )
-    # The client logs its own view of a lost scheduler or worker (with tracebacks); the run
-    # reports those cases itself in one line, keeping the progress for resume.
-    import distributed  # noqa: F401, PLC0415  (its import sets the logging levels first)
-
-    for name in ["distributed", *logging.root.manager.loggerDict]:
-        if name.startswith("distributed"):
-            logging.getLogger(name).setLevel(logging.CRITICAL)
+    _quiet_distributed_logs()
     started = time.perf_counter()
     with contextlib.ExitStack() as stack:
         if client is None:
@@ -858,7 +916,7 @@ def run(job: Job, *, client: Any = None, echo: Echo = print) -> RunReport:
             kernel_options = lr.kernel_options()
             plan = plan_for(choice.num_iter)
             _say(echo, f"  halo (depth)    {plan.depth} for {choice.num_iter} iterations")
-            check_local_memory(job.cluster, method, plan)  # the chosen halo makes tasks larger
+            check_local_memory(checked, method, plan)  # the chosen halo makes tasks larger
             auto = False
             auto_record = choice.as_dict()
             provenance = provenance_now()

@@ -11,6 +11,14 @@ A task should compute long enough that the scheduler's cost per task is small ne
   the default working chunk (a limit too small for that is refused as before, naming the
   size that would do).
 
+With a connected client (a scheduler given, or ``ssi_dask.run(job, client=...)``) the
+workers' own figures from ``client.scheduler_info()`` size the chunks instead
+(:func:`client_target_voxels`): the smallest worker's memory limit per thread (or, for a GPU
+run, the smallest GPU memory the workers report) bounds a task, below or above the default.
+
+SSI's working chunks are not sized: a task's memory is its block plus the network's tiles,
+capped by the tile budget whatever the chunk, and its compute time is not estimated.
+
 :func:`task_cost_line` gives ``--dry-run``'s estimate of the compute time per task against the
 scheduler's overhead per task, with a warning above :data:`OVERHEAD_WARNING`.
 """
@@ -45,13 +53,22 @@ def gpu_task_bytes(device_bytes: int) -> int:
     return int(min(4 * 2**30, max(256 * 2**20, device_bytes // 16)))
 
 
-def cpu_task_bytes(limit_bytes: int, threads_per_worker: int, method: str = "lr") -> int:
-    """The largest task working set a worker with ``limit_bytes`` holds without pausing."""
+def cpu_task_bytes(
+    limit_bytes: int,
+    threads_per_worker: int,
+    method: str = "lr",
+    cap: int | None = CPU_MAX_TASK_BYTES,
+) -> int:
+    """The largest task working set a worker with ``limit_bytes`` holds without pausing.
+
+    At most ``cap`` (the size chosen on a CPU worker); ``cap=None`` gives the largest task
+    that :func:`ssi_dask.cluster.check_worker_memory` accepts.
+    """
     from .cluster import TASKS_IN_FLIGHT, WORKER_BASELINE_BYTES, _memory_fraction  # noqa: PLC0415
 
     usable = limit_bytes * _memory_fraction() - WORKER_BASELINE_BYTES[method]
     per_task = usable / (TASKS_IN_FLIGHT * max(int(threads_per_worker), 1))
-    return int(max(0, min(CPU_MAX_TASK_BYTES, per_task)))
+    return int(max(0, per_task if cap is None else min(cap, per_task)))
 
 
 def voxels_for_bytes(task_bytes: int, psf_shape: Sequence[int], ndim: int) -> int:
@@ -83,8 +100,9 @@ def target_voxels(
 ) -> tuple[int | None, str]:
     """Working-chunk voxels for a local run with ``cluster`` (ClusterSettings), and why.
 
-    Returns ``(None, reason)`` where the default applies: a remote scheduler (its workers'
-    memory is theirs), no explicit CPU memory limit, or a GPU run without a visible device.
+    Returns ``(None, reason)`` where the default applies: a remote scheduler (the run sizes
+    from its workers with :func:`client_target_voxels` instead), no explicit CPU memory limit,
+    or a GPU run without a visible device.
     """
     from .cluster import local_memory_limit  # noqa: PLC0415
     from .config import DEFAULT_TARGET_VOXELS  # noqa: PLC0415
@@ -109,6 +127,85 @@ def target_voxels(
     if voxels <= default:
         return None, "default (the memory limit fits no larger task)"
     return voxels, f"from the memory limit {limit / 2**30:.2f} GiB (~{task / 2**20:.0f} MiB a task)"
+
+
+def _worker_gpu_bytes(worker: dict) -> int | None:
+    """GPU memory a worker reports (distributed's NVML startup information), or None."""
+    value = (worker.get("gpu") or {}).get("memory-total")
+    if not value:
+        value = (worker.get("metrics") or {}).get("gpu-memory-total")
+    return int(value) if value else None
+
+
+def client_target_voxels(
+    info: dict, method: str, psf_shape: Sequence[int], ndim: int, *, gpu: bool = False
+) -> tuple[int | None, str, int | None]:
+    """Working-chunk voxels for the workers in ``info`` (``client.scheduler_info()``), and why.
+
+    The smallest budget per thread among the workers bounds a task: on CPU, the worker's
+    memory limit less its baseline, shared by :data:`~ssi_dask.cluster.TASKS_IN_FLIGHT` tasks
+    per thread below the pause threshold (:func:`cpu_task_bytes`; the threshold is read from
+    this process's Dask configuration); for a GPU run, :func:`gpu_task_bytes` of the smallest
+    GPU memory the workers report. Unlike a local cluster's explicit limit, the result may be
+    below the default working chunk (nothing refuses a remote worker's limit beforehand).
+
+    Returns
+    -------
+    (voxels or None, reason, budget or None)
+        ``voxels`` is None where the default applies: no workers, no memory limits, or GPU
+        memory not reported. ``budget`` (CPU only) is the largest task the smallest worker
+        holds, uncapped, as :func:`ssi_dask.cluster.check_worker_memory` counts it: the plan
+        halves its chunks until a task fits it, and warns when even one store chunk does not.
+    """
+    workers = list((info or {}).get("workers", {}).values())
+    count = len(workers)
+    noun = f"{count} worker" + ("s" if count != 1 else "")
+    if not workers:
+        return None, "default (the scheduler has no workers yet)", None
+    if gpu:
+        devices = [_worker_gpu_bytes(w) for w in workers]
+        if any(d is None for d in devices):
+            missing = sum(d is None for d in devices)
+            return (
+                None,
+                f"default (GPU memory not known: {missing} of {noun} report none)",
+                None,
+            )
+        task = min(
+            gpu_task_bytes(d) // max(int(w.get("nthreads", 1)), 1) for d, w in zip(devices, workers)
+        )
+        device = min(d for d in devices if d is not None)
+        voxels = voxels_for_bytes(task, psf_shape, ndim)
+        return (
+            voxels,
+            f"from the workers' GPU memory {device / 2**30:.1f} GiB ({noun}, "
+            f"~{task / 2**30:.2f} GiB a task)",
+            None,  # as for a local GPU: the device's share sets the size, nothing refuses it
+        )
+    limited = [
+        (int(w["memory_limit"]), max(int(w.get("nthreads", 1)), 1))
+        for w in workers
+        if w.get("memory_limit")
+    ]
+    if not limited:
+        return None, f"default (no memory limit on the {noun})", None
+    limit, threads = min(limited, key=lambda lt: cpu_task_bytes(lt[0], lt[1], method))
+    task = cpu_task_bytes(limit, threads, method)
+    if task <= 0:
+        return (
+            None,
+            f"default (the workers' memory limit {limit / 2**30:.2f} GiB leaves no room for a "
+            "task beyond a worker's baseline)",
+            None,
+        )
+    voxels = voxels_for_bytes(task, psf_shape, ndim)
+    return (
+        voxels,
+        f"from the workers' memory limit {limit / 2**30:.2f} GiB ({noun}, {threads} thread"
+        + ("s" if threads != 1 else "")
+        + f" each, ~{task / 2**20:.0f} MiB a task)",
+        cpu_task_bytes(limit, threads, method, cap=None),
+    )
 
 
 def task_cost_line(plan: Any, method: str, num_iter: int, device: str, psf_shape: Sequence[int]):

@@ -119,3 +119,20 @@ def test_the_psf_crosses_the_graph_once_prepared():
     )
     with pytest.raises(ParameterError, match="a PreparedPSF carries its back projector"):
         richardson_lucy(image, prepared, num_iter=2, wiener_alpha=0.1)
+
+
+def test_one_device_vocabulary_with_training():
+    """deconvolve(device=) takes training's names: 'cpu', 'cuda' ('gpu' an alias)."""
+    from ssi_dask._backend import cupy_or_none
+    from ssi_dask.errors import DeviceError
+
+    image = smooth_volume((24, 24), seed=2)
+    psf = widefield_psf((5, 5), (0.1, 0.1), na=1.0, wavelength=0.5)
+    with pytest.raises(ParameterError, match=r"^device must be 'cpu' or 'cuda', got 'tpu'$"):
+        deconvolve(image, psf, num_iter=2, device="tpu")
+    if cupy_or_none() is None:  # the machines without CUDA: one line naming the fix
+        for name in ("cuda", "gpu"):
+            with pytest.raises(DeviceError, match=r"^device='cuda' needs CuPy and a CUDA device"):
+                deconvolve(image, psf, num_iter=2, device=name)
+    cpu = np.asarray(deconvolve(image, psf, num_iter=2, device="cpu"))
+    np.testing.assert_allclose(cpu, richardson_lucy(image, psf, num_iter=2), rtol=1e-5, atol=1e-6)

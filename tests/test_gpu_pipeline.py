@@ -26,7 +26,7 @@ def test_gpu_chunks_match_cpu_chunks():
     volume = smooth_volume((32, 96, 128), seed=4)
     psf = gaussian_psf((9, 9, 9), (2.0, 1.5, 1.5))
     cpu = deconvolve(volume, psf, num_iter=12, chunks=(32, 48, 64)).compute(scheduler="threads")
-    gpu = deconvolve(volume, psf, num_iter=12, chunks=(32, 48, 64), device="gpu").compute(
+    gpu = deconvolve(volume, psf, num_iter=12, chunks=(32, 48, 64), device="cuda").compute(
         scheduler="threads"
     )
     assert isinstance(gpu, np.ndarray)
@@ -47,7 +47,7 @@ def test_local_cuda_cluster_writes_zarr(tmp_path):
 
     volume = smooth_volume((32, 64, 64), seed=5)
     psf = gaussian_psf((7, 7, 7), (1.5, 1.2, 1.2))
-    lazy = deconvolve(volume, psf, num_iter=8, chunks=(32, 32, 32), device="gpu")
+    lazy = deconvolve(volume, psf, num_iter=8, chunks=(32, 32, 32), device="cuda")
     expected = deconvolve(volume, psf, num_iter=8, chunks=(32, 32, 32)).compute()
     with dask_client(gpu=True) as client:
         assert len(client.scheduler_info()["workers"]) >= 1

@@ -10,10 +10,13 @@ __all__ = ["resolve_device"]
 
 
 def resolve_device(device="auto") -> torch.device:
-    """``"auto"`` -> CUDA when available else CPU; ``"cuda"``/``"cuda:N"``/``"cpu"`` checked."""
+    """``"auto"`` -> CUDA when available else CPU; ``"cuda"``/``"cuda:N"``/``"cpu"`` checked
+    (``"gpu"`` is an alias of ``"cuda"``, as in :func:`ssi_dask.deconvolve`)."""
     if isinstance(device, torch.device):
         device = str(device)
     device = "auto" if device is None else str(device)
+    if device == "gpu":  # the alias deconvolve(device=) accepts too: one vocabulary
+        device = "cuda"
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda"):
