@@ -2,9 +2,11 @@
 
 Generated ground truths of several kinds (:func:`ssi_dask.bench.synthetic.structure_3d`:
 filaments, shells/membranes, beads, blobs), ~128x256x256 by default (``--shape`` for a crop),
-imaged by a widefield PSF at NA 1.2 (water, 0.52 um emission) sampled at 0.1 um laterally
-(Nyquist: 0.108 um) with z steps of 0.3 um (3x), at two noise levels (Poisson-Gaussian:
-``high`` = read noise 0.05 of the range, ``low`` = 0.01; Poisson factor 0.001; no clipping).
+imaged by a widefield PSF at NA 1.2 (water, 0.52 um emission; ``--na``) sampled at 0.1 um
+laterally (Nyquist: 0.108 um) with z steps of 0.3 um (3x; ``--z-step``) on a 33x65x65 support
+(``--psf-shape``: the true PSF of the simulation, given to LR and SSI alike), at noise levels
+of :data:`NOISE` (Poisson-Gaussian, no clipping: ``high`` = Poisson factor 0.001 and read
+noise 0.05 of the range, ``low`` = 0.001 / 0.01, ``very-low`` = 0.0002 / 0.002).
 Each row reports the input, best-n Lucy-Richardson (an oracle choice of n), SSI with the
 default recipe, and SSI's self-check (runs, flagged failed and retried). A case only separates
 methods when LR gains >= 3 dB over the input: the column says whether it does.
@@ -13,6 +15,9 @@ Usage::
 
     nice -n 19 python benchmarks/ssi_3d.py --json benchmarks/ssi_3d_cpu.json
     python benchmarks/ssi_3d.py --shape 32,128,128 --kinds blobs --noise high --steps 200
+    nice -n 19 python benchmarks/ssi_3d.py --shape 32,64,64 --kinds filaments,shells \
+        --noise very-low --density 4 --psf-shape 17,31,31 --steps 100 \
+        --lr 2,5,10,20,50,100,200 --json benchmarks/ssi_3d_cpu.json
 """
 
 from __future__ import annotations
@@ -24,7 +29,8 @@ from pathlib import Path
 
 import numpy as np
 
-NOISE = {"high": 0.05, "low": 0.01}
+#: Noise levels: (Poisson factor, read noise) in units of the range.
+NOISE = {"high": (0.001, 0.05), "low": (0.001, 0.01), "very-low": (0.0002, 0.002)}
 
 
 def main() -> None:
@@ -36,6 +42,19 @@ def main() -> None:
     parser.add_argument("--lr", default="5,10,20,50")
     parser.add_argument("--steps", type=int, help="SSI training steps (default: the recipe's)")
     parser.add_argument("--density", type=float, default=1.0)
+    parser.add_argument("--na", type=float, default=1.2)
+    parser.add_argument("--z-step", type=float, default=0.3, help="um (lateral pixel: 0.1 um)")
+    parser.add_argument(
+        "--psf-shape",
+        default="33,65,65",
+        help="support of the widefield PSF (the PSF is cropped there and renormalised; it is "
+        "the true PSF of the simulation, given to LR and SSI alike)",
+    )
+    parser.add_argument(
+        "--output-range",
+        help="SSI's output clip range in normalised units, 'lo,hi' (default: the recipe's; a "
+        "diagnostic: the default (0, 1) caps the output at the input's 99.99th percentile)",
+    )
     parser.add_argument("--json")
     args = parser.parse_args()
 
@@ -46,17 +65,22 @@ def main() -> None:
     from ssi_dask.ssi import predict, train_ssi
 
     shape = tuple(int(v) for v in args.shape.split(","))
-    psf = widefield_psf((33, 65, 65), (0.3, 0.1, 0.1), na=1.2, wavelength=0.52)
+    psf_shape = tuple(int(v) for v in args.psf_shape.split(","))
+    psf = widefield_psf(psf_shape, (args.z_step, 0.1, 0.1), na=args.na, wavelength=0.52)
     psf = psf / psf.sum()
     records = []
     for kind in args.kinds.split(","):
         for seed in (int(s) for s in args.seeds.split(",")):
-            truth = structure_3d(kind, shape, aspect=3.0, seed=seed, density=args.density)
+            truth = structure_3d(
+                kind, shape, aspect=args.z_step / 0.1, seed=seed, density=args.density
+            )
             for level in args.noise.split(","):
                 rng = np.random.default_rng(seed)
-                noisy = add_poisson_gaussian_noise(blur(truth, psf), rng, 0.001, NOISE[level])
+                noisy = add_poisson_gaussian_noise(blur(truth, psf), rng, *NOISE[level])
                 noisy = noisy.astype(np.float32)
                 row = {"kind": kind, "noise": level, "seed": seed, "shape": list(shape)}
+                row.update(na=args.na, z_step=args.z_step, psf_shape=list(psf.shape))
+                row.update(density=args.density, steps=args.steps or "recipe default")
                 row["input"] = (
                     psnr(truth, np.clip(noisy, 0, 1)),
                     ssim(truth, np.clip(noisy, 0, 1)),
@@ -69,6 +93,9 @@ def main() -> None:
                         best = (n, score)
                 row["best_lr_n"], row["best_lr"] = best
                 options = {"steps": args.steps} if args.steps else {}
+                if args.output_range:
+                    options["output_range"] = tuple(float(v) for v in args.output_range.split(","))
+                row["output_range"] = options.get("output_range", "recipe default")
                 started = time.perf_counter()
                 model = train_ssi(noisy, psf, seed=seed, device="cpu", **options)
                 row["train_s"] = time.perf_counter() - started
@@ -79,10 +106,14 @@ def main() -> None:
                 row["failed_runs"] = sum(bool(e["failed"]) for e in runs)
                 row["self_check_passed"] = bool(model.training["beats_baselines"])
                 records.append(row)
+                if args.json:  # written after every row: a long run leaves what it measured
+                    Path(args.json).write_text(json.dumps(records, indent=2))
                 print(
                     f"{kind} {level} seed {seed}: input {row['input'][0]:.2f}, best LR "
                     f"(n={row['best_lr_n']}) {row['best_lr'][0]:.2f} / {row['best_lr'][1]:.3f}, "
-                    f"SSI {row['ssi'][0]:.2f} / {row['ssi'][1]:.3f}, train {row['train_s']:.0f} s",
+                    f"SSI {row['ssi'][0]:.2f} / {row['ssi'][1]:.3f}, train {row['train_s']:.0f} s, "
+                    f"runs {row['runs']} (flagged failed {row['failed_runs']}), "
+                    f"self-check passed {row['self_check_passed']}",
                     flush=True,
                 )
     print()
