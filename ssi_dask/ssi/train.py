@@ -669,24 +669,17 @@ def train_ssi(
 
 
 def _clipped_sensor(sensor_clipping, values, patches, offset, scale) -> ClippedSensor | None:
-    """The sensor model in normalised units from the option, the sampled values and patches."""
+    """The sensor model in normalised units from the option, the sampled values and patches.
+
+    ``sensor_clipping`` comes from a :class:`~ssi_dask.config.TrainingRecipe`, which checked
+    it when it was built ('auto', None/False, or (lower, upper) with lower < upper).
+    """
     if sensor_clipping is None or sensor_clipping is False:
         return None
-    if isinstance(sensor_clipping, str):
-        if sensor_clipping != "auto":
-            raise ParameterError(
-                f"sensor_clipping must be 'auto', None or (lower, upper), got {sensor_clipping!r}"
-            )
+    if sensor_clipping == "auto":
         lower, upper = detect_clip_bounds(values)
     else:
-        try:
-            lower, upper = sensor_clipping
-        except (TypeError, ValueError):
-            raise ParameterError(
-                f"sensor_clipping must be 'auto', None or (lower, upper), got {sensor_clipping!r}"
-            ) from None
-        if lower is not None and upper is not None and not float(lower) < float(upper):
-            raise ParameterError(f"sensor_clipping needs lower < upper, got {sensor_clipping!r}")
+        lower, upper = sensor_clipping
     if lower is None and upper is None:
         return None
     lower = None if lower is None else (float(lower) - offset) / scale
