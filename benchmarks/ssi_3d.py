@@ -52,8 +52,9 @@ def main() -> None:
     )
     parser.add_argument(
         "--output-range",
-        help="SSI's output clip range in normalised units, 'lo,hi' (default: the recipe's; a "
-        "diagnostic: the default (0, 1) caps the output at the input's 99.99th percentile)",
+        help="SSI's output clip range in normalised units, 'lo,hi' (default: the recipe's, "
+        "'auto' = (0, 1 / PSF peak-to-sum); '0,1' = the old default, the input's 99.99th "
+        "percentile)",
     )
     parser.add_argument("--json")
     args = parser.parse_args()
@@ -104,7 +105,13 @@ def main() -> None:
                 runs = [e for e in model.log if "failed" in e]
                 row["runs"] = len(runs)
                 row["failed_runs"] = sum(bool(e["failed"]) for e in runs)
-                row["self_check_passed"] = bool(model.training["beats_baselines"])
+                row["beats_baselines"] = bool(model.training["beats_baselines"])
+                check = model.training["self_check"]
+                row["self_check_passed"] = bool(check["passed"])
+                row["self_check_flags"] = check["flags"]
+                row["at_bound"] = check["at_bound"]
+                row["residual_to_noise"] = check["residual_to_noise"]
+                row["output_range_used"] = list(model.normalisation["output_range"])
                 records.append(row)
                 if args.json:  # written after every row: a long run leaves what it measured
                     Path(args.json).write_text(json.dumps(records, indent=2))
@@ -113,15 +120,18 @@ def main() -> None:
                     f"(n={row['best_lr_n']}) {row['best_lr'][0]:.2f} / {row['best_lr'][1]:.3f}, "
                     f"SSI {row['ssi'][0]:.2f} / {row['ssi'][1]:.3f}, train {row['train_s']:.0f} s, "
                     f"runs {row['runs']} (flagged failed {row['failed_runs']}), "
-                    f"self-check passed {row['self_check_passed']}",
+                    f"self-check passed {row['self_check_passed']} (flags "
+                    f"{','.join(check['flags']) or 'none'}; at bound {check['at_bound']:.4f}, "
+                    f"residual/noise bright {check['residual_to_noise']['ssi']['bright']:.2f}, "
+                    f"best LR baseline {_best_lr_ratio(check):.2f})",
                     flush=True,
                 )
     print()
     print(
         "| kind | noise | seed | input | best-n LR (n) | LR gain >= 3 dB | SSI | SSI - LR | "
-        "runs (flagged failed) |"
+        "runs (flagged failed) | self-check flags |"
     )
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in records:
         gain = r["best_lr"][0] - r["input"][0]
         print(
@@ -129,10 +139,17 @@ def main() -> None:
             f"{r['input'][1]:.3f} | {r['best_lr'][0]:.2f} / {r['best_lr'][1]:.3f} "
             f"({r['best_lr_n']}) | {'yes' if gain >= 3 else 'no'} ({gain:+.1f}) | "
             f"{r['ssi'][0]:.2f} / {r['ssi'][1]:.3f} | {r['ssi'][0] - r['best_lr'][0]:+.2f} dB / "
-            f"{r['ssi'][1] - r['best_lr'][1]:+.3f} | {r['runs']} ({r['failed_runs']}) |"
+            f"{r['ssi'][1] - r['best_lr'][1]:+.3f} | {r['runs']} ({r['failed_runs']}) | "
+            f"{', '.join(r['self_check_flags']) or 'none'} |"
         )
     if args.json:
         Path(args.json).write_text(json.dumps(records, indent=2))
+
+
+def _best_lr_ratio(check: dict) -> float:
+    """The lowest residual-to-noise ratio (brightest tenth) of the LR baselines."""
+    ratios = check["residual_to_noise"]
+    return min(v["bright"] for k, v in ratios.items() if k.startswith("lr"))
 
 
 if __name__ == "__main__":

@@ -75,6 +75,11 @@ def main() -> None:
     )
     parser.add_argument("--png", metavar="DIR", help="also write one PNG figure per run here")
     parser.add_argument(
+        "--output-range",
+        help="SSI's output_range, 'lo,hi' in normalised units (default: the recipe's 'auto'; "
+        "'0,1' = the default before issue 16's step 1)",
+    )
+    parser.add_argument(
         "--merge", nargs="+", metavar="JSON", help="print the tables of earlier runs' JSON files"
     )
     args = parser.parse_args()
@@ -89,7 +94,9 @@ def main() -> None:
     from ssi_dask.bench.protocol import run_protocol
 
     seeds = [int(s) for s in args.seeds.split(",")]
-    options = {"steps": args.steps} if args.steps else None
+    options = {"steps": args.steps} if args.steps else {}
+    if args.output_range:
+        options["output_range"] = tuple(float(v) for v in args.output_range.split(","))
     records = []
     conditions = args.conditions.split(",")
     for condition, (name, truth, psf), seed in (
@@ -129,7 +136,8 @@ def main() -> None:
             f"(n={result.best_lr_iterations}) {m['best-lr']['psnr']:.2f} / "
             f"{m['best-lr']['ssim']:.3f}, SSI {m['ssi']['psnr']:.2f} / {m['ssi']['ssim']:.3f} "
             f"(train {result.times['ssi_train']:.0f} s, runs {result.info.get('runs')}, "
-            f"flagged failed {result.info.get('failed_runs')})",
+            f"flagged failed {result.info.get('failed_runs')}, self-check flags "
+            f"{','.join(result.info.get('self_check_flags', [])) or 'none'})",
             flush=True,
         )
     print()
@@ -141,8 +149,9 @@ def main() -> None:
 def _tables(records: list[dict]) -> str:
     lines = [
         "| image | condition | seed | input | LR 2 | LR 5 | LR 10 | LR 20 | best-n LR (n) | SSI | "
-        "SSI - best LR | runs (flagged failed) | train s | apply s |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "SSI - best LR | runs (flagged failed) | self-check flags | train s | apply s |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- "
+        "| --- |",
     ]
     for r in records:
         m = r["metrics"]
@@ -155,6 +164,7 @@ def _tables(records: list[dict]) -> str:
             f"{m['ssi']['psnr'] - m['best-lr']['psnr']:+.2f} dB / "
             f"{m['ssi']['ssim'] - m['best-lr']['ssim']:+.3f} | "
             f"{r['training'].get('runs', '?')} ({r['training'].get('failed_runs', '?')}) | "
+            f"{', '.join(r['training'].get('self_check_flags', ['?'])) or 'none'} | "
             f"{r['times_s']['ssi_train']:.0f} | {r['times_s']['ssi_predict']:.1f} |"
         )
     lines += [

@@ -377,8 +377,13 @@ class TrainingRecipe:
         Self-supervised validation (held-out pixels) and early stopping.
     restarts, ensemble : int
         Extra runs after a failed run; runs averaged into one network.
-    norm_percentiles, output_range : (float, float)
-        Normalisation percentiles of the image and the output clip range (normalised units).
+    norm_percentiles : (float, float)
+        Normalisation percentiles of the image (they map to 0 and 1 for the network).
+    output_range : "auto" or (float, float)
+        The output's clip range in normalised units; ``"auto"`` (default): ``(0, 1 / p)`` with
+        ``p`` the PSF's peak-to-sum ratio, the largest object value a non-negative object can
+        have under the forward model when the blurred image peaks at the input's upper
+        normalisation percentile (see :func:`ssi_dask.ssi.train_ssi`).
     bounds_weight, null_space_weight, null_space_scale, null_space_max, null_space_threshold :
         Penalties (``null_space_weight="auto"``: from the image's signal-to-noise ratio).
     sensor_clipping : "auto", None or (low, high)
@@ -412,7 +417,7 @@ class TrainingRecipe:
     restarts: int = DEFAULT_RESTARTS
     ensemble: int = DEFAULT_ENSEMBLE
     norm_percentiles: tuple[float, float] = (0.01, 99.99)
-    output_range: tuple[float, float] = (0.0, 1.0)
+    output_range: tuple[float, float] | str = "auto"
     bounds_weight: float = 0.1
     null_space_weight: float | str = "auto"
     null_space_scale: float = 2.5
@@ -459,7 +464,13 @@ class TrainingRecipe:
                 f"norm_percentiles must lie in [0, 100], got {self.norm_percentiles!r}"
             )
         object.__setattr__(self, "norm_percentiles", (lo, hi))
-        object.__setattr__(self, "output_range", _pair("output_range", self.output_range))
+        if isinstance(self.output_range, str):
+            if self.output_range != "auto":
+                raise ParameterError(
+                    f"output_range must be 'auto' or (low, high), got {self.output_range!r}"
+                )
+        else:
+            object.__setattr__(self, "output_range", _pair("output_range", self.output_range))
         if isinstance(self.null_space_weight, str):
             if self.null_space_weight != "auto":
                 raise ParameterError(

@@ -162,6 +162,13 @@ def run_protocol(
         runs = [entry for entry in model.log if "failed" in entry]
         info["runs"] = len(runs)  # the self-check: runs flagged as failed were retried
         info["failed_runs"] = sum(bool(entry["failed"]) for entry in runs)
+        check = model.training.get("self_check")
+        if check is not None:  # the output-level self-check (clipped / underfit outputs)
+            info["self_check_passed"] = bool(check["passed"])
+            info["self_check_flags"] = list(check["flags"])
+            info["at_bound"] = check["at_bound"]
+            info["residual_to_noise"] = {k: dict(v) for k, v in check["residual_to_noise"].items()}
+        info["output_range_used"] = list(model.normalisation["output_range"])
         say(
             f"SSI: PSNR {metrics['ssi']['psnr']:.2f} dB "
             f"(trained {times['ssi_train']:.0f} s, applied {times['ssi_predict']:.1f} s)"

@@ -61,7 +61,7 @@ from .sensor import ClippedSensor, detect_clip_bounds, estimate_noise_model
 from .symmetry import apply as apply_transform
 from .symmetry import psf_symmetries
 
-__all__ = ["train_ssi", "estimate_signal_to_noise", "DEFAULTS"]
+__all__ = ["train_ssi", "estimate_signal_to_noise", "object_range", "self_check", "DEFAULTS"]
 
 DEFAULTS = SSI_TRAINING_DEFAULTS  # the tuned 2D/3D defaults live in ssi_dask.config
 
@@ -205,11 +205,26 @@ class _Validator:
         self.x_in = mask_input(self.x, self.v)
         self.weight = op.crop(self.v).float()
         self.target = op.crop(self.x)
+        self._noise: torch.Tensor | None = None
 
     def loss_of(self, estimate: torch.Tensor, clip=(0.0, 1.0)) -> float:
         blurred = self.measure(self.op.valid(estimate.float().clamp(*clip)))
         err = (blurred - self.target) ** 2 * self.weight
         return float(err.sum() / self.weight.sum().clamp_min(1))
+
+    def noise_variance(self) -> torch.Tensor:
+        """The noise variance of each scored pixel (``gain * level + floor``, fitted to the
+        validation patches; the sensor's fit when the data are clipped); sets ``level``."""
+        if self._noise is None:
+            if self.sensor is not None:
+                gain, floor = self.sensor.gain, self.sensor.floor
+            else:
+                gain, floor = estimate_noise_model(self.x[:, 0].double().cpu().numpy())
+            # the level: the blurred masked input, which does not see the validation pixels'
+            # own noise (selecting or weighting pixels by their noisy value would bias both)
+            self.level = self.op.valid(self.x_in.float()).clamp_min(0)
+            self._noise = (gain * self.level + floor).float()
+        return self._noise
 
     def measure(self, blurred: torch.Tensor) -> torch.Tensor:
         """The expected measurement of a blurred estimate (the sensor's clipping, if any)."""
@@ -290,6 +305,11 @@ class TrainingPrinter:
             f"[ssi] run {run + 1} failed its self-supervised check (val {val:.5f} >= "
             f"{threshold:.5f}){then}"
         )
+
+    def self_check(self, check: dict) -> None:
+        """Say when the trained model's output is clipped or underfit (:func:`self_check`)."""
+        if check["flags"]:
+            self._print(f"[ssi] self-check flagged {', '.join(check['flags'])}: {check['message']}")
 
     def __call__(self, entry: dict) -> None:
         run, elapsed = entry["run"], entry["elapsed_s"]
@@ -505,7 +525,10 @@ def train_ssi(
         values = sample_values(image, seed=seed)
     lo, hi = (float(v) for v in np.percentile(values, recipe.norm_percentiles))
     scale = hi - lo if hi > lo else 1.0
-    clip = tuple(float(v) for v in recipe.output_range)
+    if recipe.output_range == "auto":
+        clip = object_range(psf)
+    else:
+        clip = tuple(float(v) for v in recipe.output_range)
     normalisation = {"offset": lo, "scale": scale, "output_range": clip}
 
     op, forward = forward_operator(psf, patch_shape, dev, recipe.forward)
@@ -665,7 +688,144 @@ def train_ssi(
     settings["val_loss"] = val
     settings["baseline_val_losses"] = baselines
     settings["beats_baselines"] = bool(val < fail_threshold)
+    settings["output_range"] = dict(
+        rule="auto: (0, 1 / PSF peak-to-sum)" if recipe.output_range == "auto" else "given",
+        normalised=list(clip),
+        psf_peak_to_sum=float(psf.max()),
+    )
+    check = self_check(
+        net.to(dev),
+        validator,
+        clip,
+        _autocast_for(dev),
+        baselines=baselines,
+        at_bound_limit=(100.0 - recipe.norm_percentiles[1]) / 100.0,
+    )
+    net = net.cpu()
+    check["passed"] = bool(settings["beats_baselines"] and not check["flags"])
+    settings["self_check"] = check
+    log.append({"self_check": check})
+    if hasattr(ctx.report, "self_check"):
+        ctx.report.self_check(check)
     return SSIModel(net, normalisation, psf, settings, log)
+
+
+def object_range(psf) -> tuple[float, float]:
+    """The ``"auto"`` output range in normalised units: ``(0, 1 / peak-to-sum of the PSF)``.
+
+    A non-negative object ``f`` (above the image's background, normalised to 0) blurred by a
+    PSF ``h`` of unit sum gives ``(h * f)(x) >= h_max f(x)`` at the PSF's peak offset, so no
+    object value consistent with a blurred image that peaks at 1 (the input's upper
+    normalisation percentile) exceeds ``1 / h_max``: a bound derived from the forward model
+    alone. A point source reaches it; extended structures stay far below (their blur keeps
+    their level), so the clip acts only on outputs the forward model cannot produce.
+    """
+    h = np.asarray(psf, dtype=np.float64)
+    peak = float(h.max() / h.sum())
+    return 0.0, 1.0 / peak
+
+
+#: Unexplained residual, in units of the noise variance, above which an output is flagged as
+#: underfit (see :func:`self_check`).
+UNDERFIT_EXCESS = 1.0
+
+#: Lucy-Richardson iteration counts whose fit the self-check compares the output with.
+SELF_CHECK_LR_ITERATIONS = (2, 5, 10, 20, 50, 100, 200)
+
+
+@torch.no_grad()
+def self_check(
+    net,
+    validator: _Validator,
+    clip: tuple[float, float],
+    autocast,
+    *,
+    baselines: dict | None = None,
+    at_bound_limit: float = 1e-4,
+    chunk: int = 4,
+) -> dict:
+    """Ground-truth-free check of a trained network's output on the validation patches.
+
+    Two failures the validation-loss comparison with the baselines cannot see:
+
+    * **clipped**: the share of output voxels (the scored interior) at or beyond the upper
+      bound of the output range exceeds ``at_bound_limit`` (by default the share of the input
+      above its own upper normalisation percentile): the output range is too low for the
+      object the data call for (deconvolved peaks lie far above the blurred image's);
+    * **underfit**: the output, blurred by the PSF (through the sensor model, if any), leaves
+      a residual against the held-out validation pixels whose part above the noise is larger
+      than the noise itself (``residual / noise - 1 > UNDERFIT_EXCESS``) in the brightest
+      tenth of the validation pixels, where the structure is, and where the best
+      Lucy-Richardson baseline explains the data better: the output does not explain the input
+      beyond the noise. The noise variance per pixel comes from the noise model fitted to the
+      validation patches (``sigma^2 = gain * level + floor``, :func:`estimate_noise_model`).
+
+    Returns
+    -------
+    dict
+        ``at_bound`` (share of voxels at the upper bound), ``at_bound_limit``,
+        ``residual_to_noise`` (all validation pixels and the brightest tenth, for the output
+        and the baselines), ``flags`` (a list of ``"clipped"`` / ``"underfit"``), ``message``.
+    """
+    lo, hi = clip
+    net.eval()
+    outs = []
+    for i in range(0, validator.x_in.shape[0], chunk):
+        with autocast():
+            outs.append(net(validator.x_in[i : i + chunk]).float())
+    out = torch.cat(outs)
+    interior = validator.op.crop(out)
+    at_bound = float((interior >= hi - 1e-6 * (hi - lo)).float().mean())
+    ratios = {"ssi": _residual_to_noise(validator, out, clip)}
+    if baselines is not None:
+        ratios["identity"] = _residual_to_noise(validator, validator.x_in, clip)
+        lr = _lr_baselines(validator.op, validator.x_in, iters=SELF_CHECK_LR_ITERATIONS)
+        for n, est in lr.items():
+            ratios[f"lr{n}"] = _residual_to_noise(validator, est, clip)
+    flags = []
+    if at_bound > at_bound_limit:
+        flags.append("clipped")
+    excess = ratios["ssi"]["bright"] - 1.0
+    best_lr = min((r["bright"] for k, r in ratios.items() if k.startswith("lr")), default=None)
+    if excess > UNDERFIT_EXCESS and (best_lr is None or best_lr < ratios["ssi"]["bright"]):
+        flags.append("underfit")
+    messages = {
+        "clipped": f"{100 * at_bound:.2f} % of the output at its upper bound {hi:.3g} "
+        "(normalised): the output range is too low",
+        "underfit": f"the re-blurred output misses the data by {excess:.1f}x the noise "
+        "variance on its brightest tenth (Lucy-Richardson: "
+        + ("n/a" if best_lr is None else f"{best_lr - 1.0:.1f}x")
+        + "): train longer, or use Lucy-Richardson",
+    }
+    return {
+        "at_bound": at_bound,
+        "at_bound_limit": float(at_bound_limit),
+        "underfit_excess_limit": UNDERFIT_EXCESS,
+        "residual_to_noise": ratios,
+        "flags": flags,
+        "message": "; ".join(messages[f] for f in flags),
+    }
+
+
+def _residual_to_noise(validator: _Validator, estimate: torch.Tensor, clip) -> dict:
+    """Squared residual of the re-blurred estimate on the validation pixels over the noise
+    model's variance there (robust: median), on all of them and on the brightest tenth by
+    data level (``bright``; ``peak``: the brightest hundredth, recorded only); about 1 for an
+    estimate that explains the data down to the noise."""
+    blurred = validator.measure(validator.op.valid(estimate.float().clamp(*clip)))
+    err = (blurred - validator.target) ** 2
+    sel = validator.weight > 0
+    var = validator.noise_variance()
+    level = validator.level[sel]
+    err, var = err[sel], var[sel]
+    # robust like the noise model's fit (a median over the chi-square median, 0.4549 for one
+    # degree of freedom): outliers such as salt-and-pepper do not count
+    z2 = err / var.clamp_min(1e-12) / 0.4549364
+    ratios = {"all": float(z2.median())}
+    for name, q in (("bright", 0.9), ("peak", 0.99)):
+        keep = level >= torch.quantile(level.float(), q) if level.numel() > 100 else slice(None)
+        ratios[name] = float(z2[keep].median())
+    return ratios
 
 
 def _clipped_sensor(sensor_clipping, values, patches, offset, scale) -> ClippedSensor | None:
