@@ -140,10 +140,10 @@ def main() -> None:
             f"{','.join(result.info.get('self_check_flags', [])) or 'none'})",
             flush=True,
         )
+        if args.json:  # written after every run: a long run leaves what it measured
+            Path(args.json).write_text(json.dumps(records, indent=2))
     print()
     print(_tables(records))
-    if args.json:
-        Path(args.json).write_text(json.dumps(records, indent=2))
 
 
 def _tables(records: list[dict]) -> str:
@@ -183,9 +183,9 @@ def _tables(records: list[dict]) -> str:
     for name in names + ["mean"]:
         group = records if name == "mean" else [r for r in records if key(r) == name]
         cells = []
-        for key in ("input", "best-lr", "ssi"):
+        for method in ("input", "best-lr", "ssi"):
             values = {
-                k: np.mean([r["metrics"][key][k] for r in group])
+                k: np.mean([r["metrics"][method][k] for r in group])
                 for k in ("psnr", "ssim", "mi", "smi")
             }
             cells.append(
