@@ -235,16 +235,23 @@ class InputReference:
                 grown.append(slice(max(0, int(s.start) - d), min(n, int(s.stop) + d)))
         return tuple(grown)
 
-    def signature(self, region: Sequence[slice]) -> dict[str, str]:
+    def signature(self, region: Sequence[slice], read: bool = True) -> dict[str, str]:
         """What the working chunk at ``region`` read: ``quick`` and ``content`` signatures.
 
         Called in the write task, right after the chunk was computed (see
-        :meth:`content_signature` for what is hashed).
+        :meth:`content_signature` for what is hashed). With ``read=False`` (a background
+        chunk decided from a coarse pyramid level, whose input was never read) the content is
+        ``"unread"``: nothing proves what the input held, so a resume trusts the chunk only
+        while the quick signature still matches and otherwise counts it as changed.
         """
         return {
             "quick": self.quick_signature(self.grown(region)),
-            "content": self.content_signature(region),
+            "content": self.content_signature(region) if read else UNREAD,
         }
+
+
+#: The content signature of a chunk whose input was not read (see InputReference.signature).
+UNREAD = "unread"
 
 
 @functools.lru_cache(maxsize=8)
@@ -303,7 +310,9 @@ def changed_input_chunks(
         if reference.quick_signature(grown, listing) == recorded.get("quick"):
             continue
         reread += 1
-        if reference.content_signature(regions[index]) != recorded["content"]:
+        if recorded["content"] == UNREAD:  # nothing to compare the input with
+            changed.append(index)
+        elif reference.content_signature(regions[index]) != recorded["content"]:
             changed.append(index)
     return changed, reread
 

@@ -466,6 +466,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="LR, Zarr input: write chunks whose input (with halo) is at most THRESHOLD "
         "everywhere as their background value without computing them (counted in the summary)",
     )
+    run.add_argument(
+        "--skip-background-level",
+        type=int,
+        metavar="N",
+        help="with --skip-background and an OME-Zarr input: decide from the input's pyramid "
+        "level N first (a chunk it calls background is written without reading its "
+        "full-resolution input; approximate at that level's resolution, see README)",
+    )
     run.add_argument("--overwrite", action="store_true", help="replace an existing OUTPUT store")
     run.add_argument(
         "--resume",
@@ -918,6 +926,7 @@ def job_from_args(args: argparse.Namespace) -> Job:
             output_format=args.output_format,
             output_dtype=args.output_dtype,
             skip_background=args.skip_background,
+            skip_background_level=args.skip_background_level,
         ),
         cluster=ClusterSettings(
             scheduler=args.scheduler,

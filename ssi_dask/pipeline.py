@@ -82,6 +82,7 @@ class RunReport:
     output_dtype: str = "float32"
     clipped: int = 0
     skipped: int = 0
+    skipped_unread: int = 0
     write_seconds: float | None = None
     written_voxels: float | None = None
 
@@ -109,9 +110,10 @@ class RunReport:
                 f"  stored as   {self.output_dtype}, {self.clipped} values clipped to its range"
             )
         if "skip_background" in self.provenance:
-            extra.append(
-                f"  background  {self.skipped} of {self.chunks} chunks written without computing"
-            )
+            line = f"  background  {self.skipped} of {self.chunks} chunks written without computing"
+            if "skip_background_level" in self.provenance:
+                line += f" ({self.skipped_unread} of them without reading their input)"
+            extra.append(line)
         if not extra:
             return text
         lines = text.splitlines()
@@ -615,6 +617,7 @@ def run(job: Job, *, client: Any = None, echo: Echo = print) -> RunReport:
             "skip_background needs a Zarr input (each chunk decides from what it reads); "
             "convert the input to Zarr or drop skip_background"
         )
+    background_level = _background_level(image, job.layout.skip_background_level, n_lead)
     first_volume = Volume(
         data=_as_dask(array, store_chunks)[(0,) * n_lead],
         store_chunks=store_chunks[n_lead:],
@@ -788,6 +791,8 @@ def run(job: Job, *, client: Any = None, echo: Echo = print) -> RunReport:
             entry["output_dtype"] = output_dtype
         if skip_background is not None:
             entry["skip_background"] = float(skip_background)
+        if background_level is not None:
+            entry["skip_background_level"] = background_level.level
         if image.is_ome:
             entry["input_level"] = image.level
             entry["channels"] = channels if channels is not None else "all"
@@ -938,6 +943,7 @@ def run(job: Job, *, client: Any = None, echo: Echo = print) -> RunReport:
                 device="gpu" if job.cluster.gpu else "cpu",
                 offset=lr.offset,
                 skip_background=skip_background,
+                background_level=background_level,
             )
         else:
             result = _build_graph(
@@ -978,9 +984,15 @@ def run(job: Job, *, client: Any = None, echo: Echo = print) -> RunReport:
         if job.method == "ssi" and client is not None:
             with contextlib.suppress(Exception):
                 client.unsubscribe_topic(SSI_TILES_EVENT)
-        clipped, skipped = _clipped_values(target)
+        clipped, skipped, unread = _clipped_values(target)
         if skip_background is not None:
-            _say(echo, f"skipped {skipped} background chunks (input <= {skip_background:g})")
+            line = f"skipped {skipped} background chunks (input <= {skip_background:g})"
+            if background_level is not None:
+                line += (
+                    f"; {unread} decided from pyramid level {background_level.level}, "
+                    "their full-resolution input not read"
+                )
+            _say(echo, line)
         if clipped:
             warnings.append(
                 f"warning: {clipped} values outside the {output_dtype} range were clipped "
@@ -1006,6 +1018,7 @@ def run(job: Job, *, client: Any = None, echo: Echo = print) -> RunReport:
         output_dtype=output_dtype,
         clipped=clipped,
         skipped=skipped,
+        skipped_unread=unread,
         write_seconds=timing["progress"].seconds if "progress" in timing else None,
         written_voxels=timing["progress"].voxels if "progress" in timing else None,
     )
@@ -1038,16 +1051,73 @@ def resolve_output_dtype(choice: str, input_dtype: Any) -> str:
     return name
 
 
-def _clipped_values(target: Path) -> tuple[int, int]:
-    """Values the write clipped to the output dtype's range, and background chunks skipped
-    (from the output's provenance)."""
+def _clipped_values(target: Path) -> tuple[int, int, int]:
+    """Values the write clipped to the output dtype's range, background chunks skipped, and
+    those of them decided from a pyramid level (from the output's provenance)."""
     import zarr  # noqa: PLC0415
 
     try:
         attrs = dict(zarr.open_array(str(target), mode="r").attrs.get("ssi_dask") or {})
     except Exception:
-        return 0, 0
-    return int(attrs.get("clipped_values", 0)), int(attrs.get("skipped_chunks", 0))
+        return 0, 0, 0
+    return (
+        int(attrs.get("clipped_values", 0)),
+        int(attrs.get("skipped_chunks", 0)),
+        int(attrs.get("skipped_unread", 0)),
+    )
+
+
+#: Pyramid downsampling methods that keep one voxel of each block: a coarse voxel then says
+#: nothing about the others, so it cannot decide that a chunk is background.
+SUBSAMPLING_METHODS = ("nearest", "subsampl", "stride", "decimat")
+
+
+def _background_level(image: Any, level: int | None, n_lead: int) -> Any:
+    """The :class:`ssi_dask.storegraph.PyramidLevel` ``skip_background_level`` names, after
+    checking that the input has it and that its downsampling can decide background."""
+    if level is None:
+        return None
+    if not image.is_ome or image.n_levels < 2:
+        raise ParameterError(
+            f"skip_background_level={level} needs an OME-Zarr input with a pyramid; this input "
+            "has one level: drop skip_background_level (each chunk then decides from its input)"
+        )
+    if not image.level < level < image.n_levels:
+        raise ParameterError(
+            f"skip_background_level={level} must be a level coarser than the input's "
+            f"(level {image.level}): {image.level + 1} to {image.n_levels - 1}"
+        )
+    import zarr  # noqa: PLC0415
+
+    from .ome import ome_attributes, open_ome_zarr  # noqa: PLC0415
+    from .storegraph import PyramidLevel  # noqa: PLC0415
+
+    block, _ = ome_attributes(dict(zarr.open_group(image.path, mode="r").attrs))
+    multiscale = (block or {}).get("multiscales", [{}])[0]
+    metadata = multiscale.get("metadata") if isinstance(multiscale.get("metadata"), dict) else {}
+    method = " ".join(str(v) for v in (multiscale.get("type"), metadata.get("method")) if v)
+    if any(word in method.lower() for word in SUBSAMPLING_METHODS):
+        raise ParameterError(
+            f"skip_background_level={level}: the input's pyramid was made by {method!r}, which "
+            "keeps one voxel of each block and can miss a bright one entirely; drop "
+            "skip_background_level (each chunk then decides from its full-resolution input)"
+        )
+    coarse = open_ome_zarr(image.path, level)
+    spatial = image.spatial_axes
+    factors = tuple(float(coarse.scale[i]) / float(image.scale[i]) for i in spatial)
+    lead_ok = tuple(coarse.array.shape[:n_lead]) == tuple(image.array.shape[:n_lead])
+    if not lead_ok or not all(f >= 1 for f in factors):
+        raise ParameterError(
+            f"skip_background_level={level}: level {level} is not a coarser copy of the input "
+            f"(shape {tuple(coarse.array.shape)}, voxel {factors} input voxels); drop "
+            "skip_background_level"
+        )
+    return PyramidLevel(
+        path=str(Path(image.path) / coarse.level_path),
+        level=level,
+        factors=factors,
+        shape=tuple(int(coarse.array.shape[i]) for i in spatial),
+    )
 
 
 def _store_input(image: Any, array: Any) -> str | None:

@@ -119,7 +119,7 @@ def write_record(
     run_id: str,
     input_signature: dict[str, str] | None = None,
     clipped: int = 0,
-    skipped: bool = False,
+    skipped: str | None = None,
 ) -> Path:
     """Record that the working chunk at ``index`` is written; atomic and safe to repeat.
 
@@ -145,8 +145,8 @@ def write_record(
         record["input"] = dict(input_signature)
     if clipped:  # values outside the output dtype's range (see ssi_dask.store.encode_values)
         record["clipped"] = int(clipped)
-    if skipped:  # written as background without computing (skip_background)
-        record["skipped"] = True
+    if skipped:  # written as background without computing: what decided it (skip_background)
+        record["skipped"] = skipped
     write_atomically(final, json.dumps(record))
     return final
 

@@ -78,13 +78,17 @@ def write_chunk(
     fingerprint: str,
     run: str,
     input_reference: Any = None,
-    skipped: bool = False,
+    skipped: str | None = None,
 ) -> None:
     """Write one computed working chunk into ``region`` of the output, then record it done.
 
     Shared by both graphs (``map_overlap`` and :mod:`ssi_dask.storegraph`): refuses a
     non-finite result (nothing written, no record), writes every output chunk even when all
-    zero, and only then writes the completion record with the input signature.
+    zero, and only then writes the completion record with the input signature. ``skipped``
+    marks a chunk written as background without computing: ``"input"`` when its input decided
+    it, ``"pyramid"`` when a coarse pyramid level did and the input was never read (its record
+    then holds only the quick signature of the input files, see
+    :meth:`ssi_dask.chunkfiles.InputReference.signature`).
     """
     import zarr  # noqa: PLC0415
 
@@ -105,7 +109,9 @@ def write_chunk(
             float(array.attrs.get("add_offset", 0.0)),
         )
     array[region] = data
-    signature = input_reference.signature(region) if input_reference is not None else None
+    signature = None
+    if input_reference is not None:
+        signature = input_reference.signature(region, read=skipped != "pyramid")
     # Only now, with the data in the store, may the chunk count as finished.
     records.write_record(
         path,
@@ -460,6 +466,10 @@ def _finish(path: Path, provenance: dict, regions: Any):
     if "skip_background" in provenance:
         provenance["skipped_chunks"] = sum(
             1 for record in finished.values() if record.get("skipped")
+        )
+    if "skip_background_level" in provenance:  # decided from the pyramid, input left unread
+        provenance["skipped_unread"] = sum(
+            1 for record in finished.values() if record.get("skipped") == "pyramid"
         )
     array.attrs["ssi_dask"] = provenance
     return zarr.open_array(str(path), mode="r")

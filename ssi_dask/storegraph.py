@@ -40,6 +40,40 @@ MIN_IN_FLIGHT = 16
 
 
 @dataclass(frozen=True)
+class PyramidLevel:
+    """A coarser resolution level of the input's OME-Zarr pyramid, seen from the input level.
+
+    Attributes
+    ----------
+    path : str
+        The level's array folder.
+    level : int
+        Its index in the pyramid.
+    factors : tuple of float
+        Per spatial axis, the size of one of its voxels in input voxels (from the levels'
+        ``scale``; 2.0 for a level that halves the input's size).
+    shape : tuple of int
+        Its spatial shape.
+    """
+
+    path: str
+    level: int
+    factors: tuple[float, ...]
+    shape: tuple[int, ...]
+
+    def cells(self, bounds: Sequence[tuple[int, int]]) -> tuple[slice, ...]:
+        """The coarse voxels overlapping the input box ``bounds`` (start, stop per spatial
+        axis): the box is rounded outwards, so no input voxel of it is left out."""
+        return tuple(
+            slice(
+                min(n - 1, max(0, math.floor(start / f))),
+                max(1, min(n, math.ceil(stop / f))),
+            )
+            for (start, stop), f, n in zip(bounds, self.factors, self.shape)
+        )
+
+
+@dataclass(frozen=True)
 class ChunkSource:
     """What every chunk task needs to read its input: small, pickled with each task.
 
@@ -56,6 +90,9 @@ class ChunkSource:
         The plan's working chunk shape and halo (0 along an LR axis held in one chunk).
     boundary : {"none", "reflect"}
         ``"none"`` (LR) or ``"reflect"`` (SSI: the volume's edges mirrored, edge included).
+    background_level : PyramidLevel, optional
+        A coarser level of the input's OME pyramid that decides which chunks are background
+        before their full-resolution input is read (``skip_background_level``).
     """
 
     input_path: str
@@ -64,6 +101,7 @@ class ChunkSource:
     working_chunks: tuple[int, ...]
     depth: tuple[int, ...]
     boundary: str
+    background_level: PyramidLevel | None = None
 
     def region(self, index: Sequence[int]) -> tuple[slice, ...]:
         """The output region of the working chunk at block ``index`` (leading axes first)."""
@@ -75,16 +113,36 @@ class ChunkSource:
         ]
         return (*lead, *spatial)
 
+    def _lead_selection(self, index: Sequence[int]) -> list[Any]:
+        """The input indices of the leading (time, channel) axes of block ``index``."""
+        selection: list[Any] = []
+        for axis, i in enumerate(index[: len(self.lead)]):
+            mapping = self.lead[axis]
+            selection.append(int(mapping[int(i)]) if mapping is not None else int(i))
+        return selection
+
+    def read_background_level(self, index: Sequence[int]) -> np.ndarray:
+        """The values of :attr:`background_level` under the chunk's region plus halo (every
+        coarse voxel that overlaps it)."""
+        from .chunkfiles import _zarr_array  # noqa: PLC0415
+
+        level = self.background_level
+        assert level is not None
+        n_lead = len(self.lead)
+        grown = [
+            (max(0, s.start - d), min(n, s.stop + d))
+            for s, d, n in zip(self.region(index)[n_lead:], self.depth, self.shape)
+        ]
+        selection = self._lead_selection(index) + list(level.cells(grown))
+        return np.asarray(_zarr_array(level.path)[tuple(selection)])
+
     def read(self, index: Sequence[int]) -> tuple[np.ndarray, tuple[slice, ...]]:
         """The chunk's input with its halo, as the ``map_overlap`` path gives it to the kernel,
         and where the chunk lies inside it."""
         from .chunkfiles import _zarr_array  # noqa: PLC0415
 
         n_lead = len(self.lead)
-        selection: list[Any] = []
-        for axis, i in enumerate(index[:n_lead]):
-            mapping = self.lead[axis]
-            selection.append(int(mapping[int(i)]) if mapping is not None else int(i))
+        selection = self._lead_selection(index)
         pad, crop = [], []
         for s, d, n in zip(self.region(index)[n_lead:], self.depth, self.shape):
             start, stop = max(0, s.start - d), min(n, s.stop + d)
@@ -166,8 +224,19 @@ def _run_chunk(
     input_reference: Any,
 ) -> int:
     """One chunk task: read with halo, compute, crop, write whole output chunks, record."""
-    from .store import write_chunk  # noqa: PLC0415
-
+    background = None
+    if kernel.skip_background is not None and source.background_level is not None:
+        # decided from the coarse level: a background chunk's full-resolution input is not read
+        background = kernel.background(source.read_background_level(index))
+        if background is not None:
+            result = np.full(
+                [s.stop - s.start for s in source.region(index)[len(source.lead) :]],
+                background,
+                dtype=np.float32,
+            )
+            return _write_result(
+                result, source, index, output, fingerprint, run, input_reference, "pyramid"
+            )
     block, crop = source.read(index)
     background = kernel.background(block)
     if background is not None:  # uniform background: written without computing
@@ -180,18 +249,44 @@ def _run_chunk(
         if hasattr(result, "get"):  # CuPy -> NumPy
             result = result.get()
         result = np.asarray(result)[crop]
+    return _write_result(
+        result,
+        source,
+        index,
+        output,
+        fingerprint,
+        run,
+        input_reference,
+        "input" if background is not None else None,
+    )
+
+
+def _write_result(
+    result: np.ndarray,
+    source: ChunkSource,
+    index: tuple[int, ...],
+    output: str,
+    fingerprint: str,
+    run: str,
+    input_reference: Any,
+    skipped: str | None,
+) -> int:
+    """Write a chunk's result (spatial axes only) and its record; ``skipped`` says what decided
+    that it is background (``"input"``: its full-resolution input, ``"pyramid"``: a coarse
+    level, the input then left unread) or None for a computed chunk."""
+    from .store import write_chunk  # noqa: PLC0415
+
     n_lead = len(source.lead)
     result = result.reshape((1,) * n_lead + result.shape)
-    region = source.region(index)
     write_chunk(
         result,
         output,
         index,
-        region,
+        source.region(index),
         fingerprint,
         run,
         input_reference,
-        skipped=background is not None,
+        skipped=skipped,
     )
     return 1
 
@@ -322,6 +417,7 @@ def store_result(
     device: str = "cpu",
     offset: float = 0.0,
     skip_background: float | None = None,
+    background_level: PyramidLevel | None = None,
 ) -> StoreResult:
     """The :class:`StoreResult` of a run from the Zarr array at ``input_path``.
 
@@ -352,6 +448,10 @@ def store_result(
     skip_background : float, optional
         LR: chunks whose input (with halo) is at most this everywhere are written as their
         background value without computing (:meth:`ChunkKernel.background`).
+    background_level : PyramidLevel, optional
+        With ``skip_background``: decide from this coarse level of the input's pyramid first,
+        without reading a background chunk's full-resolution input (a chunk the level does not
+        call background is still decided from its own input).
 
     Returns
     -------
@@ -392,5 +492,6 @@ def store_result(
         working_chunks=tuple(int(c) for c in plan.working_chunks),
         depth=tuple(int(d) for d in plan.depth),
         boundary=METHOD_BOUNDARY[method],
+        background_level=background_level if skip_background is not None else None,
     )
     return StoreResult(source=source, kernel=kernel, lead_shape=tuple(int(s) for s in lead_shape))

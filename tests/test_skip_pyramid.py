@@ -1,0 +1,204 @@
+"""Background chunks decided from a coarse level of the input's OME pyramid (issue 15, item 6):
+identical to computing them at threshold 0, their full-resolution input left unread, resume
+safe, and pyramids that cannot decide it refused."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zarr
+from conftest import smooth_volume
+
+import ssi_dask
+from ssi_dask.progress import progress_folder
+
+pytest.importorskip("ome_zarr")
+
+SHAPE = (16, 60, 120)
+CHUNKS = (16, 20, 20)
+
+
+def block_mean(volume: np.ndarray) -> np.ndarray:
+    """The 2x2x2 block mean (an independent pyramid level)."""
+    z, y, x = (s // 2 for s in volume.shape)
+    return volume[: 2 * z, : 2 * y, : 2 * x].reshape(z, 2, y, 2, x, 2).mean(axis=(1, 3, 5))
+
+
+def write_pyramid(path: Path, level0: np.ndarray, level1: np.ndarray, kind: str = "mean") -> Path:
+    """A 3D OME-Zarr 0.5 input with two levels (the second halves every axis)."""
+    from ome_zarr.format import FormatV05
+    from ome_zarr.writer import write_multiscale
+
+    group = zarr.open_group(str(path), mode="w", zarr_format=3)
+    axes = [{"name": n, "type": "space", "unit": "micrometer"} for n in "zyx"]
+    transforms = [[{"type": "scale", "scale": [0.3 * f, 0.1 * f, 0.1 * f]}] for f in (1, 2)]
+    write_multiscale(
+        [level0.astype(np.float32), level1.astype(np.float32)],
+        group,
+        fmt=FormatV05(),
+        axes=axes,
+        coordinate_transformations=transforms,
+        storage_options={"chunks": CHUNKS},
+    )
+    ome = dict(group.attrs["ome"])
+    ome["multiscales"] = [{**ome["multiscales"][0], "type": kind}]
+    group.attrs["ome"] = ome
+    return path
+
+
+def job_for(tmp_path: Path, source: Path, psf3d_file: Path, **layout) -> ssi_dask.Job:
+    return ssi_dask.Job(
+        input=source,
+        output=tmp_path / "out.zarr",
+        psf=ssi_dask.PSFSettings(files=(str(psf3d_file),)),
+        lr=ssi_dask.LRSettings(num_iter=3),
+        layout=ssi_dask.LayoutSettings(chunks=CHUNKS, output_format="zarr", **layout),
+        progress=False,
+    )
+
+
+def zero_footprint_chunks(volume: np.ndarray, depth) -> set:
+    """(y, x) block indices whose input with halo is all zero, counted independently."""
+    found = set()
+    for j, y in enumerate(range(0, SHAPE[1], 20)):
+        for i, x in enumerate(range(0, SHAPE[2], 20)):
+            ys = slice(max(0, y - depth[1]), y + 20 + depth[1])
+            grown = volume[:, ys, max(0, x - depth[2]) : x + 20 + depth[2]]
+            if not grown.any():
+                found.add((0, j, i))
+    return found
+
+
+def skipped_records(output: Path) -> dict:
+    import json
+
+    records = [json.loads(p.read_text()) for p in progress_folder(output).iterdir()]
+    return {tuple(r["index"]): r.get("skipped") for r in records if r.get("skipped")}
+
+
+def test_pyramid_decision_at_zero_is_identical_and_leaves_input_unread(
+    tmp_path, local_client, psf3d_file
+):
+    volume = smooth_volume(SHAPE, seed=3)
+    volume[:, :, :60] = 0  # an empty half: its chunks are background
+    source = write_pyramid(tmp_path / "in.ome.zarr", volume, block_mean(volume))
+    plain = job_for(tmp_path, source, psf3d_file)
+    full = ssi_dask.run(dataclasses.replace(plain, output=tmp_path / "all.zarr"), echo=None,
+                        client=local_client)  # fmt: skip
+    expected = zero_footprint_chunks(volume, full.plan.depth)
+    assert len(expected) >= 3
+    lines: list[str] = []
+    job = job_for(tmp_path, source, psf3d_file, skip_background=0.0, skip_background_level=1)
+    report = ssi_dask.run(job, client=local_client, echo=lines.append)
+    out = zarr.open_array(str(tmp_path / "out.zarr"), mode="r")
+    np.testing.assert_array_equal(out[...], zarr.open_array(str(tmp_path / "all.zarr"))[...])
+    decided = skipped_records(tmp_path / "out.zarr")
+    # the coarse level (footprint rounded outwards) finds the same empty chunks here
+    assert set(decided) == expected and set(decided.values()) == {"pyramid"}
+    assert report.skipped == report.skipped_unread == len(expected)
+    attrs = out.attrs["ssi_dask"]
+    assert attrs["skip_background_level"] == 1 and attrs["skipped_unread"] == len(expected)
+    assert (
+        f"skipped {len(expected)} background chunks (input <= 0); {len(expected)} decided "
+        "from pyramid level 1, their full-resolution input not read"
+    ) in lines
+    assert f"({len(expected)} of them without reading their input)" in report.summary()
+    assert ssi_dask.verify_output(tmp_path / "out.zarr", check_data=True).ok
+    # a skipped chunk's record proves nothing about its input: once the input's files under
+    # it change (here signal appears where there was none), a resume is refused, never trusted
+    zarr.open_array(str(source / "s0"), mode="r+")[:, :20, :20] = 5.0
+    with pytest.raises(ssi_dask.errors.OutputError, match="the input changed since"):
+        ssi_dask.run(dataclasses.replace(job, resume=True), client=local_client, echo=None)
+
+
+def test_pyramid_level_decides_even_where_the_full_resolution_differs(
+    tmp_path, local_client, psf3d_file
+):
+    volume = smooth_volume(SHAPE, seed=4)
+    volume[:, :, :60] = 0
+    coarse = block_mean(volume)
+    faint = volume.copy()
+    faint[:, :, :60] = 1e-3  # above the threshold at full resolution, not in the level
+    source = write_pyramid(tmp_path / "in.ome.zarr", faint, coarse)
+    exact = job_for(tmp_path, source, psf3d_file, skip_background=0.0)
+    ssi_dask.run(dataclasses.replace(exact, output=tmp_path / "exact.zarr"), echo=None,
+                 client=local_client)  # fmt: skip
+    assert not skipped_records(tmp_path / "exact.zarr")  # every chunk reads 1e-3 or more
+    layout = dataclasses.replace(exact.layout, skip_background_level=1)
+    job = dataclasses.replace(exact, layout=layout)
+    report = ssi_dask.run(job, client=local_client, echo=None)
+    decided = skipped_records(tmp_path / "out.zarr")
+    assert report.skipped_unread == len(decided) >= 3
+    out = zarr.open_array(str(tmp_path / "out.zarr"), mode="r")[...]
+    for _, j, i in decided:  # written as the level's background, 0, without reading 1e-3
+        assert not out[:, 20 * j : 20 * j + 20, 20 * i : 20 * i + 20].any()
+    # the other chunks are computed from the full-resolution input, as without the level
+    computed = zarr.open_array(str(tmp_path / "exact.zarr"), mode="r")[...]
+    np.testing.assert_array_equal(out[:, :, 80:], computed[:, :, 80:])
+
+
+@pytest.mark.parametrize(
+    ("where", "layout", "message"),
+    [
+        ("plain", {"skip_background": 0.0, "skip_background_level": 1},
+         "skip_background_level=1 needs an OME-Zarr input with a pyramid; this input has one "
+         "level: drop skip_background_level (each chunk then decides from its input)"),
+        ("mean", {"skip_background": 0.0, "skip_background_level": 2},
+         "skip_background_level=2 must be a level coarser than the input's (level 0): 1 to 1"),
+        ("nearest", {"skip_background": 0.0, "skip_background_level": 1},
+         "skip_background_level=1: the input's pyramid was made by 'nearest', which keeps one "
+         "voxel of each block and can miss a bright one entirely"),
+    ],
+)  # fmt: skip
+def test_pyramid_levels_that_cannot_decide_are_refused(
+    tmp_path, psf3d_file, where, layout, message
+):
+    volume = smooth_volume(SHAPE, seed=5)
+    if where == "plain":
+        source = tmp_path / "in.zarr"
+        zarr.create_array(store=str(source), shape=SHAPE, chunks=CHUNKS, dtype="f4")[...] = volume
+    else:
+        source = write_pyramid(tmp_path / "in.ome.zarr", volume, volume[::2, ::2, ::2], kind=where)
+    with pytest.raises(ssi_dask.errors.ParameterError, match=re.escape(message)):
+        ssi_dask.run(job_for(tmp_path, source, psf3d_file, **layout), echo=None)
+    assert not (tmp_path / "out.zarr").exists()
+
+
+def test_level_needs_a_threshold_and_the_cli_maps_it(tmp_path, psf3d_file):
+    from conftest import run_cli
+
+    with pytest.raises(ssi_dask.errors.ParameterError, match="needs skip_background=THRESHOLD"):
+        ssi_dask.LayoutSettings(skip_background_level=1)
+    with pytest.raises(ssi_dask.errors.ParameterError, match="a pyramid level >= 1, got 0"):
+        ssi_dask.LayoutSettings(skip_background=0.0, skip_background_level=0)
+    source = tmp_path / "in.zarr"
+    zarr.create_array(store=str(source), shape=SHAPE, chunks=CHUNKS, dtype="f4")
+    result = run_cli("run", source, tmp_path / "out.zarr", "--psf", psf3d_file,
+                     "--skip-background-level", "1")  # fmt: skip
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "--skip-background-level needs --skip-background THRESHOLD" in result.stderr
+
+
+def test_an_unread_record_is_trusted_only_while_its_files_are_unchanged(tmp_path):
+    from ssi_dask.chunkfiles import UNREAD, InputReference, changed_input_chunks
+
+    source = tmp_path / "in.zarr"
+    array = zarr.create_array(store=str(source), shape=(40,), chunks=(10,), dtype="f4")
+    array[...] = np.arange(40, dtype=np.float32)
+    reference = InputReference(path=str(source), kind="zarr", shape=(40,), depth=(2,))
+    regions = {(0,): (slice(0, 20),), (1,): (slice(20, 40),)}
+    records = {}
+    for index, region in regions.items():
+        content = UNREAD if index == (0,) else reference.content_signature(region)
+        quick = reference.quick_signature(reference.grown(region))
+        records[index] = {"input": {"quick": quick, "content": content}}
+    assert changed_input_chunks(reference, records, regions) == ([], 0)
+    for chunk_file in (source / "c").iterdir():  # the same bytes, another modification time
+        os.utime(chunk_file, ns=(10**9, 10**9))
+    changed, reread = changed_input_chunks(reference, records, regions)
+    assert reread == 2 and changed == [(0,)]  # the read chunk proves its input unchanged
