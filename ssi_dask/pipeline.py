@@ -1069,7 +1069,7 @@ def _clipped_values(target: Path) -> tuple[int, int, int]:
 
 #: Pyramid downsampling methods that keep one voxel of each block: a coarse voxel then says
 #: nothing about the others, so it cannot decide that a chunk is background.
-SUBSAMPLING_METHODS = ("nearest", "subsampl", "stride", "decimat")
+SUBSAMPLING_METHODS = ("nearest", "subsampl", "stride", "decimat", "simpleimagescaler")
 
 
 def _background_level(image: Any, level: int | None, n_lead: int) -> Any:

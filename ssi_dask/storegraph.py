@@ -172,18 +172,20 @@ class ChunkKernel:
     margin: tuple[int, ...] = ()
     skip_background: float | None = None
 
-    def background(self, block: np.ndarray) -> float | None:
+    def background(self, block: np.ndarray, rounding: float = 0.0) -> float | None:
         """The value a background chunk is written as, or None when it must be computed.
 
         A chunk is background when every input value it reads (region and halo) is at most
         ``skip_background`` (a max-based decision: a chunk with any voxel above it is always
         computed). It is written as the mean of its input after the offset, negative values
         counted as 0 (as Lucy-Richardson treats them): 0 for an all-zero chunk, which is
-        exactly what computing it gives.
+        exactly what computing it gives. ``rounding`` is added to every value for the
+        decision only: a coarse pyramid level stored as integers holds rounded (or truncated)
+        block means, each of which may stand for a mean up to one unit higher.
         """
         if self.skip_background is None or self.method != "lr" or not block.size:
             return None
-        if not np.isfinite(block).all() or float(block.max()) > self.skip_background:
+        if not np.isfinite(block).all() or float(block.max()) + rounding > self.skip_background:
             return None
         values = block.astype(np.float64) - self.offset
         return float(np.maximum(values, 0).mean())
@@ -227,7 +229,9 @@ def _run_chunk(
     background = None
     if kernel.skip_background is not None and source.background_level is not None:
         # decided from the coarse level: a background chunk's full-resolution input is not read
-        background = kernel.background(source.read_background_level(index))
+        coarse = source.read_background_level(index)
+        rounding = 1.0 if np.issubdtype(coarse.dtype, np.integer) else 0.0
+        background = kernel.background(coarse, rounding)
         if background is not None:
             result = np.full(
                 [s.stop - s.start for s in source.region(index)[len(source.lead) :]],

@@ -38,7 +38,7 @@ def write_pyramid(path: Path, level0: np.ndarray, level1: np.ndarray, kind: str 
     axes = [{"name": n, "type": "space", "unit": "micrometer"} for n in "zyx"]
     transforms = [[{"type": "scale", "scale": [0.3 * f, 0.1 * f, 0.1 * f]}] for f in (1, 2)]
     write_multiscale(
-        [level0.astype(np.float32), level1.astype(np.float32)],
+        [level0, level1],
         group,
         fmt=FormatV05(),
         axes=axes,
@@ -84,9 +84,9 @@ def skipped_records(output: Path) -> dict:
 def test_pyramid_decision_at_zero_is_identical_and_leaves_input_unread(
     tmp_path, local_client, psf3d_file
 ):
-    volume = smooth_volume(SHAPE, seed=3)
+    volume = smooth_volume(SHAPE, seed=3).astype(np.float32)
     volume[:, :, :60] = 0  # an empty half: its chunks are background
-    source = write_pyramid(tmp_path / "in.ome.zarr", volume, block_mean(volume))
+    source = write_pyramid(tmp_path / "in.ome.zarr", volume, block_mean(volume).astype(np.float32))
     plain = job_for(tmp_path, source, psf3d_file)
     full = ssi_dask.run(dataclasses.replace(plain, output=tmp_path / "all.zarr"), echo=None,
                         client=local_client)  # fmt: skip
@@ -124,7 +124,9 @@ def test_pyramid_level_decides_even_where_the_full_resolution_differs(
     coarse = block_mean(volume)
     faint = volume.copy()
     faint[:, :, :60] = 1e-3  # above the threshold at full resolution, not in the level
-    source = write_pyramid(tmp_path / "in.ome.zarr", faint, coarse)
+    source = write_pyramid(
+        tmp_path / "in.ome.zarr", faint.astype(np.float32), coarse.astype(np.float32)
+    )
     exact = job_for(tmp_path, source, psf3d_file, skip_background=0.0)
     ssi_dask.run(dataclasses.replace(exact, output=tmp_path / "exact.zarr"), echo=None,
                  client=local_client)  # fmt: skip
@@ -202,3 +204,22 @@ def test_an_unread_record_is_trusted_only_while_its_files_are_unchanged(tmp_path
         os.utime(chunk_file, ns=(10**9, 10**9))
     changed, reread = changed_input_chunks(reference, records, regions)
     assert reread == 2 and changed == [(0,)]  # the read chunk proves its input unchanged
+
+
+def test_an_integer_level_counts_one_unit_higher(tmp_path, local_client, psf3d_file):
+    volume = (smooth_volume(SHAPE, seed=6) * 1000).astype(np.uint16)
+    volume[:, :, :60] = 0
+    volume[::4, ::4, 0:60:4] = 1  # single faint voxels: their 2x2x2 means round to 0 in uint16
+    coarse = np.floor(block_mean(volume)).astype(np.uint16)
+    assert not coarse[:, :, :30].any()
+    source = write_pyramid(tmp_path / "in.ome.zarr", volume, coarse, kind="mean")
+    zero = job_for(tmp_path, source, psf3d_file, skip_background=0.0, skip_background_level=1)
+    report = ssi_dask.run(zero, client=local_client, echo=None)
+    assert report.skipped == report.skipped_unread == 0  # 0 + one unit > 0: nothing skipped
+    one = dataclasses.replace(
+        zero,
+        output=tmp_path / "one.zarr",
+        layout=dataclasses.replace(zero.layout, skip_background=1.0),
+    )
+    report = ssi_dask.run(one, client=local_client, echo=None)
+    assert report.skipped_unread >= 3
