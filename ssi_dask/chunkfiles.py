@@ -289,20 +289,24 @@ def input_reference(volume: Any, depth: Sequence[int]) -> InputReference | None:
 
 def changed_input_chunks(
     reference: InputReference,
-    records: dict[Any, dict[str, Any]],
-    regions: dict[Any, tuple[slice, ...]],
-) -> tuple[list[Any], int]:
+    records: Mapping[Any, dict[str, Any]] | Iterable[tuple[Any, dict[str, Any]]],
+    regions: Mapping[Any, tuple[slice, ...]],
+) -> tuple[list[Any], int, int]:
     """Recorded working chunks whose input region no longer holds the data they were made from.
 
+    ``records``: a dict of records by block index, or ``(index, record)`` pairs streamed from
+    :func:`ssi_dask.progress.iter_records` (nothing then held per chunk but the changed ones).
     One listing of the input store; a record whose quick signature still matches is trusted,
-    the others are re-read and compared by content. Returns the changed block indices (C order)
-    and how many chunks had to be re-read. A record without an input signature (written by an
-    older ssi-dask) counts as changed: nothing proves what it read.
+    the others are re-read and compared by content. Returns the changed block indices (C order),
+    how many chunks had to be re-read and how many were checked. A record without an input
+    signature (written by an older ssi-dask) counts as changed: nothing proves what it read.
     """
     listing = store_listing(reference.path)
-    changed, reread = [], 0
-    for index in sorted(records):
-        recorded = records[index].get("input") or {}
+    pairs = records.items() if isinstance(records, Mapping) else records
+    changed, reread, checked = [], 0, 0
+    for index, record in pairs:
+        checked += 1
+        recorded = record.get("input") or {}
         if not recorded.get("content"):
             changed.append(index)
             continue
@@ -314,7 +318,7 @@ def changed_input_chunks(
             changed.append(index)
         elif reference.content_signature(regions[index]) != recorded["content"]:
             changed.append(index)
-    return changed, reread
+    return sorted(changed), reread, checked
 
 
 def block_regions(chunks: tuple[tuple[int, ...], ...]) -> list[tuple[tuple[int, ...], tuple]]:

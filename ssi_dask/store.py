@@ -395,7 +395,10 @@ def _compute_into(
     """Compute the chunks of ``result`` that ``path`` has no record of; mark it complete."""
 
     run_fingerprint = provenance["fingerprint"]
-    done = records.read_records(path, run_fingerprint=run_fingerprint, regions=regions)
+    if repair:  # the repair compares every chunk with the checksum its record holds
+        done = records.read_records(path, run_fingerprint=run_fingerprint, regions=regions)
+    else:  # one byte per chunk, however many chunks
+        done = records.tally_records(path, run_fingerprint=run_fingerprint, regions=regions)
     if resume and done:
         done = _drop_lost_chunks(path, regions, done, repair=repair)
     if resume and done:
@@ -445,32 +448,31 @@ def _compute_into(
 
 
 def _finish(path: Path, provenance: dict, regions: Any):
-    """Check that every chunk is recorded with its files; mark the output complete."""
+    """Check that every chunk is recorded with its files; mark the output complete.
+
+    The records are streamed into a :class:`ssi_dask.progress.RecordTally` (one byte per
+    chunk), so finishing a run of millions of chunks holds no record in memory.
+    """
     import zarr  # noqa: PLC0415
 
     run_fingerprint = provenance["fingerprint"]
-    finished = records.read_records(path, run_fingerprint=run_fingerprint, regions=regions)
+    finished = records.tally_records(path, run_fingerprint=run_fingerprint, regions=regions)
     finished = _drop_lost_chunks(path, regions, finished, repair=False, quiet=True)
-    missing = records.missing_blocks(regions, finished)
-    if missing:
+    missing = finished.first_missing()
+    if missing is not None:
         raise OutputError(
             f"only {len(finished)} of {len(regions)} chunks of {str(path)!r} are recorded as "
-            f"written (first missing: {records.region_text(regions[missing[0]])}); the output is "
+            f"written (first missing: {records.region_text(regions[missing])}); the output is "
             "incomplete: re-run with resume=True"
         )
     array = zarr.open_array(str(path), mode="r+")
-    clipped = sum(int(record.get("clipped", 0)) for record in finished.values())
     provenance.update(complete=True, finished=_now(), chunks_written=len(finished))
-    if clipped or provenance.get("layout", {}).get("dtype", "float32") != "float32":
-        provenance["clipped_values"] = clipped
+    if finished.clipped or provenance.get("layout", {}).get("dtype", "float32") != "float32":
+        provenance["clipped_values"] = finished.clipped
     if "skip_background" in provenance:
-        provenance["skipped_chunks"] = sum(
-            1 for record in finished.values() if record.get("skipped")
-        )
+        provenance["skipped_chunks"] = finished.skipped
     if "skip_background_level" in provenance:  # decided from the pyramid, input left unread
-        provenance["skipped_unread"] = sum(
-            1 for record in finished.values() if record.get("skipped") == "pyramid"
-        )
+        provenance["skipped_unread"] = finished.skipped_unread
     array.attrs["ssi_dask"] = provenance
     return zarr.open_array(str(path), mode="r")
 
@@ -514,7 +516,11 @@ def _drop_lost_chunks(
     for index in damaged:
         for key in keys_for_region(array, regions[index]):
             (path / key).unlink(missing_ok=True)
-    return {index: record for index, record in done.items() if index not in set(bad)}
+    if isinstance(done, records.RecordTally):
+        done.discard(bad)
+        return done
+    lost_or_damaged = set(bad)
+    return {index: record for index, record in done.items() if index not in lost_or_damaged}
 
 
 def output_provenance(
@@ -633,12 +639,12 @@ def _check_input_unchanged(path: Path, existing: dict, input_reference: Any) -> 
 
     grid = tuple(tuple(sizes) for sizes in existing["layout"]["grid"])
     regions = GridRegions(grid)
-    done = records.read_records(path, run_fingerprint=existing["fingerprint"], regions=regions)
-    changed, _ = changed_input_chunks(input_reference, done, regions)
+    done = records.iter_records(path, run_fingerprint=existing["fingerprint"], regions=regions)
+    changed, _, checked = changed_input_chunks(input_reference, done, regions)
     if changed:
         first = ", ".join(records.region_text(regions[index]) for index in changed[:3])
         raise OutputError(
-            f"the input changed since {str(path)!r} was written: {len(changed)} of {len(done)} "
+            f"the input changed since {str(path)!r} was written: {len(changed)} of {checked} "
             f"chunks already written were made from other input data (first: {first}); "
             "resuming would mix old and new input: pass overwrite=True to start again"
         )
@@ -649,7 +655,7 @@ def recorded_chunks(output: str | os.PathLike, provenance: dict) -> int:
     grid = tuple(tuple(sizes) for sizes in provenance["layout"]["grid"])
     regions = GridRegions(grid)
     return len(
-        records.read_records(output, run_fingerprint=provenance["fingerprint"], regions=regions)
+        records.tally_records(output, run_fingerprint=provenance["fingerprint"], regions=regions)
     )
 
 
@@ -833,7 +839,7 @@ def _lost_scheduler(exc: BaseException, output: Path) -> SchedulerError:
 def _kept(output: Path, regions: dict) -> str:
     """``N of M chunks of OUTPUT are kept`` from the records on disk."""
     fingerprint = _stored_fingerprint(output)
-    done = records.read_records(output, run_fingerprint=fingerprint, regions=regions)
+    done = records.tally_records(output, run_fingerprint=fingerprint, regions=regions)
     return f"{len(done)} of {len(regions)} chunks of {str(output)!r} are written and kept"
 
 
