@@ -29,9 +29,7 @@ def write_records(output: Path, grid: tuple[int, ...]) -> None:
     from ssi_dask import progress
 
     chunk = (64, 256, 256)
-    for index in (
-        (z, y, x) for z in range(grid[0]) for y in range(grid[1]) for x in range(grid[2])
-    ):
+    for index in itertools.product(*(range(n) for n in grid)):
         region = tuple(slice(i * c, (i + 1) * c) for i, c in zip(index, chunk))
         progress.write_record(
             output,
