@@ -72,6 +72,14 @@ class PyramidLevel:
             for (start, stop), f, n in zip(bounds, self.factors, self.shape)
         )
 
+    def covers(self, bounds: Sequence[tuple[int, int]]) -> bool:
+        """Whether the level's voxels reach over the whole input box ``bounds``: a level cut
+        to whole blocks (``floor(n / f)`` voxels) has none over the input's last voxels, so it
+        cannot decide a chunk that holds them."""
+        return all(
+            stop <= n * f * (1 + 1e-9) for (_, stop), f, n in zip(bounds, self.factors, self.shape)
+        )
+
 
 @dataclass(frozen=True)
 class ChunkSource:
@@ -121,9 +129,9 @@ class ChunkSource:
             selection.append(int(mapping[int(i)]) if mapping is not None else int(i))
         return selection
 
-    def read_background_level(self, index: Sequence[int]) -> np.ndarray:
+    def read_background_level(self, index: Sequence[int]) -> np.ndarray | None:
         """The values of :attr:`background_level` under the chunk's region plus halo (every
-        coarse voxel that overlaps it)."""
+        coarse voxel that overlaps it), or None where the level does not cover all of it."""
         from .chunkfiles import _zarr_array  # noqa: PLC0415
 
         level = self.background_level
@@ -133,6 +141,8 @@ class ChunkSource:
             (max(0, s.start - d), min(n, s.stop + d))
             for s, d, n in zip(self.region(index)[n_lead:], self.depth, self.shape)
         ]
+        if not level.covers(grown):
+            return None
         selection = self._lead_selection(index) + list(level.cells(grown))
         return np.asarray(_zarr_array(level.path)[tuple(selection)])
 
@@ -230,8 +240,9 @@ def _run_chunk(
     if kernel.skip_background is not None and source.background_level is not None:
         # decided from the coarse level: a background chunk's full-resolution input is not read
         coarse = source.read_background_level(index)
-        rounding = 1.0 if np.issubdtype(coarse.dtype, np.integer) else 0.0
-        background = kernel.background(coarse, rounding)
+        if coarse is not None:  # None: the level does not cover the chunk's edge voxels
+            rounding = 1.0 if np.issubdtype(coarse.dtype, np.integer) else 0.0
+            background = kernel.background(coarse, rounding)
         if background is not None:
             result = np.full(
                 [s.stop - s.start for s in source.region(index)[len(source.lead) :]],

@@ -223,3 +223,29 @@ def test_an_integer_level_counts_one_unit_higher(tmp_path, local_client, psf3d_f
     )
     report = ssi_dask.run(one, client=local_client, echo=None)
     assert report.skipped_unread >= 3
+
+
+def test_a_level_cut_short_never_decides_the_voxels_it_does_not_cover(
+    tmp_path, local_client, psf3d_file
+):
+    # 59 rows: a level made by trimming to whole blocks (29 rows, as dask's coarsen or
+    # block_mean above do) has no coarse voxel over input row 58, where a bright voxel sits
+    volume = np.zeros((16, 59, 119), np.float32)
+    volume[:, :, 80:] = smooth_volume((16, 59, 39), seed=7)
+    volume[8, 58, 10] = 5.0
+    coarse = block_mean(volume)
+    assert coarse.shape == (8, 29, 59) and not coarse[:, :, :40].any()
+    source = write_pyramid(tmp_path / "in.ome.zarr", volume, coarse)
+    exact = job_for(tmp_path, source, psf3d_file, skip_background=0.0)
+    ssi_dask.run(dataclasses.replace(exact, output=tmp_path / "exact.zarr"), echo=None,
+                 client=local_client)  # fmt: skip
+    layout = dataclasses.replace(exact.layout, skip_background_level=1)
+    job = dataclasses.replace(exact, layout=layout)
+    report = ssi_dask.run(job, client=local_client, echo=None)
+    decided = skipped_records(tmp_path / "out.zarr")
+    assert (0, 2, 0) not in decided  # the chunk holding the bright voxel is computed
+    assert report.skipped_unread == sum(v == "pyramid" for v in decided.values()) >= 3
+    np.testing.assert_array_equal(
+        zarr.open_array(str(tmp_path / "out.zarr"), mode="r")[...],
+        zarr.open_array(str(tmp_path / "exact.zarr"), mode="r")[...],
+    )
