@@ -1082,6 +1082,12 @@ def _background_level(image: Any, level: int | None, n_lead: int) -> Any:
             f"skip_background_level={level} needs an OME-Zarr input with a pyramid; this input "
             "has one level: drop skip_background_level (each chunk then decides from its input)"
         )
+    if image.level >= image.n_levels - 1:
+        raise ParameterError(
+            f"skip_background_level={level}: the input is read at level {image.level}, the "
+            "coarsest of its pyramid, so no coarser level can decide background; drop "
+            "skip_background_level"
+        )
     if not image.level < level < image.n_levels:
         raise ParameterError(
             f"skip_background_level={level} must be a level coarser than the input's "

@@ -249,3 +249,16 @@ def test_a_level_cut_short_never_decides_the_voxels_it_does_not_cover(
         zarr.open_array(str(tmp_path / "out.zarr"), mode="r")[...],
         zarr.open_array(str(tmp_path / "exact.zarr"), mode="r")[...],
     )
+
+
+def test_reading_the_coarsest_level_leaves_no_level_to_decide_from(tmp_path, psf3d_file):
+    volume = smooth_volume(SHAPE, seed=8)
+    source = write_pyramid(tmp_path / "in.ome.zarr", volume, block_mean(volume))
+    job = job_for(tmp_path, source, psf3d_file, skip_background=0.0, skip_background_level=1)
+    message = (
+        "skip_background_level=1: the input is read at level 1, the coarsest of its pyramid, "
+        "so no coarser level can decide background; drop skip_background_level"
+    )
+    with pytest.raises(ssi_dask.errors.ParameterError, match=re.escape(message)):
+        ssi_dask.run(dataclasses.replace(job, level=1), echo=None)
+    assert not (tmp_path / "out.zarr").exists()
