@@ -224,6 +224,18 @@ def _lr_options(args: argparse.Namespace) -> dict:
     return options
 
 
+def _parse_level(text: str | None) -> int | None:
+    """``--skip-background-level N`` as an int (LayoutSettings checks its range)."""
+    if text is None:
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise ParameterError(
+            f"--skip-background-level must be a pyramid level >= 1, got {text!r}"
+        ) from None
+
+
 def _parse_iterations(text: str) -> int | str:
     if text.strip().lower() == "auto":
         return "auto"
@@ -468,7 +480,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument(
         "--skip-background-level",
-        type=int,
+        type=str,  # parsed in job_from_args: a bad value is one line, not argparse's usage
         metavar="N",
         help="with --skip-background and an OME-Zarr input: decide from the input's pyramid "
         "level N first (a chunk it calls background is written without reading its "
@@ -926,7 +938,7 @@ def job_from_args(args: argparse.Namespace) -> Job:
             output_format=args.output_format,
             output_dtype=args.output_dtype,
             skip_background=args.skip_background,
-            skip_background_level=args.skip_background_level,
+            skip_background_level=_parse_level(args.skip_background_level),
         ),
         cluster=ClusterSettings(
             scheduler=args.scheduler,

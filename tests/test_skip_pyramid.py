@@ -262,3 +262,15 @@ def test_reading_the_coarsest_level_leaves_no_level_to_decide_from(tmp_path, psf
     with pytest.raises(ssi_dask.errors.ParameterError, match=re.escape(message)):
         ssi_dask.run(dataclasses.replace(job, level=1), echo=None)
     assert not (tmp_path / "out.zarr").exists()
+
+
+@pytest.mark.parametrize(("value", "shown"), [("abc", "'abc'"), ("1.5", "'1.5'"), ("0", "0")])
+def test_a_bad_level_on_the_command_line_is_one_line_naming_the_flag(tmp_path, value, shown):
+    from conftest import run_cli
+
+    result = run_cli("run", tmp_path / "in.zarr", tmp_path / "out.zarr", "--psf", "psf.tif",
+                     "--skip-background", "0", "--skip-background-level", value)  # fmt: skip
+    assert result.returncode == 2 and not result.stdout
+    assert result.stderr.strip().splitlines() == [
+        f"ssi-dask: error: --skip-background-level must be a pyramid level >= 1, got {shown}"
+    ]
