@@ -1118,6 +1118,19 @@ def _background_level(image: Any, level: int | None, n_lead: int) -> Any:
             f"(shape {tuple(coarse.array.shape)}, voxel {factors} input voxels); drop "
             "skip_background_level"
         )
+    # a level of block means is shifted by 0 (corner-aligned) to (factor - 1) / 2 input voxels
+    # (centred); further off, its coarse voxels lie over other input voxels than assumed
+    shifts = tuple(
+        round((float(coarse.translation[i]) - float(image.translation[i])) / image.scale[i], 3)
+        for i in spatial
+    )
+    centred = tuple(round((f - 1) / 2, 3) for f in factors)
+    if not all(-1e-3 <= s <= c + 1e-3 for s, c in zip(shifts, centred)):
+        raise ParameterError(
+            f"skip_background_level={level}: level {level} is shifted by {shifts} input voxels "
+            "against the input (its translation); a level of block means is shifted by 0 to "
+            f"(factor - 1) / 2 = {centred}: drop skip_background_level"
+        )
     return PyramidLevel(
         path=str(Path(image.path) / coarse.level_path),
         level=level,

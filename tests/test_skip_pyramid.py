@@ -274,3 +274,30 @@ def test_a_bad_level_on_the_command_line_is_one_line_naming_the_flag(tmp_path, v
     assert result.stderr.strip().splitlines() == [
         f"ssi-dask: error: --skip-background-level must be a pyramid level >= 1, got {shown}"
     ]
+
+
+@pytest.mark.parametrize(("shift", "refused"), [(0.05, False), (0.0, False), (2.0, True)])
+def test_a_level_shifted_against_the_input_is_refused(tmp_path, psf3d_file, shift, refused):
+    # a block-mean level sits 0 to (factor - 1) / 2 input voxels off (0.05 um = half an input
+    # voxel here); one shifted further (a crop, 20 input voxels here) covers other voxels
+    volume = smooth_volume(SHAPE, seed=9)
+    source = write_pyramid(tmp_path / "in.ome.zarr", volume, block_mean(volume))
+    group = zarr.open_group(str(source), mode="r+")
+    ome = dict(group.attrs["ome"])
+    multiscale = ome["multiscales"][0]
+    multiscale["datasets"][1]["coordinateTransformations"].append(
+        {"type": "translation", "translation": [0.0, shift, shift]}
+    )
+    group.attrs["ome"] = ome
+    job = job_for(tmp_path, source, psf3d_file, skip_background=0.0, skip_background_level=1)
+    job = dataclasses.replace(job, dry_run=True)
+    if not refused:
+        ssi_dask.run(job, echo=None)
+        return
+    message = (
+        "skip_background_level=1: level 1 is shifted by (0.0, 20.0, 20.0) input voxels against "
+        "the input (its translation); a level of block means is shifted by 0 to (factor - 1) / "
+        "2 = (0.5, 0.5, 0.5): drop skip_background_level"
+    )
+    with pytest.raises(ssi_dask.errors.ParameterError, match=re.escape(message)):
+        ssi_dask.run(job, echo=None)
