@@ -22,6 +22,7 @@ import contextlib
 import datetime as _dt
 import errno
 import itertools
+import json
 import math
 import os
 import time
@@ -643,11 +644,34 @@ def _check_input_unchanged(path: Path, existing: dict, input_reference: Any) -> 
     changed, _, checked = changed_input_chunks(input_reference, done, regions)
     if changed:
         first = ", ".join(records.region_text(regions[index]) for index in changed[:3])
+        if all(_decided_unread(path, index) for index in changed):
+            # their records hold no content signature: the files changed, maybe not the data
+            raise OutputError(
+                f"the input changed since {str(path)!r} was written (the names, sizes or times "
+                f"of its files): {len(changed)} of {checked} chunks already written were "
+                "decided from its pyramid level without reading it (skip_background_level), "
+                "so nothing proves that they hold this input's data "
+                f"(first: {first}); pass overwrite=True to start again"
+            )
         raise OutputError(
             f"the input changed since {str(path)!r} was written: {len(changed)} of {checked} "
             f"chunks already written were made from other input data (first: {first}); "
             "resuming would mix old and new input: pass overwrite=True to start again"
         )
+
+
+def _decided_unread(path: Path, index: tuple[int, ...]) -> bool:
+    """Whether the record of chunk ``index`` says its input was never read (a background
+    chunk decided from a pyramid level, see :data:`ssi_dask.chunkfiles.UNREAD`)."""
+    from .chunkfiles import UNREAD  # noqa: PLC0415
+
+    try:
+        record = json.loads(
+            (records.progress_folder(path) / records.record_name(index)).read_text()
+        )
+        return record["input"]["content"] == UNREAD
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
 
 
 def recorded_chunks(output: str | os.PathLike, provenance: dict) -> int:

@@ -301,3 +301,28 @@ def test_a_level_shifted_against_the_input_is_refused(tmp_path, psf3d_file, shif
     )
     with pytest.raises(ssi_dask.errors.ParameterError, match=re.escape(message)):
         ssi_dask.run(job, echo=None)
+
+
+def test_a_resume_from_a_copied_input_says_why_unread_chunks_are_not_trusted(
+    tmp_path, local_client, psf3d_file
+):
+    import shutil
+
+    volume = np.ones(SHAPE, np.float32)  # background 1 is stored: its chunk files exist
+    volume[:, :, 60:] += 100 * smooth_volume((16, 60, 60), seed=10)
+    source = write_pyramid(tmp_path / "in.ome.zarr", volume, block_mean(volume))
+    job = job_for(tmp_path, source, psf3d_file, skip_background=2.0, skip_background_level=1)
+    report = ssi_dask.run(job, client=local_client, echo=None)
+    assert report.skipped_unread == 6  # x < 40, 20 voxels from the signal with the halo
+    copy = tmp_path / "copy.ome.zarr"  # same bytes, new modification times
+    shutil.copytree(source, copy, copy_function=shutil.copy)
+    message = (
+        f"the input changed since {str(tmp_path / 'out.zarr')!r} was written (the names, sizes "
+        "or times of its files): 6 of 18 chunks already written were decided from its pyramid "
+        "level without reading it (skip_background_level), so nothing proves that they hold "
+        "this input's data (first: [0:16, 0:20, 0:20], [0:16, 0:20, 20:40], [0:16, 20:40, 0:20])"
+        "; pass overwrite=True to start again"
+    )
+    resumed = dataclasses.replace(job, input=copy, resume=True)
+    with pytest.raises(ssi_dask.errors.OutputError, match=re.escape(message)):
+        ssi_dask.run(resumed, client=local_client, echo=None)
