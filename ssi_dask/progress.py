@@ -41,6 +41,10 @@ RUN_SPECIFIC_KEYS = frozenset(
         "source",
         "fingerprint",
         "input",  # the input's path: a resume checks the input's content instead
+        # what a finished run counted (see ssi_dask.store._finish): results, not parameters
+        "clipped_values",
+        "skipped_chunks",
+        "skipped_unread",
     }
 )
 

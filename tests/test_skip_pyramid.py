@@ -326,3 +326,21 @@ def test_a_resume_from_a_copied_input_says_why_unread_chunks_are_not_trusted(
     resumed = dataclasses.replace(job, input=copy, resume=True)
     with pytest.raises(ssi_dask.errors.OutputError, match=re.escape(message)):
         ssi_dask.run(resumed, client=local_client, echo=None)
+
+
+def test_a_resume_with_other_parameters_names_only_parameters(tmp_path, local_client, psf3d_file):
+    volume = smooth_volume(SHAPE, seed=11)
+    volume[:, :, :60] = 0
+    source = write_pyramid(tmp_path / "in.ome.zarr", volume, block_mean(volume))
+    job = job_for(tmp_path, source, psf3d_file, skip_background=0.0, skip_background_level=1)
+    job = dataclasses.replace(job, layout=dataclasses.replace(job.layout, output_dtype="uint16"))
+    assert ssi_dask.run(job, client=local_client, echo=None).skipped_unread >= 3
+    # the counts the finished run stored (skipped_chunks, skipped_unread, clipped_values) are
+    # its results, not parameters: the message names only what differs
+    other = dataclasses.replace(job.layout, skip_background_level=None)
+    message = (
+        f"output {str(tmp_path / 'out.zarr')!r} was made with different parameters "
+        '(skip_background_level: 1 there, "<unset>" now); resume with the same parameters'
+    )
+    with pytest.raises(ssi_dask.errors.OutputError, match=re.escape(message)):
+        ssi_dask.run(dataclasses.replace(job, layout=other, resume=True), echo=None)
