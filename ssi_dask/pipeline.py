@@ -1067,9 +1067,19 @@ def _clipped_values(target: Path) -> tuple[int, int, int]:
     )
 
 
-#: Pyramid downsampling methods that keep one voxel of each block: a coarse voxel then says
-#: nothing about the others, so it cannot decide that a chunk is background.
-SUBSAMPLING_METHODS = ("nearest", "subsampl", "stride", "decimat", "simpleimagescaler")
+#: Pyramid downsampling methods that keep one voxel (or the most frequent or median value) of
+#: each block: a coarse voxel then says nothing about the others, so it cannot decide that a
+#: chunk is background (ngff-zarr's dask_image_mode and itkwasm_label_image keep block modes).
+SUBSAMPLING_METHODS = (
+    "nearest",
+    "subsampl",
+    "stride",
+    "decimat",
+    "simpleimagescaler",
+    "mode",
+    "label",
+    "median",
+)
 
 
 def _background_level(image: Any, level: int | None, n_lead: int) -> Any:

@@ -344,3 +344,15 @@ def test_a_resume_with_other_parameters_names_only_parameters(tmp_path, local_cl
     )
     with pytest.raises(ssi_dask.errors.OutputError, match=re.escape(message)):
         ssi_dask.run(dataclasses.replace(job, layout=other, resume=True), echo=None)
+
+
+@pytest.mark.parametrize("kind", ["dask_image_mode", "itkwasm_label_image", "median"])
+def test_pyramids_of_block_modes_and_medians_are_refused(tmp_path, psf3d_file, kind):
+    # ngff-zarr's label methods keep each block's most frequent value: like nearest-neighbour
+    # subsampling, one bright voxel among background never reaches the level
+    volume = smooth_volume(SHAPE, seed=12)
+    source = write_pyramid(tmp_path / "in.ome.zarr", volume, block_mean(volume), kind=kind)
+    job = job_for(tmp_path, source, psf3d_file, skip_background=0.0, skip_background_level=1)
+    message = f"skip_background_level=1: the input's pyramid was made by {kind!r}, which keeps"
+    with pytest.raises(ssi_dask.errors.ParameterError, match=re.escape(message)):
+        ssi_dask.run(dataclasses.replace(job, dry_run=True), echo=None)
