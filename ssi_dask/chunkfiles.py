@@ -111,27 +111,65 @@ class MissingInput:
 def missing_input_chunks(path: str | None, listing: Listing | None = None) -> MissingInput | None:
     """Count the chunks (or shards) of the Zarr array at ``path`` that have no file.
 
+    Without a ``listing`` the store is walked once and its chunk files counted as they come
+    (nothing per file is kept: a store of millions of chunk files costs no memory), then,
+    only when some are missing, the first three are found by checking the chunk keys in order.
     Returns None for anything that is not an on-disk Zarr array (a TIFF, an in-memory array).
     """
     array = _open_zarr(path)
     if array is None:
         return None
-    listing = store_listing(path) if listing is None else listing
     grid = storage_grid(array)
     counts = [-(-int(n) // g) for n, g in zip(array.shape, grid)]
-    missing, first = 0, []
-    for coords in itertools.product(*(range(c) for c in counts)):
-        if array.metadata.encode_chunk_key(coords) in listing:
-            continue
-        missing += 1
-        if len(first) < 3:
+    total = math.prod(counts)
+    encode = array.metadata.encode_chunk_key
+
+    def present(coords: tuple[int, ...]) -> bool:
+        key = encode(coords)
+        return key in listing if listing is not None else Path(path, key).is_file()
+
+    if listing is not None:
+        grid_blocks = itertools.product(*(range(c) for c in counts))
+        found = sum(1 for coords in grid_blocks if present(coords))
+    else:
+        found = _count_chunk_files(Path(path), encode, counts)
+    missing, first = total - found, []
+    if missing:
+        for coords in itertools.product(*(range(c) for c in counts)):
+            if present(coords):
+                continue
             region = [
                 slice(c * g, min((c + 1) * g, int(n))) for c, g, n in zip(coords, grid, array.shape)
             ]
             first.append("[" + ", ".join(f"{s.start}:{s.stop}" for s in region) + "]")
+            if len(first) == 3:
+                break
     fill = array.fill_value
     fill = fill.item() if hasattr(fill, "item") else fill
-    return MissingInput(int(missing), int(np.prod(counts)), tuple(first), fill)
+    return MissingInput(int(missing), int(total), tuple(first), fill)
+
+
+def _count_chunk_files(root: Path, encode: Any, counts: Sequence[int]) -> int:
+    """How many files under ``root`` are chunk (shard) files of a grid of ``counts`` blocks.
+
+    A file counts when the integers in its key, encoded back with the array's chunk key
+    encoding, give exactly its key (so metadata and stray files never count), whatever the
+    encoding (``c/0/1``, ``0.1``, ``0/1``).
+    """
+    import re  # noqa: PLC0415
+
+    found = 0
+    for folder, subfolders, files in os.walk(root):
+        subfolders[:] = [name for name in subfolders if name not in IGNORED_FOLDERS]
+        relative = os.path.relpath(folder, root)
+        prefix = "" if relative == "." else relative.replace(os.sep, "/") + "/"
+        for name in files:
+            key = prefix + name
+            coords = tuple(int(v) for v in re.findall(r"\d+", key))
+            if len(coords) != len(counts) or not all(c < n for c, n in zip(coords, counts)):
+                continue
+            found += encode(coords) == key
+    return found
 
 
 def _open_zarr(path: str | None) -> Any:

@@ -756,7 +756,7 @@ def run(job: Job, *, client: Any = None, echo: Echo = print) -> RunReport:
         + (f", shards {shards}" if shards else ""),
     )
     _say(echo, plan.summary())
-    missing_input = missing_input_chunks(_level_path(image))  # one listing of the input
+    missing_input = missing_input_chunks(_level_path(image))  # one walk of the input
     warnings: list[str] = []
     if missing_input is not None and missing_input.count:
         warnings.append(missing_input.warning())
@@ -845,7 +845,14 @@ def run(job: Job, *, client: Any = None, echo: Echo = print) -> RunReport:
             computation=computation_now(),
             dtype=output_dtype,
         )
-        existing = check_resume(target, layout, input_path=protected, input_reference=reference)
+        # the input's data are checked here only for a dry run: a run's write_zarr checks
+        # them right after, and each check walks the whole input store
+        existing = check_resume(
+            target,
+            layout,
+            input_path=protected,
+            input_reference=reference if job.dry_run else None,
+        )
         done = recorded_chunks(target, existing)
         total = math.prod(lead_shape) * plan.n_chunks
         _say(echo, f"  resume          {done} of {total} chunks already written")
