@@ -75,10 +75,9 @@ class PyramidLevel:
     def covers(self, bounds: Sequence[tuple[int, int]]) -> bool:
         """Whether the level's voxels reach over the whole input box ``bounds``: a level cut
         to whole blocks (``floor(n / f)`` voxels) has none over the input's last voxels, so it
-        cannot decide a chunk that holds them."""
-        return all(
-            stop <= n * f * (1 + 1e-9) for (_, stop), f, n in zip(bounds, self.factors, self.shape)
-        )
+        cannot decide a chunk that holds them. Half a voxel of slack absorbs factors read from
+        rounded ``scale`` values (1.9999999 for 2)."""
+        return all(stop <= n * f + 0.5 for (_, stop), f, n in zip(bounds, self.factors, self.shape))
 
 
 @dataclass(frozen=True)

@@ -356,3 +356,24 @@ def test_pyramids_of_block_modes_and_medians_are_refused(tmp_path, psf3d_file, k
     message = f"skip_background_level=1: the input's pyramid was made by {kind!r}, which keeps"
     with pytest.raises(ssi_dask.errors.ParameterError, match=re.escape(message)):
         ssi_dask.run(dataclasses.replace(job, dry_run=True), echo=None)
+
+
+def test_a_level_whose_scale_is_rounded_still_decides_the_last_chunks(
+    tmp_path, local_client, psf3d_file
+):
+    # scales written with 7 digits: 1.9999999 input voxels per coarse voxel, 30 of them cover
+    # the 60 rows to within a millionth of a voxel, so the last row of chunks is decided too
+    volume = smooth_volume(SHAPE, seed=13)
+    volume[:, :, :60] = 0
+    source = write_pyramid(tmp_path / "in.ome.zarr", volume, block_mean(volume))
+    group = zarr.open_group(str(source), mode="r+")
+    ome = dict(group.attrs["ome"])
+    ome["multiscales"][0]["datasets"][1]["coordinateTransformations"] = [
+        {"type": "scale", "scale": [0.3 * 1.9999999, 0.1 * 1.9999999, 0.1 * 1.9999999]}
+    ]
+    group.attrs["ome"] = ome
+    job = job_for(tmp_path, source, psf3d_file, skip_background=0.0, skip_background_level=1)
+    report = ssi_dask.run(job, client=local_client, echo=None)
+    expected = zero_footprint_chunks(volume, report.plan.depth)
+    assert {(0, 2, 0), (0, 2, 1)} <= expected
+    assert skipped_records(tmp_path / "out.zarr") == dict.fromkeys(expected, "pyramid")
