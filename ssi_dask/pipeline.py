@@ -19,6 +19,7 @@ chunk of one volume.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import logging
 import math
@@ -1148,12 +1149,72 @@ def _background_level(image: Any, level: int | None, n_lead: int) -> Any:
             "against the input (its translation); a level of block means is shifted by 0 to "
             f"(factor - 1) / 2 = {centred}: drop skip_background_level"
         )
+    if _looks_subsampled(image.array, coarse.array, factors, n_lead):
+        raise ParameterError(
+            f"skip_background_level={level}: level {level} holds exact copies of single input "
+            "voxels (one per block: a nearest-neighbour or strided pyramid, whatever its "
+            "metadata says), which can miss a bright voxel entirely; drop skip_background_level "
+            "(each chunk then decides from its full-resolution input)"
+        )
     return PyramidLevel(
         path=str(Path(image.path) / coarse.level_path),
         level=level,
         factors=factors,
         shape=tuple(int(coarse.array.shape[i]) for i in spatial),
     )
+
+
+#: Coarse voxels per axis of each sample :func:`_looks_subsampled` reads (and where).
+SUBSAMPLE_PROBE_SIDE = 8
+SUBSAMPLE_PROBE_AT = (0.5, 0.25, 0.75)
+
+
+def _looks_subsampled(fine: Any, coarse: Any, factors: Sequence[float], n_lead: int) -> bool:
+    """True when a few samples of the level show it copies one voxel per block.
+
+    Most pyramids carry no record of how they were made (ome-zarr-py writes none, and its
+    default is nearest-neighbour). Where the factors are whole numbers, small regions of the
+    level (:data:`SUBSAMPLE_PROBE_SIDE` coarse voxels a side, at :data:`SUBSAMPLE_PROBE_AT` of
+    the volume, of the first time point and channel) are compared with the input under them:
+    when one fixed voxel of each block equals the level exactly where the blocks vary (their
+    means differ from it), the level is a subsampling. A uniform sample says nothing and the
+    next one is tried; when all are uniform the level is taken as it is.
+    """
+    if not all(abs(f - round(f)) < 1e-6 for f in factors):
+        return False
+    steps = tuple(int(round(f)) for f in factors)
+    fine_shape = tuple(int(n) for n in fine.shape[n_lead:])
+    coarse_shape = tuple(int(n) for n in coarse.shape[n_lead:])
+    for where in SUBSAMPLE_PROBE_AT:
+        boxes = []
+        for n_fine, n_coarse, step in zip(fine_shape, coarse_shape, steps):
+            whole = min(n_coarse, n_fine // step)  # coarse voxels whose block is whole
+            side = min(SUBSAMPLE_PROBE_SIDE, whole)
+            start = min(max(0, int(where * whole) - side // 2), whole - side)
+            boxes.append((start, start + side))
+        if any(stop <= start for start, stop in boxes):
+            return False
+        lead = (0,) * n_lead
+        values = np.asarray(coarse[lead + tuple(slice(a, b) for a, b in boxes)], dtype=np.float64)
+        under = np.asarray(
+            fine[lead + tuple(slice(a * s, b * s) for (a, b), s in zip(boxes, steps))],
+            dtype=np.float64,
+        )
+        if np.ptp(under) == 0:
+            continue  # a uniform sample cannot tell
+        means = under
+        for axis, step in enumerate(steps):
+            shape = means.shape
+            means = means.reshape(*shape[:axis], shape[axis] // step, step, *shape[axis + 1 :])
+            means = means.mean(axis=axis + 1)
+        if np.allclose(values, means, rtol=1e-3, atol=1e-6 * float(np.abs(under).max())):
+            return False  # block means, as assumed
+        for offset in itertools.product(*(range(step) for step in steps)):
+            picked = under[tuple(slice(o, None, step) for o, step in zip(offset, steps))]
+            if np.array_equal(values, picked):
+                return True
+        return False
+    return False
 
 
 def _store_input(image: Any, array: Any) -> str | None:
@@ -1262,7 +1323,6 @@ def _build_graph(
     graph: Callable,
 ):
     """The lazy result of every volume with one plan, stacked back along the leading axes."""
-    import itertools  # noqa: PLC0415
 
     import dask.array as da  # noqa: PLC0415
 

@@ -29,8 +29,11 @@ def block_mean(volume: np.ndarray) -> np.ndarray:
     return volume[: 2 * z, : 2 * y, : 2 * x].reshape(z, 2, y, 2, x, 2).mean(axis=(1, 3, 5))
 
 
-def write_pyramid(path: Path, level0: np.ndarray, level1: np.ndarray, kind: str = "mean") -> Path:
-    """A 3D OME-Zarr 0.5 input with two levels (the second halves every axis)."""
+def write_pyramid(
+    path: Path, level0: np.ndarray, level1: np.ndarray, kind: str | None = "mean"
+) -> Path:
+    """A 3D OME-Zarr 0.5 input with two levels (the second halves every axis); ``kind`` is
+    the multiscales ``type`` (None: none, as ome-zarr-py writes it)."""
     from ome_zarr.format import FormatV05
     from ome_zarr.writer import write_multiscale
 
@@ -46,7 +49,8 @@ def write_pyramid(path: Path, level0: np.ndarray, level1: np.ndarray, kind: str 
         storage_options={"chunks": CHUNKS},
     )
     ome = dict(group.attrs["ome"])
-    ome["multiscales"] = [{**ome["multiscales"][0], "type": kind}]
+    multiscale = {k: v for k, v in ome["multiscales"][0].items() if k != "type"}
+    ome["multiscales"] = [multiscale if kind is None else {**multiscale, "type": kind}]
     group.attrs["ome"] = ome
     return path
 
@@ -86,7 +90,10 @@ def test_pyramid_decision_at_zero_is_identical_and_leaves_input_unread(
 ):
     volume = smooth_volume(SHAPE, seed=3).astype(np.float32)
     volume[:, :, :60] = 0  # an empty half: its chunks are background
-    source = write_pyramid(tmp_path / "in.ome.zarr", volume, block_mean(volume).astype(np.float32))
+    # no multiscales type (as ome-zarr-py writes): the sampled level is seen to hold means
+    source = write_pyramid(
+        tmp_path / "in.ome.zarr", volume, block_mean(volume).astype(np.float32), kind=None
+    )
     plain = job_for(tmp_path, source, psf3d_file)
     full = ssi_dask.run(dataclasses.replace(plain, output=tmp_path / "all.zarr"), echo=None,
                         client=local_client)  # fmt: skip
@@ -155,6 +162,9 @@ def test_pyramid_level_decides_even_where_the_full_resolution_differs(
         ("nearest", {"skip_background": 0.0, "skip_background_level": 1},
          "skip_background_level=1: the input's pyramid was made by 'nearest', which keeps one "
          "voxel of each block and can miss a bright one entirely"),
+        (None, {"skip_background": 0.0, "skip_background_level": 1},
+         "skip_background_level=1: level 1 holds exact copies of single input voxels (one per "
+         "block: a nearest-neighbour or strided pyramid, whatever its metadata says)"),
     ],
 )  # fmt: skip
 def test_pyramid_levels_that_cannot_decide_are_refused(
