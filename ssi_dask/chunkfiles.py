@@ -111,27 +111,65 @@ class MissingInput:
 def missing_input_chunks(path: str | None, listing: Listing | None = None) -> MissingInput | None:
     """Count the chunks (or shards) of the Zarr array at ``path`` that have no file.
 
+    Without a ``listing`` the store is walked once and its chunk files counted as they come
+    (nothing per file is kept: a store of millions of chunk files costs no memory), then,
+    only when some are missing, the first three are found by checking the chunk keys in order.
     Returns None for anything that is not an on-disk Zarr array (a TIFF, an in-memory array).
     """
     array = _open_zarr(path)
     if array is None:
         return None
-    listing = store_listing(path) if listing is None else listing
     grid = storage_grid(array)
     counts = [-(-int(n) // g) for n, g in zip(array.shape, grid)]
-    missing, first = 0, []
-    for coords in itertools.product(*(range(c) for c in counts)):
-        if array.metadata.encode_chunk_key(coords) in listing:
-            continue
-        missing += 1
-        if len(first) < 3:
+    total = math.prod(counts)
+    encode = array.metadata.encode_chunk_key
+
+    def present(coords: tuple[int, ...]) -> bool:
+        key = encode(coords)
+        return key in listing if listing is not None else Path(path, key).is_file()
+
+    if listing is not None:
+        grid_blocks = itertools.product(*(range(c) for c in counts))
+        found = sum(1 for coords in grid_blocks if present(coords))
+    else:
+        found = _count_chunk_files(Path(path), encode, counts)
+    missing, first = total - found, []
+    if missing:
+        for coords in itertools.product(*(range(c) for c in counts)):
+            if present(coords):
+                continue
             region = [
                 slice(c * g, min((c + 1) * g, int(n))) for c, g, n in zip(coords, grid, array.shape)
             ]
             first.append("[" + ", ".join(f"{s.start}:{s.stop}" for s in region) + "]")
+            if len(first) == 3:
+                break
     fill = array.fill_value
     fill = fill.item() if hasattr(fill, "item") else fill
-    return MissingInput(int(missing), int(np.prod(counts)), tuple(first), fill)
+    return MissingInput(int(missing), int(total), tuple(first), fill)
+
+
+def _count_chunk_files(root: Path, encode: Any, counts: Sequence[int]) -> int:
+    """How many files under ``root`` are chunk (shard) files of a grid of ``counts`` blocks.
+
+    A file counts when the integers in its key, encoded back with the array's chunk key
+    encoding, give exactly its key (so metadata and stray files never count), whatever the
+    encoding (``c/0/1``, ``0.1``, ``0/1``).
+    """
+    import re  # noqa: PLC0415
+
+    found = 0
+    for folder, subfolders, files in os.walk(root):
+        subfolders[:] = [name for name in subfolders if name not in IGNORED_FOLDERS]
+        relative = os.path.relpath(folder, root)
+        prefix = "" if relative == "." else relative.replace(os.sep, "/") + "/"
+        for name in files:
+            key = prefix + name
+            coords = tuple(int(v) for v in re.findall(r"\d+", key))
+            if len(coords) != len(counts) or not all(c < n for c, n in zip(coords, counts)):
+                continue
+            found += encode(coords) == key
+    return found
 
 
 def _open_zarr(path: str | None) -> Any:
@@ -235,16 +273,23 @@ class InputReference:
                 grown.append(slice(max(0, int(s.start) - d), min(n, int(s.stop) + d)))
         return tuple(grown)
 
-    def signature(self, region: Sequence[slice]) -> dict[str, str]:
+    def signature(self, region: Sequence[slice], read: bool = True) -> dict[str, str]:
         """What the working chunk at ``region`` read: ``quick`` and ``content`` signatures.
 
         Called in the write task, right after the chunk was computed (see
-        :meth:`content_signature` for what is hashed).
+        :meth:`content_signature` for what is hashed). With ``read=False`` (a background
+        chunk decided from a coarse pyramid level, whose input was never read) the content is
+        ``"unread"``: nothing proves what the input held, so a resume trusts the chunk only
+        while the quick signature still matches and otherwise counts it as changed.
         """
         return {
             "quick": self.quick_signature(self.grown(region)),
-            "content": self.content_signature(region),
+            "content": self.content_signature(region) if read else UNREAD,
         }
+
+
+#: The content signature of a chunk whose input was not read (see InputReference.signature).
+UNREAD = "unread"
 
 
 @functools.lru_cache(maxsize=8)
@@ -282,20 +327,24 @@ def input_reference(volume: Any, depth: Sequence[int]) -> InputReference | None:
 
 def changed_input_chunks(
     reference: InputReference,
-    records: dict[Any, dict[str, Any]],
-    regions: dict[Any, tuple[slice, ...]],
-) -> tuple[list[Any], int]:
+    records: Mapping[Any, dict[str, Any]] | Iterable[tuple[Any, dict[str, Any]]],
+    regions: Mapping[Any, tuple[slice, ...]],
+) -> tuple[list[Any], int, int]:
     """Recorded working chunks whose input region no longer holds the data they were made from.
 
+    ``records``: a dict of records by block index, or ``(index, record)`` pairs streamed from
+    :func:`ssi_dask.progress.iter_records` (nothing then held per chunk but the changed ones).
     One listing of the input store; a record whose quick signature still matches is trusted,
-    the others are re-read and compared by content. Returns the changed block indices (C order)
-    and how many chunks had to be re-read. A record without an input signature (written by an
-    older ssi-dask) counts as changed: nothing proves what it read.
+    the others are re-read and compared by content. Returns the changed block indices (C order),
+    how many chunks had to be re-read and how many were checked. A record without an input
+    signature (written by an older ssi-dask) counts as changed: nothing proves what it read.
     """
     listing = store_listing(reference.path)
-    changed, reread = [], 0
-    for index in sorted(records):
-        recorded = records[index].get("input") or {}
+    pairs = records.items() if isinstance(records, Mapping) else records
+    changed, reread, checked = [], 0, 0
+    for index, record in pairs:
+        checked += 1
+        recorded = record.get("input") or {}
         if not recorded.get("content"):
             changed.append(index)
             continue
@@ -303,9 +352,11 @@ def changed_input_chunks(
         if reference.quick_signature(grown, listing) == recorded.get("quick"):
             continue
         reread += 1
-        if reference.content_signature(regions[index]) != recorded["content"]:
+        if recorded["content"] == UNREAD:  # nothing to compare the input with
             changed.append(index)
-    return changed, reread
+        elif reference.content_signature(regions[index]) != recorded["content"]:
+            changed.append(index)
+    return sorted(changed), reread, checked
 
 
 def block_regions(chunks: tuple[tuple[int, ...], ...]) -> list[tuple[tuple[int, ...], tuple]]:

@@ -224,6 +224,18 @@ def _lr_options(args: argparse.Namespace) -> dict:
     return options
 
 
+def _parse_level(text: str | None) -> int | None:
+    """``--skip-background-level N`` as an int (LayoutSettings checks its range)."""
+    if text is None:
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise ParameterError(
+            f"--skip-background-level must be a pyramid level >= 1, got {text!r}"
+        ) from None
+
+
 def _parse_iterations(text: str) -> int | str:
     if text.strip().lower() == "auto":
         return "auto"
@@ -465,6 +477,14 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="THRESHOLD",
         help="LR, Zarr input: write chunks whose input (with halo) is at most THRESHOLD "
         "everywhere as their background value without computing them (counted in the summary)",
+    )
+    run.add_argument(
+        "--skip-background-level",
+        type=str,  # parsed in job_from_args: a bad value is one line, not argparse's usage
+        metavar="N",
+        help="with --skip-background and an OME-Zarr input: decide from the input's pyramid "
+        "level N first (a chunk it calls background is written without reading its "
+        "full-resolution input; approximate at that level's resolution, see README)",
     )
     run.add_argument("--overwrite", action="store_true", help="replace an existing OUTPUT store")
     run.add_argument(
@@ -918,6 +938,7 @@ def job_from_args(args: argparse.Namespace) -> Job:
             output_format=args.output_format,
             output_dtype=args.output_dtype,
             skip_background=args.skip_background,
+            skip_background_level=_parse_level(args.skip_background_level),
         ),
         cluster=ClusterSettings(
             scheduler=args.scheduler,

@@ -87,6 +87,7 @@ CLI_FLAGS = {
     "output_shards": "--output-shards",
     "output_dtype": "--output-dtype",
     "skip_background": "--skip-background",
+    "skip_background_level": "--skip-background-level",
     "output_chunks": "--output-chunks",
     "shards": "--shards",
     "chunks": "--chunks",
@@ -669,10 +670,25 @@ class LayoutSettings:
     #: LR, Zarr input: chunks whose input (with halo) is at most this everywhere are written
     #: as their background value without computing (None: compute every chunk).
     skip_background: float | None = None
+    #: With skip_background and an OME-Zarr input: decide from this coarser pyramid level
+    #: first, without reading a background chunk's full-resolution input (None: decide from
+    #: the full-resolution input each chunk reads; exact).
+    skip_background_level: int | None = None
 
     def __post_init__(self) -> None:
         if self.skip_background is not None:
             _finite("skip_background", self.skip_background)
+        level = self.skip_background_level
+        if level is not None:
+            if isinstance(level, bool) or not isinstance(level, int) or level < 1:
+                raise ParameterError(
+                    f"skip_background_level must be a pyramid level >= 1, got {level!r}"
+                )
+            if self.skip_background is None:
+                raise ParameterError(
+                    "skip_background_level needs skip_background=THRESHOLD (the level only "
+                    "says where the decision is read from)"
+                )
         if self.output_dtype not in OUTPUT_DTYPES:
             raise ParameterError(
                 f"output_dtype must be one of {', '.join(OUTPUT_DTYPES)}, got {self.output_dtype!r}"

@@ -19,6 +19,7 @@ chunk of one volume.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import logging
 import math
@@ -82,6 +83,7 @@ class RunReport:
     output_dtype: str = "float32"
     clipped: int = 0
     skipped: int = 0
+    skipped_unread: int = 0
     write_seconds: float | None = None
     written_voxels: float | None = None
 
@@ -109,9 +111,10 @@ class RunReport:
                 f"  stored as   {self.output_dtype}, {self.clipped} values clipped to its range"
             )
         if "skip_background" in self.provenance:
-            extra.append(
-                f"  background  {self.skipped} of {self.chunks} chunks written without computing"
-            )
+            line = f"  background  {self.skipped} of {self.chunks} chunks written without computing"
+            if "skip_background_level" in self.provenance:
+                line += f" ({self.skipped_unread} of them without reading their input)"
+            extra.append(line)
         if not extra:
             return text
         lines = text.splitlines()
@@ -615,6 +618,7 @@ def run(job: Job, *, client: Any = None, echo: Echo = print) -> RunReport:
             "skip_background needs a Zarr input (each chunk decides from what it reads); "
             "convert the input to Zarr or drop skip_background"
         )
+    background_level = _background_level(image, job.layout.skip_background_level, n_lead)
     first_volume = Volume(
         data=_as_dask(array, store_chunks)[(0,) * n_lead],
         store_chunks=store_chunks[n_lead:],
@@ -753,7 +757,7 @@ def run(job: Job, *, client: Any = None, echo: Echo = print) -> RunReport:
         + (f", shards {shards}" if shards else ""),
     )
     _say(echo, plan.summary())
-    missing_input = missing_input_chunks(_level_path(image))  # one listing of the input
+    missing_input = missing_input_chunks(_level_path(image))  # one walk of the input
     warnings: list[str] = []
     if missing_input is not None and missing_input.count:
         warnings.append(missing_input.warning())
@@ -788,6 +792,8 @@ def run(job: Job, *, client: Any = None, echo: Echo = print) -> RunReport:
             entry["output_dtype"] = output_dtype
         if skip_background is not None:
             entry["skip_background"] = float(skip_background)
+        if background_level is not None:
+            entry["skip_background_level"] = background_level.level
         if image.is_ome:
             entry["input_level"] = image.level
             entry["channels"] = channels if channels is not None else "all"
@@ -840,7 +846,14 @@ def run(job: Job, *, client: Any = None, echo: Echo = print) -> RunReport:
             computation=computation_now(),
             dtype=output_dtype,
         )
-        existing = check_resume(target, layout, input_path=protected, input_reference=reference)
+        # the input's data are checked here only for a dry run: a run's write_zarr checks
+        # them right after, and each check walks the whole input store
+        existing = check_resume(
+            target,
+            layout,
+            input_path=protected,
+            input_reference=reference if job.dry_run else None,
+        )
         done = recorded_chunks(target, existing)
         total = math.prod(lead_shape) * plan.n_chunks
         _say(echo, f"  resume          {done} of {total} chunks already written")
@@ -938,6 +951,7 @@ def run(job: Job, *, client: Any = None, echo: Echo = print) -> RunReport:
                 device="gpu" if job.cluster.gpu else "cpu",
                 offset=lr.offset,
                 skip_background=skip_background,
+                background_level=background_level,
             )
         else:
             result = _build_graph(
@@ -978,9 +992,15 @@ def run(job: Job, *, client: Any = None, echo: Echo = print) -> RunReport:
         if job.method == "ssi" and client is not None:
             with contextlib.suppress(Exception):
                 client.unsubscribe_topic(SSI_TILES_EVENT)
-        clipped, skipped = _clipped_values(target)
+        clipped, skipped, unread = _clipped_values(target)
         if skip_background is not None:
-            _say(echo, f"skipped {skipped} background chunks (input <= {skip_background:g})")
+            line = f"skipped {skipped} background chunks (input <= {skip_background:g})"
+            if background_level is not None:
+                line += (
+                    f"; {unread} decided from pyramid level {background_level.level}, "
+                    "their full-resolution input not read"
+                )
+            _say(echo, line)
         if clipped:
             warnings.append(
                 f"warning: {clipped} values outside the {output_dtype} range were clipped "
@@ -1006,6 +1026,7 @@ def run(job: Job, *, client: Any = None, echo: Echo = print) -> RunReport:
         output_dtype=output_dtype,
         clipped=clipped,
         skipped=skipped,
+        skipped_unread=unread,
         write_seconds=timing["progress"].seconds if "progress" in timing else None,
         written_voxels=timing["progress"].voxels if "progress" in timing else None,
     )
@@ -1038,16 +1059,162 @@ def resolve_output_dtype(choice: str, input_dtype: Any) -> str:
     return name
 
 
-def _clipped_values(target: Path) -> tuple[int, int]:
-    """Values the write clipped to the output dtype's range, and background chunks skipped
-    (from the output's provenance)."""
+def _clipped_values(target: Path) -> tuple[int, int, int]:
+    """Values the write clipped to the output dtype's range, background chunks skipped, and
+    those of them decided from a pyramid level (from the output's provenance)."""
     import zarr  # noqa: PLC0415
 
     try:
         attrs = dict(zarr.open_array(str(target), mode="r").attrs.get("ssi_dask") or {})
     except Exception:
-        return 0, 0
-    return int(attrs.get("clipped_values", 0)), int(attrs.get("skipped_chunks", 0))
+        return 0, 0, 0
+    return (
+        int(attrs.get("clipped_values", 0)),
+        int(attrs.get("skipped_chunks", 0)),
+        int(attrs.get("skipped_unread", 0)),
+    )
+
+
+#: Pyramid downsampling methods that keep one voxel (or the most frequent or median value) of
+#: each block: a coarse voxel then says nothing about the others, so it cannot decide that a
+#: chunk is background (ngff-zarr's dask_image_mode and itkwasm_label_image keep block modes).
+SUBSAMPLING_METHODS = (
+    "nearest",
+    "subsampl",
+    "stride",
+    "decimat",
+    "simpleimagescaler",
+    "mode",
+    "label",
+    "median",
+)
+
+
+def _background_level(image: Any, level: int | None, n_lead: int) -> Any:
+    """The :class:`ssi_dask.storegraph.PyramidLevel` ``skip_background_level`` names, after
+    checking that the input has it and that its downsampling can decide background."""
+    if level is None:
+        return None
+    if not image.is_ome or image.n_levels < 2:
+        raise ParameterError(
+            f"skip_background_level={level} needs an OME-Zarr input with a pyramid; this input "
+            "has one level: drop skip_background_level (each chunk then decides from its input)"
+        )
+    if image.level >= image.n_levels - 1:
+        raise ParameterError(
+            f"skip_background_level={level}: the input is read at level {image.level}, the "
+            "coarsest of its pyramid, so no coarser level can decide background; drop "
+            "skip_background_level"
+        )
+    if not image.level < level < image.n_levels:
+        raise ParameterError(
+            f"skip_background_level={level} must be a level coarser than the input's "
+            f"(level {image.level}): {image.level + 1} to {image.n_levels - 1}"
+        )
+    import zarr  # noqa: PLC0415
+
+    from .ome import ome_attributes, open_ome_zarr  # noqa: PLC0415
+    from .storegraph import PyramidLevel  # noqa: PLC0415
+
+    block, _ = ome_attributes(dict(zarr.open_group(image.path, mode="r").attrs))
+    multiscale = (block or {}).get("multiscales", [{}])[0]
+    metadata = multiscale.get("metadata") if isinstance(multiscale.get("metadata"), dict) else {}
+    method = " ".join(str(v) for v in (multiscale.get("type"), metadata.get("method")) if v)
+    if any(word in method.lower() for word in SUBSAMPLING_METHODS):
+        raise ParameterError(
+            f"skip_background_level={level}: the input's pyramid was made by {method!r}, which "
+            "keeps one voxel of each block and can miss a bright one entirely; drop "
+            "skip_background_level (each chunk then decides from its full-resolution input)"
+        )
+    coarse = open_ome_zarr(image.path, level)
+    spatial = image.spatial_axes
+    factors = tuple(float(coarse.scale[i]) / float(image.scale[i]) for i in spatial)
+    lead_ok = tuple(coarse.array.shape[:n_lead]) == tuple(image.array.shape[:n_lead])
+    if not lead_ok or not all(f >= 1 for f in factors):
+        raise ParameterError(
+            f"skip_background_level={level}: level {level} is not a coarser copy of the input "
+            f"(shape {tuple(coarse.array.shape)}, voxel {factors} input voxels); drop "
+            "skip_background_level"
+        )
+    # a level of block means is shifted by 0 (corner-aligned) to (factor - 1) / 2 input voxels
+    # (centred); further off, its coarse voxels lie over other input voxels than assumed
+    shifts = tuple(
+        round((float(coarse.translation[i]) - float(image.translation[i])) / image.scale[i], 3)
+        for i in spatial
+    )
+    centred = tuple(round((f - 1) / 2, 3) for f in factors)
+    if not all(-1e-3 <= s <= c + 1e-3 for s, c in zip(shifts, centred)):
+        raise ParameterError(
+            f"skip_background_level={level}: level {level} is shifted by {shifts} input voxels "
+            "against the input (its translation); a level of block means is shifted by 0 to "
+            f"(factor - 1) / 2 = {centred}: drop skip_background_level"
+        )
+    if _looks_subsampled(image.array, coarse.array, factors, n_lead):
+        raise ParameterError(
+            f"skip_background_level={level}: level {level} holds exact copies of single input "
+            "voxels (one per block: a nearest-neighbour or strided pyramid, whatever its "
+            "metadata says), which can miss a bright voxel entirely; drop skip_background_level "
+            "(each chunk then decides from its full-resolution input)"
+        )
+    return PyramidLevel(
+        path=str(Path(image.path) / coarse.level_path),
+        level=level,
+        factors=factors,
+        shape=tuple(int(coarse.array.shape[i]) for i in spatial),
+    )
+
+
+#: Coarse voxels per axis of each sample :func:`_looks_subsampled` reads (and where).
+SUBSAMPLE_PROBE_SIDE = 8
+SUBSAMPLE_PROBE_AT = (0.5, 0.25, 0.75)
+
+
+def _looks_subsampled(fine: Any, coarse: Any, factors: Sequence[float], n_lead: int) -> bool:
+    """True when a few samples of the level show it copies one voxel per block.
+
+    Most pyramids carry no record of how they were made (ome-zarr-py writes none, and its
+    default is nearest-neighbour). Where the factors are whole numbers, small regions of the
+    level (:data:`SUBSAMPLE_PROBE_SIDE` coarse voxels a side, at :data:`SUBSAMPLE_PROBE_AT` of
+    the volume, of the first time point and channel) are compared with the input under them:
+    when one fixed voxel of each block equals the level exactly where the blocks vary (their
+    means differ from it), the level is a subsampling. A uniform sample says nothing and the
+    next one is tried; when all are uniform the level is taken as it is.
+    """
+    if not all(abs(f - round(f)) < 1e-6 for f in factors):
+        return False
+    steps = tuple(int(round(f)) for f in factors)
+    fine_shape = tuple(int(n) for n in fine.shape[n_lead:])
+    coarse_shape = tuple(int(n) for n in coarse.shape[n_lead:])
+    for where in SUBSAMPLE_PROBE_AT:
+        boxes = []
+        for n_fine, n_coarse, step in zip(fine_shape, coarse_shape, steps):
+            whole = min(n_coarse, n_fine // step)  # coarse voxels whose block is whole
+            side = min(SUBSAMPLE_PROBE_SIDE, whole)
+            start = min(max(0, int(where * whole) - side // 2), whole - side)
+            boxes.append((start, start + side))
+        if any(stop <= start for start, stop in boxes):
+            return False
+        lead = (0,) * n_lead
+        values = np.asarray(coarse[lead + tuple(slice(a, b) for a, b in boxes)], dtype=np.float64)
+        under = np.asarray(
+            fine[lead + tuple(slice(a * s, b * s) for (a, b), s in zip(boxes, steps))],
+            dtype=np.float64,
+        )
+        if np.ptp(under) == 0:
+            continue  # a uniform sample cannot tell
+        means = under
+        for axis, step in enumerate(steps):
+            shape = means.shape
+            means = means.reshape(*shape[:axis], shape[axis] // step, step, *shape[axis + 1 :])
+            means = means.mean(axis=axis + 1)
+        if np.allclose(values, means, rtol=1e-3, atol=1e-6 * float(np.abs(under).max())):
+            return False  # block means, as assumed
+        for offset in itertools.product(*(range(step) for step in steps)):
+            picked = under[tuple(slice(o, None, step) for o, step in zip(offset, steps))]
+            if np.array_equal(values, picked):
+                return True
+        return False
+    return False
 
 
 def _store_input(image: Any, array: Any) -> str | None:
@@ -1156,7 +1323,6 @@ def _build_graph(
     graph: Callable,
 ):
     """The lazy result of every volume with one plan, stacked back along the leading axes."""
-    import itertools  # noqa: PLC0415
 
     import dask.array as da  # noqa: PLC0415
 

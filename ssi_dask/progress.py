@@ -15,7 +15,8 @@ import hashlib
 import json
 import os
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +41,10 @@ RUN_SPECIFIC_KEYS = frozenset(
         "source",
         "fingerprint",
         "input",  # the input's path: a resume checks the input's content instead
+        # what a finished run counted (see ssi_dask.store._finish): results, not parameters
+        "clipped_values",
+        "skipped_chunks",
+        "skipped_unread",
     }
 )
 
@@ -119,7 +124,7 @@ def write_record(
     run_id: str,
     input_signature: dict[str, str] | None = None,
     clipped: int = 0,
-    skipped: bool = False,
+    skipped: str | None = None,
 ) -> Path:
     """Record that the working chunk at ``index`` is written; atomic and safe to repeat.
 
@@ -145,47 +150,122 @@ def write_record(
         record["input"] = dict(input_signature)
     if clipped:  # values outside the output dtype's range (see ssi_dask.store.encode_values)
         record["clipped"] = int(clipped)
-    if skipped:  # written as background without computing (skip_background)
-        record["skipped"] = True
+    if skipped:  # written as background without computing: what decided it (skip_background)
+        record["skipped"] = skipped
     write_atomically(final, json.dumps(record))
     return final
+
+
+def iter_records(
+    output: str | os.PathLike,
+    *,
+    run_fingerprint: str,
+    regions: Mapping[BlockIndex, tuple[slice, ...]],
+) -> Iterator[tuple[BlockIndex, dict[str, Any]]]:
+    """The valid completion records of ``output``, one ``(block index, record)`` at a time.
+
+    A record counts only when it parses as a whole, carries ``run_fingerprint`` and names a
+    block of the grid with exactly the expected region; anything else (a leftover temporary
+    file, a record of another computation) is ignored, so that chunk is treated as missing.
+    Nothing is held between records: a volume's millions of records stream through.
+    """
+    folder = progress_folder(output)
+    if not folder.is_dir():
+        return
+    with os.scandir(folder) as entries:
+        for entry in entries:
+            if entry.name.startswith("."):
+                continue
+            try:
+                with open(entry.path, encoding="utf-8") as handle:
+                    record = json.load(handle)
+                index = tuple(int(i) for i in record["index"])
+                expected = regions.get(index)
+                region = [tuple(pair) for pair in record["region"]]
+            except (OSError, ValueError, KeyError, TypeError):
+                continue
+            if (
+                expected is None
+                or entry.name != record_name(index)
+                or record.get("fingerprint") != run_fingerprint
+                or region != [(s.start, s.stop) for s in expected]
+            ):
+                continue
+            yield index, record
 
 
 def read_records(
     output: str | os.PathLike,
     *,
     run_fingerprint: str,
-    regions: dict[BlockIndex, tuple[slice, ...]],
+    regions: Mapping[BlockIndex, tuple[slice, ...]],
 ) -> dict[BlockIndex, dict[str, Any]]:
-    """Valid completion records of ``output``, by block index.
+    """Valid completion records of ``output``, by block index (see :func:`iter_records`).
 
-    A record counts only when it parses as a whole, carries ``run_fingerprint`` and names a
-    block of the grid with exactly the expected region; anything else (a leftover temporary
-    file, a record of another computation) is ignored, so that chunk is treated as missing.
+    Holds every record: for what needs their contents (a repair's checksums, ``verify``);
+    :func:`tally_records` counts them in one byte per chunk.
     """
-    folder = progress_folder(output)
-    if not folder.is_dir():
-        return {}
-    records: dict[BlockIndex, dict[str, Any]] = {}
-    for entry in folder.iterdir():
-        if entry.name.startswith("."):
-            continue
+    return dict(iter_records(output, run_fingerprint=run_fingerprint, regions=regions))
+
+
+@dataclass
+class RecordTally:
+    """Which working chunks are recorded as written, one byte per chunk, and the records' sums.
+
+    Stands where the dict of :func:`read_records` stands when only the set of finished chunks
+    and the totals are needed (finishing a run, resuming one): its memory is one byte per
+    working chunk (1.5 MB for the 1.5 M chunks of 100 TB), not a parsed record each.
+    Iterating it gives the recorded block indices in C order.
+    """
+
+    done: np.ndarray
+    clipped: int = 0
+    skipped: int = 0
+    skipped_unread: int = 0
+
+    def __len__(self) -> int:
+        return int(np.count_nonzero(self.done))
+
+    def __contains__(self, index: object) -> bool:
         try:
-            record = json.loads(entry.read_text())
-            index = tuple(int(i) for i in record["index"])
-            expected = regions.get(index)
-            region = [tuple(pair) for pair in record["region"]]
-        except (OSError, ValueError, KeyError, TypeError):
-            continue
-        if (
-            expected is None
-            or entry.name != record_name(index)
-            or record.get("fingerprint") != run_fingerprint
-            or region != [(s.start, s.stop) for s in expected]
-        ):
-            continue
-        records[index] = record
-    return records
+            return bool(self.done[tuple(index)])  # type: ignore[arg-type]
+        except (IndexError, TypeError, ValueError):
+            return False
+
+    def __iter__(self) -> Iterator[BlockIndex]:
+        shape = self.done.shape
+        for flat in np.flatnonzero(self.done):
+            yield tuple(int(i) for i in np.unravel_index(flat, shape))
+
+    def discard(self, indices: Iterable[BlockIndex]) -> None:
+        """Forget the chunks ``indices`` (lost, about to be recomputed)."""
+        for index in indices:
+            self.done[tuple(index)] = False
+
+    def first_missing(self) -> BlockIndex | None:
+        """The first block index (C order) without a record, or None."""
+        missing = np.flatnonzero(~self.done)
+        if not missing.size:
+            return None
+        return tuple(int(i) for i in np.unravel_index(missing[0], self.done.shape))
+
+
+def tally_records(
+    output: str | os.PathLike,
+    *,
+    run_fingerprint: str,
+    regions: Any,
+) -> RecordTally:
+    """The :class:`RecordTally` of ``output``'s valid records over the grid of ``regions`` (a
+    :class:`ssi_dask.chunkfiles.GridRegions`), streamed with :func:`iter_records`."""
+    tally = RecordTally(done=np.zeros(tuple(len(sizes) for sizes in regions.chunks), dtype=bool))
+    for index, record in iter_records(output, run_fingerprint=run_fingerprint, regions=regions):
+        tally.done[index] = True
+        tally.clipped += int(record.get("clipped", 0))
+        if record.get("skipped"):
+            tally.skipped += 1
+            tally.skipped_unread += record["skipped"] == "pyramid"
+    return tally
 
 
 def remove_records(output: str | os.PathLike, indices: Iterable[BlockIndex]) -> None:

@@ -22,6 +22,7 @@ import contextlib
 import datetime as _dt
 import errno
 import itertools
+import json
 import math
 import os
 import time
@@ -78,13 +79,17 @@ def write_chunk(
     fingerprint: str,
     run: str,
     input_reference: Any = None,
-    skipped: bool = False,
+    skipped: str | None = None,
 ) -> None:
     """Write one computed working chunk into ``region`` of the output, then record it done.
 
     Shared by both graphs (``map_overlap`` and :mod:`ssi_dask.storegraph`): refuses a
     non-finite result (nothing written, no record), writes every output chunk even when all
-    zero, and only then writes the completion record with the input signature.
+    zero, and only then writes the completion record with the input signature. ``skipped``
+    marks a chunk written as background without computing: ``"input"`` when its input decided
+    it, ``"pyramid"`` when a coarse pyramid level did and the input was never read (its record
+    then holds only the quick signature of the input files, see
+    :meth:`ssi_dask.chunkfiles.InputReference.signature`).
     """
     import zarr  # noqa: PLC0415
 
@@ -105,7 +110,9 @@ def write_chunk(
             float(array.attrs.get("add_offset", 0.0)),
         )
     array[region] = data
-    signature = input_reference.signature(region) if input_reference is not None else None
+    signature = None
+    if input_reference is not None:
+        signature = input_reference.signature(region, read=skipped != "pyramid")
     # Only now, with the data in the store, may the chunk count as finished.
     records.write_record(
         path,
@@ -389,7 +396,10 @@ def _compute_into(
     """Compute the chunks of ``result`` that ``path`` has no record of; mark it complete."""
 
     run_fingerprint = provenance["fingerprint"]
-    done = records.read_records(path, run_fingerprint=run_fingerprint, regions=regions)
+    if repair:  # the repair compares every chunk with the checksum its record holds
+        done = records.read_records(path, run_fingerprint=run_fingerprint, regions=regions)
+    else:  # one byte per chunk, however many chunks
+        done = records.tally_records(path, run_fingerprint=run_fingerprint, regions=regions)
     if resume and done:
         done = _drop_lost_chunks(path, regions, done, repair=repair)
     if resume and done:
@@ -439,28 +449,31 @@ def _compute_into(
 
 
 def _finish(path: Path, provenance: dict, regions: Any):
-    """Check that every chunk is recorded with its files; mark the output complete."""
+    """Check that every chunk is recorded with its files; mark the output complete.
+
+    The records are streamed into a :class:`ssi_dask.progress.RecordTally` (one byte per
+    chunk), so finishing a run of millions of chunks holds no record in memory.
+    """
     import zarr  # noqa: PLC0415
 
     run_fingerprint = provenance["fingerprint"]
-    finished = records.read_records(path, run_fingerprint=run_fingerprint, regions=regions)
+    finished = records.tally_records(path, run_fingerprint=run_fingerprint, regions=regions)
     finished = _drop_lost_chunks(path, regions, finished, repair=False, quiet=True)
-    missing = records.missing_blocks(regions, finished)
-    if missing:
+    missing = finished.first_missing()
+    if missing is not None:
         raise OutputError(
             f"only {len(finished)} of {len(regions)} chunks of {str(path)!r} are recorded as "
-            f"written (first missing: {records.region_text(regions[missing[0]])}); the output is "
+            f"written (first missing: {records.region_text(regions[missing])}); the output is "
             "incomplete: re-run with resume=True"
         )
     array = zarr.open_array(str(path), mode="r+")
-    clipped = sum(int(record.get("clipped", 0)) for record in finished.values())
     provenance.update(complete=True, finished=_now(), chunks_written=len(finished))
-    if clipped or provenance.get("layout", {}).get("dtype", "float32") != "float32":
-        provenance["clipped_values"] = clipped
+    if finished.clipped or provenance.get("layout", {}).get("dtype", "float32") != "float32":
+        provenance["clipped_values"] = finished.clipped
     if "skip_background" in provenance:
-        provenance["skipped_chunks"] = sum(
-            1 for record in finished.values() if record.get("skipped")
-        )
+        provenance["skipped_chunks"] = finished.skipped
+    if "skip_background_level" in provenance:  # decided from the pyramid, input left unread
+        provenance["skipped_unread"] = finished.skipped_unread
     array.attrs["ssi_dask"] = provenance
     return zarr.open_array(str(path), mode="r")
 
@@ -504,7 +517,11 @@ def _drop_lost_chunks(
     for index in damaged:
         for key in keys_for_region(array, regions[index]):
             (path / key).unlink(missing_ok=True)
-    return {index: record for index, record in done.items() if index not in set(bad)}
+    if isinstance(done, records.RecordTally):
+        done.discard(bad)
+        return done
+    lost_or_damaged = set(bad)
+    return {index: record for index, record in done.items() if index not in lost_or_damaged}
 
 
 def output_provenance(
@@ -623,15 +640,38 @@ def _check_input_unchanged(path: Path, existing: dict, input_reference: Any) -> 
 
     grid = tuple(tuple(sizes) for sizes in existing["layout"]["grid"])
     regions = GridRegions(grid)
-    done = records.read_records(path, run_fingerprint=existing["fingerprint"], regions=regions)
-    changed, _ = changed_input_chunks(input_reference, done, regions)
+    done = records.iter_records(path, run_fingerprint=existing["fingerprint"], regions=regions)
+    changed, _, checked = changed_input_chunks(input_reference, done, regions)
     if changed:
         first = ", ".join(records.region_text(regions[index]) for index in changed[:3])
+        if all(_decided_unread(path, index) for index in changed):
+            # their records hold no content signature: the files changed, maybe not the data
+            raise OutputError(
+                f"the input changed since {str(path)!r} was written (the names, sizes or times "
+                f"of its files): {len(changed)} of {checked} chunks already written were "
+                "decided from its pyramid level without reading it (skip_background_level), "
+                "so nothing proves that they hold this input's data "
+                f"(first: {first}); pass overwrite=True to start again"
+            )
         raise OutputError(
-            f"the input changed since {str(path)!r} was written: {len(changed)} of {len(done)} "
+            f"the input changed since {str(path)!r} was written: {len(changed)} of {checked} "
             f"chunks already written were made from other input data (first: {first}); "
             "resuming would mix old and new input: pass overwrite=True to start again"
         )
+
+
+def _decided_unread(path: Path, index: tuple[int, ...]) -> bool:
+    """Whether the record of chunk ``index`` says its input was never read (a background
+    chunk decided from a pyramid level, see :data:`ssi_dask.chunkfiles.UNREAD`)."""
+    from .chunkfiles import UNREAD  # noqa: PLC0415
+
+    try:
+        record = json.loads(
+            (records.progress_folder(path) / records.record_name(index)).read_text()
+        )
+        return record["input"]["content"] == UNREAD
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
 
 
 def recorded_chunks(output: str | os.PathLike, provenance: dict) -> int:
@@ -639,7 +679,7 @@ def recorded_chunks(output: str | os.PathLike, provenance: dict) -> int:
     grid = tuple(tuple(sizes) for sizes in provenance["layout"]["grid"])
     regions = GridRegions(grid)
     return len(
-        records.read_records(output, run_fingerprint=provenance["fingerprint"], regions=regions)
+        records.tally_records(output, run_fingerprint=provenance["fingerprint"], regions=regions)
     )
 
 
@@ -823,7 +863,7 @@ def _lost_scheduler(exc: BaseException, output: Path) -> SchedulerError:
 def _kept(output: Path, regions: dict) -> str:
     """``N of M chunks of OUTPUT are kept`` from the records on disk."""
     fingerprint = _stored_fingerprint(output)
-    done = records.read_records(output, run_fingerprint=fingerprint, regions=regions)
+    done = records.tally_records(output, run_fingerprint=fingerprint, regions=regions)
     return f"{len(done)} of {len(regions)} chunks of {str(output)!r} are written and kept"
 
 

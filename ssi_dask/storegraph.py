@@ -40,6 +40,47 @@ MIN_IN_FLIGHT = 16
 
 
 @dataclass(frozen=True)
+class PyramidLevel:
+    """A coarser resolution level of the input's OME-Zarr pyramid, seen from the input level.
+
+    Attributes
+    ----------
+    path : str
+        The level's array folder.
+    level : int
+        Its index in the pyramid.
+    factors : tuple of float
+        Per spatial axis, the size of one of its voxels in input voxels (from the levels'
+        ``scale``; 2.0 for a level that halves the input's size).
+    shape : tuple of int
+        Its spatial shape.
+    """
+
+    path: str
+    level: int
+    factors: tuple[float, ...]
+    shape: tuple[int, ...]
+
+    def cells(self, bounds: Sequence[tuple[int, int]]) -> tuple[slice, ...]:
+        """The coarse voxels overlapping the input box ``bounds`` (start, stop per spatial
+        axis): the box is rounded outwards, so no input voxel of it is left out."""
+        return tuple(
+            slice(
+                min(n - 1, max(0, math.floor(start / f))),
+                max(1, min(n, math.ceil(stop / f))),
+            )
+            for (start, stop), f, n in zip(bounds, self.factors, self.shape)
+        )
+
+    def covers(self, bounds: Sequence[tuple[int, int]]) -> bool:
+        """Whether the level's voxels reach over the whole input box ``bounds``: a level cut
+        to whole blocks (``floor(n / f)`` voxels) has none over the input's last voxels, so it
+        cannot decide a chunk that holds them. Half a voxel of slack absorbs factors read from
+        rounded ``scale`` values (1.9999999 for 2)."""
+        return all(stop <= n * f + 0.5 for (_, stop), f, n in zip(bounds, self.factors, self.shape))
+
+
+@dataclass(frozen=True)
 class ChunkSource:
     """What every chunk task needs to read its input: small, pickled with each task.
 
@@ -56,6 +97,9 @@ class ChunkSource:
         The plan's working chunk shape and halo (0 along an LR axis held in one chunk).
     boundary : {"none", "reflect"}
         ``"none"`` (LR) or ``"reflect"`` (SSI: the volume's edges mirrored, edge included).
+    background_level : PyramidLevel, optional
+        A coarser level of the input's OME pyramid that decides which chunks are background
+        before their full-resolution input is read (``skip_background_level``).
     """
 
     input_path: str
@@ -64,6 +108,7 @@ class ChunkSource:
     working_chunks: tuple[int, ...]
     depth: tuple[int, ...]
     boundary: str
+    background_level: PyramidLevel | None = None
 
     def region(self, index: Sequence[int]) -> tuple[slice, ...]:
         """The output region of the working chunk at block ``index`` (leading axes first)."""
@@ -75,16 +120,38 @@ class ChunkSource:
         ]
         return (*lead, *spatial)
 
+    def _lead_selection(self, index: Sequence[int]) -> list[Any]:
+        """The input indices of the leading (time, channel) axes of block ``index``."""
+        selection: list[Any] = []
+        for axis, i in enumerate(index[: len(self.lead)]):
+            mapping = self.lead[axis]
+            selection.append(int(mapping[int(i)]) if mapping is not None else int(i))
+        return selection
+
+    def read_background_level(self, index: Sequence[int]) -> np.ndarray | None:
+        """The values of :attr:`background_level` under the chunk's region plus halo (every
+        coarse voxel that overlaps it), or None where the level does not cover all of it."""
+        from .chunkfiles import _zarr_array  # noqa: PLC0415
+
+        level = self.background_level
+        assert level is not None
+        n_lead = len(self.lead)
+        grown = [
+            (max(0, s.start - d), min(n, s.stop + d))
+            for s, d, n in zip(self.region(index)[n_lead:], self.depth, self.shape)
+        ]
+        if not level.covers(grown):
+            return None
+        selection = self._lead_selection(index) + list(level.cells(grown))
+        return np.asarray(_zarr_array(level.path)[tuple(selection)])
+
     def read(self, index: Sequence[int]) -> tuple[np.ndarray, tuple[slice, ...]]:
         """The chunk's input with its halo, as the ``map_overlap`` path gives it to the kernel,
         and where the chunk lies inside it."""
         from .chunkfiles import _zarr_array  # noqa: PLC0415
 
         n_lead = len(self.lead)
-        selection: list[Any] = []
-        for axis, i in enumerate(index[:n_lead]):
-            mapping = self.lead[axis]
-            selection.append(int(mapping[int(i)]) if mapping is not None else int(i))
+        selection = self._lead_selection(index)
         pad, crop = [], []
         for s, d, n in zip(self.region(index)[n_lead:], self.depth, self.shape):
             start, stop = max(0, s.start - d), min(n, s.stop + d)
@@ -114,18 +181,20 @@ class ChunkKernel:
     margin: tuple[int, ...] = ()
     skip_background: float | None = None
 
-    def background(self, block: np.ndarray) -> float | None:
+    def background(self, block: np.ndarray, rounding: float = 0.0) -> float | None:
         """The value a background chunk is written as, or None when it must be computed.
 
         A chunk is background when every input value it reads (region and halo) is at most
         ``skip_background`` (a max-based decision: a chunk with any voxel above it is always
         computed). It is written as the mean of its input after the offset, negative values
         counted as 0 (as Lucy-Richardson treats them): 0 for an all-zero chunk, which is
-        exactly what computing it gives.
+        exactly what computing it gives. ``rounding`` is added to every value for the
+        decision only: a coarse pyramid level stored as integers holds rounded (or truncated)
+        block means, each of which may stand for a mean up to one unit higher.
         """
         if self.skip_background is None or self.method != "lr" or not block.size:
             return None
-        if not np.isfinite(block).all() or float(block.max()) > self.skip_background:
+        if not np.isfinite(block).all() or float(block.max()) + rounding > self.skip_background:
             return None
         values = block.astype(np.float64) - self.offset
         return float(np.maximum(values, 0).mean())
@@ -166,8 +235,22 @@ def _run_chunk(
     input_reference: Any,
 ) -> int:
     """One chunk task: read with halo, compute, crop, write whole output chunks, record."""
-    from .store import write_chunk  # noqa: PLC0415
-
+    background = None
+    if kernel.skip_background is not None and source.background_level is not None:
+        # decided from the coarse level: a background chunk's full-resolution input is not read
+        coarse = source.read_background_level(index)
+        if coarse is not None:  # None: the level does not cover the chunk's edge voxels
+            rounding = 1.0 if np.issubdtype(coarse.dtype, np.integer) else 0.0
+            background = kernel.background(coarse, rounding)
+        if background is not None:
+            result = np.full(
+                [s.stop - s.start for s in source.region(index)[len(source.lead) :]],
+                background,
+                dtype=np.float32,
+            )
+            return _write_result(
+                result, source, index, output, fingerprint, run, input_reference, "pyramid"
+            )
     block, crop = source.read(index)
     background = kernel.background(block)
     if background is not None:  # uniform background: written without computing
@@ -180,18 +263,44 @@ def _run_chunk(
         if hasattr(result, "get"):  # CuPy -> NumPy
             result = result.get()
         result = np.asarray(result)[crop]
+    return _write_result(
+        result,
+        source,
+        index,
+        output,
+        fingerprint,
+        run,
+        input_reference,
+        "input" if background is not None else None,
+    )
+
+
+def _write_result(
+    result: np.ndarray,
+    source: ChunkSource,
+    index: tuple[int, ...],
+    output: str,
+    fingerprint: str,
+    run: str,
+    input_reference: Any,
+    skipped: str | None,
+) -> int:
+    """Write a chunk's result (spatial axes only) and its record; ``skipped`` says what decided
+    that it is background (``"input"``: its full-resolution input, ``"pyramid"``: a coarse
+    level, the input then left unread) or None for a computed chunk."""
+    from .store import write_chunk  # noqa: PLC0415
+
     n_lead = len(source.lead)
     result = result.reshape((1,) * n_lead + result.shape)
-    region = source.region(index)
     write_chunk(
         result,
         output,
         index,
-        region,
+        source.region(index),
         fingerprint,
         run,
         input_reference,
-        skipped=background is not None,
+        skipped=skipped,
     )
     return 1
 
@@ -322,6 +431,7 @@ def store_result(
     device: str = "cpu",
     offset: float = 0.0,
     skip_background: float | None = None,
+    background_level: PyramidLevel | None = None,
 ) -> StoreResult:
     """The :class:`StoreResult` of a run from the Zarr array at ``input_path``.
 
@@ -352,6 +462,10 @@ def store_result(
     skip_background : float, optional
         LR: chunks whose input (with halo) is at most this everywhere are written as their
         background value without computing (:meth:`ChunkKernel.background`).
+    background_level : PyramidLevel, optional
+        With ``skip_background``: decide from this coarse level of the input's pyramid first,
+        without reading a background chunk's full-resolution input (a chunk the level does not
+        call background is still decided from its own input).
 
     Returns
     -------
@@ -392,5 +506,6 @@ def store_result(
         working_chunks=tuple(int(c) for c in plan.working_chunks),
         depth=tuple(int(d) for d in plan.depth),
         boundary=METHOD_BOUNDARY[method],
+        background_level=background_level if skip_background is not None else None,
     )
     return StoreResult(source=source, kernel=kernel, lead_shape=tuple(int(s) for s in lead_shape))

@@ -144,7 +144,7 @@ def inspect_chunks(
     path: str | os.PathLike,
     array: Any,
     regions: dict[tuple[int, ...], tuple[slice, ...]],
-    done: dict[tuple[int, ...], dict[str, Any]],
+    done: dict[tuple[int, ...], dict[str, Any]] | records.RecordTally,
     *,
     check_data: bool,
 ) -> tuple[dict[tuple[int, ...], list[str]], dict[tuple[int, ...], str]]:
@@ -158,8 +158,9 @@ def inspect_chunks(
         The output array, open for reading.
     regions : dict
         Region of every working chunk, by block index.
-    done : dict
-        The valid completion records, by block index.
+    done : dict or ssi_dask.progress.RecordTally
+        The valid completion records, by block index (a dict: needed with ``check_data``), or
+        the tally of the recorded chunks.
     check_data : bool
         Re-read every recorded chunk that has its files and compare with its checksum.
 
@@ -173,7 +174,9 @@ def inspect_chunks(
     from .chunkfiles import missing_chunk_files, store_listing  # noqa: PLC0415
 
     listing = store_listing(path)
-    lost = missing_chunk_files(array, ((index, regions[index]) for index in sorted(done)), listing)
+    # a RecordTally iterates in C order already, without a list of every index
+    ordered = iter(done) if isinstance(done, records.RecordTally) else sorted(done)
+    lost = missing_chunk_files(array, ((index, regions[index]) for index in ordered), listing)
     damaged: dict[tuple[int, ...], str] = {}
     if check_data:
         for index in sorted(done):

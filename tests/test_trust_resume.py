@@ -325,3 +325,21 @@ def test_missing_input_chunks_of_an_ome_zarr_level_are_reported(tmp_path):
         "  warning: 1 of 16 input chunks have no file in INPUT and read as the fill value 0.0 "
         "(first: [1:2, 0:1, 0:12, 0:24, 24:48])" in dry.stdout
     )
+
+
+@pytest.mark.parametrize("encoding", [None, {"name": "v2", "separator": "."}])
+def test_missing_input_chunks_walk_counts_only_chunk_files(tmp_path, encoding):
+    from ssi_dask.chunkfiles import missing_input_chunks, store_listing
+
+    path = tmp_path / "in.zarr"
+    options = {} if encoding is None else {"chunk_key_encoding": encoding}
+    array = zarr.create_array(store=str(path), shape=(10, 12, 7), chunks=(4, 4, 3), dtype="u2",
+                              fill_value=3, **options)  # fmt: skip
+    array[...] = 1
+    key = array.metadata.encode_chunk_key((2, 1, 0))  # rows 8:10, 4:8, 0:3
+    (path / key).unlink()
+    (path / "notes 12.txt").write_text("x")  # stray files never count as chunks
+    (path / "9.9.9").write_text("x")  # a chunk key of a block outside the grid
+    walked = missing_input_chunks(str(path))
+    assert (walked.count, walked.total, walked.first) == (1, 27, ("[8:10, 4:8, 0:3]",))
+    assert walked == missing_input_chunks(str(path), store_listing(path))
