@@ -329,6 +329,7 @@ def changed_input_chunks(
     reference: InputReference,
     records: Mapping[Any, dict[str, Any]] | Iterable[tuple[Any, dict[str, Any]]],
     regions: Mapping[Any, tuple[slice, ...]],
+    unread: list | None = None,
 ) -> tuple[list[Any], int, int]:
     """Recorded working chunks whose input region no longer holds the data they were made from.
 
@@ -338,6 +339,9 @@ def changed_input_chunks(
     the others are re-read and compared by content. Returns the changed block indices (C order),
     how many chunks had to be re-read and how many were checked. A record without an input
     signature (written by an older ssi-dask) counts as changed: nothing proves what it read.
+    ``unread``, when given, receives the changed chunks whose input was never read (decided
+    from a pyramid level, content :data:`UNREAD`), so a caller can say why without reading
+    their records again.
     """
     listing = store_listing(reference.path)
     pairs = records.items() if isinstance(records, Mapping) else records
@@ -354,6 +358,8 @@ def changed_input_chunks(
         reread += 1
         if recorded["content"] == UNREAD:  # nothing to compare the input with
             changed.append(index)
+            if unread is not None:
+                unread.append(index)
         elif reference.content_signature(regions[index]) != recorded["content"]:
             changed.append(index)
     return sorted(changed), reread, checked

@@ -22,7 +22,6 @@ import contextlib
 import datetime as _dt
 import errno
 import itertools
-import json
 import math
 import os
 import time
@@ -641,10 +640,11 @@ def _check_input_unchanged(path: Path, existing: dict, input_reference: Any) -> 
     grid = tuple(tuple(sizes) for sizes in existing["layout"]["grid"])
     regions = GridRegions(grid)
     done = records.iter_records(path, run_fingerprint=existing["fingerprint"], regions=regions)
-    changed, _, checked = changed_input_chunks(input_reference, done, regions)
+    unread: list = []
+    changed, _, checked = changed_input_chunks(input_reference, done, regions, unread=unread)
     if changed:
         first = ", ".join(records.region_text(regions[index]) for index in changed[:3])
-        if all(_decided_unread(path, index) for index in changed):
+        if len(unread) == len(changed):
             # their records hold no content signature: the files changed, maybe not the data
             raise OutputError(
                 f"the input changed since {str(path)!r} was written (the names, sizes or times "
@@ -658,20 +658,6 @@ def _check_input_unchanged(path: Path, existing: dict, input_reference: Any) -> 
             f"chunks already written were made from other input data (first: {first}); "
             "resuming would mix old and new input: pass overwrite=True to start again"
         )
-
-
-def _decided_unread(path: Path, index: tuple[int, ...]) -> bool:
-    """Whether the record of chunk ``index`` says its input was never read (a background
-    chunk decided from a pyramid level, see :data:`ssi_dask.chunkfiles.UNREAD`)."""
-    from .chunkfiles import UNREAD  # noqa: PLC0415
-
-    try:
-        record = json.loads(
-            (records.progress_folder(path) / records.record_name(index)).read_text()
-        )
-        return record["input"]["content"] == UNREAD
-    except (OSError, ValueError, KeyError, TypeError):
-        return False
 
 
 def recorded_chunks(output: str | os.PathLike, provenance: dict) -> int:
