@@ -24,7 +24,7 @@ import itertools
 import json
 import math
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -48,17 +48,24 @@ def store_listing(root: str | os.PathLike) -> Listing:
         info = root.stat()
         return {root.name: (int(info.st_size), int(info.st_mtime_ns))}
     listing: Listing = {}
+    for key, file in _store_files(root):
+        try:
+            info = os.stat(file)
+        except OSError:  # removed while listing
+            continue
+        listing[key] = (int(info.st_size), int(info.st_mtime_ns))
+    return listing
+
+
+def _store_files(root: str | os.PathLike) -> Iterator[tuple[str, str]]:
+    """``(key relative to root, "/"-separated; file path)`` of every file under ``root``, in one
+    directory walk that skips :data:`IGNORED_FOLDERS`."""
     for folder, subfolders, files in os.walk(root):
         subfolders[:] = [name for name in subfolders if name not in IGNORED_FOLDERS]
         relative = os.path.relpath(folder, root)
         prefix = "" if relative == "." else relative.replace(os.sep, "/") + "/"
         for name in files:
-            try:
-                info = os.stat(os.path.join(folder, name))
-            except OSError:  # removed while listing
-                continue
-            listing[prefix + name] = (int(info.st_size), int(info.st_mtime_ns))
-    return listing
+            yield prefix + name, os.path.join(folder, name)
 
 
 def storage_grid(array: Any) -> tuple[int, ...]:
@@ -159,16 +166,11 @@ def _count_chunk_files(root: Path, encode: Any, counts: Sequence[int]) -> int:
     import re  # noqa: PLC0415
 
     found = 0
-    for folder, subfolders, files in os.walk(root):
-        subfolders[:] = [name for name in subfolders if name not in IGNORED_FOLDERS]
-        relative = os.path.relpath(folder, root)
-        prefix = "" if relative == "." else relative.replace(os.sep, "/") + "/"
-        for name in files:
-            key = prefix + name
-            coords = tuple(int(v) for v in re.findall(r"\d+", key))
-            if len(coords) != len(counts) or not all(c < n for c, n in zip(coords, counts)):
-                continue
-            found += encode(coords) == key
+    for key, _ in _store_files(root):
+        coords = tuple(int(v) for v in re.findall(r"\d+", key))
+        if len(coords) != len(counts) or not all(c < n for c, n in zip(coords, counts)):
+            continue
+        found += encode(coords) == key
     return found
 
 
