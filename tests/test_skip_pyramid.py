@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import zarr
-from conftest import smooth_volume
+from conftest import smooth_volume, tree_digest
 
 import ssi_dask
 from ssi_dask.progress import progress_folder
@@ -176,9 +176,11 @@ def test_pyramid_levels_that_cannot_decide_are_refused(
         zarr.create_array(store=str(source), shape=SHAPE, chunks=CHUNKS, dtype="f4")[...] = volume
     else:
         source = write_pyramid(tmp_path / "in.ome.zarr", volume, volume[::2, ::2, ::2], kind=where)
+    before = tree_digest(source)
     with pytest.raises(ssi_dask.errors.ParameterError, match=re.escape(message)):
         ssi_dask.run(job_for(tmp_path, source, psf3d_file, **layout), echo=None)
     assert not (tmp_path / "out.zarr").exists()
+    assert tree_digest(source) == before  # the input is untouched by the refusal
 
 
 def test_level_needs_a_threshold_and_the_cli_maps_it(tmp_path, psf3d_file):
