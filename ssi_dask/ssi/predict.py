@@ -12,90 +12,24 @@ least the receptive-field radius, tiling changes nothing.
 
 from __future__ import annotations
 
-import copy
 import itertools
-import weakref
 
 import numpy as np
 import torch
-from torch import nn
-from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from ..errors import ParameterError
 from .device import resolve_device
+from .inference import inference_network, memory_format
 from .symmetry import apply as apply_transform
 from .symmetry import invert as invert_transform
 from .symmetry import resolve_tta, tta_transforms
 
-__all__ = ["inference_network", "predict", "predict_block", "run_network"]
+__all__ = ["predict", "predict_block", "run_network"]
 
-#: Run inference on :func:`inference_network` (BatchNorm folded, oneDNN convolutions on the
-#: CPU); False runs the network as trained (benchmarks and tests compare the two).
+#: Run inference on the network's inference copy (:func:`~ssi_dask.ssi.inference.
+#: inference_network`: BatchNorm folded, oneDNN convolutions and parity-split decoder joins on
+#: the CPU); False runs the network as trained (benchmarks and tests compare the two).
 FAST_INFERENCE = True
-
-# network -> (key of its weights and device, the inference copy); entries go with the network
-_INFERENCE_COPIES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-class _InferenceConv(nn.Module):
-    """A convolution (BatchNorm folded in) for inference.
-
-    On the CPU it calls oneDNN (``torch.mkldnn_convolution``) directly: PyTorch's own choice
-    between oneDNN and its slow reference kernel is tuned on 2D sizes and picks the slow one for
-    3D inputs with few channels or a batch of one (about 3x slower on those layers). Same
-    arithmetic, so results agree with the plain convolution to float rounding.
-    """
-
-    def __init__(self, conv: nn.Module, channels_last: bool):
-        super().__init__()
-        self.conv = conv
-        self.channels_last = channels_last
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        c = self.conv
-        if self.channels_last and x.device.type == "cpu" and x.dtype == torch.float32:
-            return torch.mkldnn_convolution(
-                x, c.weight, c.bias, c.padding, c.stride, c.dilation, c.groups
-            )
-        return c(x)
-
-
-def _cpu_fast_convolutions() -> bool:
-    return torch.backends.mkldnn.is_available() and hasattr(torch, "mkldnn_convolution")
-
-
-def inference_network(network: nn.Module, dev: torch.device) -> nn.Module:
-    """An inference copy of ``network``: eval mode, each BatchNorm folded into its convolution.
-
-    On the CPU the copy also runs in the ``channels_last(_3d)`` memory format with oneDNN
-    convolutions (:class:`_InferenceConv`). Outputs equal ``network.eval()``'s to float
-    rounding. The trained network itself is not changed (training and checkpoints keep its
-    weights); the copy is cached per network and rebuilt when its weights or device change.
-    """
-    state = network.state_dict()
-    key = (str(dev), tuple((t.data_ptr(), t._version) for t in state.values()))
-    cached = _INFERENCE_COPIES.get(network)
-    if cached is not None and cached[0] == key:
-        return cached[1]
-    fast = copy.deepcopy(network).eval()
-    cpu = dev.type == "cpu" and _cpu_fast_convolutions()
-    conv_types = (nn.Conv2d, nn.Conv3d)
-    for seq in [m for m in fast.modules() if isinstance(m, nn.Sequential)]:
-        for i in range(len(seq) - 1):
-            if isinstance(seq[i], conv_types) and isinstance(seq[i + 1], nn.modules.batchnorm._BatchNorm):
-                seq[i] = fuse_conv_bn_eval(seq[i], seq[i + 1])
-                seq[i + 1] = nn.Identity()
-    if cpu:
-        for parent in list(fast.modules()):
-            for name, child in list(parent.named_children()):
-                if isinstance(child, conv_types):
-                    setattr(parent, name, _InferenceConv(child, channels_last=True))
-        ndim = network.config["ndim"]
-        fast = fast.to(memory_format=torch.channels_last if ndim == 2 else torch.channels_last_3d)
-    for p in fast.parameters():
-        p.requires_grad_(False)
-    _INFERENCE_COPIES[network] = (key, fast)
-    return fast
 
 
 def _autocast(dev: torch.device, amp: bool):
@@ -125,11 +59,7 @@ def run_network(
     fast = FAST_INFERENCE and not network.training
     if fast:
         network = inference_network(network, dev)
-    layout = (
-        (torch.channels_last if x.ndim == 4 else torch.channels_last_3d)
-        if fast and dev.type == "cpu" and _cpu_fast_convolutions()
-        else torch.contiguous_format
-    )
+    layout = memory_format(x.ndim - 2, dev) if fast else torch.contiguous_format
     acc = None
     for t in transforms:
         with _autocast(dev, amp):
