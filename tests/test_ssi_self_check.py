@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from scipy.signal import fftconvolve
 
+from ssi_dask.bench.protocol import run_outcome
 from ssi_dask.config import TrainingRecipe
 from ssi_dask.errors import ParameterError
 from ssi_dask.ssi import train_ssi
@@ -141,6 +142,13 @@ def test_every_run_is_self_checked_and_a_flagged_run_is_retried(monkeypatch):
     assert set(check["residual_to_noise"]) == {"ssi", "identity"} | {
         f"lr{n}" for n in (2, 5, 10, 20, 50, 100, 200)
     }
+    # the benchmarks' record of the runs
+    outcome = run_outcome(model)
+    assert (outcome["runs"], outcome["runs_retried"], outcome["failed_runs"]) == (2, 1, 2)
+    assert outcome["failed_reasons"] == [
+        f"run {r['run'] + 1}: {'+'.join(r['reasons'])}" for r in runs
+    ]
+    assert outcome["self_check_flags"] == check["flags"] and not outcome["self_check_passed"]
     # the printer says why the first run failed and that it is retried, then sums up
     first = next(line for line in printed if line.startswith("[ssi] run 1 failed"))
     assert "clipped: " in first and "at its upper bound 0.3" in first
