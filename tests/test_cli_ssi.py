@@ -57,7 +57,8 @@ def test_train_then_run_ssi_chunked_matches_in_process(tmp_path, degraded_zarr):
     # the training summary says how many runs were trained, retried and what the check found
     (summary,) = [line for line in trained.stdout.splitlines() if line.startswith("trained in")]
     assert summary.endswith(": " + describe_runs(model.training))
-    assert model.training["runs"] == 1 and ": 1 run (0 retried)" in summary
+    assert model.training["runs"] == 1 and ": 1 run (0 retried" in summary  # --restarts 0
+    assert summary.endswith("self-check passed") == model.training["self_check"]["passed"]
     expected = predict(model, image, device="cpu")
     output = zarr.open_array(str(out), mode="r")
     assert output.shape == image.shape
