@@ -38,6 +38,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from ssi_dask.bench.metrics import psnr, ssim
+    from ssi_dask.bench.protocol import run_outcome
     from ssi_dask.bench.synthetic import add_poisson_gaussian_noise, blur, structure_3d
     from ssi_dask.lr import richardson_lucy
     from ssi_dask.psf import widefield_psf
@@ -87,15 +88,19 @@ def main() -> None:
         started = time.perf_counter()
         model = train_ssi(noisy, psf, seed=args.seed, device="cpu", forward=forward, **common)
         train_s = time.perf_counter() - started
-        runs = [e for e in model.log if "failed" in e]
+        outcome = run_outcome(model)
         score(
             name,
             predict(model, noisy),
             train_s=train_s,
             psf_energy_kept=float(psf.sum() / full.sum()),
-            runs=len(runs),
-            failed_runs=sum(bool(r["failed"]) for r in runs),
+            runs=outcome["runs"],
+            runs_retried=outcome["runs_retried"],
+            failed_runs=outcome["failed_runs"],
+            failed_reasons=outcome["failed_reasons"],
             beats_baselines=model.training["beats_baselines"],
+            self_check_passed=outcome["self_check_passed"],
+            self_check_flags=outcome["self_check_flags"],
         )
     print()
     print("| method | PSNR dB | SSIM | notes |")
@@ -109,8 +114,11 @@ def main() -> None:
         elif name.startswith("ssi"):
             notes = (
                 f"PSF energy kept {r['psf_energy_kept']:.2f}, train {r['train_s']:.0f} s, "
-                f"runs {r['runs']} ({r['failed_runs']} flagged failed), "
-                f"self-check passed: {r['beats_baselines']}"
+                f"runs {r['runs']} ({r['failed_runs']} flagged failed, "
+                f"{r['runs_retried']} retried"
+                + (f": {'; '.join(r['failed_reasons'])}" if r["failed_reasons"] else "")
+                + f"), self-check passed: {r['self_check_passed']} (flags "
+                f"{', '.join(r['self_check_flags']) or 'none'})"
             )
         print(f"| {name} | {r['psnr']:.2f} | {r['ssim']:.3f} | {notes} |")
     if args.json:

@@ -136,7 +136,13 @@ def main() -> None:
             f"(n={result.best_lr_iterations}) {m['best-lr']['psnr']:.2f} / "
             f"{m['best-lr']['ssim']:.3f}, SSI {m['ssi']['psnr']:.2f} / {m['ssi']['ssim']:.3f} "
             f"(train {result.times['ssi_train']:.0f} s, runs {result.info.get('runs')}, "
-            f"flagged failed {result.info.get('failed_runs')}, self-check flags "
+            f"flagged failed {result.info.get('failed_runs')}"
+            + (
+                f" ({'; '.join(result.info['failed_reasons'])})"
+                if result.info.get("failed_reasons")
+                else ""
+            )
+            + f", retried {result.info.get('runs_retried')}, self-check flags "
             f"{','.join(result.info.get('self_check_flags', [])) or 'none'})",
             flush=True,
         )
@@ -149,9 +155,10 @@ def main() -> None:
 def _tables(records: list[dict]) -> str:
     lines = [
         "| image | condition | seed | input | LR 2 | LR 5 | LR 10 | LR 20 | best-n LR (n) | SSI | "
-        "SSI - best LR | runs (flagged failed) | self-check flags | train s | apply s |",
+        "SSI - best LR | runs (flagged failed) | runs retried | failed runs' reasons | "
+        "self-check flags | train s | apply s |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- "
-        "| --- |",
+        "| --- | --- | --- |",
     ]
     for r in records:
         m = r["metrics"]
@@ -164,6 +171,8 @@ def _tables(records: list[dict]) -> str:
             f"{m['ssi']['psnr'] - m['best-lr']['psnr']:+.2f} dB / "
             f"{m['ssi']['ssim'] - m['best-lr']['ssim']:+.3f} | "
             f"{r['training'].get('runs', '?')} ({r['training'].get('failed_runs', '?')}) | "
+            f"{r['training'].get('runs_retried', '?')} | "
+            f"{'; '.join(r['training'].get('failed_reasons', ['?'])) or 'none'} | "
             f"{', '.join(r['training'].get('self_check_flags', ['?'])) or 'none'} | "
             f"{r['times_s']['ssi_train']:.0f} | {r['times_s']['ssi_predict']:.1f} |"
         )
@@ -199,9 +208,17 @@ def _tables(records: list[dict]) -> str:
             and r["metrics"]["ssi"]["ssim"] > r["metrics"]["best-lr"]["ssim"]
             for r in group
         )
-        retried = sum(r["training"].get("failed_runs", 0) > 0 for r in group)
+        retried = sum(_retried(r) for r in group)  # runs started beyond the ensemble
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {wins}/{len(group)} | {retried} |")
     return "\n".join(lines)
+
+
+def _retried(record: dict) -> int:
+    """Runs retried in one record (older records without the count: runs beyond the first)."""
+    training = record["training"]
+    if "runs_retried" in training:
+        return int(training["runs_retried"])
+    return max(int(training.get("runs", 1)) - int(training.get("ensemble", 1) or 1), 0)
 
 
 if __name__ == "__main__":

@@ -269,6 +269,7 @@ def _add_training_options(parser: argparse.ArgumentParser) -> None:
         type=int,
         metavar="N",
         help="extra runs with other seeds when a run fails its self-supervised check "
+        "(validation loss, or its output flagged clipped / underfit; every run is checked) "
         f"(default: {DEFAULT_RESTARTS})",
     )
     group.add_argument(
@@ -584,7 +585,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="train an SSI model on an image and save a checkpoint",
         description="Train a Self-Supervised Inversion network on INPUT (no clean data needed): "
         "patches are read from anywhere in the image, normalisation statistics are sampled, "
-        "failed runs are detected with the self-supervised validation loss and restarted. "
+        "every run is self-checked (validation loss; output clipped or underfit) and a failed "
+        "run is retried with another seed. "
         "The checkpoint holds everything needed to apply it (`ssi-dask run --model`).",
     )
     train.add_argument("input", metavar="INPUT", help="image: Zarr array (v2 or v3) or TIFF")

@@ -377,7 +377,8 @@ class TrainingRecipe:
     validation_density, validation_patches, eval_every, patience :
         Self-supervised validation (held-out pixels) and early stopping.
     restarts, ensemble : int
-        Extra runs after a failed run; runs averaged into one network.
+        Extra runs after a failed run (validation loss, or the output-level self-check that
+        every run gets); runs averaged into one network.
     norm_percentiles : (float, float)
         Normalisation percentiles of the image (they map to 0 and 1 for the network).
     output_range : "auto" or (float, float)

@@ -325,7 +325,10 @@ def train_model(
         f"({100 * info['sampled_fraction']:.1f} % of the volume's voxels, overlaps counted), "
         f"kept {info['kept']}, {info['rejected_as_background']} rejected as background",
     )
-    _say(echo, f"trained in {time.perf_counter() - started:.0f} s")
+    from .ssi.train import describe_runs  # noqa: PLC0415
+
+    # every run is self-checked and a failed one retried: say how many and why
+    _say(echo, f"trained in {time.perf_counter() - started:.0f} s: {describe_runs(model.training)}")
     return model
 
 

@@ -11,7 +11,7 @@ from test_cli import _assert_clean_failure, run_cli
 
 from ssi_dask.bench.synthetic import degrade, ground_truth_2d
 from ssi_dask.psf import protocol_psf
-from ssi_dask.ssi import load_checkpoint, predict
+from ssi_dask.ssi import describe_runs, load_checkpoint, predict
 
 
 @pytest.fixture
@@ -54,6 +54,11 @@ def test_train_then_run_ssi_chunked_matches_in_process(tmp_path, degraded_zarr):
     )
     assert result.returncode == 0, result.stderr
     model = load_checkpoint(model_path)
+    # the training summary says how many runs were trained, retried and what the check found
+    (summary,) = [line for line in trained.stdout.splitlines() if line.startswith("trained in")]
+    assert summary.endswith(": " + describe_runs(model.training))
+    assert model.training["runs"] == 1 and ": 1 run (0 retried" in summary  # --restarts 0
+    assert summary.endswith("self-check passed") == model.training["self_check"]["passed"]
     expected = predict(model, image, device="cpu")
     output = zarr.open_array(str(out), mode="r")
     assert output.shape == image.shape

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from scipy.signal import fftconvolve
 
+from ssi_dask.bench.protocol import run_outcome
 from ssi_dask.config import TrainingRecipe
 from ssi_dask.errors import ParameterError
 from ssi_dask.ssi import train_ssi
@@ -98,3 +99,82 @@ def test_self_check_flags_an_underfit_output_and_not_a_trained_one():
     check = trained.training["self_check"]
     assert check["flags"] == [] and check["passed"]
     assert check["residual_to_noise"]["ssi"]["bright"] < 1 + check["underfit_excess_limit"]
+
+
+def test_every_run_is_self_checked_and_a_flagged_run_is_retried(monkeypatch):
+    import ssi_dask.ssi.train as train_module
+
+    calls = []
+    real = train_module._lr_baselines
+
+    def counted(*args, **kwargs):
+        calls.append(kwargs.get("iters"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "_lr_baselines", counted)
+    psf = _psf()
+    y = _blurred(_beads(seed=3, count=60), psf, noise=0.04, seed=3)
+    printed = []
+    printer = TrainingPrinter(interval=1e9)
+    printer._print = printed.append
+    options = dict(SMALL, restarts=1)
+    model = train_ssi(
+        y, psf, seed=0, steps=30, output_range=(0.0, 0.3), progress=printer, **options
+    )
+    training = model.training
+    # the range (0, 0.3) clips both runs' outputs: the first is retried with the next seed
+    runs = [e for e in model.log if "failed" in e]
+    assert [r["seed"] for r in runs] == [0, 1000]
+    assert all(r["failed"] and "clipped" in r["reasons"] for r in runs)
+    assert all("clipped" in r["self_check_flags"] and r["at_bound"] > 1e-4 for r in runs)
+    assert (training["runs"], training["runs_retried"], training["failed_runs"]) == (2, 1, 2)
+    assert [r["flags"] for r in training["run_checks"]] == [r["self_check_flags"] for r in runs]
+    assert [r["val_loss"] for r in training["run_checks"]] == [r["best_val_loss"] for r in runs]
+    # every run failed: the best by validation loss is kept, and the check says so
+    best = min(runs, key=lambda r: r["best_val_loss"])
+    assert training["selected_run"] == best["run"]
+    assert training["val_loss"] == best["best_val_loss"]
+    check = training["self_check"]
+    assert not check["passed"] and check["every_run_failed"] and "clipped" in check["flags"]
+    assert check["at_bound"] == best["at_bound"]
+    # the Lucy-Richardson baselines ran once for the whole call (both runs' checks share them)
+    assert len(calls) == 1 and max(calls[0]) == 200
+    assert set(check["residual_to_noise"]) == {"ssi", "identity"} | {
+        f"lr{n}" for n in (2, 5, 10, 20, 50, 100, 200)
+    }
+    # the benchmarks' record of the runs
+    outcome = run_outcome(model)
+    assert (outcome["runs"], outcome["runs_retried"], outcome["failed_runs"]) == (2, 1, 2)
+    assert outcome["failed_reasons"] == [
+        f"run {r['run'] + 1}: {'+'.join(r['reasons'])}" for r in runs
+    ]
+    assert outcome["self_check_flags"] == check["flags"] and not outcome["self_check_passed"]
+    # the printer says why the first run failed and that it is retried, then sums up
+    first = next(line for line in printed if line.startswith("[ssi] run 1 failed"))
+    assert "clipped: " in first and "at its upper bound 0.3" in first
+    assert first.endswith("; retrying with another seed (restart 1 of 1)")
+    second = next(line for line in printed if line.startswith("[ssi] run 2 failed"))
+    assert second.endswith("; no restart left, the best runs are kept")
+    assert printed[-1].startswith("[ssi] training done: 2 runs (1 retried; failed: run 1 ")
+    assert printed[-1].endswith(
+        "self-check FAILED ("
+        + ", ".join((["validation"] if not training["beats_baselines"] else []) + check["flags"])
+        + "): every run failed, the best by validation loss was kept"
+    )
+
+
+def test_a_run_that_passes_both_checks_is_not_retried():
+    psf = _psf()
+    y = _blurred(_beads(seed=3, count=60), psf, noise=0.04, seed=3)
+    model = train_ssi(y, psf, seed=0, steps=150, **dict(SMALL, restarts=1))
+    training = model.training
+    assert (training["runs"], training["runs_retried"], training["failed_runs"]) == (1, 0, 0)
+    (run,) = training["run_checks"]
+    assert run == dict(
+        run=0, seed=0, failed=False, reasons=[], val_loss=training["val_loss"], flags=[]
+    )
+    check = training["self_check"]
+    assert check["passed"] and not check["every_run_failed"] and check["flags"] == []
+    # the returned network is the run's: its check is the one recorded for the run
+    (entry,) = [e for e in model.log if "failed" in e]
+    assert entry["residual_to_noise"] == check["residual_to_noise"]["ssi"]

@@ -159,21 +159,44 @@ def run_protocol(
         metrics["ssi"] = all_metrics(truth, restored)
         images["ssi"] = restored
         info = _training_summary(model)
-        runs = [entry for entry in model.log if "failed" in entry]
-        info["runs"] = len(runs)  # the self-check: runs flagged as failed were retried
-        info["failed_runs"] = sum(bool(entry["failed"]) for entry in runs)
-        check = model.training.get("self_check")
-        if check is not None:  # the output-level self-check (clipped / underfit outputs)
-            info["self_check_passed"] = bool(check["passed"])
-            info["self_check_flags"] = list(check["flags"])
-            info["at_bound"] = check["at_bound"]
-            info["residual_to_noise"] = {k: dict(v) for k, v in check["residual_to_noise"].items()}
+        info.update(run_outcome(model))
         info["output_range_used"] = list(model.normalisation["output_range"])
         say(
             f"SSI: PSNR {metrics['ssi']['psnr']:.2f} dB "
             f"(trained {times['ssi_train']:.0f} s, applied {times['ssi_predict']:.1f} s)"
         )
     return ProtocolResult(metrics, best, times, images, info)
+
+
+def run_outcome(model: Any) -> dict[str, Any]:
+    """How a model's training runs went, JSON-friendly, for the benchmark tables.
+
+    ``runs`` (started), ``runs_retried`` (started beyond ``ensemble``: a run failed),
+    ``failed_runs``, ``failed_reasons`` (per failed run: ``"run 1: validation+clipped"``;
+    ``validation`` = the validation-loss check, ``clipped`` / ``underfit`` = the output-level
+    self-check that runs on every run), and the returned network's self-check
+    (``self_check_passed``, ``self_check_flags``, ``at_bound``, ``residual_to_noise``).
+    """
+    training = model.training
+    runs = [entry for entry in model.log if "failed" in entry]
+    ensemble = int(training.get("ensemble", 1) or 1)
+    outcome: dict[str, Any] = {
+        "runs": len(runs),
+        "runs_retried": int(training.get("runs_retried", max(len(runs) - ensemble, 0))),
+        "failed_runs": sum(bool(entry["failed"]) for entry in runs),
+        "failed_reasons": [
+            f"run {entry['run'] + 1}: {'+'.join(entry.get('reasons') or ['validation'])}"
+            for entry in runs
+            if entry["failed"]
+        ],
+    }
+    check = training.get("self_check")
+    if check is not None:  # the output-level self-check (clipped / underfit outputs)
+        outcome["self_check_passed"] = bool(check["passed"])
+        outcome["self_check_flags"] = list(check["flags"])
+        outcome["at_bound"] = check["at_bound"]
+        outcome["residual_to_noise"] = {k: dict(v) for k, v in check["residual_to_noise"].items()}
+    return outcome
 
 
 def _is_scalar(value: Any) -> bool:

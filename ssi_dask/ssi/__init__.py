@@ -28,7 +28,7 @@ from .regions import RegionPool
 from .sampler import PatchSampler, sample_statistics
 from .sensor import ClippedSensor, detect_clip_bounds, estimate_noise_model
 from .tiling import choose_tile, predict_chunk, tile_budget
-from .train import DEFAULTS, train_ssi
+from .train import DEFAULTS, describe_runs, train_ssi
 
 __all__ = [
     "ClippedSensor",
@@ -43,6 +43,7 @@ __all__ = [
     "build_network",
     "choose_tile",
     "content_hash",
+    "describe_runs",
     "model_hash",
     "detect_clip_bounds",
     "estimate_noise_model",

@@ -27,8 +27,13 @@ the squared error.
 Failure detection without ground truth: the validation loss is compared with that of the
 trivial solutions evaluated the same J-invariant way (the identity and Lucy-Richardson with 2, 5,
 10, 20 iterations, each on the masked input); a run that does not capture a tenth of the best
-one's gain over the identity (or gives NaN) counts as failed and another seed is run, up to
-``restarts`` extra runs.
+one's gain over the identity (or gives NaN) counts as failed. Every run's network is also
+checked at the output (:func:`self_check`: clipped at the output range, or underfit against
+the noise model where Lucy-Richardson fits better); a flagged run counts as failed too. A
+failed run is retried with another seed, up to ``restarts`` extra runs; the runs that passed
+are kept first, and when every run failed the best by validation loss is kept and the model's
+``training["self_check"]["passed"]`` is False. The Lucy-Richardson references are computed
+once per training call.
 
 Ensembles: ``ensemble`` successful runs (different seeds) are kept and their networks averaged
 (:class:`~ssi_dask.ssi.model.EnsembleUNet`): the output's quality is close to the mean of its
@@ -42,7 +47,7 @@ import copy
 import math
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -61,7 +66,14 @@ from .sensor import ClippedSensor, detect_clip_bounds, estimate_noise_model
 from .symmetry import apply as apply_transform
 from .symmetry import psf_symmetries
 
-__all__ = ["train_ssi", "estimate_signal_to_noise", "object_range", "self_check", "DEFAULTS"]
+__all__ = [
+    "train_ssi",
+    "estimate_signal_to_noise",
+    "object_range",
+    "self_check",
+    "describe_runs",
+    "DEFAULTS",
+]
 
 DEFAULTS = SSI_TRAINING_DEFAULTS  # the tuned 2D/3D defaults live in ssi_dask.config
 
@@ -73,7 +85,14 @@ def _patch_sampler(image, patch_shape, seed: int):
     return PatchSampler(image, patch_shape, seed=seed)
 
 
-def _lr_baselines(op: PSFOperator, x_in: torch.Tensor, iters=(2, 5, 10, 20)) -> dict:
+#: Lucy-Richardson iteration counts whose validation losses set the failure threshold.
+LOSS_LR_ITERATIONS = (2, 5, 10, 20)
+
+#: Lucy-Richardson iteration counts whose fit the self-check compares the output with.
+SELF_CHECK_LR_ITERATIONS = (2, 5, 10, 20, 50, 100, 200)
+
+
+def _lr_baselines(op: PSFOperator, x_in: torch.Tensor, iters=LOSS_LR_ITERATIONS) -> dict:
     """Lucy-Richardson on a (masked) normalised batch; returns {n: estimate}."""
     eps = 1e-6
     y = x_in.clamp_min(0) + eps
@@ -241,10 +260,13 @@ class _Validator:
         return self.loss_of(torch.cat(outs), clip)
 
     @torch.no_grad()
-    def baselines(self, clip) -> dict:
+    def baselines(self, clip, lr: dict | None = None, iters=LOSS_LR_ITERATIONS) -> dict:
+        """Validation losses of the identity and Lucy-Richardson with ``iters`` iterations
+        (taken from ``lr``, ``{n: estimate}`` of :func:`_lr_baselines`, when given)."""
+        lr = _lr_baselines(self.op, self.x_in, iters) if lr is None else lr
         res = {"identity": self.loss_of(self.x_in, clip)}
-        for n, est in _lr_baselines(self.op, self.x_in).items():
-            res[f"lr{n}"] = self.loss_of(est, clip)
+        for n in iters:
+            res[f"lr{n}"] = self.loss_of(lr[n], clip)
         return res
 
 
@@ -291,25 +313,51 @@ class TrainingPrinter:
             )
         )
 
-    def run_done(self, run: int, failed: bool, val: float, threshold: float, more: bool) -> None:
-        """Say when a run failed its self-supervised check (and what follows)."""
+    def run_done(
+        self,
+        run: int,
+        failed: bool,
+        val: float,
+        threshold: float,
+        more: bool,
+        *,
+        reasons: Sequence[str] | None = None,
+        check: dict | None = None,
+    ) -> None:
+        """Say when a run failed its self-supervised check, why, and what follows.
+
+        ``reasons``: ``"validation"`` (the validation loss misses the threshold) and the
+        output-level self-check's flags (``"clipped"``, ``"underfit"``; details in ``check``).
+        """
         if not failed:
             return
+        reasons = ["validation"] if reasons is None else list(reasons)
+        details = (check or {}).get("messages", {})
+        why = []
+        for reason in reasons:
+            if reason == "validation":
+                why.append(f"val {val:.5f} >= {threshold:.5f}")
+            else:
+                why.append(reason + (f": {details[reason]}" if reason in details else ""))
+        ensemble, restarts = self.plan.get("ensemble", 1), self.plan.get("restarts", 0)
         if not more:
             then = "; no restart left, the best runs are kept"
-        elif run + 1 >= self.plan.get("ensemble", 1):
-            then = "; training a restart"
+        elif run + 1 >= ensemble:
+            then = f"; retrying with another seed (restart {run + 2 - ensemble} of {restarts})"
         else:
             then = ""
         self._print(
-            f"[ssi] run {run + 1} failed its self-supervised check (val {val:.5f} >= "
-            f"{threshold:.5f}){then}"
+            f"[ssi] run {run + 1} failed its self-supervised check ({'; '.join(why)}){then}"
         )
 
     def self_check(self, check: dict) -> None:
         """Say when the trained model's output is clipped or underfit (:func:`self_check`)."""
         if check["flags"]:
             self._print(f"[ssi] self-check flagged {', '.join(check['flags'])}: {check['message']}")
+
+    def finished(self, training: dict) -> None:
+        """One line on the runs (how many, retried, why they failed) and the verdict."""
+        self._print(f"[ssi] training done: {describe_runs(training)}")
 
     def __call__(self, entry: dict) -> None:
         run, elapsed = entry["run"], entry["elapsed_s"]
@@ -427,8 +475,15 @@ def train_ssi(
         Stop a run after this many evaluations without improvement (default: never before the
         schedule ends).
     restarts : int
-        Extra runs allowed when a run fails (does not capture a tenth of the validation-loss
-        gain of the best Lucy-Richardson baseline over the identity, or diverges).
+        Extra runs allowed when a run fails, each with the next seed. A run fails when it does
+        not capture a tenth of the validation-loss gain of the best Lucy-Richardson baseline
+        over the identity (or diverges), or when the output-level :func:`self_check`, run on
+        every run's network, flags it ``"clipped"`` or ``"underfit"``. Passing runs are kept
+        first; if every run fails, the best by validation loss is kept and
+        ``training["self_check"]["passed"]`` is False. Each run's seed, validation loss,
+        flags and failure reasons are in ``training["run_checks"]``, the counts in
+        ``training["runs"]``, ``["runs_retried"]`` (runs beyond ``ensemble``) and
+        ``["failed_runs"]``.
     ensemble : int
         Number of independently seeded runs whose networks are averaged (an
         :class:`~ssi_dask.ssi.model.EnsembleUNet`): the result lands near the mean quality of
@@ -541,7 +596,13 @@ def train_ssi(
     )
     sensor = _clipped_sensor(recipe.sensor_clipping, values, vpatches, lo, scale)
     validator = _Validator(vpatches.astype(np.float32), vmasks, op, dev, sensor)
-    baselines = validator.baselines(clip)
+    # one Lucy-Richardson run on the masked validation patches, once per call: its 2-20
+    # iterations set the failure threshold, 2-200 the fits every run's self-check compares with
+    lr_estimates = _lr_baselines(op, validator.x_in, iters=SELF_CHECK_LR_ITERATIONS)
+    baselines = validator.baselines(clip, lr_estimates)
+    references = _reference_fits(validator, clip, lr_estimates)
+    del lr_estimates
+    at_bound_limit = (100.0 - recipe.norm_percentiles[1]) / 100.0
     snr = None
     null_space_weight = recipe.null_space_weight
     if null_space_weight == "auto":
@@ -640,51 +701,74 @@ def train_ssi(
                 patch_shape=list(patch_shape),
             )
         )
-    runs = []  # (val_loss, state, run) of every finite run
+    runs = []  # (failed, val_loss, state, run, check) of every finite run
+    records = []  # what each run gave: seed, validation loss, self-check flags, why it failed
     succeeded = 0
-    for run in range(recipe.ensemble + recipe.restarts):
+    autocast = _autocast_for(dev)
+    total = recipe.ensemble + recipe.restarts
+    for run in range(total):
         if succeeded == recipe.ensemble:
             break
         run_seed = seed + 1000 * run
         val, state, run_log = _train_run(image, recipe, ctx, run, run_seed)
-        failed = not math.isfinite(val) or val >= fail_threshold
+        reasons = [] if math.isfinite(val) and val < fail_threshold else ["validation"]
+        check = None
+        if math.isfinite(val) and state is not None:
+            # the output-level self-check on this run's (averaged) network: a flagged run
+            # counts as failed like one that misses the validation-loss threshold
+            check = self_check(
+                _network(ctx.arch, state).to(dev),
+                validator,
+                clip,
+                autocast,
+                references=references,
+                at_bound_limit=at_bound_limit,
+            )
+            reasons += check["flags"]
+        failed = bool(reasons)
         log.extend(run_log)
-        log.append(
-            {
-                "run": run,
-                "seed": run_seed,
-                "best_val_loss": val,
-                "failed": failed,
-                "best_baseline": best_baseline,
-                "fail_threshold": fail_threshold,
-            }
-        )
+        record = {
+            "run": run,
+            "seed": run_seed,
+            "best_val_loss": val,
+            "failed": failed,
+            "reasons": reasons,
+            "self_check_flags": [] if check is None else list(check["flags"]),
+            "at_bound": None if check is None else check["at_bound"],
+            "residual_to_noise": None if check is None else check["residual_to_noise"]["ssi"],
+            "best_baseline": best_baseline,
+            "fail_threshold": fail_threshold,
+        }
+        log.append(record)
+        records.append({k: record[k] for k in ("run", "seed", "failed", "reasons")})
+        records[-1].update(val_loss=val, flags=record["self_check_flags"])
         if math.isfinite(val):
-            runs.append((val, state, run))
+            runs.append((failed, val, state, run, check))
         succeeded += not failed
         if hasattr(ctx.report, "run_done"):
-            more = succeeded < recipe.ensemble and run + 1 < recipe.ensemble + recipe.restarts
-            ctx.report.run_done(run, failed, val, fail_threshold, more)
+            more = succeeded < recipe.ensemble and run + 1 < total
+            ctx.report.run_done(
+                run, failed, val, fail_threshold, more, reasons=reasons, check=check
+            )
     if not runs:
         raise RuntimeError("SSI training diverged (NaN loss) in every run; lower learning_rate")
-    # the `ensemble` runs with the lowest validation loss (successful runs first: a failed
-    # run's loss is above the threshold every successful one is below)
-    members = sorted(runs, key=lambda r: r[0])[: recipe.ensemble]
+    # the `ensemble` runs that passed both checks, by validation loss, then the failed ones
+    # (by validation loss too: when every run failed, the best of them is kept)
+    members = sorted(runs, key=lambda r: (r[0], r[1]))[: recipe.ensemble]
     if len(members) == 1:
-        net = UNet(**ctx.arch)
-        net.load_state_dict(members[0][1])
-        val = members[0][0]
+        net = _network(ctx.arch, members[0][2])
+        val = members[0][1]
     else:
         net = EnsembleUNet(len(members), **ctx.arch)
         net.load_state_dict(
-            {f"members.{i}.{k}": v for i, m in enumerate(members) for k, v in m[1].items()}
+            {f"members.{i}.{k}": v for i, m in enumerate(members) for k, v in m[2].items()}
         )
-        val = validator.evaluate(net.to(dev), clip, _autocast_for(dev))
+        val = validator.evaluate(net.to(dev), clip, autocast)
         net = net.cpu()
     net.eval()
-    settings["selected_run"] = members[0][2]
-    settings["selected_runs"] = [m[2] for m in members]
-    settings["member_val_losses"] = [m[0] for m in members]
+    settings["selected_run"] = members[0][3]
+    settings["selected_runs"] = [m[3] for m in members]
+    settings["member_val_losses"] = [m[1] for m in members]
     settings["val_loss"] = val
     settings["baseline_val_losses"] = baselines
     settings["beats_baselines"] = bool(val < fail_threshold)
@@ -693,21 +777,70 @@ def train_ssi(
         normalised=list(clip),
         psf_peak_to_sum=float(psf.max()),
     )
-    check = self_check(
-        net.to(dev),
-        validator,
-        clip,
-        _autocast_for(dev),
-        baselines=baselines,
-        at_bound_limit=(100.0 - recipe.norm_percentiles[1]) / 100.0,
-    )
-    net = net.cpu()
+    if len(members) == 1:  # the returned network is that run's: its check holds
+        check = copy.deepcopy(members[0][4])
+    else:  # the members' average: checked on its own (the references are the same)
+        check = self_check(
+            net.to(dev),
+            validator,
+            clip,
+            autocast,
+            references=references,
+            at_bound_limit=at_bound_limit,
+        )
+        net = net.cpu()
     check["passed"] = bool(settings["beats_baselines"] and not check["flags"])
+    failed_runs = sum(r["failed"] for r in records)
+    check["every_run_failed"] = failed_runs == len(records)
     settings["self_check"] = check
+    settings["runs"] = len(records)
+    settings["runs_retried"] = max(len(records) - recipe.ensemble, 0)
+    settings["failed_runs"] = failed_runs
+    settings["run_checks"] = records
     log.append({"self_check": check})
     if hasattr(ctx.report, "self_check"):
         ctx.report.self_check(check)
+    if hasattr(ctx.report, "finished"):
+        ctx.report.finished(settings)
     return SSIModel(net, normalisation, psf, settings, log)
+
+
+def _network(arch: dict, state: dict) -> UNet:
+    """A UNet of ``arch`` holding the weights ``state`` (on the CPU, in eval mode)."""
+    net = UNet(**arch)
+    net.load_state_dict(state)
+    return net.eval()
+
+
+def describe_runs(training: dict) -> str:
+    """One line on a model's training runs and self-check, from ``model.training``.
+
+    ``2 runs (1 retried; failed: run 1 clipped), self-check passed``; a model saved before
+    runs were recorded gives only the self-check's verdict.
+    """
+    check = training.get("self_check") or {}
+    runs = training.get("runs")
+    if runs is None:
+        text = "runs not recorded"
+    else:
+        failed = [r for r in training.get("run_checks", []) if r.get("failed")]
+        text = f"{runs} run{'s' if runs != 1 else ''} ({training.get('runs_retried', 0)} retried"
+        if failed:
+            text += "; failed: " + ", ".join(
+                f"run {r['run'] + 1} {'+'.join(r.get('reasons') or ['validation'])}" for r in failed
+            )
+        text += ")"
+    if not check:
+        return text
+    if check.get("passed"):
+        return text + ", self-check passed"
+    why = list(check.get("flags", []))
+    if not training.get("beats_baselines", True):
+        why.insert(0, "validation")
+    text += f", self-check FAILED ({', '.join(why) or 'validation'})"
+    if check.get("every_run_failed"):
+        text += ": every run failed, the best by validation loss was kept"
+    return text
 
 
 def object_range(psf) -> tuple[float, float]:
@@ -729,9 +862,6 @@ def object_range(psf) -> tuple[float, float]:
 #: underfit (see :func:`self_check`).
 UNDERFIT_EXCESS = 1.0
 
-#: Lucy-Richardson iteration counts whose fit the self-check compares the output with.
-SELF_CHECK_LR_ITERATIONS = (2, 5, 10, 20, 50, 100, 200)
-
 
 @torch.no_grad()
 def self_check(
@@ -741,10 +871,14 @@ def self_check(
     autocast,
     *,
     baselines: dict | None = None,
+    references: dict | None = None,
     at_bound_limit: float = 1e-4,
     chunk: int = 4,
 ) -> dict:
     """Ground-truth-free check of a trained network's output on the validation patches.
+
+    :func:`train_ssi` runs it on every run's network (a flagged run counts as failed and is
+    retried while restarts remain) and on the network it returns.
 
     Two failures the validation-loss comparison with the baselines cannot see:
 
@@ -759,6 +893,29 @@ def self_check(
       Lucy-Richardson baseline explains the data better: the output does not explain the input
       beyond the noise. The noise variance per pixel comes from the noise model fitted to the
       validation patches (``sigma^2 = gain * level + floor``, :func:`estimate_noise_model`).
+
+    Parameters
+    ----------
+    net : torch.nn.Module
+        The trained network (on the validator's device).
+    validator : _Validator
+        The validation patches, their held-out pixels and the forward model.
+    clip : (float, float)
+        The output range in normalised units.
+    autocast : callable
+        A context-manager factory for the forward passes (:func:`_autocast_for`).
+    baselines : dict, optional
+        The baselines' validation losses; when given (and ``references`` is not), the
+        Lucy-Richardson references are computed here.
+    references : dict, optional
+        The residual-to-noise ratios of the identity and Lucy-Richardson
+        (:data:`SELF_CHECK_LR_ITERATIONS`) from :func:`_reference_fits`: computed once per
+        training call and passed to the check of every run. Neither given: no comparison
+        (an output beyond the noise is flagged underfit on its own).
+    at_bound_limit : float
+        Share of the output at the upper bound above which it is flagged clipped.
+    chunk : int
+        Validation patches per forward pass.
 
     Returns
     -------
@@ -776,12 +933,9 @@ def self_check(
     out = torch.cat(outs)
     interior = validator.op.crop(out)
     at_bound = float((interior >= hi - 1e-6 * (hi - lo)).float().mean())
-    ratios = {"ssi": _residual_to_noise(validator, out, clip)}
-    if baselines is not None:
-        ratios["identity"] = _residual_to_noise(validator, validator.x_in, clip)
-        lr = _lr_baselines(validator.op, validator.x_in, iters=SELF_CHECK_LR_ITERATIONS)
-        for n, est in lr.items():
-            ratios[f"lr{n}"] = _residual_to_noise(validator, est, clip)
+    if references is None and baselines is not None:
+        references = _reference_fits(validator, clip)
+    ratios = {"ssi": _residual_to_noise(validator, out, clip), **(references or {})}
     flags = []
     if at_bound > at_bound_limit:
         flags.append("clipped")
@@ -804,7 +958,21 @@ def self_check(
         "residual_to_noise": ratios,
         "flags": flags,
         "message": "; ".join(messages[f] for f in flags),
+        "messages": {f: messages[f] for f in flags},
     }
+
+
+@torch.no_grad()
+def _reference_fits(validator: _Validator, clip, lr: dict | None = None) -> dict:
+    """:func:`_residual_to_noise` of the identity and of Lucy-Richardson with
+    :data:`SELF_CHECK_LR_ITERATIONS` iterations (from ``lr``, ``{n: estimate}``, when given):
+    the fits :func:`self_check` compares an output with, the same for every run."""
+    if lr is None:
+        lr = _lr_baselines(validator.op, validator.x_in, iters=SELF_CHECK_LR_ITERATIONS)
+    fits = {"identity": _residual_to_noise(validator, validator.x_in, clip)}
+    for n in SELF_CHECK_LR_ITERATIONS:
+        fits[f"lr{n}"] = _residual_to_noise(validator, lr[n], clip)
+    return fits
 
 
 def _residual_to_noise(validator: _Validator, estimate: torch.Tensor, clip) -> dict:
