@@ -75,7 +75,9 @@ def test_forward_operator_matches_scipy(ndim):
     rng = np.random.default_rng(1)
     psf = rng.random((5, 7, 3)[:ndim]).astype(np.float32)
     psf /= psf.sum()
-    x = rng.random((20, 18, 16)[:ndim]).astype(np.float32)
+    # prime sides (23, 19, 17; 19 + 6 after padding for same()): the FFTs run zero-extended
+    # to the next 2^a 3^b 5^c size, which must not change the valid part
+    x = rng.random((23, 19, 17)[:ndim]).astype(np.float32)
     op = PSFOperator(psf)
     got = op.valid(torch.from_numpy(x)[None, None])[0, 0].numpy()
     ref = fftconvolve(x.astype(np.float64), psf, mode="valid")
@@ -86,6 +88,11 @@ def test_forward_operator_matches_scipy(ndim):
     r = [k // 2 for k in psf.shape]
     ref_same = fftconvolve(np.pad(x, [(k, k) for k in r], mode="reflect"), psf, mode="valid")
     np.testing.assert_allclose(got_same, ref_same, atol=1e-5)
+    flipped = psf[tuple(slice(None, None, -1) for _ in range(ndim))]
+    ref_t = fftconvolve(np.pad(x, [(k, k) for k in r], mode="reflect"), flipped, mode="valid")
+    for _ in range(2):  # the flipped operator is kept and reused
+        got_t = op.same_transpose(torch.from_numpy(x)[None, None], mode="reflect")[0, 0].numpy()
+        np.testing.assert_allclose(got_t, ref_t, atol=1e-5)
 
 
 def _gradient_radius(net, ndim, size, position):
