@@ -47,6 +47,10 @@ def run_network(
 
     Each spatial size is padded at its *end* (reflect) up to a multiple of the network's
     alignment, which keeps the pooling grid anchored at the block origin; the padding is cropped.
+
+    A network in eval mode runs as its inference copy
+    (:func:`~ssi_dask.ssi.inference.inference_network`; equal outputs to float rounding)
+    unless :data:`FAST_INFERENCE` is False.
     """
     a = network.alignment
     spatial = blocks.shape[1:]
