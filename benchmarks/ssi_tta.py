@@ -136,10 +136,13 @@ def _budgets(model, volume, budgets, log):
     from ssi_dask.ssi import predict_chunk
 
     torch.set_num_threads(1)
+    # the volume as one chunk: with its halo around it, as map_overlap would pass it
+    h = model.halo
+    block = np.pad(volume, h, mode="symmetric")
     rows = []
     for mib in budgets:
         started = time.process_time()
-        predict_chunk(model, volume, margin=model.halo, budget=int(mib * 2**20), tta=1)
+        predict_chunk(model, block, margin=h, budget=int(mib * 2**20), tta=1)
         seconds = time.process_time() - started
         rows.append({"budget_mib": mib, "voxels_per_s_per_core": volume.size / seconds})
         log(f"tile budget {mib} MiB: {volume.size / seconds:.0f} vox/s/core (tta 1)")
@@ -153,6 +156,7 @@ def main() -> None:
     parser.add_argument("--shape3d", default="32,128,128")
     parser.add_argument("--steps2d", type=int, default=400)
     parser.add_argument("--steps3d", type=int, default=300)
+    parser.add_argument("--counts3d", default="1,2,4,8,16", help="test-time transform counts")
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--budgets", default="32,128,512,2048", help="MiB; empty to skip")
     parser.add_argument("--skip2d", action="store_true")
@@ -200,7 +204,7 @@ def main() -> None:
             noisy,
             psf,
             {"steps": args.steps3d, "restarts": 0, "patch_size": 32, "batch_size": 2},
-            (1, 2, 4, 8, 16),
+            tuple(int(v) for v in args.counts3d.split(",")),
             args.repeats,
             log,
             args.model,
