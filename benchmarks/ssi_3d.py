@@ -145,9 +145,10 @@ def main() -> None:
     print()
     print(
         "| kind | noise | seed | input | best-n LR (n) | LR gain >= 3 dB | SSI | SSI - LR | "
-        "runs (flagged failed) | runs retried | failed runs' reasons | self-check flags |"
+        "runs (flagged failed) | runs retried | failed runs' reasons | self-check flags | "
+        "training s |"
     )
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in records:
         gain = r["best_lr"][0] - r["input"][0]
         print(
@@ -157,7 +158,7 @@ def main() -> None:
             f"{r['ssi'][0]:.2f} / {r['ssi'][1]:.3f} | {r['ssi'][0] - r['best_lr'][0]:+.2f} dB / "
             f"{r['ssi'][1] - r['best_lr'][1]:+.3f} | {r['runs']} ({r['failed_runs']}) | "
             f"{r['runs_retried']} | {'; '.join(r['failed_reasons']) or 'none'} | "
-            f"{', '.join(r['self_check_flags']) or 'none'} |"
+            f"{', '.join(r['self_check_flags']) or 'none'} | {r['train_s']:.0f} |"
         )
     print(
         f"\nruns retried: {sum(r['runs_retried'] for r in records)} "
