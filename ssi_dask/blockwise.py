@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import inspect
 import json
 import math
 import os
@@ -424,6 +425,8 @@ def _ssi_chunk(
     device: str = "cpu",
     margin: Sequence[int] | None = None,
     tta: int | None = None,
+    outside: Sequence[tuple[int, int]] | None = None,
+    block_info: dict | None = None,
 ) -> np.ndarray:
     """Per-chunk task: apply a trained SSI network to one padded block.
 
@@ -431,13 +434,28 @@ def _ssi_chunk(
     on that worker uses the same object (and the same copy of the weights on its device). The
     block is cut into tiles sized from the device's free memory and run in batches
     (:func:`ssi_dask.ssi.predict_chunk`); ``margin`` is the halo ``map_overlap`` added;
-    ``tta`` the test-time transforms averaged.
+    ``tta`` the test-time transforms averaged. ``outside``: per axis, the voxels of the
+    block past the volume's edges (found from ``block_info``, ``map_overlap``'s description of
+    the block, when not given); a model trained with ``edges="background"`` sees its
+    background level there instead of the mirrored volume.
     """
     from .ssi import predict_chunk  # noqa: PLC0415
 
+    if outside is None and block_info is not None and margin is not None:
+        where = block_info[None]
+        outside = [
+            (int(m) if i == 0 else 0, int(m) if i == n - 1 else 0)
+            for m, i, n in zip(margin, where["chunk-location"], where["num-chunks"])
+        ]
     torch_device = "cuda" if device == "gpu" else "cpu"
     return predict_chunk(
-        model, block, margin, device=torch_device, tta=tta, progress=_tile_reporter()
+        model,
+        block,
+        margin,
+        device=torch_device,
+        tta=tta,
+        progress=_tile_reporter(),
+        outside=outside,
     )
 
 
@@ -889,8 +907,22 @@ def apply_chunked(
 
 
 def _as_float32(function: Callable[..., np.ndarray]) -> Callable[..., np.ndarray]:
-    """Wrap a per-chunk function so it receives float32 blocks (a picklable partial)."""
+    """Wrap a per-chunk function so it receives float32 blocks (a picklable callable; a
+    function with a ``block_info`` parameter receives ``map_overlap``'s block_info)."""
+    if "block_info" in inspect.signature(function).parameters:
+        return _Float32WithBlockInfo(function)
     return functools.partial(_call_on_float32, function)
+
+
+class _Float32WithBlockInfo:
+    """:func:`_call_on_float32` of a function that takes ``block_info`` (dask passes it to a
+    callable whose signature names it)."""
+
+    def __init__(self, function: Callable[..., np.ndarray]):
+        self.function = function
+
+    def __call__(self, block, *args, block_info=None, **kwargs):
+        return _call_on_float32(self.function, block, *args, block_info=block_info, **kwargs)
 
 
 def _call_on_float32(function, block, *args, **kwargs):

@@ -309,6 +309,9 @@ TTA_CHOICES = (1, 2, 4, 8, 16)
 #: Forward operators of SSI training (:mod:`ssi_dask.ssi.forward`).
 FORWARD_MODES = ("auto", "valid", "same")
 
+#: How SSI training treats the volume's edges (``TrainingRecipe.edges``).
+EDGE_MODES = ("background", "inside")
+
 
 def ssi_default_text(key: str) -> str:
     """``"96 2D, 64 3D"``-style text of a training default, for help texts."""
@@ -398,6 +401,15 @@ class TrainingRecipe:
         zero-extended (plus the patch mean outside it) and scores where most of the PSF's
         energy falls inside the patch, for PSFs as large as the patches or the volume;
         ``"auto"``: ``"valid"`` when the patches are larger than the PSF, else ``"same"``.
+    edges : {"background", "inside"}
+        ``"background"``: training patches may reach half a patch past the volume's edges,
+        where they hold the background level (the normalisation's offset), and the loss scores
+        every pixel inside the volume up to its edge; the network's output past the edge stands
+        for the unknown object there (as Lucy-Richardson's extended domain does), and at
+        inference the volume is padded with the same background level. ``"inside"``: every
+        patch lies inside the volume, so the pixels within the PSF's radius of an edge are
+        never scored, and inference mirrors the volume at its edges. With ``forward="same"``
+        patches always lie inside.
     """
 
     steps: int | None = None
@@ -431,6 +443,7 @@ class TrainingRecipe:
     augment: bool = True
     average_fraction: float = 0.5
     forward: str = "auto"
+    edges: str = "inside"
 
     def __post_init__(self) -> None:
         for name in ("steps", "patch_size", "batch_size", "levels", "base_channels"):
@@ -499,6 +512,10 @@ class TrainingRecipe:
         if self.forward not in FORWARD_MODES:
             raise ParameterError(
                 f"forward must be one of {', '.join(FORWARD_MODES)}, got {self.forward!r}"
+            )
+        if self.edges not in EDGE_MODES:
+            raise ParameterError(
+                f"edges must be one of {', '.join(EDGE_MODES)}, got {self.edges!r}"
             )
 
     def replace(self, **changes: Any) -> TrainingRecipe:

@@ -145,6 +145,17 @@ class ChunkSource:
         selection = self._lead_selection(index) + list(level.cells(grown))
         return np.asarray(_zarr_array(level.path)[tuple(selection)])
 
+    def outside(self, index: Sequence[int]) -> list[tuple[int, int]]:
+        """Per spatial axis, how many voxels of the block :meth:`read` gives lie past the
+        volume's edges (before, after): the mirrored part of the halo; none with ``"none"``."""
+        if self.boundary != "reflect":
+            return [(0, 0)] * len(self.shape)
+        n_lead = len(self.lead)
+        return [
+            (max(0, d - s.start), max(0, s.stop + d - n))
+            for s, d, n in zip(self.region(index)[n_lead:], self.depth, self.shape)
+        ]
+
     def read(self, index: Sequence[int]) -> tuple[np.ndarray, tuple[slice, ...]]:
         """The chunk's input with its halo, as the ``map_overlap`` path gives it to the kernel,
         and where the chunk lies inside it."""
@@ -199,7 +210,12 @@ class ChunkKernel:
         values = block.astype(np.float64) - self.offset
         return float(np.maximum(values, 0).mean())
 
-    def __call__(self, block: np.ndarray, index: Sequence[int]) -> np.ndarray:
+    def __call__(
+        self,
+        block: np.ndarray,
+        index: Sequence[int],
+        outside: Sequence[tuple[int, int]] | None = None,
+    ) -> np.ndarray:
         from .blockwise import _call_on_float32, _lr_chunk, _ssi_chunk  # noqa: PLC0415
 
         shared = self.shared[0]
@@ -213,6 +229,7 @@ class ChunkKernel:
                 device=self.device,
                 margin=self.margin,
                 tta=self.options.get("tta"),
+                outside=outside,
             )
         return _call_on_float32(
             _lr_chunk,
@@ -259,7 +276,7 @@ def _run_chunk(
         _report_negative(block.astype(np.float32) - np.float32(kernel.offset))
         result = np.full(block.shape, background, dtype=np.float32)[crop]
     else:
-        result = kernel(block, index)
+        result = kernel(block, index, source.outside(index))
         if hasattr(result, "get"):  # CuPy -> NumPy
             result = result.get()
         result = np.asarray(result)[crop]

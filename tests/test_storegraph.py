@@ -43,9 +43,10 @@ def _counting(client):
     return count
 
 
-def _tiny_model(ndim: int, psf: np.ndarray):
+def _tiny_model(ndim: int, psf: np.ndarray, edges: str = "inside"):
     """An untrained network whose output varies with the data (so a difference shows), with
-    the PSF's symmetries for test-time averaging."""
+    the PSF's symmetries for test-time averaging; ``edges="background"``: a model trained with
+    the background past the volume's edges (padded with it at inference)."""
     import torch
 
     from ssi_dask.ssi import SSIModel, UNet
@@ -54,12 +55,19 @@ def _tiny_model(ndim: int, psf: np.ndarray):
     torch.manual_seed(3)
     network = UNet(ndim, levels=2, base_channels=4, batch_norm=False).eval()
     symmetries = [[list(flips), swap] for flips, swap in psf_symmetries(psf)]
+    training = {"symmetries": symmetries}
+    if edges == "background":
+        training["edges"] = {"mode": "background", "overhang": [8] * ndim}
     return SSIModel(
         network,
         # the data (uint16 up to ~3000) normalised to about [0, 1]
-        {"offset": 0.0, "scale": 3000.0, "output_range": (-5.0, 5.0)},
+        {
+            "offset": 200.0 if edges == "background" else 0.0,
+            "scale": 3000.0,
+            "output_range": (-5.0, 5.0),
+        },
         psf.astype(np.float32),
-        {"symmetries": symmetries},
+        training,
     )
 
 
@@ -69,6 +77,8 @@ CASES = {
     "3d-lr": (3, "lr", (21, 70, 90), (21, 10, 10), (21, 30, 40)),
     "2d-ssi": (2, "ssi", (90, 110), (16, 16), (32, 48)),
     "3d-ssi": (3, "ssi", (20, 44, 60), (20, 8, 8), (20, 16, 24)),
+    # a model trained with the background past the volume's edges: both paths pad with it
+    "2d-ssi-edges": (2, "ssi", (90, 110), (16, 16), (32, 48)),
 }
 
 
@@ -91,7 +101,8 @@ def test_store_graph_is_bit_identical_with_one_task_per_chunk(tmp_path, local_cl
 
     psf_file = tmp_path / "psf.tif"
     tifffile.imwrite(psf_file, psf)
-    model = _tiny_model(ndim, psf) if method == "ssi" else None
+    edges = "background" if case.endswith("-edges") else "inside"
+    model = _tiny_model(ndim, psf, edges) if method == "ssi" else None
     depth = None
     if model is not None:
         depth = (min(model.halo, min(chunks)),) * ndim  # the tiny test chunks bound the halo
@@ -134,6 +145,15 @@ def test_store_graph_is_bit_identical_with_one_task_per_chunk(tmp_path, local_cl
     assert store_tasks / n_chunks <= 1.5 < overlap_tasks / n_chunks
     assert report.plan.n_tasks == n_chunks + 1
     assert tree_digest(source) == before
+    if edges == "background":  # the background padding reached the chunks at the edges
+        mirrored = _tiny_model(ndim, psf)
+        mirrored.normalisation = dict(model.normalisation)
+        other = np.asarray(
+            deconvolve(str(source), psf, method, chunks=chunks, model=mirrored, depth=depth)
+        )
+        differs = np.abs(other - expected) > 1e-3
+        inner = tuple(slice(model.halo, -model.halo) for _ in depth)
+        assert differs.any() and not differs[inner].any()  # at the edges only
     if method == "ssi" and ndim == 3:  # the count given, not the default, was applied
         assert out.attrs["ssi_dask"]["computation"]["tta"] == 4
         default = deconvolve(str(source), psf, method, chunks=chunks, model=model, depth=depth)

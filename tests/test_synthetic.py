@@ -343,3 +343,28 @@ def test_load_ground_truth_tiff_stack(tmp_path: Path) -> None:
 def test_load_ground_truth_missing(tmp_path: Path) -> None:
     with pytest.raises(InputError):
         load_ground_truth(tmp_path / "nope.png")
+
+
+def test_offset_condition_is_scored_on_the_truths_scale() -> None:
+    """The offset condition's data are ``0.15 + 0.7 * blurred``: its restorations are mapped
+    back to the truth's scale before scoring (issue 16), so an input without blur and noise
+    scores as the truth itself, not as a 0.15 + 0.7 affine copy of it."""
+    from ssi_dask.bench.metrics import psnr
+    from ssi_dask.bench.protocol import degrade_condition, run_protocol, to_truth_units
+
+    truth = ground_truth_2d("camera", size=64)
+    delta = np.zeros((3, 3), np.float32)
+    delta[1, 1] = 1
+    data, psf = degrade_condition(truth, delta, "offset", seed=0)
+    assert psf is delta
+    np.testing.assert_allclose(data.mean(), 0.15 + 0.7 * truth.mean(), atol=0.01)
+    mapped = to_truth_units(data, "offset")
+    np.testing.assert_allclose(mapped, np.clip((data - 0.15) / 0.7, 0, 1), rtol=1e-6)
+    assert psnr(truth, mapped) > psnr(truth, np.clip(data, 0, 1)) + 2
+    result = run_protocol(truth, delta, lr_iterations=(1,), ssi=False, condition="offset")
+    assert result.metrics["input"]["psnr"] == pytest.approx(psnr(truth, mapped), abs=1e-6)
+    # LR with a delta PSF leaves the data as they are
+    assert result.metrics["lr-1"]["psnr"] == pytest.approx(psnr(truth, mapped), abs=0.05)
+    # the other conditions are only clipped
+    low, _ = degrade_condition(truth, delta, "low-noise", seed=0)
+    np.testing.assert_array_equal(to_truth_units(low, "low-noise"), np.clip(low, 0, 1))

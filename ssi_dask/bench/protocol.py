@@ -31,6 +31,10 @@ def gaussian_psf_2d(sigma: float = 2.0, size: int = 17) -> np.ndarray:
     return (g / g.sum()).astype(np.float32)
 
 
+#: The ``offset`` condition's camera: ``OFFSET_LEVEL + OFFSET_GAIN * blurred`` before the noise.
+OFFSET_LEVEL, OFFSET_GAIN = 0.15, 0.7
+
+
 def degrade_condition(
     truth: np.ndarray, psf: np.ndarray, condition: str, seed: int
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -45,8 +49,18 @@ def degrade_condition(
     if condition == "low-noise":
         y = add_poisson_gaussian_noise(blur(truth, psf), gen, gaussian_std=0.02)
         return np.clip(quantise(y, bits=12), 0, 1).astype(np.float32), psf
-    y = add_poisson_gaussian_noise(0.15 + 0.7 * blur(truth, psf), gen)  # offset
+    y = add_poisson_gaussian_noise(OFFSET_LEVEL + OFFSET_GAIN * blur(truth, psf), gen)  # offset
     return np.clip(quantise(y, bits=10), 0, 1).astype(np.float32), psf
+
+
+def to_truth_units(image: np.ndarray, condition: str) -> np.ndarray:
+    """An image of ``condition``'s intensity scale mapped onto the ground truth's and clipped to
+    [0, 1] (the scale every metric is computed on): the ``offset`` condition's level and gain
+    undone, the other conditions' images only clipped."""
+    image = np.asarray(image, dtype=np.float32)
+    if condition == "offset":
+        image = (image - np.float32(OFFSET_LEVEL)) / np.float32(OFFSET_GAIN)
+    return np.clip(image, 0, 1)
 
 
 @dataclass
@@ -130,13 +144,15 @@ def run_protocol(
     say = log or (lambda line: None)
     truth = np.asarray(ground_truth, dtype=np.float32)
     degraded, psf = degrade_condition(truth, psf, condition, seed)
-    metrics = {"input": all_metrics(truth, degraded)}
+    # scored on the truth's scale: a restoration of the offset condition's data restores
+    # OFFSET_LEVEL + OFFSET_GAIN * truth, which is mapped back before scoring
+    metrics = {"input": all_metrics(truth, to_truth_units(degraded, condition))}
     times: dict[str, float] = {}
     images = {"ground_truth": truth, "input": degraded}
     best = None
     for n in lr_iterations:
         started = time.perf_counter()
-        restored = np.clip(richardson_lucy(degraded, psf, num_iter=int(n)), 0, 1)
+        restored = to_truth_units(richardson_lucy(degraded, psf, num_iter=int(n)), condition)
         times[f"lr-{n}"] = time.perf_counter() - started
         metrics[f"lr-{n}"] = all_metrics(truth, restored)
         say(f"LR n={n}: PSNR {metrics[f'lr-{n}']['psnr']:.2f} dB")
@@ -154,7 +170,7 @@ def run_protocol(
         )
         times["ssi_train"] = time.perf_counter() - started
         started = time.perf_counter()
-        restored = np.clip(predict(model, degraded, device=device), 0, 1)
+        restored = to_truth_units(predict(model, degraded, device=device), condition)
         times["ssi_predict"] = time.perf_counter() - started
         metrics["ssi"] = all_metrics(truth, restored)
         images["ssi"] = restored

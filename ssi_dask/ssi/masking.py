@@ -69,8 +69,13 @@ def validation_mask(origin, shape, density: float, seed: int) -> np.ndarray:
     Any patch anywhere in the image gets the same validation pixels whatever the order or size
     of reads, without ever storing an image-sized mask.
     """
+    # int64 first: a patch reaching past the image's edge has negative coordinates there
     grids = np.meshgrid(
-        *[np.arange(o, o + s, dtype=np.uint64) for o, s in zip(origin, shape)], indexing="ij"
+        *[
+            np.arange(int(o), int(o) + s, dtype=np.int64).astype(np.uint64)
+            for o, s in zip(origin, shape)
+        ],
+        indexing="ij",
     )
     h = np.full(tuple(shape), np.uint64(seed * 2654435761 + 12345) & np.uint64(2**32 - 1))
     with np.errstate(over="ignore"):

@@ -294,6 +294,16 @@ class SSIModel:
         return [((), False)] if not sym else [(tuple(f), bool(w)) for f, w in sym]
 
     @property
+    def edge_fill(self) -> float | None:
+        """What the volume holds past its edges at inference, in image units: the background
+        level (the normalisation's offset) for a model trained with ``edges="background"``,
+        None for one trained inside the volume (the volume is mirrored there)."""
+        edges = self.training.get("edges")
+        if isinstance(edges, dict) and edges.get("mode") == "background":
+            return float(self.normalisation["offset"])
+        return None
+
+    @property
     def value_range(self) -> tuple[float, float]:
         """Clip range of the output in image units."""
         lo, hi = self.normalisation["output_range"]

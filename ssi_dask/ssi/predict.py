@@ -5,7 +5,8 @@
 ``model.alignment`` so that every block starts on the network's pooling grid; then the chunked
 result equals the whole-image result (up to float rounding).
 
-``predict`` restores an in-memory image: it pads the image by the halo (reflect), cuts tiles on
+``predict`` restores an in-memory image: it pads the image by the halo (reflect, or the
+background level for a model trained with ``edges="background"``), cuts tiles on
 the pooling grid, runs each tile with its halo, and keeps the tile centres. Because the halo is at
 least the receptive-field radius, tiling changes nothing.
 """
@@ -169,10 +170,14 @@ def predict(
     # pad: halo before, halo + the remainder of the last tile after
     pad = [(halo, halo + c * t - s) for s, t, c in zip(shape, tile, counts)]
     x = _normalise(model, image)
-    # "symmetric" (the edge pixel repeated) is what dask's map_overlap(boundary="reflect")
-    # does, so a chunked application on a cluster equals this whole-image one everywhere.
-    mode = "symmetric" if all(s >= max(p) for s, p in zip(shape, pad)) else "edge"
-    xp = np.pad(x, pad, mode=mode)
+    if model.edge_fill is not None:
+        # trained with the background past the volume's edges (normalised: 0)
+        xp = np.pad(x, pad, mode="constant", constant_values=np.float32(0))
+    else:
+        # "symmetric" (the edge pixel repeated) is what dask's map_overlap(boundary="reflect")
+        # does, so a chunked application on a cluster equals this whole-image one everywhere.
+        mode = "symmetric" if all(s >= max(p) for s, p in zip(shape, pad)) else "edge"
+        xp = np.pad(x, pad, mode=mode)
     out = np.empty(tuple(c * t for c, t in zip(counts, tile)), dtype=np.float32)
     transforms = test_time_transforms(model, tta)
     corners = list(itertools.product(*[range(0, c * t, t) for c, t in zip(counts, tile)]))

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from ..errors import ParameterError
+from .sampler import read_padded
 
 __all__ = ["RegionPool", "RegionPatchSampler", "background_scores"]
 
@@ -108,30 +109,72 @@ class RegionPool:
         lo, hi = np.percentile(self.sample_values(), percentiles)
         return float(lo), float(hi)
 
-    def patch_sampler(self, patch_shape: Sequence[int], seed: int = 0) -> RegionPatchSampler:
-        """A sampler of random patches of ``patch_shape`` from these regions."""
-        return RegionPatchSampler(self, patch_shape, seed=seed)
+    def patch_sampler(
+        self, patch_shape: Sequence[int], seed: int = 0, overhang=None, fill: float = 0.0
+    ) -> RegionPatchSampler:
+        """A sampler of random patches of ``patch_shape`` from these regions (``overhang``,
+        ``fill``: past the volume's edges, as in :class:`~ssi_dask.ssi.sampler.PatchSampler`)."""
+        return RegionPatchSampler(self, patch_shape, seed=seed, overhang=overhang, fill=fill)
 
 
 class RegionPatchSampler:
     """Random patches from a :class:`RegionPool`; same interface as ``PatchSampler``.
 
     Each patch lies inside one region (chosen uniformly); :meth:`batch` returns the patches and
-    their global origins.
+    their global origins. With ``overhang``, a patch of a region that touches the volume's edge
+    may reach past that edge by up to ``overhang`` voxels (never past a region's inner side),
+    and holds ``fill`` there.
     """
 
-    def __init__(self, pool: RegionPool, patch_shape: Sequence[int], seed: int = 0):
+    def __init__(
+        self,
+        pool: RegionPool,
+        patch_shape: Sequence[int],
+        seed: int = 0,
+        overhang=None,
+        fill: float = 0.0,
+    ):
         if len(patch_shape) != pool.ndim:
             raise ParameterError(
                 f"patch shape {tuple(patch_shape)} does not match {pool.ndim}D regions"
             )
         self.pool = pool
         self.patch_shape = tuple(min(int(p), s) for p, s in zip(patch_shape, pool.shape))
+        overhang = (0,) * pool.ndim if overhang is None else tuple(overhang)
+        self.overhang = tuple(max(0, int(h)) for h in overhang)
+        self.fill = float(fill)
         self.rng = np.random.default_rng(seed)
+
+    def _local_range(self, region: int, axis: int) -> tuple[int, int]:
+        """Lowest and one past the highest local origin of a patch of ``region`` on ``axis``."""
+        start = int(self.pool.origins[region][axis])
+        size, patch = self.pool.shape[axis], self.patch_shape[axis]
+        h = self.overhang[axis]
+        low = -h if start == 0 else 0
+        high = size - patch + 1 + (h if start + size == self.pool.image_shape[axis] else 0)
+        return low, high
 
     def batch(self, n: int) -> tuple[np.ndarray, np.ndarray]:
         """``n`` random patches, shape ``(n, *patch_shape)``, and their global origins."""
         which = self.rng.integers(0, len(self.pool), size=n)
+        if any(self.overhang):
+            local = np.array(
+                [
+                    [
+                        self.rng.integers(*self._local_range(int(i), a))
+                        for a in range(self.pool.ndim)
+                    ]
+                    for i in which
+                ],
+                dtype=np.int64,
+            ).reshape(n, self.pool.ndim)
+            patches = np.stack(
+                [
+                    read_padded(self.pool.regions[i], loc, self.patch_shape, self.fill)
+                    for i, loc in zip(which, local)
+                ]
+            )
+            return patches, self.pool.origins[which] + local
         highs = [s - p + 1 for s, p in zip(self.pool.shape, self.patch_shape)]
         local = np.stack([self.rng.integers(0, h, size=n) for h in highs], axis=1)
         patches = np.stack(

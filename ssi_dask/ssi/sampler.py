@@ -10,13 +10,45 @@ import numpy as np
 
 from ..errors import ParameterError
 
-__all__ = ["PatchSampler", "read_region", "sample_statistics", "sample_values"]
+__all__ = [
+    "PatchSampler",
+    "inside_mask",
+    "read_padded",
+    "read_region",
+    "sample_statistics",
+    "sample_values",
+]
 
 
 def read_region(array, origin, shape) -> np.ndarray:
     """Read ``array[origin : origin + shape]`` as float32 NumPy."""
     sl = tuple(slice(int(o), int(o) + int(s)) for o, s in zip(origin, shape))
     return np.asarray(array[sl], dtype=np.float32)
+
+
+def read_padded(array, origin, shape, fill: float) -> np.ndarray:
+    """Like :func:`read_region`, for a region that may reach past the array's edges: the part
+    outside holds ``fill``."""
+    size = array.shape
+    lo = [min(max(int(o), 0), n) for o, n in zip(origin, size)]
+    hi = [max(min(int(o) + int(p), n), low) for o, p, n, low in zip(origin, shape, size, lo)]
+    inner = read_region(array, lo, [h - low for low, h in zip(lo, hi)])
+    pad = [(low - int(o), int(o) + int(p) - h) for low, h, o, p in zip(lo, hi, origin, shape)]
+    if not any(a or b for a, b in pad):
+        return inner
+    return np.pad(inner, pad, mode="constant", constant_values=np.float32(fill))
+
+
+def inside_mask(origin, shape, image_shape) -> np.ndarray:
+    """Boolean mask of the positions of a patch at ``origin`` that lie inside the image."""
+    axes = [
+        (np.arange(int(o), int(o) + int(p)) >= 0) & (np.arange(int(o), int(o) + int(p)) < int(n))
+        for o, p, n in zip(origin, shape, image_shape)
+    ]
+    mask = np.ones(tuple(int(p) for p in shape), dtype=bool)
+    for axis, keep in enumerate(axes):
+        mask &= keep.reshape([-1 if a == axis else 1 for a in range(len(axes))])
+    return mask
 
 
 class PatchSampler:
@@ -30,9 +62,14 @@ class PatchSampler:
         Patch size per axis (clipped to the image size).
     seed : int
         Seed of the origin generator.
+    overhang : sequence of int, optional
+        How far a patch may reach past the image's edges, per axis; the part outside holds
+        ``fill``. Default: none, every patch lies inside the image.
+    fill : float
+        The value outside the image.
     """
 
-    def __init__(self, array, patch_shape, seed: int = 0):
+    def __init__(self, array, patch_shape, seed: int = 0, overhang=None, fill: float = 0.0):
         self.array = array
         self.shape = tuple(int(s) for s in array.shape)
         if len(patch_shape) != len(self.shape):
@@ -40,14 +77,24 @@ class PatchSampler:
                 f"patch shape {tuple(patch_shape)} does not match image shape {self.shape}"
             )
         self.patch_shape = tuple(min(int(p), s) for p, s in zip(patch_shape, self.shape))
+        overhang = (0,) * len(self.shape) if overhang is None else tuple(overhang)
+        self.overhang = tuple(max(0, int(h)) for h in overhang)
+        self.fill = float(fill)
         self.rng = np.random.default_rng(seed)
 
     def origins(self, n: int) -> np.ndarray:
-        highs = [s - p + 1 for s, p in zip(self.shape, self.patch_shape)]
-        return np.stack([self.rng.integers(0, h, size=n) for h in highs], axis=1)
+        return np.stack(
+            [
+                self.rng.integers(-h, s - p + 1 + h, size=n)
+                for s, p, h in zip(self.shape, self.patch_shape, self.overhang)
+            ],
+            axis=1,
+        )
 
     def read(self, origin) -> np.ndarray:
-        return read_region(self.array, origin, self.patch_shape)
+        if not any(self.overhang):
+            return read_region(self.array, origin, self.patch_shape)
+        return read_padded(self.array, origin, self.patch_shape, self.fill)
 
     def batch(self, n: int) -> tuple[np.ndarray, np.ndarray]:
         """``n`` random patches, shape ``(n, *patch_shape)``, and their origins."""

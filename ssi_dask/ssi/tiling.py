@@ -97,6 +97,7 @@ def predict_chunk(
     amp: bool = False,
     tta: int | bool | None = None,
     progress: Callable[[int, int], None] | None = None,
+    outside: Sequence[tuple[int, int]] | None = None,
 ) -> np.ndarray:
     """Apply ``model`` to one chunk with its halo, in batched tiles; same shape out.
 
@@ -118,6 +119,11 @@ def predict_chunk(
         As in :func:`ssi_dask.ssi.predict_block`.
     progress : callable, optional
         Called as ``progress(tiles_done, tiles_total)`` after each batch of tiles.
+    outside : sequence of (int, int), optional
+        Per axis, how many voxels at the block's start and end lie past the volume's edges
+        (a chunk at the edge, whose halo there was mirrored). For a model trained with
+        ``edges="background"`` they are set to its background level, as
+        :func:`~ssi_dask.ssi.predict` pads the whole volume; otherwise they are left as given.
 
     Returns
     -------
@@ -146,6 +152,8 @@ def predict_chunk(
             raise ParameterError(f"tile_shape {tile_shape} does not fit a {ndim}D block")
         tile = tuple(-(-int(t) // a) * a for t in tile)
     x = _normalise(model, block)
+    if outside is not None and model.edge_fill is not None:
+        x = fill_outside(x, outside, 0.0)  # the background level, normalised
     axes = [_axis_tiles(s, m, t, halo, a) for s, m, t in zip(block.shape, margins, tile)]
     groups: dict[tuple[int, ...], list] = {}
     for spans in itertools.product(*axes):
@@ -172,3 +180,20 @@ def predict_chunk(
             if progress is not None:
                 progress(tiles_done, n_tiles)
     return _denormalise(model, out)
+
+
+def fill_outside(x: np.ndarray, outside: Sequence[tuple[int, int]], value: float) -> np.ndarray:
+    """A copy of ``x`` with ``outside[axis] = (before, after)`` voxels at each end set to
+    ``value``."""
+    if not any(b or a for b, a in outside):
+        return x
+    x = np.array(x, copy=True)
+    for axis, (before, after) in enumerate(outside):
+        index = [slice(None)] * x.ndim
+        if before:
+            index[axis] = slice(0, int(before))
+            x[tuple(index)] = value
+        if after:
+            index[axis] = slice(x.shape[axis] - int(after), None)
+            x[tuple(index)] = value
+    return x

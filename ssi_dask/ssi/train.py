@@ -61,7 +61,7 @@ from .device import resolve_device
 from .forward import PSFOperator, fits_valid, forward_operator
 from .masking import bernoulli_mask, mask_input, rho_schedule, validation_mask
 from .model import EnsembleUNet, SSIModel, UNet
-from .sampler import PatchSampler, sample_values
+from .sampler import PatchSampler, inside_mask, sample_values
 from .sensor import ClippedSensor, detect_clip_bounds, estimate_noise_model
 from .symmetry import apply as apply_transform
 from .symmetry import psf_symmetries
@@ -78,11 +78,19 @@ __all__ = [
 DEFAULTS = SSI_TRAINING_DEFAULTS  # the tuned 2D/3D defaults live in ssi_dask.config
 
 
-def _patch_sampler(image, patch_shape, seed: int):
-    """Random patches of an image, or of a RegionPool's regions (global origins either way)."""
+def _patch_sampler(image, patch_shape, seed: int, overhang=None, fill: float = 0.0):
+    """Random patches of an image, or of a RegionPool's regions (global origins either way);
+    with ``overhang``, patches may reach past the volume's edges, holding ``fill`` there."""
     if hasattr(image, "patch_sampler"):
-        return image.patch_sampler(patch_shape, seed=seed)
-    return PatchSampler(image, patch_shape, seed=seed)
+        if overhang is None:
+            return image.patch_sampler(patch_shape, seed=seed)
+        return image.patch_sampler(patch_shape, seed=seed, overhang=overhang, fill=fill)
+    return PatchSampler(image, patch_shape, seed=seed, overhang=overhang, fill=fill)
+
+
+def _inside_masks(origins, patch_shape, image_shape) -> np.ndarray:
+    """``(N, *patch_shape)`` booleans: which positions of each patch lie inside the volume."""
+    return np.stack([inside_mask(o, patch_shape, image_shape) for o in origins])
 
 
 #: Lucy-Richardson iteration counts whose validation losses set the failure threshold.
@@ -404,6 +412,8 @@ class _RunContext:
     null_space_weight: float
     noise_sigma: float
     val_seed: int
+    overhang: tuple[int, ...] | None
+    image_shape: tuple[int, ...]
     symmetries: list
     max_time: float | None
     report: Callable[[dict], None] | None
@@ -587,6 +597,15 @@ def train_ssi(
     normalisation = {"offset": lo, "scale": scale, "output_range": clip}
 
     op, forward = forward_operator(psf, patch_shape, dev, recipe.forward)
+    # edges="background": patches reach half a patch past the volume's edges, holding the
+    # background level (the normalisation's offset) there, and the loss scores the pixels up
+    # to the edge, whose blur involves object values outside the volume (the network's output
+    # there stands for them); inference pads the volume's edges with the same level
+    overhang = None
+    if recipe.edges == "background" and forward == "valid":
+        overhang = tuple(p // 2 for p in patch_shape)
+    # the validation patches (and the noise, sensor and self-check fits made on them) stay
+    # inside the volume: the padding outside is not data
     n_val = int(recipe.validation_patches or 2 * recipe.batch_size)
     val_sampler = _patch_sampler(image, patch_shape, seed=seed + 7919)
     vpatches, vorigins = val_sampler.batch(n_val)
@@ -661,6 +680,8 @@ def train_ssi(
         loss="masked L2 on PSF-valid interior"
         + ("" if sensor is None else " (expected clipped measurement)"),
     )
+    if overhang is not None:  # recorded only when used: older models' hashes stay as they were
+        settings["edges"] = dict(mode="background", overhang=[int(h) for h in overhang])
     if forward == "same":  # recorded only when used: older models' hashes stay as they were
         settings["forward"] = dict(mode="same", scored_margins=list(op.margins))
         settings["loss"] = settings["loss"].replace(
@@ -686,6 +707,8 @@ def train_ssi(
         null_space_weight=null_space_weight,
         noise_sigma=_noise_sigma(vpatches),
         val_seed=seed,
+        overhang=overhang,
+        image_shape=tuple(int(n) for n in getattr(image, "image_shape", image.shape)),
         symmetries=symmetries if recipe.augment else [((), False)],
         max_time=max_time,
         report=_progress_fn(progress),
@@ -1060,8 +1083,8 @@ def _train_run(image, recipe: TrainingRecipe, ctx: _RunContext, run: int, run_se
         final_div_factor=100,
     )
     gen = torch.Generator().manual_seed(run_seed)
-    sampler = _patch_sampler(image, patch_shape, seed=run_seed + 1)
     offset, scale = ctx.normalisation["offset"], ctx.normalisation["scale"]
+    sampler = _patch_sampler(image, patch_shape, run_seed + 1, ctx.overhang, fill=offset)
     best_val, best_state, since_best = math.inf, None, 0
     averager = _WeightAverage() if average_fraction > 0 else None
     average_start = int(round(steps * (1 - average_fraction)))
@@ -1080,9 +1103,14 @@ def _train_run(image, recipe: TrainingRecipe, ctx: _RunContext, run: int, run_se
             ]
         )
         vmask = torch.from_numpy(vmask)[:, None].to(dev)
+        # scored: not held out for validation, and inside the volume
+        scored = ~vmask
+        if ctx.overhang is not None:
+            inside = _inside_masks(origins, patch_shape, ctx.image_shape)
+            scored = scored & torch.from_numpy(inside)[:, None].to(dev)
         if len(symmetries) > 1:
             t = symmetries[int(torch.randint(len(symmetries), (1,), generator=gen))]
-            x, vmask = apply_transform(x, t).contiguous(), apply_transform(vmask, t).contiguous()
+            x, scored = apply_transform(x, t).contiguous(), apply_transform(scored, t).contiguous()
         rho = rho_schedule(
             step - 1, steps, recipe.rho_start, recipe.rho_target, recipe.rho_decay_fraction
         )
@@ -1102,7 +1130,7 @@ def _train_run(image, recipe: TrainingRecipe, ctx: _RunContext, run: int, run_se
         if n_noisy:
             out, out_noisy = out[:-n_noisy], out[-n_noisy:]
         blurred = validator.measure(op.valid(out.clamp(lo_c, hi_c)))
-        w = op.crop(m & ~vmask).float()
+        w = op.crop(m & scored).float()
         data = ((blurred - op.crop(x)) ** 2 * w).sum() / w.sum().clamp_min(1)
         bounds = (torch.relu(lo_c - out) + torch.relu(out - hi_c)).mean() ** 2
         loss = data + recipe.bounds_weight * bounds
