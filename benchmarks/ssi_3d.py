@@ -56,6 +56,15 @@ def main() -> None:
         "'auto' = (0, 1 / PSF peak-to-sum); '0,1' = the old default, the input's 99.99th "
         "percentile)",
     )
+    parser.add_argument(
+        "--forward", help="SSI forward operator: auto, valid, same (default: the recipe's)"
+    )
+    parser.add_argument("--patch", type=int, help="SSI patch side (default: the recipe's)")
+    parser.add_argument("--batch", type=int, help="SSI patches per step (default: the recipe's)")
+    parser.add_argument("--learning-rate", type=float, help="SSI peak learning rate")
+    parser.add_argument(
+        "--average-fraction", type=float, help="SSI weight averaging: share of the last steps"
+    )
     parser.add_argument("--json")
     args = parser.parse_args()
 
@@ -98,6 +107,16 @@ def main() -> None:
                 if args.output_range:
                     options["output_range"] = tuple(float(v) for v in args.output_range.split(","))
                 row["output_range"] = options.get("output_range", "recipe default")
+                for flag, key in (
+                    ("forward", "forward"),
+                    ("patch", "patch_size"),
+                    ("batch", "batch_size"),
+                    ("learning_rate", "learning_rate"),
+                    ("average_fraction", "average_fraction"),
+                ):
+                    if getattr(args, flag) is not None:
+                        options[key] = getattr(args, flag)
+                row["ssi_options"] = {k: v for k, v in options.items() if k != "output_range"}
                 started = time.perf_counter()
                 model = train_ssi(noisy, psf, seed=seed, device="cpu", **options)
                 row["train_s"] = time.perf_counter() - started
@@ -126,9 +145,10 @@ def main() -> None:
     print()
     print(
         "| kind | noise | seed | input | best-n LR (n) | LR gain >= 3 dB | SSI | SSI - LR | "
-        "runs (flagged failed) | runs retried | failed runs' reasons | self-check flags |"
+        "runs (flagged failed) | runs retried | failed runs' reasons | self-check flags | "
+        "training s |"
     )
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in records:
         gain = r["best_lr"][0] - r["input"][0]
         print(
@@ -138,7 +158,7 @@ def main() -> None:
             f"{r['ssi'][0]:.2f} / {r['ssi'][1]:.3f} | {r['ssi'][0] - r['best_lr'][0]:+.2f} dB / "
             f"{r['ssi'][1] - r['best_lr'][1]:+.3f} | {r['runs']} ({r['failed_runs']}) | "
             f"{r['runs_retried']} | {'; '.join(r['failed_reasons']) or 'none'} | "
-            f"{', '.join(r['self_check_flags']) or 'none'} |"
+            f"{', '.join(r['self_check_flags']) or 'none'} | {r['train_s']:.0f} |"
         )
     print(
         f"\nruns retried: {sum(r['runs_retried'] for r in records)} "
