@@ -82,8 +82,6 @@ def _patch_sampler(image, patch_shape, seed: int, overhang=None, fill: float = 0
     """Random patches of an image, or of a RegionPool's regions (global origins either way);
     with ``overhang``, patches may reach past the volume's edges, holding ``fill`` there."""
     if hasattr(image, "patch_sampler"):
-        if overhang is None:
-            return image.patch_sampler(patch_shape, seed=seed)
         return image.patch_sampler(patch_shape, seed=seed, overhang=overhang, fill=fill)
     return PatchSampler(image, patch_shape, seed=seed, overhang=overhang, fill=fill)
 
