@@ -84,6 +84,8 @@ def test_predict_pads_with_the_background_and_chunked_runs_equal_it():
     block = np.pad(image, halo, mode="symmetric")[: 32 + 2 * halo, : 32 + 2 * halo]
     out = predict_chunk(model, block, halo, tta=1, outside=[(halo, 0), (halo, 0)])
     np.testing.assert_allclose(out[halo : halo + 32, halo : halo + 32], whole[:32, :32], atol=1e-5)
+    with pytest.raises(ParameterError, match=r"outside must give \(before, after\) >= 0 voxels"):
+        predict_chunk(model, block, halo, tta=1, outside=[(halo, 0)])
     unfilled = predict_chunk(model, block, halo, tta=1)
     assert np.abs(unfilled[halo : halo + 32, halo : halo + 32] - whole[:32, :32]).max() > 1e-3
 

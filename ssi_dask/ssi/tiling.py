@@ -152,8 +152,17 @@ def predict_chunk(
             raise ParameterError(f"tile_shape {tile_shape} does not fit a {ndim}D block")
         tile = tuple(-(-int(t) // a) * a for t in tile)
     x = _normalise(model, block)
-    if outside is not None and model.edge_fill is not None:
-        x = fill_outside(x, outside, 0.0)  # the background level, normalised
+    if outside is not None:
+        pairs = [tuple(int(v) for v in pair) for pair in outside]
+        if len(pairs) != ndim or any(
+            len(p) != 2 or min(p) < 0 or sum(p) > s for p, s in zip(pairs, block.shape)
+        ):
+            raise ParameterError(
+                f"outside must give (before, after) >= 0 voxels per axis of the {ndim}D block "
+                f"{block.shape}, got {outside!r}"
+            )
+        if model.edge_fill is not None:
+            x = fill_outside(x, pairs, 0.0)  # the background level, normalised
     axes = [_axis_tiles(s, m, t, halo, a) for s, m, t in zip(block.shape, margins, tile)]
     groups: dict[tuple[int, ...], list] = {}
     for spans in itertools.product(*axes):
