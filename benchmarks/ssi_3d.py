@@ -65,6 +65,9 @@ def main() -> None:
     parser.add_argument(
         "--average-fraction", type=float, help="SSI weight averaging: share of the last steps"
     )
+    parser.add_argument(
+        "--lr-prior", help="SSI's lr_prior: a Lucy-Richardson iteration count or 'auto'"
+    )
     parser.add_argument("--json")
     args = parser.parse_args()
 
@@ -116,6 +119,9 @@ def main() -> None:
                 ):
                     if getattr(args, flag) is not None:
                         options[key] = getattr(args, flag)
+                if args.lr_prior:
+                    prior = args.lr_prior
+                    options["lr_prior"] = prior if prior == "auto" else int(prior)
                 row["ssi_options"] = {k: v for k, v in options.items() if k != "output_range"}
                 started = time.perf_counter()
                 model = train_ssi(noisy, psf, seed=seed, device="cpu", **options)
@@ -126,6 +132,7 @@ def main() -> None:
                 row.update(run_outcome(model))  # every run is self-checked; failed ones retried
                 check = model.training["self_check"]
                 row["output_range_used"] = list(model.normalisation["output_range"])
+                row["lr_prior"] = model.training.get("lr_prior")
                 records.append(row)
                 if args.json:  # written after every row: a long run leaves what it measured
                     Path(args.json).write_text(json.dumps(records, indent=2))

@@ -80,6 +80,10 @@ def main() -> None:
         "'0,1' = the default before issue 16's step 1)",
     )
     parser.add_argument(
+        "--lr-prior",
+        help="SSI's lr_prior: a Lucy-Richardson iteration count, or 'auto' (default: none)",
+    )
+    parser.add_argument(
         "--merge", nargs="+", metavar="JSON", help="print the tables of earlier runs' JSON files"
     )
     args = parser.parse_args()
@@ -97,6 +101,8 @@ def main() -> None:
     options = {"steps": args.steps} if args.steps else {}
     if args.output_range:
         options["output_range"] = tuple(float(v) for v in args.output_range.split(","))
+    if args.lr_prior:
+        options["lr_prior"] = args.lr_prior if args.lr_prior == "auto" else int(args.lr_prior)
     records = []
     conditions = args.conditions.split(",")
     for condition, (name, truth, psf), seed in (

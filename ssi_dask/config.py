@@ -410,6 +410,11 @@ class TrainingRecipe:
         patch lies inside the volume, so the pixels within the PSF's radius of an edge are
         never scored, and inference mirrors the volume at its edges. With ``forward="same"``
         patches always lie inside.
+    lr_prior : int or "auto"
+        Lucy-Richardson prior: with ``n > 0`` the network also sees the Lucy-Richardson
+        restoration of its input after ``n`` iterations and predicts a correction to it (the
+        null-space penalty applies to the correction); ``"auto"``: ``n`` chosen from the image
+        by :func:`ssi_dask.lr_auto.choose_iterations`; 0 (default): no prior.
     """
 
     steps: int | None = None
@@ -444,6 +449,7 @@ class TrainingRecipe:
     average_fraction: float = 0.5
     forward: str = "auto"
     edges: str = "inside"
+    lr_prior: int | str = 0
 
     def __post_init__(self) -> None:
         for name in ("steps", "patch_size", "batch_size", "levels", "base_channels"):
@@ -513,6 +519,13 @@ class TrainingRecipe:
             raise ParameterError(
                 f"forward must be one of {', '.join(FORWARD_MODES)}, got {self.forward!r}"
             )
+        if isinstance(self.lr_prior, str):
+            if self.lr_prior != "auto":
+                raise ParameterError(
+                    f"lr_prior must be an iteration count >= 0 or 'auto', got {self.lr_prior!r}"
+                )
+        else:
+            _count("lr_prior", self.lr_prior, 0)
         if self.edges not in EDGE_MODES:
             raise ParameterError(
                 f"edges must be one of {', '.join(EDGE_MODES)}, got {self.edges!r}"

@@ -72,6 +72,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import math
 import numbers
 import os
 import threading
@@ -96,6 +97,7 @@ __all__ = [
     "clear_plan_cache",
     "convolve_same",
     "get_plan",
+    "lr_default_depth",
     "otf_cutoff",
     "resolve_back_projector",
     "richardson_lucy",
@@ -1008,6 +1010,38 @@ def prepare_psf(psf: Any, ndim: int, **back_projector_options: Any) -> PreparedP
     spec = resolve_back_projector(host, **back_projector_options)
     digest = hashlib.blake2b(host.tobytes(), digest_size=16).hexdigest()
     return PreparedPSF(psf=host, back_projector=spec, digest=digest)
+
+
+def lr_default_depth(
+    psf_shape: Sequence[int], num_iter: int, back_projector: str = "classic"
+) -> tuple[int, ...]:
+    """Halo for Lucy-Richardson from the PSF support and the iteration count.
+
+    Each iteration spreads information by up to the PSF's full extent, but the influence of a
+    cut at the chunk's edge decays quickly with distance. Measured on the 17^3 widefield
+    protocol PSF (laterally), the error of a cut falls below 1e-4 of the peak at about the full
+    PSF extent for 10-20 iterations, 2.4 radii for 50 and 2.75 radii for 100. The rule
+    ``radius * (2 + min(n, 100) / 100) + 1`` covers that; ``tests/test_blockwise.py`` checks
+    chunked against whole-volume results. Along a widefield PSF's optical axis the influence
+    decays far more slowly (the missing cone), which is why the planner keeps z whole
+    (DESIGN.md rule 3).
+
+    The Wiener-Butterworth back projector amplifies what it spreads (its transform inverts the
+    OTF up to the cut-off), so a cut's influence hardly decays within the ``n + 1`` radii an
+    ``n``-iteration run reaches: measured on the 7x9x9 test PSF, a halo of ``(n + 1)`` radii
+    keeps the error of a cut below 1e-4 for n = 2, 3 and 5 (2.5 radii left 1e-3 at n = 3).
+    Its rule is ``radius * max(2 + min(n, 100) / 100, n + 1) + 1``; it only needs few
+    iterations, so the halo stays small.
+
+    This rule looks only at the PSF's extent; with the PSF at hand :func:`plan_blocks` widens it
+    per axis to :func:`lr_measured_depth`, which is what keeps any accepted layout within 1e-3.
+    """
+    if num_iter < 0:
+        raise ParameterError(f"the number of iterations must be >= 0, got {num_iter}")
+    factor = 2.0 + min(num_iter, 100) / 100.0
+    if back_projector == "wiener-butterworth":
+        factor = max(factor, num_iter + 1.0)
+    return tuple(int(math.ceil(factor * (s // 2))) + 1 for s in psf_shape)
 
 
 def richardson_lucy(

@@ -24,7 +24,14 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-__all__ = ["PSFOperator", "SamePSFOperator", "forward_operator", "fits_valid"]
+__all__ = [
+    "LucyRichardsonPrior",
+    "PSFOperator",
+    "SamePSFOperator",
+    "fits_valid",
+    "forward_operator",
+    "lucy_richardson_prior",
+]
 
 
 class PSFOperator:
@@ -259,3 +266,77 @@ def forward_operator(psf, patch_shape: Sequence[int], device="cpu", mode: str = 
     if mode == "same":
         return SamePSFOperator(psf, patch_shape, device), mode
     raise ValueError(f"forward must be 'auto', 'valid' or 'same', got {mode!r}")
+
+
+class LucyRichardsonPrior:
+    """Lucy-Richardson estimates of a normalised batch, the prior channel of an SSI network.
+
+    The network of a model trained with ``lr_prior`` sees, besides its (masked) input, the
+    Lucy-Richardson restoration of that input after ``iterations`` steps, and predicts a
+    correction to it. As in :func:`ssi_dask.lr.richardson_lucy`, the estimate lives on the
+    block extended by the PSF's radius, the data term covers the block only, and the update is
+    divided by the Bertero-Boccacci edge weights ``h^T 1_block``, so a block's border (a patch's,
+    a chunk's halo's or the volume's) is treated as unknown object rather than mirrored.
+    Computed without gradients, in float32.
+
+    Parameters
+    ----------
+    psf : array-like
+        The PSF (``ndim`` dimensions, normalised to sum 1 here).
+    iterations : int
+        Lucy-Richardson iterations (>= 1).
+    device : torch.device or str
+        Where the PSF's transforms live.
+    edge_threshold : float
+        Edge weights below this share of their maximum count as no data (estimate 0 there).
+    """
+
+    def __init__(self, psf, iterations: int, device="cpu", edge_threshold: float = 1e-3):
+        psf = np.asarray(psf, dtype=np.float32)
+        self.op = PSFOperator(psf / psf.sum(), device)
+        self.flipped = PSFOperator(np.flip(self.op.psf).copy(), device)
+        self.iterations = int(iterations)
+        self.edge_threshold = float(edge_threshold)
+
+    def _back_project(self, ratio: torch.Tensor) -> torch.Tensor:
+        # the adjoint of `valid`: a full correlation, from the block to the extended block
+        pad = []
+        for k in reversed(self.op.psf.shape):
+            pad += [k - 1, k - 1]
+        return self.flipped.valid(torch.nn.functional.pad(ratio, pad))
+
+    @torch.no_grad()
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        eps = 1e-6
+        nd = self.op.ndim
+        dims = tuple(range(-nd, 0))
+        y = x.float().clamp_min(0) + eps
+        weights = self._back_project(torch.ones_like(y[:1]))
+        valid = weights > self.edge_threshold * weights.amax()
+        weights = torch.where(valid, weights, torch.ones_like(weights))
+        ext = [s + k - 1 for s, k in zip(y.shape[-nd:], self.op.psf.shape)]
+        est = y.mean(dim=dims, keepdim=True).expand(*y.shape[:-nd], *ext) * valid
+        for _ in range(self.iterations):
+            ratio = y / self.op.valid(est).clamp_min(eps)
+            est = est * self._back_project(ratio) / weights
+        return self.op.crop(est)
+
+
+def lucy_richardson_prior(net: torch.nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+    """The prior channel of ``net`` (a UNet, an ensemble of them, or an inference copy) for
+    the batch ``x``; None for a network without a prior."""
+    members = getattr(net, "members", None)
+    if members is not None:  # an ensemble: its members share the prior
+        net = members[0]
+    iterations = getattr(net, "prior_iterations", 0)
+    if not iterations:
+        return None
+    psf = net.prior_psf
+    # rebuilt when the buffer moved or changed (load_state_dict copies into it in place)
+    version = 0 if psf.is_inference() else psf._version
+    key = (str(psf.device), psf.data_ptr(), version)
+    cached = net._prior
+    if cached is None or cached[0] != key:
+        cached = (key, LucyRichardsonPrior(psf.detach().cpu().numpy(), iterations, psf.device))
+        net._prior = cached
+    return cached[1](x)

@@ -31,6 +31,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
+from .forward import lucy_richardson_prior
+
 __all__ = ["cpu_fast_convolutions", "inference_network", "memory_format"]
 
 # network -> (key of its weights and device, the inference copy); entries go with the network
@@ -163,6 +165,10 @@ class _InferenceUNet(nn.Module):
     def __init__(self, net: nn.Module, layout: torch.memory_format):
         super().__init__()
         self.encoders = net.encoders
+        self.prior_iterations = getattr(net, "prior_iterations", 0)
+        self._prior = None
+        if self.prior_iterations:
+            self.register_buffer("prior_psf", net.prior_psf)
         self.pool = _SumPool(net.config["ndim"])
         self.head = net.head
         self.joins = nn.ModuleList()
@@ -180,7 +186,13 @@ class _InferenceUNet(nn.Module):
         below = net.encoders[-1] if index == 0 else net.decoders[index - 1]
         return [m for m in below if isinstance(m, (*_CONVS, _InferenceConv))][-1].weight.shape[0]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, prior: torch.Tensor | None = None) -> torch.Tensor:
+        if self.prior_iterations:
+            prior = lucy_richardson_prior(self, x) if prior is None else prior
+            return prior + self._unet(torch.cat([x, prior.to(x.dtype)], dim=1))
+        return self._unet(x)
+
+    def _unet(self, x: torch.Tensor) -> torch.Tensor:
         skips = []
         for i, enc in enumerate(self.encoders):
             x = enc(x)

@@ -21,6 +21,8 @@ import torch
 from torch import nn
 
 from ..errors import ParameterError
+from ..lr import lr_default_depth
+from .forward import lucy_richardson_prior
 
 __all__ = ["EnsembleUNet", "UNet", "build_network", "receptive_field_radius"]
 
@@ -74,6 +76,8 @@ class UNet(nn.Module):
         max_channels: int = 64,
         batch_norm: bool = True,
         kernel_size: int = 3,
+        prior_iterations: int = 0,
+        prior_psf_shape=None,
     ):
         super().__init__()
         if ndim not in (2, 3):
@@ -91,9 +95,16 @@ class UNet(nn.Module):
             batch_norm=bool(batch_norm),
             kernel_size=int(kernel_size),
         )
+        self.prior_iterations = int(prior_iterations)
+        self._prior = None
+        if self.prior_iterations:
+            # recorded only when used: older models' configs stay as they were
+            shape = tuple(int(s) for s in prior_psf_shape)
+            self.config.update(prior_iterations=self.prior_iterations, prior_psf_shape=shape)
+            self.register_buffer("prior_psf", torch.zeros(shape))
         chans = [min(base_channels * 2**i, max_channels) for i in range(levels)]
         self.encoders = nn.ModuleList()
-        cin = 1
+        cin = 2 if self.prior_iterations else 1
         for c in chans:
             self.encoders.append(_DoubleConv(ndim, cin, c, batch_norm, kernel_size))
             cin = c
@@ -105,6 +116,9 @@ class UNet(nn.Module):
                 )
             )
         self.head = _conv(ndim)(chans[0], 1, 1)
+        if self.prior_iterations:  # the correction starts at zero: the output at the prior
+            nn.init.zeros_(self.head.weight)
+            nn.init.zeros_(self.head.bias)
         self.pool = nn.AvgPool2d(2) if ndim == 2 else nn.AvgPool3d(2)
         self.up = nn.Upsample(scale_factor=2, mode="nearest")
 
@@ -126,12 +140,32 @@ class UNet(nn.Module):
     def halo(self) -> int:
         """Chunk halo that makes chunked application equal whole-image application.
 
-        The receptive-field radius rounded up to a multiple of :attr:`alignment`.
+        The receptive-field radius rounded up to a multiple of :attr:`alignment`; with a
+        Lucy-Richardson prior, plus :attr:`prior_margin` (chunked application then agrees with
+        whole-image application to that halo's tolerance, not exactly).
         """
         a = self.alignment
-        return -(-self.receptive_field_radius // a) * a
+        return -(-(self.receptive_field_radius + self.prior_margin) // a) * a
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    @property
+    def prior_margin(self) -> int:
+        """Context the Lucy-Richardson prior needs around a block (0 without a prior): the
+        Lucy-Richardson chunk halo of :func:`ssi_dask.lr.lr_default_depth`."""
+        if not self.prior_iterations:
+            return 0
+        return max(lr_default_depth(self.config["prior_psf_shape"], self.prior_iterations))
+
+    def prior(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The Lucy-Richardson prior channel of a batch (None without ``prior_iterations``)."""
+        return lucy_richardson_prior(self, x)
+
+    def forward(self, x: torch.Tensor, prior: torch.Tensor | None = None) -> torch.Tensor:
+        if self.prior_iterations:
+            prior = self.prior(x) if prior is None else prior
+            return prior + self._unet(torch.cat([x, prior.to(x.dtype)], dim=1))
+        return self._unet(x)
+
+    def _unet(self, x: torch.Tensor) -> torch.Tensor:
         skips = []
         for i, enc in enumerate(self.encoders):
             x = enc(x)
@@ -170,11 +204,22 @@ class EnsembleUNet(nn.Module):
     alignment = UNet.alignment
     receptive_field_radius = UNet.receptive_field_radius
     halo = UNet.halo
+    prior_margin = UNet.prior_margin
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    @property
+    def prior_iterations(self) -> int:
+        return self.members[0].prior_iterations
+
+    def prior(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The Lucy-Richardson prior channel (the members share it)."""
+        return lucy_richardson_prior(self, x)
+
+    def forward(self, x: torch.Tensor, prior: torch.Tensor | None = None) -> torch.Tensor:
+        if self.prior_iterations and prior is None:
+            prior = self.prior(x)
         total = None
         for member in self.members:
-            y = member(x)
+            y = member(x, prior=prior)
             total = y if total is None else total + y
         return total / len(self.members)
 

@@ -20,6 +20,7 @@ import torch
 
 from ..errors import ParameterError
 from .device import resolve_device
+from .forward import lucy_richardson_prior
 from .inference import inference_network, memory_format
 from .symmetry import apply as apply_transform
 from .symmetry import invert as invert_transform
@@ -39,7 +40,12 @@ def _autocast(dev: torch.device, amp: bool):
 
 @torch.inference_mode()
 def run_network(
-    network, blocks: np.ndarray, dev: torch.device, amp: bool = False, transforms=None
+    network,
+    blocks: np.ndarray,
+    dev: torch.device,
+    amp: bool = False,
+    transforms=None,
+    priors: np.ndarray | None = None,
 ) -> np.ndarray:
     """Run the network on a batch of normalised blocks ``(N, *spatial)``.
 
@@ -52,6 +58,9 @@ def run_network(
     A network in eval mode runs as its inference copy
     (:func:`~ssi_dask.ssi.inference.inference_network`; equal outputs to float rounding)
     unless :data:`FAST_INFERENCE` is False.
+
+    A network with a Lucy-Richardson prior (``lr_prior``) computes it on each block, unless
+    ``priors`` (same shape as ``blocks``) gives it, e.g. computed on a larger region.
     """
     a = network.alignment
     spatial = blocks.shape[1:]
@@ -59,7 +68,12 @@ def run_network(
     if any(p[1] for p in pad):
         mode = "reflect" if all(s > p[1] for s, p in zip(spatial, pad[1:])) else "edge"
         blocks = np.pad(blocks, pad, mode=mode)
+        priors = None if priors is None else np.pad(priors, pad, mode=mode)
     x = torch.from_numpy(np.ascontiguousarray(blocks, dtype=np.float32))[:, None].to(dev)
+    prior = None
+    if priors is not None:
+        prior = torch.from_numpy(np.ascontiguousarray(priors, dtype=np.float32))[:, None]
+        prior = prior.to(dev)
     transforms = transforms or [((), False)]
     fast = FAST_INFERENCE and not network.training
     if fast:
@@ -68,7 +82,11 @@ def run_network(
     acc = None
     for t in transforms:
         with _autocast(dev, amp):
-            y = network(apply_transform(x, t).contiguous(memory_format=layout))
+            xt = apply_transform(x, t).contiguous(memory_format=layout)
+            if prior is None:
+                y = network(xt)
+            else:
+                y = network(xt, prior=apply_transform(prior, t).contiguous(memory_format=layout))
             y = invert_transform(y, t).float()
         acc = y if acc is None else acc + y
     y = (acc / len(transforms))[:, 0].cpu().numpy()
@@ -172,12 +190,16 @@ def predict(
     x = _normalise(model, image)
     if model.edge_fill is not None:
         # trained with the background past the volume's edges (normalised: 0)
-        xp = np.pad(x, pad, mode="constant", constant_values=np.float32(0))
+        pad_args = dict(mode="constant", constant_values=np.float32(0))
     else:
         # "symmetric" (the edge pixel repeated) is what dask's map_overlap(boundary="reflect")
         # does, so a chunked application on a cluster equals this whole-image one everywhere.
         mode = "symmetric" if all(s >= max(p) for s, p in zip(shape, pad)) else "edge"
-        xp = np.pad(x, pad, mode=mode)
+        pad_args = dict(mode=mode)
+    xp = np.pad(x, pad, **pad_args)
+    # a Lucy-Richardson prior is computed on the whole image (its edges are the volume's)
+    prior = lucy_richardson_prior(net, torch.from_numpy(x)[None, None].to(dev))
+    pp = None if prior is None else np.pad(prior[0, 0].cpu().numpy(), pad, **pad_args)
     out = np.empty(tuple(c * t for c, t in zip(counts, tile)), dtype=np.float32)
     transforms = test_time_transforms(model, tta)
     corners = list(itertools.product(*[range(0, c * t, t) for c, t in zip(counts, tile)]))
@@ -186,7 +208,12 @@ def predict(
         blocks = np.stack(
             [xp[tuple(slice(c, c + t + 2 * halo) for c, t in zip(cor, tile))] for cor in group]
         )
-        res = run_network(net, blocks, dev, amp, transforms)
+        priors = None
+        if pp is not None:
+            priors = np.stack(
+                [pp[tuple(slice(c, c + t + 2 * halo) for c, t in zip(cor, tile))] for cor in group]
+            )
+        res = run_network(net, blocks, dev, amp, transforms, priors)
         for cor, r in zip(group, res):
             out[tuple(slice(c, c + t) for c, t in zip(cor, tile))] = r[
                 tuple(slice(halo, halo + t) for t in tile)

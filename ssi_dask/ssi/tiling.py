@@ -22,6 +22,7 @@ import torch
 
 from ..errors import ParameterError
 from .device import resolve_device
+from .forward import lucy_richardson_prior
 from .predict import _denormalise, _normalise, _prepare, run_network, test_time_transforms
 
 __all__ = ["bytes_per_voxel", "choose_tile", "predict_chunk", "tile_budget"]
@@ -161,8 +162,11 @@ def predict_chunk(
                 f"outside must give (before, after) >= 0 voxels per axis of the {ndim}D block "
                 f"{block.shape}, got {outside!r}"
             )
+        prior = block_prior(net, x, pairs, model.edge_fill is not None, dev)
         if model.edge_fill is not None:
             x = fill_outside(x, pairs, 0.0)  # the background level, normalised
+    else:
+        prior = block_prior(net, x, None, False, dev)
     axes = [_axis_tiles(s, m, t, halo, a) for s, m, t in zip(block.shape, margins, tile)]
     groups: dict[tuple[int, ...], list] = {}
     for spans in itertools.product(*axes):
@@ -180,7 +184,15 @@ def predict_chunk(
             inputs = np.stack(
                 [x[tuple(slice(start, stop) for _, _, start, stop in spans)] for spans in batch]
             )
-            results = run_network(net, inputs, dev, amp, transforms)
+            priors = None
+            if prior is not None:
+                priors = np.stack(
+                    [
+                        prior[tuple(slice(start, stop) for _, _, start, stop in spans)]
+                        for spans in batch
+                    ]
+                )
+            results = run_network(net, inputs, dev, amp, transforms, priors)
             for spans, res in zip(batch, results):
                 dst = tuple(slice(lo, hi) for lo, hi, _, _ in spans)
                 src = tuple(slice(lo - start, hi - start) for lo, hi, start, _ in spans)
@@ -189,6 +201,32 @@ def predict_chunk(
             if progress is not None:
                 progress(tiles_done, n_tiles)
     return _denormalise(model, out)
+
+
+def block_prior(
+    net, x: np.ndarray, outside: Sequence[tuple[int, int]] | None, background: bool, dev
+) -> np.ndarray | None:
+    """The Lucy-Richardson prior of a normalised block (None for a network without one).
+
+    It is computed on the part of the block inside the volume (``outside``: per axis, the
+    voxels at each end past the volume's edges), whose edges Lucy-Richardson treats as unknown
+    object, and padded back like the volume: with the background level (0, ``background``)
+    or mirrored, as :func:`~ssi_dask.ssi.predict` pads the whole image.
+    """
+    if not getattr(net, "prior_iterations", 0):
+        return None
+    pairs = [(0, 0)] * x.ndim if outside is None else [(int(b), int(a)) for b, a in outside]
+    inner = x[tuple(slice(b, s - a) for (b, a), s in zip(pairs, x.shape))]
+    if min(inner.shape) < 1:
+        inner, pairs = x, [(0, 0)] * x.ndim
+    batch = torch.from_numpy(np.ascontiguousarray(inner, dtype=np.float32))[None, None]
+    prior = lucy_richardson_prior(net, batch.to(dev))[0, 0].cpu().numpy()
+    if not any(b or a for b, a in pairs):
+        return prior
+    if background:
+        return np.pad(prior, pairs, mode="constant", constant_values=np.float32(0))
+    mode = "symmetric" if all(s >= max(p) for s, p in zip(prior.shape, pairs)) else "edge"
+    return np.pad(prior, pairs, mode=mode)
 
 
 def fill_outside(x: np.ndarray, outside: Sequence[tuple[int, int]], value: float) -> np.ndarray:

@@ -94,6 +94,9 @@ def _inside_masks(origins, patch_shape, image_shape) -> np.ndarray:
 #: Lucy-Richardson iteration counts whose validation losses set the failure threshold.
 LOSS_LR_ITERATIONS = (2, 5, 10, 20)
 
+#: ``lr_prior="auto"`` on a region pool: regions the iteration count is chosen on (median).
+PRIOR_AUTO_REGIONS = 8
+
 #: Lucy-Richardson iteration counts whose fit the self-check compares the output with.
 SELF_CHECK_LR_ITERATIONS = (2, 5, 10, 20, 50, 100, 200)
 
@@ -415,6 +418,7 @@ class _RunContext:
     symmetries: list
     max_time: float | None
     report: Callable[[dict], None] | None
+    prior_psf: np.ndarray | None = None
 
 
 def train_ssi(
@@ -688,14 +692,20 @@ def train_ssi(
     symmetries = psf_symmetries(psf)
     settings["symmetries"] = [[list(f), bool(w)] for f, w in symmetries]
     log: list[dict] = [{"baselines": baselines}]
+    arch = dict(
+        ndim=ndim,
+        levels=recipe.levels,
+        base_channels=recipe.base_channels,
+        max_channels=recipe.max_channels,
+        batch_norm=recipe.batch_norm,
+    )
+    prior_iterations = _prior_iterations(recipe.lr_prior, image, psf, seed)
+    if prior_iterations:  # recorded only when used: older models' hashes stay as they were
+        arch.update(prior_iterations=prior_iterations, prior_psf_shape=psf.shape)
+        settings["lr_prior"] = dict(iterations=prior_iterations, requested=recipe.lr_prior)
     ctx = _RunContext(
-        arch=dict(
-            ndim=ndim,
-            levels=recipe.levels,
-            base_channels=recipe.base_channels,
-            max_channels=recipe.max_channels,
-            batch_norm=recipe.batch_norm,
-        ),
+        arch=arch,
+        prior_psf=psf if prior_iterations else None,
         op=op,
         validator=validator,
         patch_shape=patch_shape,
@@ -824,6 +834,26 @@ def train_ssi(
     if hasattr(ctx.report, "finished"):
         ctx.report.finished(settings)
     return SSIModel(net, normalisation, psf, settings, log)
+
+
+def _prior_iterations(lr_prior, image, psf: np.ndarray, seed: int) -> int:
+    """The Lucy-Richardson prior's iteration count.
+
+    ``lr_prior="auto"``: chosen from the image by the J-invariant hold-out criterion of
+    :func:`ssi_dask.lr_auto.choose_iterations`; for a :class:`~ssi_dask.ssi.regions.RegionPool`,
+    the median of the counts chosen on up to :data:`PRIOR_AUTO_REGIONS` of its regions.
+    """
+    if lr_prior != "auto":
+        return int(lr_prior)
+    from ..lr_auto import choose_iterations  # noqa: PLC0415
+
+    if hasattr(image, "regions"):
+        counts = [
+            choose_iterations(region, psf, n_samples=1, seed=seed + i).num_iter
+            for i, region in enumerate(image.regions[:PRIOR_AUTO_REGIONS])
+        ]
+        return int(np.median(counts))
+    return int(choose_iterations(np.asarray(image), psf, seed=seed).num_iter)
 
 
 def _network(arch: dict, state: dict) -> UNet:
@@ -1059,7 +1089,10 @@ def _train_run(image, recipe: TrainingRecipe, ctx: _RunContext, run: int, run_se
     null_space_weight, symmetries = ctx.null_space_weight, ctx.symmetries
     max_time, report, average_fraction = ctx.max_time, ctx.report, recipe.average_fraction
     torch.manual_seed(run_seed)
-    net = UNet(**ctx.arch).to(dev)
+    net = UNet(**ctx.arch)
+    if net.prior_iterations:
+        net.prior_psf.copy_(torch.from_numpy(ctx.prior_psf))
+    net = net.to(dev)
     if dev.type == "cuda" or (CPU_CHANNELS_LAST and torch.backends.mkldnn.is_available()):
         net = net.to(
             memory_format=torch.channels_last if ctx.arch["ndim"] == 2 else torch.channels_last_3d
@@ -1122,18 +1155,21 @@ def _train_run(image, recipe: TrainingRecipe, ctx: _RunContext, run: int, run_se
                 * ctx.noise_sigma
             )
             x_in = torch.cat([x_in, x_in[:n_noisy] + delta])
+        prior = net.prior(x_in)
         with autocast():
-            out = net(x_in)
+            out = net(x_in, prior=prior)
         out = out.float()
         if n_noisy:
             out, out_noisy = out[:-n_noisy], out[-n_noisy:]
+            prior = None if prior is None else prior[:-n_noisy]
         blurred = validator.measure(op.valid(out.clamp(lo_c, hi_c)))
         w = op.crop(m & scored).float()
         data = ((blurred - op.crop(x)) ** 2 * w).sum() / w.sum().clamp_min(1)
         bounds = (torch.relu(lo_c - out) + torch.relu(out - hi_c)).mean() ** 2
         loss = data + recipe.bounds_weight * bounds
         if null_space_weight > 0:
-            loss = loss + null_space_weight * null_penalty(out)
+            # with a Lucy-Richardson prior, the penalty is on the network's correction to it
+            loss = loss + null_space_weight * null_penalty(out if prior is None else out - prior)
         if n_noisy:
             diff = out_noisy - out[:n_noisy]
             loss = (

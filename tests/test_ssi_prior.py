@@ -1,0 +1,159 @@
+"""SSI with a Lucy-Richardson prior (issue 16): ``lr_prior=n`` gives the network the
+Lucy-Richardson restoration of its (masked) input as a second channel and trains a correction
+to it; every inference path computes the prior on the part of the block inside the volume."""
+
+from __future__ import annotations
+
+import dask.array as da
+import numpy as np
+import pytest
+import torch
+
+from ssi_dask.blockwise import _ssi_chunk, lr_default_depth
+from ssi_dask.config import TrainingRecipe
+from ssi_dask.errors import ParameterError
+from ssi_dask.lr import richardson_lucy
+from ssi_dask.lr_auto import choose_iterations
+from ssi_dask.ssi import (
+    EnsembleUNet,
+    UNet,
+    build_network,
+    load_checkpoint,
+    predict,
+    predict_chunk,
+    save_checkpoint,
+    train_ssi,
+)
+from ssi_dask.ssi.forward import LucyRichardsonPrior
+from ssi_dask.ssi.regions import RegionPool
+
+
+def gaussian_psf(shape, sigma):
+    grids = np.meshgrid(*[np.arange(n) - n // 2 for n in shape], indexing="ij")
+    sigmas = np.broadcast_to(np.asarray(sigma, dtype=float), (len(shape),))
+    psf = np.exp(-0.5 * sum((g / s) ** 2 for g, s in zip(grids, sigmas)))
+    return (psf / psf.sum()).astype(np.float32)
+
+
+def _scene(shape, seed=0):
+    rng = np.random.default_rng(seed)
+    truth = np.zeros(shape, np.float32)
+    for _ in range(int(np.prod(shape) // 150)):
+        centre = [rng.integers(2, s - 2) for s in shape]
+        truth[tuple(slice(c - 1, c + 2) for c in centre)] += rng.uniform(0.3, 1.0)
+    return truth
+
+
+def _blurred(shape, psf, seed=0, noise=0.01):
+    from scipy.signal import fftconvolve
+
+    rng = np.random.default_rng(seed)
+    y = fftconvolve(_scene(shape, seed), psf, mode="same") + 0.02
+    return (y + noise * rng.standard_normal(shape)).clip(0).astype(np.float32)
+
+
+@pytest.mark.parametrize("shape, sigma", [((70, 90), 2.0), ((20, 36, 40), (1.5, 1.2, 1.2))])
+def test_prior_is_the_packages_lucy_richardson(shape, sigma):
+    # the torch prior is an independent implementation of ssi_dask.lr.richardson_lucy (the
+    # same extended domain and edge weights): equal to float rounding, edges included
+    ndim = len(shape)
+    psf = gaussian_psf((9,) * ndim, sigma)
+    y = _blurred(shape, psf)
+    for n in (1, 7):
+        ours = LucyRichardsonPrior(psf, n)(torch.from_numpy(y)[None, None])[0, 0].numpy()
+        reference = richardson_lucy(y, psf, num_iter=n)
+        np.testing.assert_allclose(ours, reference, atol=2e-4 * float(reference.max()))
+
+
+def test_network_with_prior_starts_at_the_prior_and_round_trips():
+    psf = gaussian_psf((7, 7), 1.5)
+    net = UNet(ndim=2, levels=2, base_channels=4, prior_iterations=3, prior_psf_shape=psf.shape)
+    net.prior_psf.copy_(torch.from_numpy(psf))
+    x = torch.from_numpy(_blurred((32, 40), psf))[None, None]
+    prior = net.prior(x)
+    # the correction's output layer starts at zero: the untrained network returns the prior
+    torch.testing.assert_close(net(x), prior)
+    assert net.config["prior_iterations"] == 3 and net.config["prior_psf_shape"] == (7, 7)
+    assert net.encoders[0][0].weight.shape[1] == 2  # image and prior channels
+    torch.nn.init.normal_(net.head.weight)
+    rebuilt = build_network(net.config)
+    rebuilt.load_state_dict(net.state_dict())
+    torch.testing.assert_close(rebuilt(x), net(x))
+    # a network without a prior is unchanged: one input channel, no prior keys in its config
+    plain = UNet(ndim=2, levels=2, base_channels=4)
+    assert plain.prior(x) is None and "prior_iterations" not in plain.config
+    assert plain.halo == UNet(ndim=2, levels=2, base_channels=4).halo
+    # the halo adds Lucy-Richardson's chunk halo for the prior's iterations
+    margin = max(lr_default_depth(psf.shape, 3))
+    assert net.prior_margin == margin
+    assert net.halo == -(-(net.receptive_field_radius + margin) // net.alignment) * net.alignment
+    ensemble = EnsembleUNet(2, **{k: v for k, v in net.config.items()})
+    ensemble.members[0].prior_psf.copy_(torch.from_numpy(psf))
+    ensemble.members[1].prior_psf.copy_(torch.from_numpy(psf))
+    torch.testing.assert_close(ensemble(x), prior)
+    assert ensemble.halo == net.halo
+
+
+def test_lr_prior_is_checked_with_its_name():
+    with pytest.raises(ParameterError, match=r"^lr_prior must be an integer >= 0, got -1$"):
+        TrainingRecipe(lr_prior=-1)
+    with pytest.raises(
+        ParameterError, match=r"^lr_prior must be an iteration count >= 0 or 'auto', got 'yes'$"
+    ):
+        TrainingRecipe(lr_prior="yes")
+    assert TrainingRecipe().lr_prior == 0
+
+
+@pytest.fixture(scope="module")
+def trained():
+    psf = gaussian_psf((9, 9), 1.6)
+    y = _blurred((96, 120), psf, seed=3)
+    model = train_ssi(y, psf, seed=0, steps=6, patch_size=48, batch_size=2, restarts=0, lr_prior=4)
+    return model, y, psf
+
+
+def test_training_records_the_prior_and_a_checkpoint_keeps_it(trained, tmp_path):
+    model, y, _ = trained
+    assert model.training["lr_prior"] == {"iterations": 4, "requested": 4}
+    assert model.network.prior_iterations == 4
+    save_checkpoint(model, tmp_path / "m.pt")
+    loaded = load_checkpoint(tmp_path / "m.pt")
+    assert loaded.network.prior_iterations == 4
+    np.testing.assert_array_equal(predict(loaded, y), predict(model, y))
+
+
+def test_chunked_application_matches_whole_image_with_the_prior(trained):
+    model, y, _ = trained
+    whole = predict(model, y)
+    h = model.halo
+    chunked = (
+        da.from_array(y, chunks=(40, 48))
+        .map_overlap(
+            _ssi_chunk, depth=h, boundary="reflect", dtype=np.float32, model=model, margin=(h, h)
+        )
+        .compute(scheduler="sync")
+    )
+    # the prior is cut at each chunk's halo (Lucy-Richardson's halo tolerance, 1e-3), and at
+    # the volume's edges it is computed on the volume only, as in the whole-image run
+    np.testing.assert_allclose(chunked, whole, atol=1e-3 * float(whole.max()))
+    # an edge chunk without its position would mirror the volume into the prior: different
+    block = np.pad(y[:56, :64], ((h, 0), (h, 0)), mode="symmetric")
+    told = predict_chunk(model, block, margin=h, outside=[(h, 0), (h, 0)])
+    untold = predict_chunk(model, block, margin=h)
+    np.testing.assert_allclose(told[h : h + 16, h : h + 16], whole[:16, :16], atol=1e-3)
+    assert np.abs(untold[h : h + 16, h : h + 16] - whole[:16, :16]).max() > 1e-3
+
+
+def test_auto_prior_uses_the_hold_out_choice():
+    psf = gaussian_psf((9, 9), 1.6)
+    y = _blurred((64, 64), psf, seed=5, noise=0.002)
+    model = train_ssi(y, psf, seed=2, steps=2, patch_size=32, restarts=0, lr_prior="auto")
+    expected = choose_iterations(y, psf / psf.sum(), seed=2).num_iter
+    assert model.training["lr_prior"] == {"iterations": expected, "requested": "auto"}
+    pool = RegionPool([y[:32, :32], y[32:, 32:]], [(0, 0), (32, 32)], y.shape)
+    model = train_ssi(pool, psf, seed=2, steps=2, patch_size=32, restarts=0, lr_prior="auto")
+    counts = [
+        choose_iterations(r, psf / psf.sum(), n_samples=1, seed=2 + i).num_iter
+        for i, r in enumerate(pool.regions)
+    ]
+    assert model.training["lr_prior"]["iterations"] == int(np.median(counts))
