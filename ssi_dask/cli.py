@@ -34,6 +34,7 @@ from .config import (
     LRSettings,
     PSFSettings,
     SSISettings,
+    TrainingRecipe,
     TrainSettings,
     cli_message,
     default_of,
@@ -305,6 +306,13 @@ def _add_training_options(parser: argparse.ArgumentParser) -> None:
         help=f"UNet channels at full resolution (default: {ssi_default_text('base_channels')})",
     )
     group.add_argument(
+        "--lr-prior",
+        metavar="N|auto",
+        help="Lucy-Richardson prior: the network also sees the Lucy-Richardson restoration "
+        "after N iterations and learns a correction to it; auto: N chosen from the data, "
+        f"0: none (default: {TrainingRecipe().lr_prior})",
+    )
+    group.add_argument(
         "--clipping",
         default="auto",
         metavar="SPEC",
@@ -318,6 +326,21 @@ def _add_training_options(parser: argparse.ArgumentParser) -> None:
         metavar="DEVICE",
         help="torch device for training: auto, cpu, cuda, cuda:1 (default: auto)",
     )
+
+
+def parse_lr_prior(spec: str | None) -> int | str | None:
+    """``--lr-prior``: "auto" or an iteration count (None: the recipe's default)."""
+    if spec is None:
+        return None
+    text = str(spec).strip().lower()
+    if text == "auto":
+        return "auto"
+    try:
+        return int(text)
+    except ValueError:
+        raise ParameterError(
+            f"lr_prior must be an iteration count >= 0 or 'auto', got {spec!r}"
+        ) from None
 
 
 def parse_clipping(spec: str):
@@ -820,6 +843,7 @@ def _train_settings(args: argparse.Namespace) -> TrainSettings:
         batch_size=args.batch_size,
         net_levels=args.net_levels,
         base_channels=args.base_channels,
+        lr_prior=parse_lr_prior(args.lr_prior),
         clipping=parse_clipping(args.clipping),
         device=args.train_device,
         regions=args.regions if args.regions is not None else DEFAULT_REGIONS,

@@ -75,6 +75,7 @@ CLI_FLAGS = {
     "patch_size": "--patch-size",
     "batch_size": "--batch-size",
     "net_levels": "--net-levels",
+    "lr_prior": "--lr-prior",
     "tta": "--tta",
     "base_channels": "--base-channels",
     "refractive_index": "--refractive-index",
@@ -588,6 +589,7 @@ class TrainSettings:
     batch_size: int | None = None
     net_levels: int | None = None
     base_channels: int | None = None
+    lr_prior: int | str | None = None
     clipping: Any = "auto"
     device: str = "auto"
     regions: int = DEFAULT_REGIONS
@@ -607,6 +609,8 @@ class TrainSettings:
         ):
             _optional_count(name, getattr(self, name), 1)
         _optional_count("restarts", self.restarts, 0)
+        if self.lr_prior is not None:
+            TrainingRecipe(lr_prior=self.lr_prior)  # checked by name
         _count("regions", self.regions, 1)
         background = _finite("background", self.background)
         if not 0 <= background < 1:
@@ -625,6 +629,7 @@ class TrainSettings:
             ("batch_size", "batch_size"),
             ("net_levels", "levels"),
             ("base_channels", "base_channels"),
+            ("lr_prior", "lr_prior"),
         ):
             if getattr(self, name) is not None:
                 changes[key] = getattr(self, name)

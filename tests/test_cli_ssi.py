@@ -185,3 +185,34 @@ def test_ssi_bad_clipping(tmp_path, degraded_zarr, spec, message):
     )
     _assert_clean_failure(result, message)
     assert not (tmp_path / "m.pt").exists()
+
+
+def test_ssi_lr_prior_option_reaches_the_checkpoint(tmp_path, degraded_zarr):
+    path, psf_path, image = degraded_zarr
+    before = tree_digest(path)
+    model_path = tmp_path / "m.pt"
+    result = run_cli(
+        "train", path, "--psf", psf_path, "--out", model_path, "--steps", 2, "--restarts", 0,
+        "--lr-prior", 3,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    model = load_checkpoint(model_path)
+    assert model.training["lr_prior"] == {"iterations": 3, "requested": 3}
+    assert model.network.prior_iterations == 3
+    assert tree_digest(path) == before
+
+
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ("2x", "--lr-prior must be an iteration count >= 0 or 'auto', got '2x'"),
+        ("-3", "--lr-prior must be an integer >= 0, got -3"),
+    ],
+)
+def test_ssi_bad_lr_prior(tmp_path, degraded_zarr, spec, message):
+    path, psf_path, _ = degraded_zarr
+    result = run_cli(
+        "train", path, "--psf", psf_path, "--out", tmp_path / "m.pt", "--lr-prior", spec
+    )
+    _assert_clean_failure(result, message)
+    assert not (tmp_path / "m.pt").exists()
