@@ -43,17 +43,23 @@ def _counting(client):
     return count
 
 
-def _tiny_model(ndim: int, psf: np.ndarray, edges: str = "inside"):
+def _tiny_model(ndim: int, psf: np.ndarray, edges: str = "inside", prior: int = 0):
     """An untrained network whose output varies with the data (so a difference shows), with
     the PSF's symmetries for test-time averaging; ``edges="background"``: a model trained with
-    the background past the volume's edges (padded with it at inference)."""
+    the background past the volume's edges (padded with it at inference); ``prior``: a
+    Lucy-Richardson prior of that many iterations."""
     import torch
 
     from ssi_dask.ssi import SSIModel, UNet
     from ssi_dask.ssi.symmetry import psf_symmetries
 
     torch.manual_seed(3)
-    network = UNet(ndim, levels=2, base_channels=4, batch_norm=False).eval()
+    extra = {"prior_iterations": prior, "prior_psf_shape": psf.shape} if prior else {}
+    network = UNet(ndim, levels=2, base_channels=4, batch_norm=False, **extra).eval()
+    if prior:
+        with torch.no_grad():
+            network.prior_psf.copy_(torch.from_numpy(psf / psf.sum()))
+            torch.nn.init.normal_(network.head.weight, std=0.5)  # the correction is not 0
     symmetries = [[list(flips), swap] for flips, swap in psf_symmetries(psf)]
     training = {"symmetries": symmetries}
     if edges == "background":
@@ -79,6 +85,8 @@ CASES = {
     "3d-ssi": (3, "ssi", (20, 44, 60), (20, 8, 8), (20, 16, 24)),
     # a model trained with the background past the volume's edges: both paths pad with it
     "2d-ssi-edges": (2, "ssi", (90, 110), (16, 16), (32, 48)),
+    # a model with a Lucy-Richardson prior: both paths compute it on the volume's part of a block
+    "2d-ssi-prior": (2, "ssi", (96, 96), (16, 16), (32, 48)),
 }
 
 
@@ -102,7 +110,8 @@ def test_store_graph_is_bit_identical_with_one_task_per_chunk(tmp_path, local_cl
     psf_file = tmp_path / "psf.tif"
     tifffile.imwrite(psf_file, psf)
     edges = "background" if case.endswith("-edges") else "inside"
-    model = _tiny_model(ndim, psf, edges) if method == "ssi" else None
+    prior = 3 if case.endswith("-prior") else 0
+    model = _tiny_model(ndim, psf, edges, prior) if method == "ssi" else None
     depth = None
     if model is not None:
         depth = (min(model.halo, min(chunks)),) * ndim  # the tiny test chunks bound the halo
