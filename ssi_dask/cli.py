@@ -34,7 +34,6 @@ from .config import (
     LRSettings,
     PSFSettings,
     SSISettings,
-    TrainingRecipe,
     TrainSettings,
     cli_message,
     default_of,
@@ -310,7 +309,7 @@ def _add_training_options(parser: argparse.ArgumentParser) -> None:
         metavar="N|auto",
         help="Lucy-Richardson prior: the network also sees the Lucy-Richardson restoration "
         "after N iterations and learns a correction to it; auto: N chosen from the data, "
-        f"0: none (default: {TrainingRecipe().lr_prior})",
+        f"0: none (default: {ssi_default_text('lr_prior')})",
     )
     group.add_argument(
         "--clipping",

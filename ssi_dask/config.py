@@ -296,8 +296,8 @@ def refuse_lr_options(method: str, given: Mapping[str, Any]) -> None:
 #: The tuned SSI training defaults per dimensionality (:meth:`TrainingRecipe.for_ndim` fills
 #: them in; the command line's help shows them). ``levels``: the UNet's resolution levels.
 SSI_TRAINING_DEFAULTS = {
-    2: dict(patch_size=96, batch_size=16, steps=800, levels=3, base_channels=8),
-    3: dict(patch_size=64, batch_size=2, steps=600, levels=3, base_channels=8),
+    2: dict(patch_size=96, batch_size=16, steps=800, levels=3, base_channels=8, lr_prior=0),
+    3: dict(patch_size=64, batch_size=2, steps=600, levels=3, base_channels=8, lr_prior="auto"),
 }
 
 #: Test-time transforms (PSF symmetries averaged at inference) per dimensionality when none
@@ -361,8 +361,8 @@ def _non_negative(name: str, value: Any) -> float:
 class TrainingRecipe:
     """How one SSI network is trained: the one place for the training defaults.
 
-    ``None`` in ``steps``, ``patch_size``, ``batch_size``, ``levels`` and ``base_channels``
-    means the tuned default for the image's dimensionality (:data:`SSI_TRAINING_DEFAULTS`);
+    ``None`` in ``steps``, ``patch_size``, ``batch_size``, ``levels``, ``base_channels`` and
+    ``lr_prior`` means the tuned default for the image's dimensionality (:data:`SSI_TRAINING_DEFAULTS`);
     :meth:`for_ndim` fills them in. Every value is checked when the recipe is built and a bad
     one fails with the parameter's name. :func:`ssi_dask.ssi.train_ssi` documents what each
     field does; ``recipe.replace(steps=100)`` gives a changed copy.
@@ -411,11 +411,12 @@ class TrainingRecipe:
         patch lies inside the volume, so the pixels within the PSF's radius of an edge are
         never scored, and inference mirrors the volume at its edges. With ``forward="same"``
         patches always lie inside.
-    lr_prior : int or "auto"
+    lr_prior : int, "auto" or None
         Lucy-Richardson prior: with ``n > 0`` the network also sees the Lucy-Richardson
         restoration of its input after ``n`` iterations and predicts a correction to it (the
         null-space penalty applies to the correction); ``"auto"``: ``n`` chosen from the image
-        by :func:`ssi_dask.lr_auto.choose_iterations`; 0 (default): no prior.
+        by :func:`ssi_dask.lr_auto.choose_iterations`; 0: no prior. Default: none in 2D,
+        ``"auto"`` in 3D.
     """
 
     steps: int | None = None
@@ -450,7 +451,7 @@ class TrainingRecipe:
     average_fraction: float = 0.5
     forward: str = "auto"
     edges: str = "inside"
-    lr_prior: int | str = 0
+    lr_prior: int | str | None = None
 
     def __post_init__(self) -> None:
         for name in ("steps", "patch_size", "batch_size", "levels", "base_channels"):
@@ -520,7 +521,9 @@ class TrainingRecipe:
             raise ParameterError(
                 f"forward must be one of {', '.join(FORWARD_MODES)}, got {self.forward!r}"
             )
-        if isinstance(self.lr_prior, str):
+        if self.lr_prior is None:
+            pass  # the default for the image's dimensionality (for_ndim)
+        elif isinstance(self.lr_prior, str):
             if self.lr_prior != "auto":
                 raise ParameterError(
                     f"lr_prior must be an iteration count >= 0 or 'auto', got {self.lr_prior!r}"

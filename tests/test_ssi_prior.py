@@ -101,7 +101,9 @@ def test_lr_prior_is_checked_with_its_name():
         ParameterError, match=r"^lr_prior must be an iteration count >= 0 or 'auto', got 'yes'$"
     ):
         TrainingRecipe(lr_prior="yes")
-    assert TrainingRecipe().lr_prior == 0
+    assert TrainingRecipe().lr_prior is None
+    assert TrainingRecipe().for_ndim(2).lr_prior == 0
+    assert TrainingRecipe().for_ndim(3).lr_prior == "auto"
 
 
 @pytest.fixture(scope="module")
