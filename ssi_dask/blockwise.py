@@ -622,6 +622,7 @@ def deconvolve(
         store_chunks=volume.store_chunks,
         chunks=chunks,
         depth=(model.halo,) * volume.ndim if method == "ssi" and depth is None else depth,
+        edge_depth=(model.edge_halo,) * volume.ndim if method == "ssi" and depth is None else None,
         target_voxels=target_voxels,
         alignment=model.alignment if method == "ssi" else 1,
         boundary=METHOD_BOUNDARY[method],
@@ -923,8 +924,13 @@ def plan_blocks(
     psf: np.ndarray | Sequence[np.ndarray] | None = None,
     back_projector_options: dict | None = None,
     tasks_per_chunk: int | None = None,
+    edge_depth: Sequence[int] | None = None,
 ) -> BlockPlan:
     """Choose working chunks, output chunks and halo for a volume; check write alignment.
+
+    ``edge_depth`` (an SSI model with a Lucy-Richardson prior: :attr:`SSIModel.edge_halo`)
+    is the smaller halo an axis held in one chunk needs with ``boundary="reflect"``: there
+    the halo only mirrors the volume's edges.
 
     ``tasks_per_chunk`` (1 for a run from the store, :mod:`ssi_dask.storegraph`) gives the
     graph's task count without building the ``map_overlap`` stand-in that counts it otherwise
@@ -984,6 +990,10 @@ def plan_blocks(
             out_chunks = working
     full = chunk_grid(shape, working)
     check_write_alignment(full, out_chunks, shape)
+    if edge_depth is not None:
+        depth = tuple(
+            min(d, int(e)) if len(sizes) == 1 else d for d, e, sizes in zip(depth, edge_depth, full)
+        )
     for axis, (d, sizes) in enumerate(zip(depth, full)):
         if (len(sizes) > 1 or boundary != "none") and d > min(sizes):
             units = [

@@ -296,7 +296,7 @@ def refuse_lr_options(method: str, given: Mapping[str, Any]) -> None:
 #: The tuned SSI training defaults per dimensionality (:meth:`TrainingRecipe.for_ndim` fills
 #: them in; the command line's help shows them). ``levels``: the UNet's resolution levels.
 SSI_TRAINING_DEFAULTS = {
-    2: dict(patch_size=96, batch_size=16, steps=800, levels=3, base_channels=8, lr_prior=0),
+    2: dict(patch_size=96, batch_size=16, steps=800, levels=3, base_channels=8, lr_prior="auto"),
     3: dict(patch_size=64, batch_size=2, steps=600, levels=3, base_channels=8, lr_prior="auto"),
 }
 
@@ -362,10 +362,11 @@ class TrainingRecipe:
     """How one SSI network is trained: the one place for the training defaults.
 
     ``None`` in ``steps``, ``patch_size``, ``batch_size``, ``levels``, ``base_channels`` and
-    ``lr_prior`` means the tuned default for the image's dimensionality (:data:`SSI_TRAINING_DEFAULTS`);
-    :meth:`for_ndim` fills them in. Every value is checked when the recipe is built and a bad
-    one fails with the parameter's name. :func:`ssi_dask.ssi.train_ssi` documents what each
-    field does; ``recipe.replace(steps=100)`` gives a changed copy.
+    ``lr_prior`` means the tuned default for the image's dimensionality
+    (:data:`SSI_TRAINING_DEFAULTS`); :meth:`for_ndim` fills them in. Every value is checked
+    when the recipe is built and a bad one fails with the parameter's name.
+    :func:`ssi_dask.ssi.train_ssi` documents what each field does;
+    ``recipe.replace(steps=100)`` gives a changed copy.
 
     Parameters
     ----------
@@ -415,8 +416,7 @@ class TrainingRecipe:
         Lucy-Richardson prior: with ``n > 0`` the network also sees the Lucy-Richardson
         restoration of its input after ``n`` iterations and predicts a correction to it (the
         null-space penalty applies to the correction); ``"auto"``: ``n`` chosen from the image
-        by :func:`ssi_dask.lr_auto.choose_iterations`; 0: no prior. Default: none in 2D,
-        ``"auto"`` in 3D.
+        by :func:`ssi_dask.lr_auto.choose_iterations`; 0: no prior. Default: ``"auto"``.
     """
 
     steps: int | None = None

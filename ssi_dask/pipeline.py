@@ -693,6 +693,11 @@ def run(job: Job, *, client: Any = None, echo: Echo = print) -> RunReport:
             back_projector_options=kernel_options if method == "lr" else {},
             tasks_per_chunk=1 if store_input is not None else None,
             target_voxels=target,
+            edge_depth=(
+                (model.edge_halo,) * n_spatial
+                if model is not None and job.layout.depth is None
+                else None
+            ),
         )
         if target is not None and budget is not None:
             # the sized chunk grows in whole store chunks: halve it while it exceeds the budget

@@ -102,7 +102,7 @@ def test_lr_prior_is_checked_with_its_name():
     ):
         TrainingRecipe(lr_prior="yes")
     assert TrainingRecipe().lr_prior is None
-    assert TrainingRecipe().for_ndim(2).lr_prior == 0
+    assert TrainingRecipe().for_ndim(2).lr_prior == "auto"
     assert TrainingRecipe().for_ndim(3).lr_prior == "auto"
 
 

@@ -148,6 +148,15 @@ class UNet(nn.Module):
         return -(-(self.receptive_field_radius + self.prior_margin) // a) * a
 
     @property
+    def edge_halo(self) -> int:
+        """The halo an axis held in one chunk needs: the network's alone (rounded up to
+        :attr:`alignment`). There the halo only mirrors the volume's edges, and a
+        Lucy-Richardson prior is computed on the volume's part of a block, so its margin is
+        needed only between chunks."""
+        a = self.alignment
+        return -(-self.receptive_field_radius // a) * a
+
+    @property
     def prior_margin(self) -> int:
         """Context the Lucy-Richardson prior needs around a block (0 without a prior): the
         Lucy-Richardson chunk halo of :func:`ssi_dask.lr.lr_default_depth`."""
@@ -204,6 +213,7 @@ class EnsembleUNet(nn.Module):
     alignment = UNet.alignment
     receptive_field_radius = UNet.receptive_field_radius
     halo = UNet.halo
+    edge_halo = UNet.edge_halo
     prior_margin = UNet.prior_margin
 
     @property
@@ -327,6 +337,10 @@ class SSIModel:
     @property
     def halo(self) -> int:
         return self.network.halo
+
+    @property
+    def edge_halo(self) -> int:
+        return self.network.edge_halo
 
     @property
     def alignment(self) -> int:

@@ -175,7 +175,9 @@ def predict(
     if image.ndim != model.ndim:
         raise ParameterError(f"the model is {model.ndim}D but the image has shape {image.shape}")
     net, dev = _prepare(model, device)
-    a, halo = model.alignment, model.halo
+    # the tiles need the network's halo only: a Lucy-Richardson prior is computed below on the
+    # whole image, whose edges are the volume's (model.halo adds its margin for chunks)
+    a, halo = model.alignment, model.edge_halo
     shape = image.shape
     if tile_shape is None:
         tile = tuple(-(-s // a) * a for s in shape)
