@@ -169,20 +169,21 @@ def test_ssi_clipping_option_reaches_the_checkpoint(tmp_path, degraded_zarr, spe
 
 
 @pytest.mark.parametrize(
-    "spec, message",
+    "flag, spec, message",
     [
         (
+            "--clipping",
             "maybe",
             "--clipping must be auto, none or LO,HI with either side empty (e.g. 0,), got 'maybe'",
         ),
-        ("1,0", "--clipping needs LO < HI, got '1,0'"),
+        ("--clipping", "1,0", "--clipping needs LO < HI, got '1,0'"),
+        ("--lr-prior", "2x", "--lr-prior must be an iteration count >= 0 or 'auto', got '2x'"),
+        ("--lr-prior", "-3", "--lr-prior must be an integer >= 0, got -3"),
     ],
 )
-def test_ssi_bad_clipping(tmp_path, degraded_zarr, spec, message):
+def test_ssi_bad_training_flag(tmp_path, degraded_zarr, flag, spec, message):
     path, psf_path, _ = degraded_zarr
-    result = run_cli(
-        "train", path, "--psf", psf_path, "--out", tmp_path / "m.pt", "--clipping", spec
-    )
+    result = run_cli("train", path, "--psf", psf_path, "--out", tmp_path / "m.pt", flag, spec)
     _assert_clean_failure(result, message)
     assert not (tmp_path / "m.pt").exists()
 
@@ -200,19 +201,3 @@ def test_ssi_lr_prior_option_reaches_the_checkpoint(tmp_path, degraded_zarr):
     assert model.training["lr_prior"] == {"iterations": 3, "requested": 3}
     assert model.network.prior_iterations == 3
     assert tree_digest(path) == before
-
-
-@pytest.mark.parametrize(
-    "spec, message",
-    [
-        ("2x", "--lr-prior must be an iteration count >= 0 or 'auto', got '2x'"),
-        ("-3", "--lr-prior must be an integer >= 0, got -3"),
-    ],
-)
-def test_ssi_bad_lr_prior(tmp_path, degraded_zarr, spec, message):
-    path, psf_path, _ = degraded_zarr
-    result = run_cli(
-        "train", path, "--psf", psf_path, "--out", tmp_path / "m.pt", "--lr-prior", spec
-    )
-    _assert_clean_failure(result, message)
-    assert not (tmp_path / "m.pt").exists()

@@ -234,6 +234,8 @@ class _Validator:
         self.weight = op.crop(self.v).float()
         self.target = op.crop(self.x)
         self._noise: torch.Tensor | None = None
+        # Lucy-Richardson priors of the fixed validation patches, computed once per setting
+        self._priors: dict[tuple[int, int, int], torch.Tensor] = {}
 
     def loss_of(self, estimate: torch.Tensor, clip=(0.0, 1.0)) -> float:
         blurred = self.measure(self.op.valid(estimate.float().clamp(*clip)))
@@ -263,8 +265,15 @@ class _Validator:
         net.eval()
         outs = []
         for i in range(0, self.x_in.shape[0], chunk):
+            x = self.x_in[i : i + chunk]
+            prior = None
+            if getattr(net, "prior_iterations", 0):
+                key = (net.prior_iterations, i, chunk)
+                if key not in self._priors:
+                    self._priors[key] = net.prior(x)
+                prior = self._priors[key]
             with autocast():
-                outs.append(net(self.x_in[i : i + chunk]).float())
+                outs.append(net(x, prior=prior).float())
         net.train()
         return self.loss_of(torch.cat(outs), clip)
 
