@@ -159,3 +159,12 @@ def test_auto_prior_uses_the_hold_out_choice():
         for i, r in enumerate(pool.regions)
     ]
     assert model.training["lr_prior"]["iterations"] == int(np.median(counts))
+
+
+def test_train_settings_check_lr_prior_from_python():
+    from ssi_dask.config import TrainSettings
+
+    assert TrainSettings(lr_prior="auto").recipe().lr_prior == "auto"
+    assert TrainSettings().recipe().lr_prior is None  # the per-dimensionality default
+    with pytest.raises(ParameterError, match=r"^lr_prior must be an integer >= 0, got -2$"):
+        TrainSettings(lr_prior=-2)
