@@ -66,6 +66,9 @@ def main() -> None:
         "--average-fraction", type=float, help="SSI weight averaging: share of the last steps"
     )
     parser.add_argument(
+        "--null-space-weight", type=float, help="SSI null-space penalty weight (default: auto)"
+    )
+    parser.add_argument(
         "--lr-prior", help="SSI's lr_prior: a Lucy-Richardson iteration count or 'auto'"
     )
     parser.add_argument("--json")
@@ -116,6 +119,7 @@ def main() -> None:
                     ("batch", "batch_size"),
                     ("learning_rate", "learning_rate"),
                     ("average_fraction", "average_fraction"),
+                    ("null_space_weight", "null_space_weight"),
                 ):
                     if getattr(args, flag) is not None:
                         options[key] = getattr(args, flag)

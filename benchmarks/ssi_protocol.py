@@ -84,6 +84,9 @@ def main() -> None:
         help="SSI's lr_prior: a Lucy-Richardson iteration count, or 'auto' (default: none)",
     )
     parser.add_argument(
+        "--null-space-weight", type=float, help="SSI's null-space penalty weight (default: auto)"
+    )
+    parser.add_argument(
         "--merge", nargs="+", metavar="JSON", help="print the tables of earlier runs' JSON files"
     )
     args = parser.parse_args()
@@ -101,6 +104,8 @@ def main() -> None:
     options = {"steps": args.steps} if args.steps else {}
     if args.output_range:
         options["output_range"] = tuple(float(v) for v in args.output_range.split(","))
+    if args.null_space_weight is not None:
+        options["null_space_weight"] = args.null_space_weight
     if args.lr_prior:
         options["lr_prior"] = args.lr_prior if args.lr_prior == "auto" else int(args.lr_prior)
     records = []

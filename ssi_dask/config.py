@@ -417,6 +417,10 @@ class TrainingRecipe:
         restoration of its input after ``n`` iterations and predicts a correction to it (the
         null-space penalty applies to the correction); ``"auto"``: ``n`` chosen from the image
         by :func:`ssi_dask.lr_auto.choose_iterations`; 0: no prior. Default: ``"auto"``.
+        At a training step the masked pixels count as unmeasured for the prior. Its zero
+        level is the normalisation's offset, or, for data with noise around a zero
+        background (negative values), the data's zero (see ``_prior_background`` in
+        :mod:`ssi_dask.ssi.train`).
     """
 
     steps: int | None = None

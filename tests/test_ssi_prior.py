@@ -116,7 +116,8 @@ def trained():
 
 def test_training_records_the_prior_and_a_checkpoint_keeps_it(trained, tmp_path):
     model, y, _ = trained
-    assert model.training["lr_prior"] == {"iterations": 4, "requested": 4}
+    # the data are clipped at 0 (the sensor detects it): the prior's zero is the clip level
+    assert model.training["lr_prior"] == {"iterations": 4, "requested": 4, "background": 0.0}
     assert model.network.prior_iterations == 4
     save_checkpoint(model, tmp_path / "m.pt")
     loaded = load_checkpoint(tmp_path / "m.pt")
@@ -150,15 +151,49 @@ def test_auto_prior_uses_the_hold_out_choice():
     psf = gaussian_psf((9, 9), 1.6)
     y = _blurred((64, 64), psf, seed=5, noise=0.002)
     model = train_ssi(y, psf, seed=2, steps=2, patch_size=32, restarts=0, lr_prior="auto")
-    expected = choose_iterations(y, psf / psf.sum(), seed=2).num_iter
-    assert model.training["lr_prior"] == {"iterations": expected, "requested": "auto"}
+    # data never below zero: the prior's zero is the normalisation's offset
+    zero = model.training["lr_prior"]["background"]
+    assert zero == pytest.approx(model.normalisation["offset"], abs=1e-7)
+    expected = choose_iterations(y - np.float32(zero), psf / psf.sum(), seed=2).num_iter
+    assert model.training["lr_prior"] == {
+        "iterations": expected,
+        "requested": "auto",
+        "background": zero,
+    }
     pool = RegionPool([y[:32, :32], y[32:, 32:]], [(0, 0), (32, 32)], y.shape)
     model = train_ssi(pool, psf, seed=2, steps=2, patch_size=32, restarts=0, lr_prior="auto")
+    zero = np.float32(model.training["lr_prior"]["background"])
     counts = [
-        choose_iterations(r, psf / psf.sum(), n_samples=1, seed=2 + i).num_iter
+        choose_iterations(r - zero, psf / psf.sum(), n_samples=1, seed=2 + i).num_iter
         for i, r in enumerate(pool.regions)
     ]
     assert model.training["lr_prior"]["iterations"] == int(np.median(counts))
+
+
+def test_prior_zero_is_the_datas_zero_under_zero_centred_noise():
+    # noise around a zero background (no pedestal, not clipped): the normalisation's offset
+    # lies ~3.7 sigmas below zero; the prior restores the data above their own zero instead
+    from scipy.signal import fftconvolve
+
+    psf = gaussian_psf((9, 9), 1.6)
+    rng = np.random.default_rng(4)
+    y = fftconvolve(_scene((64, 64), 4), psf, mode="same")
+    y = (y + 0.004 * rng.standard_normal(y.shape)).astype(np.float32)
+    model = train_ssi(y, psf, seed=2, steps=2, patch_size=32, restarts=0, lr_prior=3)
+    offset, zero = model.normalisation["offset"], model.training["lr_prior"]["background"]
+    # the zero: the data's (0), or the darkest noise-free level estimated from the noise
+    # model (offset + 3.7 sigma) where lower; most of the pedestal is gone either way
+    assert offset < -0.01 and offset / 2 < zero <= 0
+    assert model.network.prior_background == pytest.approx(
+        (zero - offset) / model.normalisation["scale"]
+    )
+    # the prior channel is the package's LR above that zero
+    scale = model.normalisation["scale"]
+    x = torch.from_numpy((y - np.float32(offset)) / np.float32(scale))[None, None]
+    prior = model.network.prior(x)[0, 0].numpy() * scale + offset
+    reference = richardson_lucy(np.clip(y - zero, 0, None), psf, num_iter=3) + zero
+    np.testing.assert_allclose(prior, reference, atol=2e-4)
+    assert np.abs(reference - richardson_lucy(y - offset, psf, num_iter=3) - offset).max() > 0.005
 
 
 def test_train_settings_check_lr_prior_from_python():
@@ -168,3 +203,68 @@ def test_train_settings_check_lr_prior_from_python():
     assert TrainSettings().recipe().lr_prior is None  # the per-dimensionality default
     with pytest.raises(ParameterError, match=r"^lr_prior must be an integer >= 0, got -2$"):
         TrainSettings(lr_prior=-2)
+
+
+def _masked_lucy_richardson(y, psf, visible, n, edge_threshold=1e-3, eps=1e-6):
+    """Reference: Lucy-Richardson on the PSF-extended domain with the pixels outside
+    ``visible`` unmeasured (no data term there, edge weights ``h^T 1_visible``), in NumPy."""
+    from scipy.signal import fftconvolve
+
+    y = y.astype(np.float64).clip(0) + eps
+    flipped = psf[::-1, ::-1].astype(np.float64)
+    visible = visible.astype(np.float64)
+    full = fftconvolve(np.ones_like(y), flipped, mode="full")
+    valid = full > edge_threshold * full.max()
+    weights = fftconvolve(visible, flipped, mode="full")
+    weights = np.where(valid, np.maximum(weights, edge_threshold * full.max()), 1.0)
+    est = np.full(full.shape, (y * visible).sum() / visible.sum()) * valid
+    for _ in range(n):
+        ratio = visible * y / np.maximum(fftconvolve(est, psf, mode="valid"), eps)
+        est = est * fftconvolve(ratio, flipped, mode="full") / weights
+    r = [(k - 1) // 2 for k in psf.shape]
+    return est[r[0] : r[0] + y.shape[0], r[1] : r[1] + y.shape[1]]
+
+
+def test_prior_of_a_masked_step_ignores_the_hidden_pixels():
+    # at a training step the masked pixels are not measured data for the prior: it does not
+    # depend on their values (J-invariance without a fill's bias), matches a NumPy reference,
+    # and with nothing hidden it is the package's Lucy-Richardson
+    psf = gaussian_psf((9, 9), 1.8)
+    y = _blurred((48, 56), psf, noise=0.02)
+    rng = np.random.default_rng(3)
+    hidden = rng.random(y.shape) < 0.1
+    prior = LucyRichardsonPrior(psf, 6)
+    batch = torch.from_numpy(y)[None, None]
+    mask = torch.from_numpy(hidden)[None, None]
+    ours = prior(batch, mask)[0, 0].numpy()
+    reference = _masked_lucy_richardson(y, psf, ~hidden, 6)
+    np.testing.assert_allclose(ours, reference, atol=2e-4 * float(reference.max()))
+    assert np.abs(reference - _masked_lucy_richardson(y, psf, np.ones_like(hidden), 6)).max() > 0.01
+    scrambled = y.copy()
+    scrambled[hidden] = rng.uniform(0, 10, int(hidden.sum()))
+    changed = prior(torch.from_numpy(scrambled)[None, None], mask)[0, 0].numpy()
+    np.testing.assert_array_equal(changed, ours)
+    nothing = prior(batch, torch.zeros_like(mask))[0, 0].numpy()
+    np.testing.assert_allclose(nothing, richardson_lucy(y, psf, num_iter=6), atol=2e-4)
+
+
+def test_prior_restores_the_data_above_its_background():
+    # the prior's zero level: Lucy-Richardson of the data minus it, plus it; a network keeps
+    # it in its config (a checkpoint's) and its untrained output is that prior
+    psf = gaussian_psf((9, 9), 1.6)
+    y = _blurred((40, 44), psf, seed=1, noise=0.002) + 0.3
+    ours = LucyRichardsonPrior(psf, 5, background=0.3)(torch.from_numpy(y)[None, None])[0, 0]
+    reference = richardson_lucy(np.clip(y - 0.3, 0, None), psf, num_iter=5) + 0.3
+    np.testing.assert_allclose(ours.numpy(), reference, atol=2e-4 * float(reference.max()))
+    plain = richardson_lucy(y, psf, num_iter=5)
+    assert np.abs(plain - reference).max() > 0.05  # the pedestal matters
+    net = UNet(
+        levels=2,
+        base_channels=4,
+        prior_iterations=5,
+        prior_psf_shape=psf.shape,
+        prior_background=0.3,
+    )
+    net.prior_psf.copy_(torch.from_numpy(psf))
+    assert build_network(net.config).prior_background == 0.3
+    torch.testing.assert_close(net(torch.from_numpy(y)[None, None])[0, 0], ours)

@@ -62,7 +62,8 @@ def _image(noise_std, seed=0):
     return y.astype(np.float32)
 
 
-FAST = dict(steps=2, patch_size=32, batch_size=4, levels=2, base_channels=4, restarts=0)
+# the network without a Lucy-Richardson prior: with one, "auto" means no penalty (below)
+FAST = dict(steps=2, patch_size=32, batch_size=4, levels=2, base_channels=4, restarts=0, lr_prior=0)
 
 
 def test_auto_null_space_weight_follows_the_measured_snr():
@@ -100,3 +101,13 @@ def test_auto_null_space_weight_is_capped():
     uncapped = t["null_space_scale"] / max(t["signal_to_noise"], 2.0) ** 2
     assert uncapped > 0.002 and t["null_space_weight"] == 0.002
     assert t["null_space_max"] == 0.002
+
+
+def test_auto_null_space_weight_is_zero_with_a_prior():
+    # the prior supplies what the PSF barely transmits: "auto" turns the penalty off, and an
+    # explicit weight is still used as given
+    options = dict(FAST, lr_prior=3)
+    t = train_ssi(_image(0.1), _psf(), seed=0, **options).training
+    assert t["null_space_weight"] == 0.0 and t["signal_to_noise"] is None
+    t = train_ssi(_image(0.1), _psf(), seed=0, null_space_weight=0.05, **options).training
+    assert t["null_space_weight"] == 0.05

@@ -289,9 +289,20 @@ class LucyRichardsonPrior:
         Where the PSF's transforms live.
     edge_threshold : float
         Edge weights below this share of their maximum count as no data (estimate 0 there).
+    background : float
+        The data's zero level (the background): the estimate is that of ``x - background``
+        (negative values clipped at 0), plus ``background``.
     """
 
-    def __init__(self, psf, iterations: int, device="cpu", edge_threshold: float = 1e-3):
+    def __init__(
+        self,
+        psf,
+        iterations: int,
+        device="cpu",
+        edge_threshold: float = 1e-3,
+        background: float = 0.0,
+    ):
+        self.background = float(background)
         psf = np.asarray(psf, dtype=np.float32)
         self.op = PSFOperator(psf / psf.sum(), device)
         self.flipped = PSFOperator(np.flip(self.op.psf).copy(), device)
@@ -306,25 +317,47 @@ class LucyRichardsonPrior:
         return self.flipped.valid(torch.nn.functional.pad(ratio, pad))
 
     @torch.no_grad()
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, hidden: torch.Tensor | None = None) -> torch.Tensor:
+        """The prior of the batch ``x`` (``(N, 1, *spatial)``).
+
+        ``hidden`` (boolean, ``x``'s shape): pixels that count as not measured, as the masked
+        pixels of a training step. They get no weight in the data term (their ratio is not
+        formed and the edge weights become ``h^T 1_visible``), so the prior does not depend
+        on their values at all, and it is not biased by a guess put in their place.
+        """
         eps = 1e-6
         nd = self.op.ndim
         dims = tuple(range(-nd, 0))
-        y = x.float().clamp_min(0) + eps
+        y = (x.float() - self.background).clamp_min(0) + eps
         weights = self._back_project(torch.ones_like(y[:1]))
-        valid = weights > self.edge_threshold * weights.amax()
-        weights = torch.where(valid, weights, torch.ones_like(weights))
+        floor = self.edge_threshold * weights.amax()
+        valid = weights > floor
+        visible = None
+        if hidden is not None:
+            visible = (~hidden).to(y.dtype)
+            y = y * visible
+            weights = self._back_project(visible)  # per sample: h^T 1_visible
+        weights = torch.where(valid, weights.clamp_min(floor), torch.ones_like(weights))
         ext = [s + k - 1 for s, k in zip(y.shape[-nd:], self.op.psf.shape)]
-        est = y.mean(dim=dims, keepdim=True).expand(*y.shape[:-nd], *ext) * valid
+        if visible is None:
+            start = y.mean(dim=dims, keepdim=True)
+        else:
+            start = y.sum(dim=dims, keepdim=True) / visible.sum(dim=dims, keepdim=True).clamp_min(1)
+        est = start.expand(*y.shape[:-nd], *ext) * valid
         for _ in range(self.iterations):
             ratio = y / self.op.valid(est).clamp_min(eps)
+            if visible is not None:
+                ratio = ratio * visible
             est = est * self._back_project(ratio) / weights
-        return self.op.crop(est)
+        return self.op.crop(est) + self.background
 
 
-def lucy_richardson_prior(net: torch.nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+def lucy_richardson_prior(
+    net: torch.nn.Module, x: torch.Tensor, hidden: torch.Tensor | None = None
+) -> torch.Tensor | None:
     """The prior channel of ``net`` (a UNet, an ensemble of them, or an inference copy) for
-    the batch ``x``; None for a network without a prior."""
+    the batch ``x`` (``hidden``: pixels that count as not measured, see
+    :class:`LucyRichardsonPrior`); None for a network without a prior."""
     members = getattr(net, "members", None)
     if members is not None:  # an ensemble: its members share the prior
         net = members[0]
@@ -332,11 +365,15 @@ def lucy_richardson_prior(net: torch.nn.Module, x: torch.Tensor) -> torch.Tensor
     if not iterations:
         return None
     psf = net.prior_psf
+    background = float(getattr(net, "prior_background", 0.0))
     # rebuilt when the buffer moved or changed (load_state_dict copies into it in place)
     version = 0 if psf.is_inference() else psf._version
-    key = (str(psf.device), psf.data_ptr(), version)
+    key = (str(psf.device), psf.data_ptr(), version, background)
     cached = net._prior
     if cached is None or cached[0] != key:
-        cached = (key, LucyRichardsonPrior(psf.detach().cpu().numpy(), iterations, psf.device))
+        prior = LucyRichardsonPrior(
+            psf.detach().cpu().numpy(), iterations, psf.device, background=background
+        )
+        cached = (key, prior)
         net._prior = cached
-    return cached[1](x)
+    return cached[1](x, hidden)

@@ -66,6 +66,14 @@ class UNet(nn.Module):
         BatchNorm after each convolution (folded into an affine map in eval mode).
     kernel_size : int
         Odd convolution kernel size (3 by default).
+    prior_iterations : int
+        Lucy-Richardson iterations of the prior channel (0: no prior; see ``lr_prior`` of
+        :class:`~ssi_dask.config.TrainingRecipe`).
+    prior_psf_shape : tuple of int
+        Shape of the prior's PSF (held in the ``prior_psf`` buffer).
+    prior_background : float
+        The data's zero for the prior, in normalised units: the prior is the Lucy-Richardson
+        restoration of the input minus this level, plus it.
     """
 
     def __init__(
@@ -78,6 +86,7 @@ class UNet(nn.Module):
         kernel_size: int = 3,
         prior_iterations: int = 0,
         prior_psf_shape=None,
+        prior_background: float = 0.0,
     ):
         super().__init__()
         if ndim not in (2, 3):
@@ -96,11 +105,14 @@ class UNet(nn.Module):
             kernel_size=int(kernel_size),
         )
         self.prior_iterations = int(prior_iterations)
+        self.prior_background = float(prior_background)
         self._prior = None
         if self.prior_iterations:
             # recorded only when used: older models' configs stay as they were
             shape = tuple(int(s) for s in prior_psf_shape)
             self.config.update(prior_iterations=self.prior_iterations, prior_psf_shape=shape)
+            if self.prior_background:
+                self.config["prior_background"] = self.prior_background
             self.register_buffer("prior_psf", torch.zeros(shape))
         chans = [min(base_channels * 2**i, max_channels) for i in range(levels)]
         self.encoders = nn.ModuleList()
@@ -164,9 +176,10 @@ class UNet(nn.Module):
             return 0
         return max(lr_default_depth(self.config["prior_psf_shape"], self.prior_iterations))
 
-    def prior(self, x: torch.Tensor) -> torch.Tensor | None:
-        """The Lucy-Richardson prior channel of a batch (None without ``prior_iterations``)."""
-        return lucy_richardson_prior(self, x)
+    def prior(self, x: torch.Tensor, hidden: torch.Tensor | None = None) -> torch.Tensor | None:
+        """The Lucy-Richardson prior channel of a batch (None without ``prior_iterations``);
+        ``hidden`` pixels count as not measured (a training step's masked pixels)."""
+        return lucy_richardson_prior(self, x, hidden)
 
     def forward(self, x: torch.Tensor, prior: torch.Tensor | None = None) -> torch.Tensor:
         if self.prior_iterations:
@@ -220,9 +233,13 @@ class EnsembleUNet(nn.Module):
     def prior_iterations(self) -> int:
         return self.members[0].prior_iterations
 
-    def prior(self, x: torch.Tensor) -> torch.Tensor | None:
+    @property
+    def prior_background(self) -> float:
+        return self.members[0].prior_background
+
+    def prior(self, x: torch.Tensor, hidden: torch.Tensor | None = None) -> torch.Tensor | None:
         """The Lucy-Richardson prior channel (the members share it)."""
-        return lucy_richardson_prior(self, x)
+        return lucy_richardson_prior(self, x, hidden)
 
     def forward(self, x: torch.Tensor, prior: torch.Tensor | None = None) -> torch.Tensor:
         if self.prior_iterations and prior is None:

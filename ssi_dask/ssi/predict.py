@@ -201,7 +201,12 @@ def predict(
     xp = np.pad(x, pad, **pad_args)
     # a Lucy-Richardson prior is computed on the whole image (its edges are the volume's)
     prior = lucy_richardson_prior(net, torch.from_numpy(x)[None, None].to(dev))
-    pp = None if prior is None else np.pad(prior[0, 0].cpu().numpy(), pad, **pad_args)
+    pp = None
+    if prior is not None:  # past the edges: the prior of the background is its zero level
+        prior_pad = dict(pad_args)
+        if model.edge_fill is not None:
+            prior_pad["constant_values"] = np.float32(getattr(net, "prior_background", 0.0))
+        pp = np.pad(prior[0, 0].cpu().numpy(), pad, **prior_pad)
     out = np.empty(tuple(c * t for c, t in zip(counts, tile)), dtype=np.float32)
     transforms = test_time_transforms(model, tta)
     corners = list(itertools.product(*[range(0, c * t, t) for c, t in zip(counts, tile)]))

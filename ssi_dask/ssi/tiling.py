@@ -210,8 +210,8 @@ def block_prior(
 
     It is computed on the part of the block inside the volume (``outside``: per axis, the
     voxels at each end past the volume's edges), whose edges Lucy-Richardson treats as unknown
-    object, and padded back like the volume: with the background level (0, ``background``)
-    or mirrored, as :func:`~ssi_dask.ssi.predict` pads the whole image.
+    object, and padded back like the volume: with the prior's background level (its zero,
+    ``background``) or mirrored, as :func:`~ssi_dask.ssi.predict` pads the whole image.
     """
     if not getattr(net, "prior_iterations", 0):
         return None
@@ -224,7 +224,8 @@ def block_prior(
     if not any(b or a for b, a in pairs):
         return prior
     if background:
-        return np.pad(prior, pairs, mode="constant", constant_values=np.float32(0))
+        level = np.float32(getattr(net, "prior_background", 0.0))  # the prior's zero level
+        return np.pad(prior, pairs, mode="constant", constant_values=level)
     mode = "symmetric" if all(s >= max(p) for s, p in zip(prior.shape, pairs)) else "edge"
     return np.pad(prior, pairs, mode=mode)
 
