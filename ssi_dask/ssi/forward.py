@@ -345,9 +345,7 @@ class LucyRichardsonPrior:
             start = y.sum(dim=dims, keepdim=True) / visible.sum(dim=dims, keepdim=True).clamp_min(1)
         est = start.expand(*y.shape[:-nd], *ext) * valid
         for _ in range(self.iterations):
-            ratio = y / self.op.valid(est).clamp_min(eps)
-            if visible is not None:
-                ratio = ratio * visible
+            ratio = y / self.op.valid(est).clamp_min(eps)  # 0 at hidden pixels: y is 0 there
             est = est * self._back_project(ratio) / weights
         return self.op.crop(est) + self.background
 
