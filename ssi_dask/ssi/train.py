@@ -244,6 +244,7 @@ class _Validator:
         self.weight = op.crop(self.v).float()
         self.target = op.crop(self.x)
         self._noise: torch.Tensor | None = None
+        self._noise_model: tuple[float, float] | None = None
         # Lucy-Richardson priors of the fixed validation patches, computed once per setting
         self._priors: dict[tuple[int, int, int], torch.Tensor] = {}
 
@@ -252,14 +253,21 @@ class _Validator:
         err = (blurred - self.target) ** 2 * self.weight
         return float(err.sum() / self.weight.sum().clamp_min(1))
 
-    def noise_variance(self) -> torch.Tensor:
-        """The noise variance of each scored pixel (``gain * level + floor``, fitted to the
-        validation patches; the sensor's fit when the data are clipped); sets ``level``."""
-        if self._noise is None:
+    def noise_model(self) -> tuple[float, float]:
+        """``(gain, floor)`` of ``sigma^2 = gain * level + floor``: the sensor's fit when the
+        data are clipped, else fitted to the validation patches (once)."""
+        if self._noise_model is None:
             if self.sensor is not None:
-                gain, floor = self.sensor.gain, self.sensor.floor
+                self._noise_model = (self.sensor.gain, self.sensor.floor)
             else:
-                gain, floor = estimate_noise_model(self.x[:, 0].double().cpu().numpy())
+                self._noise_model = estimate_noise_model(self.x[:, 0].double().cpu().numpy())
+        return self._noise_model
+
+    def noise_variance(self) -> torch.Tensor:
+        """The noise variance of each scored pixel (``gain * level + floor``, see
+        :meth:`noise_model`); sets ``level``."""
+        if self._noise is None:
+            gain, floor = self.noise_model()
             # the level: the blurred masked input, which does not see the validation pixels'
             # own noise (selecting or weighting pixels by their noisy value would bias both)
             self.level = self.op.valid(self.x_in.float()).clamp_min(0)
@@ -727,7 +735,7 @@ def train_ssi(
         batch_norm=recipe.batch_norm,
     )
     prior_background = (
-        _prior_background(vpatches, sensor, lo, scale, recipe.norm_percentiles[0])
+        _prior_background(validator.noise_model, sensor, lo, scale, recipe.norm_percentiles[0])
         if recipe.lr_prior
         else 0.0
     )
@@ -898,7 +906,11 @@ def _prior_iterations(lr_prior, image, psf: np.ndarray, seed: int, zero: float =
 
 
 def _prior_background(
-    patches: np.ndarray, sensor: ClippedSensor | None, offset: float, scale: float, low: float
+    noise_model: Callable[[], tuple[float, float]],
+    sensor: ClippedSensor | None,
+    offset: float,
+    scale: float,
+    low: float,
 ) -> float:
     """The Lucy-Richardson prior's zero level in normalised units (0: the normalisation's
     offset).
@@ -910,7 +922,8 @@ def _prior_background(
     default 0.01 %). Where that offset is below zero, the data hold noise around a zero
     background (a camera offset already subtracted), and the offset is such a pedestal: the
     zero is then the data's own zero, or the darkest noise-free level (the offset plus ``z``
-    sigmas of the noise model fitted to the validation patches) where that is lower. Data
+    sigmas of the noise model ``noise_model()``, fitted to the validation patches) where that
+    is lower. Data
     that are never negative keep the offset as the zero: nothing tells a dark object from a
     background there. Clipping from below (``sensor``) needs no change: the offset is the
     clip level.
@@ -919,7 +932,7 @@ def _prior_background(
         return 0.0
     if sensor is not None and sensor.lower is not None:
         return float(sensor.lower)
-    gain, floor = estimate_noise_model(patches)
+    gain, floor = noise_model()
     z = -NormalDist().inv_cdf(min(low, 50.0) / 100.0)
     darkest = 0.0
     for _ in range(4):  # sigma depends on the level it is measured at
