@@ -147,6 +147,33 @@ def test_chunked_application_matches_whole_image_with_the_prior(trained):
     assert np.abs(untold[h : h + 16, h : h + 16] - whole[:16, :16]).max() > 1e-3
 
 
+def test_tiles_of_a_chunk_need_the_network_halo_only(trained, monkeypatch):
+    """The prior is computed once per block, so its tiles carry the network's halo only (not
+    the prior's margin, which the block's own halo holds), and give the one-tile result."""
+    import ssi_dask.ssi.tiling as tiling
+
+    model, y, _ = trained
+    h, net_halo = model.halo, model.edge_halo
+    assert net_halo < h  # the chunk halo includes the prior's margin
+    block = np.pad(y[:64, :64], h, mode="symmetric")
+    one_tile = predict_chunk(model, block, margin=h, tile_shape=64)
+    shapes = []
+    real = tiling.run_network
+
+    def recording(net, inputs, *args):
+        shapes.append(inputs.shape[1:])
+        return real(net, inputs, *args)
+
+    monkeypatch.setattr(tiling, "run_network", recording)
+    tiled = predict_chunk(model, block, margin=h, tile_shape=16)
+    inner = (slice(h, -h),) * 2
+    np.testing.assert_allclose(tiled[inner], one_tile[inner], rtol=1e-5, atol=1e-5)
+    # an interior tile: 16 kept pixels and the network's halo on both sides (it was the
+    # chunk halo's, prior margin included, before)
+    assert (16 + 2 * net_halo, 16 + 2 * net_halo) in shapes
+    assert (16 + 2 * h, 16 + 2 * h) not in shapes
+
+
 def test_auto_prior_uses_the_hold_out_choice():
     psf = gaussian_psf((9, 9), 1.6)
     y = _blurred((64, 64), psf, seed=5, noise=0.002)

@@ -136,6 +136,9 @@ def predict_chunk(
         raise ParameterError(f"the model is {model.ndim}D but the block has shape {block.shape}")
     net, dev = _prepare(model, device)
     a, halo = model.alignment, model.halo
+    # the tiles need the network's halo only: a Lucy-Richardson prior (whose margin model.halo
+    # includes, for the block's context) is computed below once on the whole block
+    tile_halo = model.edge_halo
     ndim = block.ndim
     margins = (
         (halo,) * ndim
@@ -146,7 +149,7 @@ def predict_chunk(
     per_voxel = bytes_per_voxel(net)
     budget = int(budget if budget is not None else tile_budget(dev))
     if tile_shape is None:
-        tile = choose_tile(interior, halo, a, budget, per_voxel)
+        tile = choose_tile(interior, tile_halo, a, budget, per_voxel)
     else:
         tile = (int(tile_shape),) * ndim if np.isscalar(tile_shape) else tuple(tile_shape)
         if len(tile) != ndim or min(tile) < 1:
@@ -167,7 +170,7 @@ def predict_chunk(
             x = fill_outside(x, pairs, 0.0)  # the background level, normalised
     else:
         prior = block_prior(net, x, None, False, dev)
-    axes = [_axis_tiles(s, m, t, halo, a) for s, m, t in zip(block.shape, margins, tile)]
+    axes = [_axis_tiles(s, m, t, tile_halo, a) for s, m, t in zip(block.shape, margins, tile)]
     groups: dict[tuple[int, ...], list] = {}
     for spans in itertools.product(*axes):
         in_shape = tuple(stop - start for _, _, start, stop in spans)
