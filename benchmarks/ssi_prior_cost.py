@@ -13,8 +13,9 @@ same data and machine in one run:
   thread (``time.process_time``), so that "per core" holds on a shared machine;
 * the chunk kernel (``predict_chunk``) on one chunk of ``--chunk2d`` / ``--chunk3d`` output
   voxels with the model's halo around it, as a chunked run passes it (in 3D with z held
-  whole, the planner's rule: there only the network's edge halo): the cost per output voxel
-  of a chunked run, halo included;
+  whole, the planner's rule: there only the network's edge halo), the network run for the
+  chunk only (``interior_only``, as a chunked run calls it): the cost per output voxel of a
+  chunked run, the halo's context included;
 * the prior alone on that chunk (``block_prior``), and the halo.
 
 Usage::
@@ -94,6 +95,7 @@ def _case(ndim: int, args, log) -> list[dict]:
             margin=margins,
             tta=default_tta,
             outside=outside,
+            interior_only=True,  # as a chunked run calls it: the halo's output is cropped
         )
         row[f"chunk_tta{default_tta}_voxels_per_s"] = int(np.prod(chunk)) / seconds
         x = block.astype(np.float32)

@@ -425,6 +425,7 @@ def _ssi_chunk(
         tta=tta,
         progress=_tile_reporter(),
         outside=outside,
+        interior_only=margin is not None,  # the caller crops the halo away
     )
 
 

@@ -174,6 +174,31 @@ def test_tiles_of_a_chunk_need_the_network_halo_only(trained, monkeypatch):
     assert (16 + 2 * h, 16 + 2 * h) not in shapes
 
 
+def test_interior_only_chunk_runs_the_network_on_the_chunk_alone(trained, monkeypatch):
+    """For callers that crop the halo away: the chunk's output as with the whole block, the
+    halo's output 0, and the network run on the chunk plus its own halo only."""
+    import ssi_dask.ssi.tiling as tiling
+
+    model, y, _ = trained
+    h = model.halo
+    block = np.pad(y[:64, :64], h, mode="symmetric")
+    sizes = []
+    real = tiling.run_network
+
+    def recording(net, inputs, *args):
+        sizes.append(inputs[0].size * len(inputs))
+        return real(net, inputs, *args)
+
+    monkeypatch.setattr(tiling, "run_network", recording)
+    whole = predict_chunk(model, block, margin=h, tile_shape=64)
+    work_whole, sizes[:] = sum(sizes), []
+    chunk = predict_chunk(model, block, margin=h, tile_shape=64, interior_only=True)
+    inner = (slice(h, -h),) * 2
+    np.testing.assert_allclose(chunk[inner], whole[inner], rtol=1e-5, atol=1e-5)
+    assert not chunk[:h].any() and not chunk[-h:].any() and not chunk[:, :h].any()
+    assert sum(sizes) == (64 + 2 * model.edge_halo) ** 2 < work_whole
+
+
 def test_auto_prior_uses_the_hold_out_choice():
     psf = gaussian_psf((9, 9), 1.6)
     y = _blurred((64, 64), psf, seed=5, noise=0.002)

@@ -74,11 +74,14 @@ def choose_tile(
     return tuple(tile)
 
 
-def _axis_tiles(size: int, margin: int, tile: int, halo: int, a: int):
-    """Per axis: (output start, output end, input start, input end) of each tile."""
+def _axis_tiles(size: int, margin: int, tile: int, halo: int, a: int, interior_only: bool = False):
+    """Per axis: (output start, output end, input start, input end) of each tile; with
+    ``interior_only`` the tiles' outputs cover the block without its ``margin`` at each end."""
     interior = max(size - 2 * margin, 1)
     count = -(-interior // tile)
     cuts = [0] + [margin + k * tile for k in range(1, count)] + [size]
+    if interior_only and size > 2 * margin:
+        cuts[0], cuts[-1] = margin, size - margin
     spans = []
     for lo, hi in zip(cuts[:-1], cuts[1:]):
         start = max(0, (lo - halo) // a * a)
@@ -99,6 +102,7 @@ def predict_chunk(
     tta: int | bool | None = None,
     progress: Callable[[int, int], None] | None = None,
     outside: Sequence[tuple[int, int]] | None = None,
+    interior_only: bool = False,
 ) -> np.ndarray:
     """Apply ``model`` to one chunk with its halo, in batched tiles; same shape out.
 
@@ -125,11 +129,16 @@ def predict_chunk(
         (a chunk at the edge, whose halo there was mirrored). For a model trained with
         ``edges="background"`` they are set to its background level, as
         :func:`~ssi_dask.ssi.predict` pads the whole volume; otherwise they are left as given.
+    interior_only : bool
+        Run the network for the chunk only, not for its halo (``margin`` at each end), whose
+        output is then 0: for callers that crop the halo away (``map_overlap``'s trim, the
+        one-task-per-chunk graph). The halo is still the network's and the prior's context.
 
     Returns
     -------
     numpy.ndarray
-        float32, the shape of ``block``; equal to ``predict_block(model, block)``.
+        float32, the shape of ``block``; equal to ``predict_block(model, block)`` (inside the
+        halo, with ``interior_only``).
     """
     block = np.asarray(block)
     if block.ndim != model.ndim:
@@ -170,12 +179,15 @@ def predict_chunk(
             x = fill_outside(x, pairs, 0.0)  # the background level, normalised
     else:
         prior = block_prior(net, x, None, False, dev)
-    axes = [_axis_tiles(s, m, t, tile_halo, a) for s, m, t in zip(block.shape, margins, tile)]
+    axes = [
+        _axis_tiles(s, m, t, tile_halo, a, interior_only)
+        for s, m, t in zip(block.shape, margins, tile)
+    ]
     groups: dict[tuple[int, ...], list] = {}
     for spans in itertools.product(*axes):
         in_shape = tuple(stop - start for _, _, start, stop in spans)
         groups.setdefault(in_shape, []).append(spans)
-    out = np.empty(block.shape, dtype=np.float32)
+    out = (np.zeros if interior_only else np.empty)(block.shape, dtype=np.float32)
     transforms = test_time_transforms(model, tta)
     n_tiles, tiles_done = sum(len(m) for m in groups.values()), 0
     if progress is not None:
