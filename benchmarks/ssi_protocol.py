@@ -87,6 +87,13 @@ def main() -> None:
         "--null-space-weight", type=float, help="SSI's null-space penalty weight (default: auto)"
     )
     parser.add_argument(
+        "--ssi-option",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="any other TrainingRecipe field for SSI, e.g. average_fraction=0.25 (repeatable)",
+    )
+    parser.add_argument(
         "--merge", nargs="+", metavar="JSON", help="print the tables of earlier runs' JSON files"
     )
     args = parser.parse_args()
@@ -106,6 +113,9 @@ def main() -> None:
         options["output_range"] = tuple(float(v) for v in args.output_range.split(","))
     if args.null_space_weight is not None:
         options["null_space_weight"] = args.null_space_weight
+    for item in args.ssi_option:
+        field, _, value = item.partition("=")
+        options[field.strip()] = json.loads(value)  # numbers, true/false, "strings", lists
     if args.lr_prior:
         options["lr_prior"] = args.lr_prior if args.lr_prior == "auto" else int(args.lr_prior)
     records = []
