@@ -923,10 +923,9 @@ def _prior_background(
     background (a camera offset already subtracted), and the offset is such a pedestal: the
     zero is then the data's own zero, or the darkest noise-free level (the offset plus ``z``
     sigmas of the noise model ``noise_model()``, fitted to the validation patches) where that
-    is lower. Data
-    that are never negative keep the offset as the zero: nothing tells a dark object from a
-    background there. Clipping from below (``sensor``) needs no change: the offset is the
-    clip level.
+    is lower. Data that are never negative keep the offset as the zero: nothing tells a dark
+    object from a background there. Clipping from below (``sensor``) needs no change: the
+    offset is the clip level.
     """
     if not PRIOR_ZERO_AT_BACKGROUND or offset >= 0 or low <= 0:
         return 0.0
