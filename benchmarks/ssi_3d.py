@@ -85,15 +85,12 @@ def main() -> None:
 
     from ssi_dask.bench.metrics import psnr, ssim
     from ssi_dask.bench.protocol import run_outcome
-    from ssi_dask.bench.synthetic import add_poisson_gaussian_noise, blur, structure_3d
+    from ssi_dask.bench.synthetic import structure_3d
     from ssi_dask.lr import richardson_lucy
-    from ssi_dask.psf import widefield_psf
     from ssi_dask.ssi import predict, train_ssi
 
     shape = tuple(int(v) for v in args.shape.split(","))
-    psf_shape = tuple(int(v) for v in args.psf_shape.split(","))
-    psf = widefield_psf(psf_shape, (args.z_step, 0.1, 0.1), na=args.na, wavelength=0.52)
-    psf = psf / psf.sum()
+    psf = benchmark_psf(args.psf_shape, args.z_step, args.na)
     records = []
     for kind in args.kinds.split(","):
         for seed in (int(s) for s in args.seeds.split(",")):
@@ -101,9 +98,7 @@ def main() -> None:
                 kind, shape, aspect=args.z_step / 0.1, seed=seed, density=args.density
             )
             for level in args.noise.split(","):
-                rng = np.random.default_rng(seed)
-                noisy = add_poisson_gaussian_noise(blur(truth, psf), rng, *NOISE[level])
-                noisy = noisy.astype(np.float32)
+                noisy = degrade(truth, psf, level, seed)
                 row = {"kind": kind, "noise": level, "seed": seed, "shape": list(shape)}
                 row.update(na=args.na, z_step=args.z_step, psf_shape=list(psf.shape))
                 row.update(density=args.density, steps=args.steps or "recipe default")
@@ -187,6 +182,24 @@ def main() -> None:
     )
     if args.json:
         Path(args.json).write_text(json.dumps(records, indent=2))
+
+
+def benchmark_psf(psf_shape: str, z_step: float, na: float) -> np.ndarray:
+    """The benchmark's widefield PSF on a ``"z,y,x"`` support (0.1 um pixels), sum 1."""
+    from ssi_dask.psf import widefield_psf
+
+    shape = tuple(int(v) for v in psf_shape.split(","))
+    psf = widefield_psf(shape, (z_step, 0.1, 0.1), na=na, wavelength=0.52)
+    return psf / psf.sum()
+
+
+def degrade(truth: np.ndarray, psf: np.ndarray, level: str, seed: int) -> np.ndarray:
+    """``truth`` blurred by ``psf`` with the Poisson-Gaussian noise ``NOISE[level]``, seeded."""
+    from ssi_dask.bench.synthetic import add_poisson_gaussian_noise, blur
+
+    rng = np.random.default_rng(seed)
+    noisy = add_poisson_gaussian_noise(blur(truth, psf), rng, *NOISE[level])
+    return noisy.astype(np.float32)
 
 
 def _best_lr_ratio(check: dict) -> float:

@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from ssi_3d import NOISE
+from ssi_3d import benchmark_psf, degrade
 
 
 def main() -> None:
@@ -47,15 +47,12 @@ def main() -> None:
     args = parser.parse_args()
 
     from ssi_dask.bench.metrics import psnr
-    from ssi_dask.bench.synthetic import add_poisson_gaussian_noise, blur, structure_3d
+    from ssi_dask.bench.synthetic import structure_3d
     from ssi_dask.lr import richardson_lucy
     from ssi_dask.lr_auto import DEFAULT_MAX_ITER, choose_iterations
-    from ssi_dask.psf import widefield_psf
 
     shape = tuple(int(v) for v in args.shape.split(","))
-    psf_shape = tuple(int(v) for v in args.psf_shape.split(","))
-    psf = widefield_psf(psf_shape, (args.z_step, 0.1, 0.1), na=args.na, wavelength=0.52)
-    psf = psf / psf.sum()
+    psf = benchmark_psf(args.psf_shape, args.z_step, args.na)
     counts = [int(v) for v in args.lr.split(",")]
     default_range = DEFAULT_MAX_ITER["classic"]
     records = []
@@ -63,11 +60,9 @@ def main() -> None:
         truth = structure_3d(
             kind, shape, aspect=args.z_step / 0.1, seed=args.seed, density=args.density
         )
-        blurred = blur(truth, psf)
         for level in args.noise.split(","):
             started = time.perf_counter()
-            rng = np.random.default_rng(args.seed)  # as benchmarks/ssi_3d.py draws it
-            noisy = add_poisson_gaussian_noise(blurred, rng, *NOISE[level]).astype(np.float32)
+            noisy = degrade(truth, psf, level, args.seed)  # as benchmarks/ssi_3d.py does
             row = {"kind": kind, "noise": level, "seed": args.seed, "shape": list(shape)}
             row.update(density=args.density, na=args.na, z_step=args.z_step)
             row["psf_shape"] = list(psf.shape)
