@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from ssi_3d import benchmark_psf, degrade
+from ssi_3d import benchmark_psf, degrade, lr_at_counts
 
 
 def main() -> None:
@@ -48,7 +48,6 @@ def main() -> None:
 
     from ssi_dask.bench.metrics import psnr
     from ssi_dask.bench.synthetic import structure_3d
-    from ssi_dask.lr import richardson_lucy
     from ssi_dask.lr_auto import DEFAULT_MAX_ITER, choose_iterations
 
     shape = tuple(int(v) for v in args.shape.split(","))
@@ -67,11 +66,8 @@ def main() -> None:
             row.update(density=args.density, na=args.na, z_step=args.z_step)
             row["psf_shape"] = list(psf.shape)
             row["input_psnr"] = psnr(truth, np.clip(noisy, 0, 1))
-            row["lr_gain_db"] = {
-                n: psnr(truth, np.clip(richardson_lucy(noisy, psf, num_iter=n), 0, 1))
-                - row["input_psnr"]
-                for n in counts
-            }
+            scores = lr_at_counts(noisy, psf, counts, lambda x, truth=truth: psnr(truth, x))
+            row["lr_gain_db"] = {n: v - row["input_psnr"] for n, v in scores.items()}
             short = choose_iterations(noisy, psf, max_iter=default_range, seed=args.seed)
             long = choose_iterations(noisy, psf, max_iter=args.max_iter, seed=args.seed)
             errors = np.asarray(long.errors["classic"])  # index: the iteration count

@@ -114,8 +114,13 @@ def main() -> None:
     if args.null_space_weight is not None:
         options["null_space_weight"] = args.null_space_weight
     for item in args.ssi_option:
-        field, _, value = item.partition("=")
-        options[field.strip()] = json.loads(value)  # numbers, true/false, "strings", lists
+        field, equals, value = item.partition("=")
+        if not equals or not field.strip():
+            parser.error(f"--ssi-option takes FIELD=VALUE, got {item!r}")
+        try:
+            options[field.strip()] = json.loads(value)  # numbers, true/false, lists
+        except json.JSONDecodeError:
+            options[field.strip()] = value  # a bare word: a string
     if args.lr_prior:
         options["lr_prior"] = args.lr_prior if args.lr_prior == "auto" else int(args.lr_prior)
     records = []
