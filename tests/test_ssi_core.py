@@ -82,6 +82,10 @@ def test_forward_operator_matches_scipy(ndim):
     got = op.valid(torch.from_numpy(x)[None, None])[0, 0].numpy()
     ref = fftconvolve(x.astype(np.float64), psf, mode="valid")
     np.testing.assert_allclose(got, ref, atol=1e-5)
+    # full(): the whole linear convolution (P + K - 1 per axis; 23 + 5 - 1 = 27 runs at 27,
+    # 19 + 7 - 1 = 25 at 25, 17 + 3 - 1 = 19 zero-extended to 20)
+    got_full = op.full(torch.from_numpy(x)[None, None])[0, 0].numpy()
+    np.testing.assert_allclose(got_full, fftconvolve(x.astype(np.float64), psf), atol=1e-5)
     # crop() selects the input pixels aligned with valid() outputs
     assert op.crop(torch.from_numpy(x)).shape == got.shape
     got_same = op.same(torch.from_numpy(x)[None, None], mode="reflect")[0, 0].numpy()
