@@ -82,6 +82,7 @@ def main() -> None:
     parser.add_argument(
         "--lr-prior", help="SSI's lr_prior: a Lucy-Richardson iteration count or 'auto'"
     )
+    parser.add_argument("--prior-reuse", type=int, help="SSI's prior_reuse (default: the recipe's)")
     parser.add_argument("--json")
     args = parser.parse_args()
 
@@ -126,6 +127,7 @@ def main() -> None:
                     ("learning_rate", "learning_rate"),
                     ("average_fraction", "average_fraction"),
                     ("null_space_weight", "null_space_weight"),
+                    ("prior_reuse", "prior_reuse"),
                 ):
                     if getattr(args, flag) is not None:
                         options[key] = getattr(args, flag)

@@ -296,8 +296,24 @@ def refuse_lr_options(method: str, given: Mapping[str, Any]) -> None:
 #: The tuned SSI training defaults per dimensionality (:meth:`TrainingRecipe.for_ndim` fills
 #: them in; the command line's help shows them). ``levels``: the UNet's resolution levels.
 SSI_TRAINING_DEFAULTS = {
-    2: dict(patch_size=96, batch_size=16, steps=800, levels=3, base_channels=8, lr_prior="auto"),
-    3: dict(patch_size=64, batch_size=2, steps=600, levels=3, base_channels=8, lr_prior="auto"),
+    2: dict(
+        patch_size=96,
+        batch_size=16,
+        steps=800,
+        levels=3,
+        base_channels=8,
+        lr_prior="auto",
+        prior_reuse=1,
+    ),
+    3: dict(
+        patch_size=64,
+        batch_size=2,
+        steps=600,
+        levels=3,
+        base_channels=8,
+        lr_prior="auto",
+        prior_reuse=1,
+    ),
 }
 
 #: Test-time transforms (PSF symmetries averaged at inference) per dimensionality when none
@@ -421,6 +437,12 @@ class TrainingRecipe:
         level is the normalisation's offset, or, for data with noise around a zero
         background (negative values), the data's zero (see ``_prior_background`` in
         :mod:`ssi_dask.ssi.train`).
+    prior_reuse : int, optional
+        With a Lucy-Richardson prior: how many training steps each prepared sample (a patch,
+        its pixel mask and the prior of the masked patch) serves, each time under another
+        random symmetry of the PSF (which the prior commutes with). ``r`` divides the prior's
+        cost per step by ``r``; the prior dominates a 3D step. Default: the tuned value for
+        the dimensionality.
     """
 
     steps: int | None = None
@@ -456,9 +478,10 @@ class TrainingRecipe:
     forward: str = "auto"
     edges: str = "inside"
     lr_prior: int | str | None = None
+    prior_reuse: int | None = None
 
     def __post_init__(self) -> None:
-        for name in ("steps", "patch_size", "batch_size", "levels", "base_channels"):
+        for name in ("steps", "patch_size", "batch_size", "levels", "base_channels", "prior_reuse"):
             _optional_count(name, getattr(self, name), 1)
         _count("max_channels", self.max_channels, 1)
         _optional_count("validation_patches", self.validation_patches, 1)

@@ -320,3 +320,82 @@ def test_prior_restores_the_data_above_its_background():
     net.prior_psf.copy_(torch.from_numpy(psf))
     assert build_network(net.config).prior_background == 0.3
     torch.testing.assert_close(net(torch.from_numpy(y)[None, None])[0, 0], ours)
+
+
+def test_samples_served_again_keep_their_prior_under_the_psf_symmetries():
+    # prior_reuse: a prepared sample served again goes through a random symmetry of the PSF;
+    # its kept prior must then still be the prior of its (transformed) masked patch
+    from ssi_dask.ssi.masking import mask_input
+    from ssi_dask.ssi.symmetry import psf_symmetries
+    from ssi_dask.ssi.train import _PreparedSamples
+
+    psf = gaussian_psf((7, 9, 9), (1.5, 1.2, 1.2))
+    symmetries = psf_symmetries(psf)
+    assert len(symmetries) == 16  # flips of three axes, lateral swap
+    rng = np.random.default_rng(4)
+    x = torch.from_numpy(rng.random((3, 1, 12, 20, 20)).astype(np.float32))
+    m = torch.from_numpy(rng.random(x.shape) < 0.2)
+    scored = torch.from_numpy(rng.random(x.shape) < 0.9)
+    prior = LucyRichardsonPrior(psf, 5)
+    pool = _PreparedSamples(4, 8, symmetries, torch.Generator().manual_seed(0))
+    pool.add(x, scored, m, prior(mask_input(x, m), m))
+    seen = set()
+    for _ in range(8):
+        xs, ss, ms, ps = pool.again(2)
+        np.testing.assert_allclose(ps, prior(mask_input(xs, ms), ms), atol=1e-5)
+        assert xs.shape == x[:2].shape and ss.dtype == torch.bool and ms.dtype == torch.bool
+        # each sample comes back as some kept sample under some symmetry, with its own mask
+        for i in range(2):
+            seen.update(
+                (j, k)
+                for j in range(3)
+                for k, t in enumerate(symmetries)
+                if torch.equal(apply_symmetry(x[j : j + 1], t), xs[i : i + 1])
+                and torch.equal(apply_symmetry(m[j : j + 1], t), ms[i : i + 1])
+            )
+    assert len({j for j, _ in seen}) > 1 and len({k for _, k in seen}) > 4
+
+
+def apply_symmetry(x, t):
+    from ssi_dask.ssi.symmetry import apply
+
+    return apply(x, t)
+
+
+@pytest.mark.parametrize("reuse, batch", [(1, 2), (2, 2), (4, 2), (3, 16)])
+def test_prior_reuse_prepares_one_fresh_sample_per_reuse_served(reuse, batch):
+    from ssi_dask.ssi.train import _PreparedSamples
+
+    pool = _PreparedSamples(reuse, 8 * batch, [((), False)], torch.Generator().manual_seed(0))
+    fresh = []
+    for _ in range(60):
+        n = pool.fresh_count(batch)
+        fresh.append(n)
+        if n:
+            pool.add(torch.zeros(n, 1, 4, 4))
+        pool.served += batch
+    assert fresh[0] == batch  # nothing kept yet: all fresh
+    assert abs(sum(fresh) - 60 * batch / reuse) <= batch
+    assert len(pool.samples) <= 8 * batch
+
+
+def test_training_with_prior_reuse_records_it_and_checks_it():
+    psf = gaussian_psf((5, 7, 7), (1.2, 1.0, 1.0))
+    y = _blurred((16, 40, 40), psf, seed=2)
+    model = train_ssi(
+        y,
+        psf,
+        seed=0,
+        steps=8,
+        patch_size=16,
+        batch_size=2,
+        restarts=0,
+        lr_prior=3,
+        prior_reuse=4,
+    )
+    assert model.training["lr_prior"]["reuse"] == 4
+    assert np.isfinite(predict(model, y)).all()
+    plain = train_ssi(y, psf, seed=0, steps=2, patch_size=16, batch_size=2, restarts=0, lr_prior=3)
+    assert "reuse" not in plain.training["lr_prior"]  # recorded only when used
+    with pytest.raises(ParameterError, match=r"^prior_reuse must be an integer >= 1, got 0$"):
+        TrainingRecipe(prior_reuse=0)

@@ -232,6 +232,52 @@ class _WeightAverage:
         }
 
 
+class _PreparedSamples:
+    """Training samples with their Lucy-Richardson prior, each served ``reuse`` times.
+
+    A sample is a patch ``x``, its scored pixels, its pixel mask ``m`` and the prior of the
+    masked patch. The prior does not depend on the network, so a sample prepared once can
+    serve several steps; each time it is served again it goes through another random symmetry
+    of the PSF (the prior, the masked input and the forward model commute with those). The
+    samples of the last ``capacity`` fresh ones are drawn at random.
+    """
+
+    def __init__(self, reuse: int, capacity: int, symmetries: list, generator: torch.Generator):
+        self.reuse = int(reuse)
+        self.capacity = int(capacity)
+        self.symmetries = symmetries
+        self.generator = generator
+        self.samples: list[tuple[torch.Tensor, ...]] = []
+        self.served = 0  # samples served in all (fresh and again)
+
+    def fresh_count(self, batch_size: int) -> int:
+        """How many fresh samples the next batch of ``batch_size`` takes: ``batch_size /
+        reuse`` on average, all of them while nothing is kept yet."""
+        if not self.samples:
+            return batch_size
+        due = (self.served + batch_size) // self.reuse - self.served // self.reuse
+        return min(batch_size, due)
+
+    def add(self, *tensors: torch.Tensor) -> None:
+        """Keep fresh samples (``tensors``: batched, first axis the sample)."""
+        for i in range(tensors[0].shape[0]):
+            self.samples.append(tuple(t[i : i + 1] for t in tensors))
+        del self.samples[: max(len(self.samples) - self.capacity, 0)]
+
+    def again(self, n: int) -> list[torch.Tensor]:
+        """``n`` kept samples at random, each under a random symmetry (batched like ``add``)."""
+        picked = []
+        for _ in range(n):
+            sample = self.samples[
+                int(torch.randint(len(self.samples), (1,), generator=self.generator))
+            ]
+            t = self.symmetries[
+                int(torch.randint(len(self.symmetries), (1,), generator=self.generator))
+            ]
+            picked.append([apply_transform(v, t).contiguous() for v in sample])
+        return [torch.cat(parts) for parts in zip(*picked)]
+
+
 class _Validator:
     """Fixed validation patches and their J-invariant loss."""
 
@@ -750,6 +796,8 @@ def train_ssi(
         settings["lr_prior"] = dict(
             iterations=prior_iterations, requested=recipe.lr_prior, background=zero
         )
+        if recipe.prior_reuse > 1:  # recorded only when used: older models' hashes stay
+            settings["lr_prior"]["reuse"] = recipe.prior_reuse
     ctx = _RunContext(
         arch=arch,
         prior_psf=psf if prior_iterations else None,
@@ -1207,28 +1255,45 @@ def _train_run(image, recipe: TrainingRecipe, ctx: _RunContext, run: int, run_se
     heartbeat = heartbeat if getattr(report, "wants_heartbeats", False) else None
     last_line = t0
     lo_c, hi_c = ctx.clip
+    pool = None
+    if net.prior_iterations and recipe.prior_reuse > 1:
+        pool = _PreparedSamples(recipe.prior_reuse, 8 * batch_size, symmetries, gen)
     for step in range(1, steps + 1):
-        patches, origins = sampler.batch(batch_size)
-        x = torch.from_numpy((patches - offset) / scale)[:, None].to(dev, non_blocking=True)
-        vmask = np.stack(
-            [
-                validation_mask(o, patch_shape, recipe.validation_density, ctx.val_seed)
-                for o in origins
-            ]
-        )
-        vmask = torch.from_numpy(vmask)[:, None].to(dev)
-        # scored: not held out for validation, and inside the volume
-        scored = ~vmask
-        if ctx.overhang is not None:
-            inside = _inside_masks(origins, patch_shape, ctx.image_shape)
-            scored = scored & torch.from_numpy(inside)[:, None].to(dev)
-        if len(symmetries) > 1:
-            t = symmetries[int(torch.randint(len(symmetries), (1,), generator=gen))]
-            x, scored = apply_transform(x, t).contiguous(), apply_transform(scored, t).contiguous()
+        n_fresh = batch_size if pool is None else pool.fresh_count(batch_size)
         rho = rho_schedule(
             step - 1, steps, recipe.rho_start, recipe.rho_target, recipe.rho_decay_fraction
         )
-        m = bernoulli_mask(x.shape, rho, gen, dev)
+        if n_fresh:
+            patches, origins = sampler.batch(n_fresh)
+            x = torch.from_numpy((patches - offset) / scale)[:, None].to(dev, non_blocking=True)
+            vmask = np.stack(
+                [
+                    validation_mask(o, patch_shape, recipe.validation_density, ctx.val_seed)
+                    for o in origins
+                ]
+            )
+            vmask = torch.from_numpy(vmask)[:, None].to(dev)
+            # scored: not held out for validation, and inside the volume
+            scored = ~vmask
+            if ctx.overhang is not None:
+                inside = _inside_masks(origins, patch_shape, ctx.image_shape)
+                scored = scored & torch.from_numpy(inside)[:, None].to(dev)
+            if len(symmetries) > 1:
+                t = symmetries[int(torch.randint(len(symmetries), (1,), generator=gen))]
+                x = apply_transform(x, t).contiguous()
+                scored = apply_transform(scored, t).contiguous()
+            m = bernoulli_mask(x.shape, rho, gen, dev)
+        if pool is not None:  # the fresh samples' priors, then samples served again
+            prior = None
+            if n_fresh:
+                prior = net.prior(mask_input(x, m), m if PRIOR_MASK_AS_MISSING else None)
+                pool.add(x, scored, m, prior)
+            if n_fresh < batch_size:
+                kept = pool.again(batch_size - n_fresh)
+                if n_fresh:
+                    kept = [torch.cat([a, b]) for a, b in zip((x, scored, m, prior), kept)]
+                x, scored, m, prior = kept
+            pool.served += batch_size
         x_in = mask_input(x, m)
         n_noisy = 0
         if recipe.noise_penalty_weight > 0:
@@ -1241,7 +1306,11 @@ def _train_run(image, recipe: TrainingRecipe, ctx: _RunContext, run: int, run_se
         hidden = None
         if PRIOR_MASK_AS_MISSING:
             hidden = m if not n_noisy else torch.cat([m, m[:n_noisy]])
-        prior = net.prior(x_in, hidden)
+        if pool is None:
+            prior = net.prior(x_in, hidden)
+        elif n_noisy:  # the noisy copies' own priors
+            noisy_hidden = None if hidden is None else hidden[-n_noisy:]
+            prior = torch.cat([prior, net.prior(x_in[-n_noisy:], noisy_hidden)])
         with autocast():
             out = net(x_in, prior=prior)
         out = out.float()
