@@ -16,7 +16,9 @@ same data and machine in one run:
   whole, the planner's rule: there only the network's edge halo), the network run for the
   chunk only (``interior_only``, as a chunked run calls it): the cost per output voxel of a
   chunked run, the halo's context included;
-* the prior alone on that chunk (``block_prior``), and the halo.
+* the prior alone on that chunk (``block_prior``), and the halo; and the prior again with its
+  back projection as main had it before the ninth session (``valid`` of the padded ratio,
+  FFTs at ``P + 2 (K - 1)``; now a full convolution at ``P + K - 1``).
 
 Usage::
 
@@ -26,10 +28,17 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from ssi_train_speed import _previous_back_project  # noqa: E402
 
 
 def _cpu_seconds(repeats: int, fn, *args, **kwargs) -> float:
@@ -101,6 +110,15 @@ def _case(ndim: int, args, log) -> list[dict]:
         x = block.astype(np.float32)
         seconds = _cpu_seconds(args.repeats, block_prior, net, x, outside, False, dev)
         row["prior_seconds_per_chunk"] = seconds if count else 0.0
+        if count:  # the same, with the back projection of main before the ninth session
+            prior_class = importlib.import_module("ssi_dask.ssi.forward").LucyRichardsonPrior
+            saved = prior_class._back_project
+            prior_class._back_project = _previous_back_project
+            try:
+                previous = _cpu_seconds(args.repeats, block_prior, net, x, outside, False, dev)
+            finally:
+                prior_class._back_project = saved
+            row["prior_seconds_per_chunk_previous"] = previous
         row["chunk_voxels"] = int(np.prod(chunk))
         rows.append(row)
         rate = row[f"predict_tta{default_tta}_voxels_per_s"]
@@ -109,6 +127,8 @@ def _case(ndim: int, args, log) -> list[dict]:
             f" vox/s/core (tta {default_tta}), {row['predict_tta1_voxels_per_s']:.0f} (tta 1);"
             f" chunk {chunk} {row[f'chunk_tta{default_tta}_voxels_per_s']:.0f} vox/s/core;"
             f" prior {row['prior_seconds_per_chunk']:.2f} s per chunk"
+            f" ({row.get('prior_seconds_per_chunk_previous', 0.0):.2f} s with the previous"
+            " back projection)"
         )
     base = rows[0]
     for row in rows:
@@ -135,16 +155,17 @@ def main() -> None:
     print()
     print(
         "| dim | prior N | halo | predict vox/s/core (default tta) | vs no prior "
-        "| chunk vox/s/core | vs no prior | prior s/chunk |"
+        "| chunk vox/s/core | vs no prior | prior s/chunk | previous back projection |"
     )
-    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
         t = {2: 8, 3: 2}[r["ndim"]]
         print(
             f"| {r['ndim']}D | {r['prior_iterations']} | {r['halo']} | "
             f"{r[f'predict_tta{t}_voxels_per_s']:.0f} | {r[f'predict_tta{t}_vs_no_prior']:.2f} | "
             f"{r[f'chunk_tta{t}_voxels_per_s']:.0f} | {r[f'chunk_tta{t}_vs_no_prior']:.2f} | "
-            f"{r['prior_seconds_per_chunk']:.2f} |"
+            f"{r['prior_seconds_per_chunk']:.2f} | "
+            f"{r.get('prior_seconds_per_chunk_previous', 0.0):.2f} |"
         )
     if args.json:
         with open(args.json, "w") as fh:
