@@ -296,24 +296,8 @@ def refuse_lr_options(method: str, given: Mapping[str, Any]) -> None:
 #: The tuned SSI training defaults per dimensionality (:meth:`TrainingRecipe.for_ndim` fills
 #: them in; the command line's help shows them). ``levels``: the UNet's resolution levels.
 SSI_TRAINING_DEFAULTS = {
-    2: dict(
-        patch_size=96,
-        batch_size=16,
-        steps=800,
-        levels=3,
-        base_channels=8,
-        lr_prior="auto",
-        prior_reuse=1,
-    ),
-    3: dict(
-        patch_size=64,
-        batch_size=2,
-        steps=600,
-        levels=3,
-        base_channels=8,
-        lr_prior="auto",
-        prior_reuse=1,
-    ),
+    2: dict(patch_size=96, batch_size=16, steps=800, levels=3, base_channels=8, lr_prior="auto"),
+    3: dict(patch_size=64, batch_size=2, steps=600, levels=3, base_channels=8, lr_prior="auto"),
 }
 
 #: Test-time transforms (PSF symmetries averaged at inference) per dimensionality when none
@@ -437,12 +421,14 @@ class TrainingRecipe:
         level is the normalisation's offset, or, for data with noise around a zero
         background (negative values), the data's zero (see ``_prior_background`` in
         :mod:`ssi_dask.ssi.train`).
-    prior_reuse : int, optional
+    prior_reuse : int
         With a Lucy-Richardson prior: how many training steps each prepared sample (a patch,
         its pixel mask and the prior of the masked patch) serves, each time under another
         random symmetry of the PSF (which the prior commutes with). ``r`` divides the prior's
-        cost per step by ``r``; the prior dominates a 3D step. Default: the tuned value for
-        the dimensionality.
+        cost per step by ``r`` (the prior is most of a 3D step), but the network then sees
+        ``r`` times fewer masks: ``r = 4`` gave -0.85, -0.01 and -0.06 dB against ``r = 1``
+        on three 3D benchmark crops (``benchmarks/RESULTS.md``, issue 16). Default 1: every
+        sample serves one step.
     """
 
     steps: int | None = None
@@ -478,12 +464,13 @@ class TrainingRecipe:
     forward: str = "auto"
     edges: str = "inside"
     lr_prior: int | str | None = None
-    prior_reuse: int | None = None
+    prior_reuse: int = 1
 
     def __post_init__(self) -> None:
-        for name in ("steps", "patch_size", "batch_size", "levels", "base_channels", "prior_reuse"):
+        for name in ("steps", "patch_size", "batch_size", "levels", "base_channels"):
             _optional_count(name, getattr(self, name), 1)
         _count("max_channels", self.max_channels, 1)
+        _count("prior_reuse", self.prior_reuse, 1)
         _optional_count("validation_patches", self.validation_patches, 1)
         _optional_count("patience", self.patience, 1)
         _count("eval_every", self.eval_every, 1)
