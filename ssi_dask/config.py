@@ -544,6 +544,11 @@ class TrainingRecipe:
                 )
         else:
             _count("lr_prior", self.lr_prior, 0)
+        if self.prior_reuse > 1 and self.lr_prior == 0:
+            raise ParameterError(
+                f"prior_reuse={self.prior_reuse} needs a Lucy-Richardson prior, got lr_prior=0; "
+                "give lr_prior='auto' or a count, or leave prior_reuse at 1"
+            )
         if self.edges not in EDGE_MODES:
             raise ParameterError(
                 f"edges must be one of {', '.join(EDGE_MODES)}, got {self.edges!r}"

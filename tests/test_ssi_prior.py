@@ -399,3 +399,5 @@ def test_training_with_prior_reuse_records_it_and_checks_it():
     assert "reuse" not in plain.training["lr_prior"]  # recorded only when used
     with pytest.raises(ParameterError, match=r"^prior_reuse must be an integer >= 1, got 0$"):
         TrainingRecipe(prior_reuse=0)
+    with pytest.raises(ParameterError, match=r"^prior_reuse=2 needs a Lucy-Richardson prior"):
+        TrainingRecipe(prior_reuse=2, lr_prior=0)
