@@ -28,7 +28,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import sys
 import time
@@ -38,7 +37,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from ssi_train_speed import _previous_back_project  # noqa: E402
+from ssi_train_speed import _restore, _set_path  # noqa: E402
 
 
 def _cpu_seconds(repeats: int, fn, *args, **kwargs) -> float:
@@ -111,13 +110,11 @@ def _case(ndim: int, args, log) -> list[dict]:
         seconds = _cpu_seconds(args.repeats, block_prior, net, x, outside, False, dev)
         row["prior_seconds_per_chunk"] = seconds if count else 0.0
         if count:  # the same, with the back projection of main before the ninth session
-            prior_class = importlib.import_module("ssi_dask.ssi.forward").LucyRichardsonPrior
-            saved = prior_class._back_project
-            prior_class._back_project = _previous_back_project
+            saved = _set_path("previous")
             try:
                 previous = _cpu_seconds(args.repeats, block_prior, net, x, outside, False, dev)
             finally:
-                prior_class._back_project = saved
+                _restore(saved)
             row["prior_seconds_per_chunk_previous"] = previous
         row["chunk_voxels"] = int(np.prod(chunk))
         rows.append(row)
