@@ -82,6 +82,9 @@ def main() -> None:
     parser.add_argument(
         "--lr-prior", help="SSI's lr_prior: a Lucy-Richardson iteration count or 'auto'"
     )
+    parser.add_argument(
+        "--lr-prior-max-iter", type=int, help="SSI's lr_prior_max_iter (default: the recipe's)"
+    )
     parser.add_argument("--prior-reuse", type=int, help="SSI's prior_reuse (default: the recipe's)")
     parser.add_argument("--json")
     args = parser.parse_args()
@@ -128,6 +131,7 @@ def main() -> None:
                     ("average_fraction", "average_fraction"),
                     ("null_space_weight", "null_space_weight"),
                     ("prior_reuse", "prior_reuse"),
+                    ("lr_prior_max_iter", "lr_prior_max_iter"),
                 ):
                     if getattr(args, flag) is not None:
                         options[key] = getattr(args, flag)

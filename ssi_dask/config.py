@@ -296,8 +296,24 @@ def refuse_lr_options(method: str, given: Mapping[str, Any]) -> None:
 #: The tuned SSI training defaults per dimensionality (:meth:`TrainingRecipe.for_ndim` fills
 #: them in; the command line's help shows them). ``levels``: the UNet's resolution levels.
 SSI_TRAINING_DEFAULTS = {
-    2: dict(patch_size=96, batch_size=16, steps=800, levels=3, base_channels=8, lr_prior="auto"),
-    3: dict(patch_size=64, batch_size=2, steps=600, levels=3, base_channels=8, lr_prior="auto"),
+    2: dict(
+        patch_size=96,
+        batch_size=16,
+        steps=800,
+        levels=3,
+        base_channels=8,
+        lr_prior="auto",
+        lr_prior_max_iter=50,
+    ),
+    3: dict(
+        patch_size=64,
+        batch_size=2,
+        steps=600,
+        levels=3,
+        base_channels=8,
+        lr_prior="auto",
+        lr_prior_max_iter=200,
+    ),
 }
 
 #: Test-time transforms (PSF symmetries averaged at inference) per dimensionality when none
@@ -421,6 +437,11 @@ class TrainingRecipe:
         level is the normalisation's offset, or, for data with noise around a zero
         background (negative values), the data's zero (see ``_prior_background`` in
         :mod:`ssi_dask.ssi.train`).
+    lr_prior_max_iter : int
+        With ``lr_prior="auto"``: the largest iteration count the hold-out rule scores.
+        Default: 50 in 2D (the range of ``--iterations auto``), 200 in 3D, where the rule's
+        count reaches 50 on most volumes of the 3D benchmark and LR's best count is 100-200
+        (``benchmarks/RESULTS.md``, issue 16).
     prior_reuse : int
         With a Lucy-Richardson prior: how many training steps each prepared sample (a patch,
         its pixel mask and the prior of the masked patch) serves, each time under another
@@ -464,6 +485,7 @@ class TrainingRecipe:
     forward: str = "auto"
     edges: str = "inside"
     lr_prior: int | str | None = None
+    lr_prior_max_iter: int | None = None
     prior_reuse: int = 1
 
     def __post_init__(self) -> None:
@@ -471,6 +493,7 @@ class TrainingRecipe:
             _optional_count(name, getattr(self, name), 1)
         _count("max_channels", self.max_channels, 1)
         _count("prior_reuse", self.prior_reuse, 1)
+        _optional_count("lr_prior_max_iter", self.lr_prior_max_iter, 1)
         _optional_count("validation_patches", self.validation_patches, 1)
         _optional_count("patience", self.patience, 1)
         _count("eval_every", self.eval_every, 1)

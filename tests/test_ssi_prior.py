@@ -211,6 +211,7 @@ def test_auto_prior_uses_the_hold_out_choice():
         "iterations": expected,
         "requested": "auto",
         "background": zero,
+        "max_iter": TrainingRecipe().for_ndim(2).lr_prior_max_iter,
     }
     pool = RegionPool([y[:32, :32], y[32:, 32:]], [(0, 0), (32, 32)], y.shape)
     model = train_ssi(pool, psf, seed=2, steps=2, patch_size=32, restarts=0, lr_prior="auto")
@@ -220,6 +221,23 @@ def test_auto_prior_uses_the_hold_out_choice():
         for i, r in enumerate(pool.regions)
     ]
     assert model.training["lr_prior"]["iterations"] == int(np.median(counts))
+
+
+def test_auto_prior_scores_counts_up_to_lr_prior_max_iter():
+    psf = gaussian_psf((9, 9), 1.6)
+    y = _blurred((64, 64), psf, seed=5, noise=0.0005)
+    counts = {}
+    for cap in (2, 200):
+        model = train_ssi(y, psf, seed=2, steps=2, patch_size=32, restarts=0, lr_prior_max_iter=cap)
+        zero = np.float32(model.training["lr_prior"]["background"])
+        expected = choose_iterations(y - zero, psf / psf.sum(), seed=2, max_iter=cap).num_iter
+        counts[cap] = model.training["lr_prior"]["iterations"]
+        assert counts[cap] == expected
+    assert counts[2] <= 2 < counts[200]  # the cap binds at 2 and not at 200
+    with pytest.raises(ParameterError, match=r"^lr_prior_max_iter must be an integer >= 1, got 0$"):
+        TrainingRecipe(lr_prior_max_iter=0)
+    assert TrainingRecipe().for_ndim(2).lr_prior_max_iter == 50
+    assert TrainingRecipe().for_ndim(3).lr_prior_max_iter == 200
 
 
 def test_prior_zero_is_the_datas_zero_under_zero_centred_noise():

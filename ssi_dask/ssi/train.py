@@ -786,7 +786,9 @@ def train_ssi(
         else 0.0
     )
     zero = lo + prior_background * scale  # the prior's zero in the image's units
-    prior_iterations = _prior_iterations(recipe.lr_prior, image, psf, seed, zero)
+    prior_iterations = _prior_iterations(
+        recipe.lr_prior, image, psf, seed, zero, max_iter=recipe.lr_prior_max_iter
+    )
     if prior_iterations:  # recorded only when used: older models' hashes stay as they were
         arch.update(
             prior_iterations=prior_iterations,
@@ -796,6 +798,8 @@ def train_ssi(
         settings["lr_prior"] = dict(
             iterations=prior_iterations, requested=recipe.lr_prior, background=zero
         )
+        if recipe.lr_prior == "auto":
+            settings["lr_prior"]["max_iter"] = recipe.lr_prior_max_iter
         if recipe.prior_reuse > 1:  # recorded only when used: older models' hashes stay
             settings["lr_prior"]["reuse"] = recipe.prior_reuse
     ctx = _RunContext(
@@ -931,11 +935,14 @@ def train_ssi(
     return SSIModel(net, normalisation, psf, settings, log)
 
 
-def _prior_iterations(lr_prior, image, psf: np.ndarray, seed: int, zero: float = 0.0) -> int:
+def _prior_iterations(
+    lr_prior, image, psf: np.ndarray, seed: int, zero: float = 0.0, max_iter: int = 50
+) -> int:
     """The Lucy-Richardson prior's iteration count.
 
     ``lr_prior="auto"``: chosen from the image minus the prior's zero level ``zero`` by the
-    J-invariant hold-out criterion of :func:`ssi_dask.lr_auto.choose_iterations`; for a
+    J-invariant hold-out criterion of :func:`ssi_dask.lr_auto.choose_iterations` over counts
+    1 to ``max_iter``; for a
     :class:`~ssi_dask.ssi.regions.RegionPool`, the median of the counts chosen on up to
     :data:`PRIOR_AUTO_REGIONS` of its regions.
     """
@@ -946,11 +953,15 @@ def _prior_iterations(lr_prior, image, psf: np.ndarray, seed: int, zero: float =
     level = np.float32(zero)
     if hasattr(image, "regions"):
         counts = [
-            choose_iterations(np.asarray(region) - level, psf, n_samples=1, seed=seed + i).num_iter
+            choose_iterations(
+                np.asarray(region) - level, psf, n_samples=1, seed=seed + i, max_iter=max_iter
+            ).num_iter
             for i, region in enumerate(image.regions[:PRIOR_AUTO_REGIONS])
         ]
         return int(np.median(counts))
-    return int(choose_iterations(np.asarray(image) - level, psf, seed=seed).num_iter)
+    return int(
+        choose_iterations(np.asarray(image) - level, psf, seed=seed, max_iter=max_iter).num_iter
+    )
 
 
 def _prior_background(
