@@ -44,7 +44,7 @@ def prior_counts(noisy: np.ndarray, psf: np.ndarray, seed: int, caps: list[int])
     original_rule, original_count = lr_auto.choose_iterations, train._prior_iterations
     found: dict = {}
 
-    def hook(lr_prior, image, psf, seed, zero=0.0, max_iter=50):
+    def hook(lr_prior, image, psf, seed, zero, max_iter):  # max_iter: replaced by each cap
         for cap in caps:
             curves = []
 

@@ -437,7 +437,7 @@ class TrainingRecipe:
         level is the normalisation's offset, or, for data with noise around a zero
         background (negative values), the data's zero (see ``_prior_background`` in
         :mod:`ssi_dask.ssi.train`).
-    lr_prior_max_iter : int
+    lr_prior_max_iter : int, optional
         With ``lr_prior="auto"``: the largest iteration count the hold-out rule scores.
         Default: 50 in 2D (the range of ``--iterations auto``), 200 in 3D, where the rule's
         count reaches 50 on most volumes of the 3D benchmark and LR's best count is 100-200

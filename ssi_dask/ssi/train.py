@@ -787,7 +787,7 @@ def train_ssi(
     )
     zero = lo + prior_background * scale  # the prior's zero in the image's units
     prior_iterations = _prior_iterations(
-        recipe.lr_prior, image, psf, seed, zero, max_iter=recipe.lr_prior_max_iter
+        recipe.lr_prior, image, psf, seed, zero, recipe.lr_prior_max_iter
     )
     if prior_iterations:  # recorded only when used: older models' hashes stay as they were
         arch.update(
@@ -936,13 +936,13 @@ def train_ssi(
 
 
 def _prior_iterations(
-    lr_prior, image, psf: np.ndarray, seed: int, zero: float = 0.0, max_iter: int = 50
+    lr_prior, image, psf: np.ndarray, seed: int, zero: float, max_iter: int
 ) -> int:
     """The Lucy-Richardson prior's iteration count.
 
     ``lr_prior="auto"``: chosen from the image minus the prior's zero level ``zero`` by the
     J-invariant hold-out criterion of :func:`ssi_dask.lr_auto.choose_iterations` over counts
-    1 to ``max_iter``; for a
+    1 to ``max_iter`` (the recipe's ``lr_prior_max_iter``); for a
     :class:`~ssi_dask.ssi.regions.RegionPool`, the median of the counts chosen on up to
     :data:`PRIOR_AUTO_REGIONS` of its regions.
     """
