@@ -85,6 +85,7 @@ def main() -> None:
     parser.add_argument(
         "--lr-prior-max-iter", type=int, help="SSI's lr_prior_max_iter (default: the recipe's)"
     )
+    parser.add_argument("--lr-prior-rule", choices=("one-se", "paired"), help="SSI's lr_prior_rule")
     parser.add_argument("--prior-reuse", type=int, help="SSI's prior_reuse (default: the recipe's)")
     parser.add_argument("--json")
     args = parser.parse_args()
@@ -132,6 +133,7 @@ def main() -> None:
                     ("null_space_weight", "null_space_weight"),
                     ("prior_reuse", "prior_reuse"),
                     ("lr_prior_max_iter", "lr_prior_max_iter"),
+                    ("lr_prior_rule", "lr_prior_rule"),
                 ):
                     if getattr(args, flag) is not None:
                         options[key] = getattr(args, flag)

@@ -293,6 +293,9 @@ def refuse_lr_options(method: str, given: Mapping[str, Any]) -> None:
         )
 
 
+#: Rules of the hold-out count choice (``rule`` of :func:`ssi_dask.lr_auto.choose_iterations`).
+PRIOR_RULES = ("one-se", "paired")
+
 #: The tuned SSI training defaults per dimensionality (:meth:`TrainingRecipe.for_ndim` fills
 #: them in; the command line's help shows them). ``levels``: the UNet's resolution levels.
 SSI_TRAINING_DEFAULTS = {
@@ -304,6 +307,7 @@ SSI_TRAINING_DEFAULTS = {
         base_channels=8,
         lr_prior="auto",
         lr_prior_max_iter=50,
+        lr_prior_rule="one-se",
     ),
     3: dict(
         patch_size=64,
@@ -313,6 +317,7 @@ SSI_TRAINING_DEFAULTS = {
         base_channels=8,
         lr_prior="auto",
         lr_prior_max_iter=200,
+        lr_prior_rule="one-se",
     ),
 }
 
@@ -442,6 +447,12 @@ class TrainingRecipe:
         Default: 50 in 2D (the range of ``--iterations auto``), 200 in 3D, where the rule's
         count reaches 50 on most volumes of the 3D benchmark and LR's best count is 100-200
         (``benchmarks/RESULTS.md``, issue 16).
+    lr_prior_rule : {"one-se", "paired"}, optional
+        With ``lr_prior="auto"``: how far below the hold-out error's minimum the count may go
+        (``rule`` of :func:`ssi_dask.lr_auto.choose_iterations`): ``"one-se"``, the fewest
+        iterations within one standard error of the minimum's mean error; ``"paired"``, the
+        fewest whose error exceeds the best count's by at most one standard error of their
+        per-pixel difference (stops closer to the minimum). Default: ``"one-se"``.
     prior_reuse : int
         With a Lucy-Richardson prior: how many training steps each prepared sample (a patch,
         its pixel mask and the prior of the masked patch) serves, each time under another
@@ -486,6 +497,7 @@ class TrainingRecipe:
     edges: str = "inside"
     lr_prior: int | str | None = None
     lr_prior_max_iter: int | None = None
+    lr_prior_rule: str | None = None
     prior_reuse: int = 1
 
     def __post_init__(self) -> None:
@@ -494,6 +506,10 @@ class TrainingRecipe:
         _count("max_channels", self.max_channels, 1)
         _count("prior_reuse", self.prior_reuse, 1)
         _optional_count("lr_prior_max_iter", self.lr_prior_max_iter, 1)
+        if self.lr_prior_rule not in (None, *PRIOR_RULES):
+            raise ParameterError(
+                f"lr_prior_rule must be one of {', '.join(PRIOR_RULES)}, got {self.lr_prior_rule!r}"
+            )
         _optional_count("validation_patches", self.validation_patches, 1)
         _optional_count("patience", self.patience, 1)
         _count("eval_every", self.eval_every, 1)

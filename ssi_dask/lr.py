@@ -776,6 +776,7 @@ class RLPlan(LinearConvolver):
         *,
         eps: float = 1e-6,
         workers: int = -1,
+        per_pixel: bool = False,
     ) -> np.ndarray:
         """Prediction errors of held-out pixels after 0, 1, ..., ``num_iter`` iterations.
 
@@ -800,6 +801,9 @@ class RLPlan(LinearConvolver):
             Pixels to hold out, the image's shape.
         num_iter : int
             Largest iteration count scored.
+        per_pixel : bool
+            Return every held-out pixel's squared error instead of the sums (for paired
+            comparisons between counts).
 
         Returns
         -------
@@ -807,6 +811,8 @@ class RLPlan(LinearConvolver):
             ``float64`` array of shape ``(num_iter + 1, 2)``: row ``n`` (after ``n``
             iterations) holds the sum over the held-out pixels of the squared prediction
             errors ``e^2`` and the sum of ``e^4`` (for the criterion's standard error).
+            With ``per_pixel``: ``float32`` array of shape ``(num_iter + 1, held-out pixels)``
+            of the squared errors ``e^2``.
         """
         xp = self.xp
         self._check_shape(image)
@@ -821,11 +827,14 @@ class RLPlan(LinearConvolver):
                 f"{self.image_shape}; pass a mask of the image's shape"
             )
         keep = (~held).astype(xp.float32)
-        errors: list[tuple[float, float]] = []
+        errors: list[Any] = []
 
         def score(blurred_img: Any) -> None:
             squared = (blurred_img - y)[held].astype(xp.float64) ** 2
-            errors.append((float(squared.sum()), float((squared**2).sum())))
+            if per_pixel:
+                errors.append(_to_module(squared.astype(xp.float32), np))
+            else:
+                errors.append((float(squared.sum()), float((squared**2).sum())))
 
         x = self._iterate(
             _non_negative_data(y, xp),  # the estimate sees negative values as 0, as in deconvolve
@@ -837,6 +846,8 @@ class RLPlan(LinearConvolver):
             on_blurred=score,
         )
         score(self.convolve_work(x)[self.image_slices])
+        if per_pixel:
+            return np.stack(errors)
         return np.asarray(errors, dtype=np.float64)
 
     def convolve_work(self, work: Any) -> Any:

@@ -37,7 +37,7 @@ from typing import Any
 import dask
 import numpy as np
 
-from .config import DEFAULT_AUTO_MAX_ITER, DEFAULT_AUTO_SAMPLES
+from .config import DEFAULT_AUTO_MAX_ITER, DEFAULT_AUTO_SAMPLES, PRIOR_RULES
 from .errors import ParameterError
 from .lr import (
     _check_edge_threshold,
@@ -49,10 +49,12 @@ from .lr import (
 
 __all__ = [
     "AutoChoice",
+    "CHOICE_RULES",
     "DEFAULT_ALPHAS",
     "DEFAULT_MAX_ITER",
     "choose_iterations",
     "holdout_errors",
+    "holdout_products",
     "sample_slices",
 ]
 
@@ -60,6 +62,8 @@ __all__ = [
 DEFAULT_MAX_ITER = DEFAULT_AUTO_MAX_ITER  # defined in ssi_dask.config
 #: Wiener alphas tried by default (Wiener-Butterworth).
 DEFAULT_ALPHAS = (0.003, 0.01, 0.03, 0.1, 0.3)
+#: Rules for the count below the hold-out error's minimum (see :func:`choose_iterations`).
+CHOICE_RULES = PRIOR_RULES  # defined in ssi_dask.config
 #: Size of a sampled chunk per dimensionality (capped at the volume's shape).
 SAMPLE_SHAPE = {2: (256, 256), 3: (64, 128, 128)}
 
@@ -81,7 +85,7 @@ class AutoChoice:
         or the alpha as a string, value a list indexed by the iteration count (0 .. max).
     samples : list of list of int
         Start index of each sampled chunk.
-    sample_shape, density, n_masks, seed, max_iter
+    sample_shape, density, n_masks, seed, max_iter, rule
         The settings used.
     """
 
@@ -96,6 +100,7 @@ class AutoChoice:
     seed: int
     max_iter: int
     held_out_pixels: int = field(default=0)
+    rule: str = field(default="one-se")
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-friendly record for the output's provenance."""
@@ -111,6 +116,7 @@ class AutoChoice:
             "n_masks": self.n_masks,
             "seed": self.seed,
             "held_out_pixels": self.held_out_pixels,
+            "rule": self.rule,
             "errors": {k: [float(f"{v:.6g}") for v in vals] for k, vals in self.errors.items()},
         }
 
@@ -182,6 +188,67 @@ def holdout_errors(
     return total, count
 
 
+def holdout_products(
+    block: np.ndarray,
+    psf: np.ndarray,
+    *,
+    max_iter: int,
+    density: float = 0.05,
+    n_masks: int = 2,
+    seed: int = 0,
+    back_projector: str = "classic",
+    edge_threshold: float = 1e-3,
+    eps: float = 1e-6,
+    workers: int = 1,
+    **back_projector_options: Any,
+) -> tuple[np.ndarray, int]:
+    """Sums and products of held-out pixels' squared errors of one block, for paired comparisons.
+
+    As :func:`holdout_errors` (same masks for the same ``seed``), but returns the matrix
+    ``G[n, m] = sum_j e_n(j)^2 e_m(j)^2`` over the held-out pixels ``j`` with one extra first
+    column holding ``sum_j e_n(j)^2`` (shape ``(max_iter + 1, max_iter + 2)``) and the number
+    of held-out pixels: from them the standard error of the *difference* between two counts'
+    mean errors follows (the noise common to both cancels). A pure per-block function.
+    """
+    block = np.ascontiguousarray(block, dtype=np.float32)
+    spec = resolve_back_projector(psf, back_projector, **back_projector_options)
+    plan = get_plan(psf, tuple(block.shape), edge_threshold=edge_threshold, back_projector=spec)
+    rng = np.random.default_rng(seed)
+    total = np.zeros((max_iter + 1, max_iter + 2), dtype=np.float64)
+    count = 0
+    for _ in range(n_masks):
+        held = rng.random(block.shape) < density
+        squared = plan.holdout_errors(
+            block, held, max_iter, eps=eps, workers=workers, per_pixel=True
+        ).astype(np.float64)
+        total[:, 0] += squared.sum(axis=1)
+        total[:, 1:] += squared @ squared.T
+        count += int(held.sum())
+    return total, count
+
+
+def _paired_choice(
+    sums: dict[str, np.ndarray], candidates: list[float | None], held_out: int
+) -> tuple[str, int, float | None]:
+    """The alpha of the smallest mean error, then the fewest iterations whose mean error is
+    not above the best count's by more than one standard error of the paired difference."""
+    count = max(held_out, 1)
+    table = []
+    for alpha in candidates:
+        key = "classic" if alpha is None else f"{alpha:g}"
+        mean = sums[key][:, 0] / count
+        table += [(float(mean[n]), n, alpha, key) for n in range(1, mean.size)]
+    best_mean, best_n, best_alpha, best_key = min(table, key=lambda row: row[0])
+    mean = sums[best_key][:, 0] / count
+    gram = sums[best_key][:, 1:] / count
+    diagonal = np.diag(gram)
+    difference = mean - best_mean
+    variance = diagonal - 2 * gram[:, best_n] + gram[best_n, best_n] - difference**2
+    standard_error = np.sqrt(np.maximum(variance, 0.0) / count)
+    n = next(n for n in range(1, mean.size) if difference[n] <= standard_error[n])
+    return best_key, n, best_alpha
+
+
 def _one_standard_error_choice(
     sums: dict[str, np.ndarray], candidates: list[float | None], held_out: int
 ) -> tuple[str, int, float | None]:
@@ -220,6 +287,7 @@ def choose_iterations(
     seed: int = 0,
     edge_threshold: float = 1e-3,
     eps: float = 1e-6,
+    rule: str = "one-se",
     **back_projector_options: Any,
 ) -> AutoChoice:
     """Choose the iteration count (and Wiener alpha) for a volume without ground truth.
@@ -251,6 +319,12 @@ def choose_iterations(
         Seed of the chunk positions and the masks.
     edge_threshold, eps
         As in :func:`ssi_dask.lr.richardson_lucy`.
+    rule : {"one-se", "paired"}
+        How far below the minimum the count may go: ``"one-se"`` takes the fewest iterations
+        whose mean error lies within one standard error (of the mean) of the minimum;
+        ``"paired"`` the fewest whose mean error exceeds the minimum's by no more than one
+        standard error of the per-pixel *difference* to the best count (the noise common to
+        both cancels, so it stops closer to the minimum).
     **back_projector_options
         ``butterworth_order`` and ``cutoff`` (Wiener-Butterworth).
 
@@ -284,6 +358,9 @@ def choose_iterations(
     if density >= 0.5:
         raise ParameterError(f"density must be below 0.5 (a fraction held out), got {density}")
     _check_edge_threshold(edge_threshold)
+    if rule not in CHOICE_RULES:
+        raise ParameterError(f"rule must be one of {', '.join(CHOICE_RULES)}, got {rule!r}")
+    score_block = holdout_products if rule == "paired" else holdout_errors
     if alphas is not None and not wb:
         raise ParameterError("alphas only apply to the Wiener-Butterworth back projector")
     if wb:
@@ -314,7 +391,7 @@ def choose_iterations(
         for alpha in candidates:
             extra = {"wiener_alpha": alpha, **options} if wb else {}
             tasks.append(
-                dask.delayed(holdout_errors)(
+                dask.delayed(score_block)(
                     block,
                     psf_key,
                     max_iter=max_iter,
@@ -336,7 +413,8 @@ def choose_iterations(
         sums[key] = sums.get(key, 0) + err
         if index % len(candidates) == 0:
             held_out += count
-    _, best_n, chosen_alpha = _one_standard_error_choice(sums, candidates, held_out)
+    choice = _paired_choice if rule == "paired" else _one_standard_error_choice
+    _, best_n, chosen_alpha = choice(sums, candidates, held_out)
     return AutoChoice(
         num_iter=best_n,
         wiener_alpha=chosen_alpha,
@@ -349,6 +427,7 @@ def choose_iterations(
         seed=seed,
         max_iter=max_iter,
         held_out_pixels=held_out,
+        rule=rule,
     )
 
 

@@ -12,7 +12,12 @@ from ssi_dask.bench.metrics import psnr
 from ssi_dask.bench.synthetic import degrade
 from ssi_dask.errors import ParameterError
 from ssi_dask.lr import get_plan, resolve_back_projector, richardson_lucy
-from ssi_dask.lr_auto import choose_iterations, sample_slices
+from ssi_dask.lr_auto import (
+    choose_iterations,
+    holdout_errors,
+    holdout_products,
+    sample_slices,
+)
 
 
 def gaussian_psf(shape, sigmas):
@@ -174,6 +179,7 @@ def test_deconvolve_auto_records_the_choice(psf):
         ({"max_iter": 0}, "max_iter must be an integer >= 1, got 0"),
         ({"density": 0.6}, "density must be below 0.5 (a fraction held out), got 0.6"),
         ({"n_samples": 0}, "n_samples must be an integer >= 1, got 0"),
+        ({"rule": "minimum"}, "rule must be one of one-se, paired, got 'minimum'"),
         (
             {"alphas": (0.1,)},
             "alphas only apply to the Wiener-Butterworth back projector",
@@ -200,3 +206,72 @@ def test_deconvolve_rejects_bad_iterations(psf):
     with pytest.raises(ParameterError) as info:
         deconvolve(image, psf, num_iter=3, back_projector="wb")
     assert "unknown back projector 'wb'" in str(info.value)
+
+
+def reference_held_out_squared_errors(image, psf, num_iter, keep):
+    """Per-pixel squared errors of the held-out pixels after each iteration (float64 reference).
+
+    The estimate sees negative values as 0; the predictions are scored against the image.
+    """
+    y = np.asarray(image, np.float64)
+    seen = np.maximum(y, 0)
+    h = np.asarray(psf, np.float64) / np.sum(psf)
+    h_flip = h[(slice(None, None, -1),) * h.ndim]
+    weights = fftconvolve(keep.astype(np.float64), h_flip, mode="full")
+    ok = weights > 1e-3 * weights.max()
+    inv_w = np.where(ok, 1.0 / np.where(ok, weights, 1.0), 0.0)
+    x = np.full(tuple(n + k - 1 for n, k in zip(y.shape, h.shape)), seen[keep].mean())
+    rows = []
+    for _ in range(num_iter + 1):
+        blurred = fftconvolve(x, h, mode="valid")
+        rows.append((blurred - y)[~keep] ** 2)
+        x = x * fftconvolve(keep * seen / np.maximum(blurred, 1e-6), h_flip, mode="full") * inv_w
+    return np.asarray(rows)
+
+
+def test_paired_rule_matches_a_by_hand_choice_and_stops_nearer_the_minimum():
+    rng = np.random.default_rng(4)
+    psf = gaussian_psf((9, 9), (1.8, 1.8))
+    truth = gaussian_filter((rng.random((96, 96)) > 0.97).astype(np.float64), 0.7) * 4 + 0.05
+    image = fftconvolve(truth, psf, mode="same") + rng.normal(0, 0.08, truth.shape)
+    image = image.astype(np.float32)
+    max_iter, density, n_masks, seed = 60, 0.05, 2, 3
+    paired = choose_iterations(image, psf, max_iter=max_iter, n_samples=1, seed=seed, rule="paired")
+    one_se = choose_iterations(image, psf, max_iter=max_iter, n_samples=1, seed=seed)
+    # by hand: the same masks (choose_iterations seeds sample i's masks with seed * 1000 + i)
+    masks = np.random.default_rng(seed * 1000)
+    squared = np.concatenate(
+        [
+            reference_held_out_squared_errors(
+                image, psf, max_iter, ~(masks.random(image.shape) < density)
+            )
+            for _ in range(n_masks)
+        ],
+        axis=1,
+    )
+    mean = squared.mean(axis=1)
+    best = int(np.argmin(mean[1:])) + 1
+    chosen = None
+    for n in range(1, max_iter + 1):
+        difference = squared[n] - squared[best]
+        if difference.mean() <= difference.std() / np.sqrt(difference.size):
+            chosen = n
+            break
+    assert paired.num_iter == chosen and paired.rule == "paired"
+    assert paired.as_dict()["rule"] == "paired" and one_se.rule == "one-se"
+    np.testing.assert_allclose(paired.errors["classic"], mean, rtol=1e-4)
+    # an interior minimum (25 here) and the paired rule stops between the one-standard-error
+    # count (6) and it (13)
+    assert one_se.num_iter < paired.num_iter < best < max_iter
+
+
+def test_holdout_products_agree_with_holdout_errors():
+    rng = np.random.default_rng(1)
+    psf = gaussian_psf((7, 7), (1.5, 1.5))
+    block = (fftconvolve(rng.random((48, 40)), psf, mode="same") + 0.1).astype(np.float32)
+    sums, count = holdout_errors(block, psf, max_iter=12, seed=5)
+    products, same_count = holdout_products(block, psf, max_iter=12, seed=5)
+    assert products.shape == (13, 14) and same_count == count
+    np.testing.assert_allclose(products[:, 0], sums[:, 0], rtol=1e-5)
+    np.testing.assert_allclose(np.diag(products[:, 1:]), sums[:, 1], rtol=1e-5)
+    np.testing.assert_allclose(products[:, 1:], products[:, 1:].T, rtol=1e-12)

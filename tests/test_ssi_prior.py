@@ -240,6 +240,22 @@ def test_auto_prior_scores_counts_up_to_lr_prior_max_iter():
     assert TrainingRecipe().for_ndim(3).lr_prior_max_iter == 200
 
 
+def test_auto_prior_paired_rule_is_the_hold_out_rules_and_recorded():
+    psf = gaussian_psf((9, 9), 1.6)
+    y = _blurred((64, 64), psf, seed=5, noise=0.002)
+    model = train_ssi(y, psf, seed=2, steps=2, patch_size=32, restarts=0, lr_prior_rule="paired")
+    zero = np.float32(model.training["lr_prior"]["background"])
+    paired = choose_iterations(y - zero, psf / psf.sum(), seed=2, rule="paired").num_iter
+    one_se = choose_iterations(y - zero, psf / psf.sum(), seed=2).num_iter
+    assert model.training["lr_prior"]["iterations"] == paired > one_se  # the rule matters here
+    assert model.training["lr_prior"]["rule"] == "paired"
+    with pytest.raises(
+        ParameterError, match=r"^lr_prior_rule must be one of one-se, paired, got 'plain'$"
+    ):
+        TrainingRecipe(lr_prior_rule="plain")
+    assert TrainingRecipe().for_ndim(2).lr_prior_rule == "one-se"
+
+
 def test_prior_zero_is_the_datas_zero_under_zero_centred_noise():
     # noise around a zero background (no pedestal, not clipped): the normalisation's offset
     # lies ~3.7 sigmas below zero; the prior restores the data above their own zero instead

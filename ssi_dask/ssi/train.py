@@ -787,7 +787,7 @@ def train_ssi(
     )
     zero = lo + prior_background * scale  # the prior's zero in the image's units
     prior_iterations = _prior_iterations(
-        recipe.lr_prior, image, psf, seed, zero, recipe.lr_prior_max_iter
+        recipe.lr_prior, image, psf, seed, zero, recipe.lr_prior_max_iter, recipe.lr_prior_rule
     )
     if prior_iterations:  # recorded only when used: older models' hashes stay as they were
         arch.update(
@@ -800,6 +800,8 @@ def train_ssi(
         )
         if recipe.lr_prior == "auto":
             settings["lr_prior"]["max_iter"] = recipe.lr_prior_max_iter
+            if recipe.lr_prior_rule != "one-se":  # recorded only when used (older hashes stay)
+                settings["lr_prior"]["rule"] = recipe.lr_prior_rule
         if recipe.prior_reuse > 1:  # recorded only when used: older models' hashes stay
             settings["lr_prior"]["reuse"] = recipe.prior_reuse
     ctx = _RunContext(
@@ -936,13 +938,14 @@ def train_ssi(
 
 
 def _prior_iterations(
-    lr_prior, image, psf: np.ndarray, seed: int, zero: float, max_iter: int
+    lr_prior, image, psf: np.ndarray, seed: int, zero: float, max_iter: int, rule: str
 ) -> int:
     """The Lucy-Richardson prior's iteration count.
 
     ``lr_prior="auto"``: chosen from the image minus the prior's zero level ``zero`` by the
     J-invariant hold-out criterion of :func:`ssi_dask.lr_auto.choose_iterations` over counts
-    1 to ``max_iter`` (the recipe's ``lr_prior_max_iter``); for a
+    1 to ``max_iter`` (the recipe's ``lr_prior_max_iter``) with its ``rule`` (the recipe's
+    ``lr_prior_rule``); for a
     :class:`~ssi_dask.ssi.regions.RegionPool`, the median of the counts chosen on up to
     :data:`PRIOR_AUTO_REGIONS` of its regions.
     """
@@ -954,13 +957,20 @@ def _prior_iterations(
     if hasattr(image, "regions"):
         counts = [
             choose_iterations(
-                np.asarray(region) - level, psf, n_samples=1, seed=seed + i, max_iter=max_iter
+                np.asarray(region) - level,
+                psf,
+                n_samples=1,
+                seed=seed + i,
+                max_iter=max_iter,
+                rule=rule,
             ).num_iter
             for i, region in enumerate(image.regions[:PRIOR_AUTO_REGIONS])
         ]
         return int(np.median(counts))
     return int(
-        choose_iterations(np.asarray(image) - level, psf, seed=seed, max_iter=max_iter).num_iter
+        choose_iterations(
+            np.asarray(image) - level, psf, seed=seed, max_iter=max_iter, rule=rule
+        ).num_iter
     )
 
 
