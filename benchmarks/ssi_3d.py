@@ -86,6 +86,11 @@ def main() -> None:
         "--lr-prior-max-iter", type=int, help="SSI's lr_prior_max_iter (default: the recipe's)"
     )
     parser.add_argument("--lr-prior-rule", choices=("one-se", "paired"), help="SSI's lr_prior_rule")
+    parser.add_argument(
+        "--lr-prior-acceleration",
+        choices=("none", "nesterov"),
+        help="SSI's lr_prior_acceleration (default: the recipe's)",
+    )
     parser.add_argument("--prior-reuse", type=int, help="SSI's prior_reuse (default: the recipe's)")
     parser.add_argument("--json")
     args = parser.parse_args()
@@ -134,6 +139,7 @@ def main() -> None:
                     ("prior_reuse", "prior_reuse"),
                     ("lr_prior_max_iter", "lr_prior_max_iter"),
                     ("lr_prior_rule", "lr_prior_rule"),
+                    ("lr_prior_acceleration", "lr_prior_acceleration"),
                 ):
                     if getattr(args, flag) is not None:
                         options[key] = getattr(args, flag)

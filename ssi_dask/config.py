@@ -293,6 +293,9 @@ def refuse_lr_options(method: str, given: Mapping[str, Any]) -> None:
         )
 
 
+#: Lucy-Richardson accelerations (``acceleration`` of :meth:`ssi_dask.lr.RLPlan.deconvolve`).
+ACCELERATIONS = ("none", "nesterov")
+
 #: Rules of the hold-out count choice (``rule`` of :func:`ssi_dask.lr_auto.choose_iterations`).
 PRIOR_RULES = ("one-se", "paired")
 
@@ -453,6 +456,12 @@ class TrainingRecipe:
         iterations within one standard error of the minimum's mean error; ``"paired"``, the
         fewest whose error exceeds the best count's by at most one standard error of their
         per-pixel difference (stops closer to the minimum). Default: ``"one-se"``.
+    lr_prior_acceleration : {"none", "nesterov"}
+        The prior's Lucy-Richardson iterations (``acceleration`` of
+        :meth:`ssi_dask.lr.RLPlan.deconvolve`), in the count's choice too: ``"nesterov"``
+        reaches a given restoration in 3-6x fewer iterations on the 3D benchmark (so a
+        shorter prior, halo and training step) and degrades faster past its best count.
+        Default ``"none"``.
     prior_reuse : int
         With a Lucy-Richardson prior: how many training steps each prepared sample (a patch,
         its pixel mask and the prior of the masked patch) serves, each time under another
@@ -498,6 +507,7 @@ class TrainingRecipe:
     lr_prior: int | str | None = None
     lr_prior_max_iter: int | None = None
     lr_prior_rule: str | None = None
+    lr_prior_acceleration: str = "none"
     prior_reuse: int = 1
 
     def __post_init__(self) -> None:
@@ -509,6 +519,11 @@ class TrainingRecipe:
         if self.lr_prior_rule not in (None, *PRIOR_RULES):
             raise ParameterError(
                 f"lr_prior_rule must be one of {', '.join(PRIOR_RULES)}, got {self.lr_prior_rule!r}"
+            )
+        if self.lr_prior_acceleration not in ACCELERATIONS:
+            raise ParameterError(
+                f"lr_prior_acceleration must be one of {', '.join(ACCELERATIONS)}, "
+                f"got {self.lr_prior_acceleration!r}"
             )
         _optional_count("validation_patches", self.validation_patches, 1)
         _optional_count("patience", self.patience, 1)

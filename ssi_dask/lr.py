@@ -86,7 +86,7 @@ from typing import Any
 import numpy as np
 
 from ssi_dask._backend import get_array_module, get_fft_module
-from ssi_dask.config import WB_DEFAULT_ALPHA, WB_DEFAULT_ORDER
+from ssi_dask.config import ACCELERATIONS, WB_DEFAULT_ALPHA, WB_DEFAULT_ORDER
 from ssi_dask.errors import InputError, ParameterError, PSFError
 
 __all__ = [
@@ -191,6 +191,14 @@ def _non_negative_data(image: Any, xp: ModuleType) -> Any:
     if y.size and float(y.min()) < 0:  # never clip in place: y may be the caller's array
         y = xp.maximum(y, xp.float32(0))
     return y
+
+
+def _check_acceleration(acceleration: Any) -> str:
+    if acceleration not in ACCELERATIONS:
+        raise ParameterError(
+            f"acceleration must be one of {', '.join(ACCELERATIONS)}, got {acceleration!r}"
+        )
+    return acceleration
 
 
 def _check_positive(name: str, value: Any) -> float:
@@ -748,12 +756,18 @@ class RLPlan(LinearConvolver):
         clip: bool = False,
         workers: int = -1,
         callback: Callable[[int, Any], None] | None = None,
+        acceleration: str = "none",
     ) -> Any:
         """Run ``num_iter`` Lucy-Richardson iterations on ``image`` (see :func:`richardson_lucy`).
 
         ``image`` must have the plan's shape; it is moved to the plan's array module if needed.
         ``callback(n, estimate)``, if given, is called after iteration ``n`` (1-based) with a
         read-only view of the current estimate on the image region (copy it to keep it).
+        ``acceleration``: ``"none"`` or ``"nesterov"`` (each iteration starts from the
+        iterate extrapolated along its last step with the fixed weight ``(n - 2) / (n + 1)``,
+        clipped at zero: the same restoration in 3-6x fewer iterations on the 3D benchmark,
+        and more noise past the best count; the weights depend on ``n`` only, so a chunk's
+        result depends on the data within the halo as without it).
         """
         xp = self.xp
         self._check_shape(image)
@@ -762,7 +776,15 @@ class RLPlan(LinearConvolver):
         threads = _check_workers(workers)
         y = _non_negative_data(image, xp)
         after = None if callback is None else (lambda n, x: callback(n, x[self.image_slices]))
-        x = self._iterate(y, num_iter, eps, threads, self.inv_weights, on_iteration=after)
+        x = self._iterate(
+            y,
+            num_iter,
+            eps,
+            threads,
+            self.inv_weights,
+            on_iteration=after,
+            acceleration=acceleration,
+        )
         out = xp.ascontiguousarray(x[self.image_slices])
         if clip:
             xp.clip(out, -1, 1, out=out)
@@ -777,6 +799,7 @@ class RLPlan(LinearConvolver):
         eps: float = 1e-6,
         workers: int = -1,
         per_pixel: bool = False,
+        acceleration: str = "none",
     ) -> np.ndarray:
         """Prediction errors of held-out pixels after 0, 1, ..., ``num_iter`` iterations.
 
@@ -804,6 +827,8 @@ class RLPlan(LinearConvolver):
         per_pixel : bool
             Return every held-out pixel's squared error instead of the sums (for paired
             comparisons between counts).
+        acceleration : {"none", "nesterov"}
+            As in :meth:`deconvolve`; the errors are those of the iterates.
 
         Returns
         -------
@@ -844,6 +869,7 @@ class RLPlan(LinearConvolver):
             self._inverse_weights(keep),
             data_mask=keep,
             on_blurred=score,
+            acceleration=acceleration,
         )
         score(self.convolve_work(x)[self.image_slices])
         if per_pixel:
@@ -865,12 +891,15 @@ class RLPlan(LinearConvolver):
         data_mask: Any = None,
         on_blurred: Callable[[Any], None] | None = None,
         on_iteration: Callable[[int, Any], None] | None = None,
+        acceleration: str = "none",
     ) -> Any:
         """The iterations; returns the estimate on the working domain.
 
         ``data_mask`` (float32, image shape) multiplies the ratio; ``on_blurred`` receives the
         re-blurred estimate on the image region at the start of each iteration;
         ``on_iteration(n, x)`` the working-domain estimate after iteration ``n``.
+        ``acceleration="nesterov"``: iteration ``n`` starts from the extrapolated point
+        ``max(x + (n - 2) / (n + 1) * (x - x_previous), 0)`` (see :func:`richardson_lucy`).
         """
         xp, fft = self.xp, self.fft
         kw = {"workers": threads} if xp is np else {}
@@ -890,15 +919,30 @@ class RLPlan(LinearConvolver):
         bp_flat = self.bp_otf.reshape(-1)
         n_planes = y.shape[0]
         update_step = _update if self.back_projector.kind == "classic" else _update_clamped
+        momentum = _check_acceleration(acceleration) == "nesterov"
+        previous = xp.empty_like(x) if momentum else None  # the iterate before x
+        current = xp.empty_like(x) if momentum else None
 
         with _BlockRunner(xp, threads) as run:
             for iteration in range(1, num_iter + 1):
+                weight = (iteration - 2) / (iteration + 1) if momentum else 0.0
+                if momentum:
+                    xp.copyto(current, x)
+                if weight > 0:  # x becomes the extrapolated point (in place: x_flat views it)
+                    if on_blurred is not None:  # the score is that of the iterate itself
+                        on_blurred(self._apply(x, self.otf)[img])
+                    xp.subtract(x, previous, out=previous)
+                    xp.multiply(previous, xp.float32(weight), out=previous)
+                    xp.add(x, previous, out=x)
+                    xp.maximum(x, 0, out=x)
+                if momentum:
+                    previous, current = current, previous
                 # h * x on the working domain
                 spectrum = xp.ascontiguousarray(fft.rfftn(x, **kw)).reshape(-1)
                 run(_mul_inplace, spectrum.size, spectrum, otf_flat)
                 blurred = fft.irfftn(spectrum.reshape(self.otf.shape), s=shape, **kw)
                 del spectrum
-                if on_blurred is not None:
+                if on_blurred is not None and weight <= 0:
                     on_blurred(blurred[img])
                 # ratio y / max(h * x, eps) on the image region (zero elsewhere, by construction)
                 run(_ratio, n_planes, y, blurred[img], ratio_img, eps32)

@@ -40,6 +40,7 @@ import numpy as np
 from .config import DEFAULT_AUTO_MAX_ITER, DEFAULT_AUTO_SAMPLES, PRIOR_RULES
 from .errors import ParameterError
 from .lr import (
+    _check_acceleration,
     _check_edge_threshold,
     _check_positive,
     _prepare_psf,
@@ -85,7 +86,7 @@ class AutoChoice:
         or the alpha as a string, value a list indexed by the iteration count (0 .. max).
     samples : list of list of int
         Start index of each sampled chunk.
-    sample_shape, density, n_masks, seed, max_iter, rule
+    sample_shape, density, n_masks, seed, max_iter, rule, acceleration
         The settings used.
     """
 
@@ -101,10 +102,11 @@ class AutoChoice:
     max_iter: int
     held_out_pixels: int = field(default=0)
     rule: str = field(default="one-se")
+    acceleration: str = field(default="none")
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-friendly record for the output's provenance."""
-        return {
+        record = {
             "criterion": "J-invariant hold-out: held-out pixels predicted through the PSF",
             "num_iter": self.num_iter,
             "wiener_alpha": self.wiener_alpha,
@@ -116,9 +118,14 @@ class AutoChoice:
             "n_masks": self.n_masks,
             "seed": self.seed,
             "held_out_pixels": self.held_out_pixels,
-            "rule": self.rule,
             "errors": {k: [float(f"{v:.6g}") for v in vals] for k, vals in self.errors.items()},
         }
+        # recorded only when not the default (records written before stay as they were)
+        if self.rule != "one-se":
+            record["rule"] = self.rule
+        if self.acceleration != "none":
+            record["acceleration"] = self.acceleration
+        return record
 
     def summary(self) -> str:
         """One line for the console."""
@@ -167,6 +174,7 @@ def holdout_errors(
     edge_threshold: float = 1e-3,
     eps: float = 1e-6,
     workers: int = 1,
+    acceleration: str = "none",
     **back_projector_options: Any,
 ) -> tuple[np.ndarray, int]:
     """Summed squared prediction errors of held-out pixels of one block, per iteration count.
@@ -183,7 +191,9 @@ def holdout_errors(
     count = 0
     for _ in range(n_masks):
         held = rng.random(block.shape) < density
-        total += plan.holdout_errors(block, held, max_iter, eps=eps, workers=workers)
+        total += plan.holdout_errors(
+            block, held, max_iter, eps=eps, workers=workers, acceleration=acceleration
+        )
         count += int(held.sum())
     return total, count
 
@@ -200,6 +210,7 @@ def holdout_products(
     edge_threshold: float = 1e-3,
     eps: float = 1e-6,
     workers: int = 1,
+    acceleration: str = "none",
     **back_projector_options: Any,
 ) -> tuple[np.ndarray, int]:
     """Sums and products of held-out pixels' squared errors of one block, for paired comparisons.
@@ -219,7 +230,13 @@ def holdout_products(
     for _ in range(n_masks):
         held = rng.random(block.shape) < density
         squared = plan.holdout_errors(
-            block, held, max_iter, eps=eps, workers=workers, per_pixel=True
+            block,
+            held,
+            max_iter,
+            eps=eps,
+            workers=workers,
+            per_pixel=True,
+            acceleration=acceleration,
         ).astype(np.float64)
         total[:, 0] += squared.sum(axis=1)
         total[:, 1:] += squared @ squared.T
@@ -288,6 +305,7 @@ def choose_iterations(
     edge_threshold: float = 1e-3,
     eps: float = 1e-6,
     rule: str = "one-se",
+    acceleration: str = "none",
     **back_projector_options: Any,
 ) -> AutoChoice:
     """Choose the iteration count (and Wiener alpha) for a volume without ground truth.
@@ -325,6 +343,8 @@ def choose_iterations(
         ``"paired"`` the fewest whose mean error exceeds the minimum's by no more than one
         standard error of the per-pixel *difference* to the best count (the noise common to
         both cancels, so it stops closer to the minimum).
+    acceleration : {"none", "nesterov"}
+        The iterations scored (see :meth:`ssi_dask.lr.RLPlan.deconvolve`).
     **back_projector_options
         ``butterworth_order`` and ``cutoff`` (Wiener-Butterworth).
 
@@ -361,6 +381,7 @@ def choose_iterations(
     if rule not in CHOICE_RULES:
         raise ParameterError(f"rule must be one of {', '.join(CHOICE_RULES)}, got {rule!r}")
     score_block = holdout_products if rule == "paired" else holdout_errors
+    acceleration = _check_acceleration(acceleration)
     if alphas is not None and not wb:
         raise ParameterError("alphas only apply to the Wiener-Butterworth back projector")
     if wb:
@@ -401,6 +422,7 @@ def choose_iterations(
                     back_projector=spec.kind,
                     edge_threshold=edge_threshold,
                     eps=eps,
+                    acceleration=acceleration,
                     **extra,
                 )
             )
@@ -428,6 +450,7 @@ def choose_iterations(
         max_iter=max_iter,
         held_out_pixels=held_out,
         rule=rule,
+        acceleration=acceleration,
     )
 
 

@@ -208,10 +208,11 @@ def test_deconvolve_rejects_bad_iterations(psf):
     assert "unknown back projector 'wb'" in str(info.value)
 
 
-def reference_held_out_squared_errors(image, psf, num_iter, keep):
+def reference_held_out_squared_errors(image, psf, num_iter, keep, nesterov=False):
     """Per-pixel squared errors of the held-out pixels after each iteration (float64 reference).
 
     The estimate sees negative values as 0; the predictions are scored against the image.
+    ``nesterov``: iteration n starts from max(x + (n - 2) / (n + 1) (x - x_previous), 0).
     """
     y = np.asarray(image, np.float64)
     seen = np.maximum(y, 0)
@@ -221,11 +222,15 @@ def reference_held_out_squared_errors(image, psf, num_iter, keep):
     ok = weights > 1e-3 * weights.max()
     inv_w = np.where(ok, 1.0 / np.where(ok, weights, 1.0), 0.0)
     x = np.full(tuple(n + k - 1 for n, k in zip(y.shape, h.shape)), seen[keep].mean())
-    rows = []
-    for _ in range(num_iter + 1):
-        blurred = fftconvolve(x, h, mode="valid")
-        rows.append((blurred - y)[~keep] ** 2)
-        x = x * fftconvolve(keep * seen / np.maximum(blurred, 1e-6), h_flip, mode="full") * inv_w
+    rows, previous = [], x
+    for n in range(1, num_iter + 2):
+        rows.append((fftconvolve(x, h, mode="valid") - y)[~keep] ** 2)
+        point = x
+        if nesterov and n > 2:
+            point = np.maximum(x + (n - 2) / (n + 1) * (x - previous), 0)
+        blurred = fftconvolve(point, h, mode="valid")
+        ratio = keep * seen / np.maximum(blurred, 1e-6)
+        previous, x = x, point * fftconvolve(ratio, h_flip, mode="full") * inv_w
     return np.asarray(rows)
 
 
@@ -275,3 +280,20 @@ def test_holdout_products_agree_with_holdout_errors():
     np.testing.assert_allclose(products[:, 0], sums[:, 0], rtol=1e-5)
     np.testing.assert_allclose(np.diag(products[:, 1:]), sums[:, 1], rtol=1e-5)
     np.testing.assert_allclose(products[:, 1:], products[:, 1:].T, rtol=1e-12)
+
+
+def test_accelerated_holdout_errors_match_the_reference():
+    rng = np.random.default_rng(2)
+    psf = gaussian_psf((9, 9), (1.8, 1.8))
+    image = fftconvolve(rng.random((64, 72)) ** 8, psf, mode="same") + 0.05
+    image = (image + rng.normal(0, 0.01, image.shape)).astype(np.float32)
+    held = rng.random(image.shape) < 0.05
+    plan = get_plan(psf, image.shape)
+    ours = plan.holdout_errors(image, held, 15, workers=1, acceleration="nesterov")
+    reference = reference_held_out_squared_errors(image, psf, 15, ~held, nesterov=True)
+    np.testing.assert_allclose(ours[:, 0], reference.sum(axis=1), rtol=1e-4)
+    plain = reference_held_out_squared_errors(image, psf, 15, ~held)
+    assert np.abs(ours[:, 0] - plain.sum(axis=1)).max() > 1e-3 * plain.sum(axis=1).max()
+    choice = choose_iterations(image, psf, max_iter=15, n_samples=1, acceleration="nesterov")
+    assert choice.acceleration == "nesterov" and choice.as_dict()["acceleration"] == "nesterov"
+    assert "acceleration" not in choose_iterations(image, psf, max_iter=3, n_samples=1).as_dict()

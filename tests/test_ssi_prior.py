@@ -12,7 +12,7 @@ import torch
 from ssi_dask.blockwise import _ssi_chunk, lr_default_depth
 from ssi_dask.config import TrainingRecipe
 from ssi_dask.errors import ParameterError
-from ssi_dask.lr import richardson_lucy
+from ssi_dask.lr import get_plan, richardson_lucy
 from ssi_dask.lr_auto import choose_iterations
 from ssi_dask.ssi import (
     EnsembleUNet,
@@ -63,6 +63,27 @@ def test_prior_is_the_packages_lucy_richardson(shape, sigma):
         ours = LucyRichardsonPrior(psf, n)(torch.from_numpy(y)[None, None])[0, 0].numpy()
         reference = richardson_lucy(y, psf, num_iter=n)
         np.testing.assert_allclose(ours, reference, atol=2e-4 * float(reference.max()))
+
+
+def test_accelerated_prior_is_the_packages_accelerated_lucy_richardson():
+    # torch (the prior) and NumPy (ssi_dask.lr, in place) implement the momentum separately
+    shape, psf = (20, 36, 40), gaussian_psf((9, 9, 9), (1.5, 1.2, 1.2))
+    y = _blurred(shape, psf)
+    plan = get_plan(psf, shape)
+    for n in (2, 3, 12):
+        ours = LucyRichardsonPrior(psf, n, acceleration="nesterov")(
+            torch.from_numpy(y)[None, None]
+        )[0, 0].numpy()
+        reference = plan.deconvolve(y, n, acceleration="nesterov")
+        np.testing.assert_allclose(ours, reference, atol=2e-4 * float(reference.max()))
+    # the first two iterations carry no momentum; from the third on the restoration differs
+    assert np.array_equal(plan.deconvolve(y, 2, acceleration="nesterov"), plan.deconvolve(y, 2))
+    plain = plan.deconvolve(y, 12)
+    assert np.abs(reference - plain).max() > 0.05 * float(plain.max())
+    with pytest.raises(
+        ParameterError, match=r"^acceleration must be one of none, nesterov, got 'fast'$"
+    ):
+        plan.deconvolve(y, 3, acceleration="fast")
 
 
 def test_network_with_prior_starts_at_the_prior_and_round_trips():
@@ -254,6 +275,47 @@ def test_auto_prior_paired_rule_is_the_hold_out_rules_and_recorded():
     ):
         TrainingRecipe(lr_prior_rule="plain")
     assert TrainingRecipe().for_ndim(2).lr_prior_rule == "one-se"
+
+
+def test_accelerated_prior_is_chosen_recorded_kept_and_chunks_agree(tmp_path):
+    psf = gaussian_psf((9, 9), 1.6)
+    y = _blurred((96, 120), psf, seed=3, noise=0.002)
+    model = train_ssi(
+        y,
+        psf,
+        seed=2,
+        steps=4,
+        patch_size=48,
+        batch_size=2,
+        restarts=0,
+        lr_prior_acceleration="nesterov",
+    )
+    zero = np.float32(model.training["lr_prior"]["background"])
+    choice = choose_iterations(y - zero, psf / psf.sum(), seed=2, acceleration="nesterov")
+    record = model.training["lr_prior"]
+    assert record["iterations"] == choice.num_iter and record["acceleration"] == "nesterov"
+    assert choice.num_iter > 2  # the momentum acts
+    assert model.network.prior_acceleration == "nesterov"
+    assert model.network.config["prior_acceleration"] == "nesterov"
+    save_checkpoint(model, tmp_path / "m.pt")
+    loaded = load_checkpoint(tmp_path / "m.pt")
+    assert loaded.network.prior_acceleration == "nesterov"
+    whole = predict(model, y)
+    np.testing.assert_array_equal(predict(loaded, y), whole)
+    h = model.halo
+    chunked = (
+        da.from_array(y, chunks=(40, 48))
+        .map_overlap(
+            _ssi_chunk, depth=h, boundary="reflect", dtype=np.float32, model=model, margin=(h, h)
+        )
+        .compute(scheduler="sync")
+    )
+    np.testing.assert_allclose(chunked, whole, atol=1e-3 * float(whole.max()))
+    with pytest.raises(
+        ParameterError,
+        match=r"^lr_prior_acceleration must be one of none, nesterov, got 'yes'$",
+    ):
+        TrainingRecipe(lr_prior_acceleration="yes")
 
 
 def test_prior_zero_is_the_datas_zero_under_zero_centred_noise():

@@ -311,6 +311,9 @@ class LucyRichardsonPrior:
     background : float
         The data's zero level (the background): the estimate is that of ``x - background``
         (negative values clipped at 0), plus ``background``.
+    acceleration : {"none", "nesterov"}
+        As ``acceleration`` of :meth:`ssi_dask.lr.RLPlan.deconvolve`: iteration ``n`` starts
+        from ``max(x + (n - 2) / (n + 1) * (x - x_previous), 0)``.
     """
 
     def __init__(
@@ -320,8 +323,10 @@ class LucyRichardsonPrior:
         device="cpu",
         edge_threshold: float = 1e-3,
         background: float = 0.0,
+        acceleration: str = "none",
     ):
         self.background = float(background)
+        self.acceleration = acceleration
         psf = np.asarray(psf, dtype=np.float32)
         self.op = PSFOperator(psf / psf.sum(), device)
         self.flipped = PSFOperator(np.flip(self.op.psf).copy(), device)
@@ -360,9 +365,13 @@ class LucyRichardsonPrior:
         else:
             start = y.sum(dim=dims, keepdim=True) / visible.sum(dim=dims, keepdim=True).clamp_min(1)
         est = start.expand(*y.shape[:-nd], *ext) * valid
-        for _ in range(self.iterations):
-            ratio = y / self.op.valid(est).clamp_min(eps)  # 0 at hidden pixels: y is 0 there
-            est = est * self._back_project(ratio) / weights
+        previous = None
+        for n in range(1, self.iterations + 1):
+            point = est
+            if previous is not None and self.acceleration == "nesterov" and n > 2:
+                point = (est + (n - 2) / (n + 1) * (est - previous)).clamp_min(0)
+            ratio = y / self.op.valid(point).clamp_min(eps)  # 0 at hidden pixels: y is 0 there
+            previous, est = est, point * self._back_project(ratio) / weights
         return self.op.crop(est) + self.background
 
 
@@ -380,13 +389,18 @@ def lucy_richardson_prior(
         return None
     psf = net.prior_psf
     background = float(getattr(net, "prior_background", 0.0))
+    acceleration = getattr(net, "prior_acceleration", "none")
     # rebuilt when the buffer moved or changed (load_state_dict copies into it in place)
     version = 0 if psf.is_inference() else psf._version
-    key = (str(psf.device), psf.data_ptr(), version, background)
+    key = (str(psf.device), psf.data_ptr(), version, background, acceleration)
     cached = net._prior
     if cached is None or cached[0] != key:
         prior = LucyRichardsonPrior(
-            psf.detach().cpu().numpy(), iterations, psf.device, background=background
+            psf.detach().cpu().numpy(),
+            iterations,
+            psf.device,
+            background=background,
+            acceleration=acceleration,
         )
         cached = (key, prior)
         net._prior = cached

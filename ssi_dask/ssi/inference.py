@@ -167,6 +167,7 @@ class _InferenceUNet(nn.Module):
         self.encoders = net.encoders
         self.prior_iterations = getattr(net, "prior_iterations", 0)
         self.prior_background = getattr(net, "prior_background", 0.0)
+        self.prior_acceleration = getattr(net, "prior_acceleration", "none")
         self._prior = None
         if self.prior_iterations:
             self.register_buffer("prior_psf", net.prior_psf)

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from ..errors import ParameterError
-from ..lr import lr_default_depth
+from ..lr import _check_acceleration, lr_default_depth
 from .forward import lucy_richardson_prior
 
 __all__ = ["EnsembleUNet", "UNet", "build_network", "receptive_field_radius"]
@@ -74,6 +74,8 @@ class UNet(nn.Module):
     prior_background : float
         The data's zero for the prior, in normalised units: the prior is the Lucy-Richardson
         restoration of the input minus this level, plus it.
+    prior_acceleration : {"none", "nesterov"}
+        The prior's iterations (``acceleration`` of :meth:`ssi_dask.lr.RLPlan.deconvolve`).
     """
 
     def __init__(
@@ -87,6 +89,7 @@ class UNet(nn.Module):
         prior_iterations: int = 0,
         prior_psf_shape=None,
         prior_background: float = 0.0,
+        prior_acceleration: str = "none",
     ):
         super().__init__()
         if ndim not in (2, 3):
@@ -106,6 +109,7 @@ class UNet(nn.Module):
         )
         self.prior_iterations = int(prior_iterations)
         self.prior_background = float(prior_background)
+        self.prior_acceleration = _check_acceleration(prior_acceleration)
         self._prior = None
         if self.prior_iterations:
             # recorded only when used: older models' configs stay as they were
@@ -113,6 +117,8 @@ class UNet(nn.Module):
             self.config.update(prior_iterations=self.prior_iterations, prior_psf_shape=shape)
             if self.prior_background:
                 self.config["prior_background"] = self.prior_background
+            if self.prior_acceleration != "none":
+                self.config["prior_acceleration"] = self.prior_acceleration
             self.register_buffer("prior_psf", torch.zeros(shape))
         chans = [min(base_channels * 2**i, max_channels) for i in range(levels)]
         self.encoders = nn.ModuleList()
@@ -236,6 +242,10 @@ class EnsembleUNet(nn.Module):
     @property
     def prior_background(self) -> float:
         return self.members[0].prior_background
+
+    @property
+    def prior_acceleration(self) -> str:
+        return self.members[0].prior_acceleration
 
     def prior(self, x: torch.Tensor, hidden: torch.Tensor | None = None) -> torch.Tensor | None:
         """The Lucy-Richardson prior channel (the members share it)."""

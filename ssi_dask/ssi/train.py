@@ -787,7 +787,14 @@ def train_ssi(
     )
     zero = lo + prior_background * scale  # the prior's zero in the image's units
     prior_iterations = _prior_iterations(
-        recipe.lr_prior, image, psf, seed, zero, recipe.lr_prior_max_iter, recipe.lr_prior_rule
+        recipe.lr_prior,
+        image,
+        psf,
+        seed,
+        zero,
+        recipe.lr_prior_max_iter,
+        recipe.lr_prior_rule,
+        recipe.lr_prior_acceleration,
     )
     if prior_iterations:  # recorded only when used: older models' hashes stay as they were
         arch.update(
@@ -798,6 +805,9 @@ def train_ssi(
         settings["lr_prior"] = dict(
             iterations=prior_iterations, requested=recipe.lr_prior, background=zero
         )
+        if recipe.lr_prior_acceleration != "none":  # recorded only when used
+            arch["prior_acceleration"] = recipe.lr_prior_acceleration
+            settings["lr_prior"]["acceleration"] = recipe.lr_prior_acceleration
         if recipe.lr_prior == "auto":
             settings["lr_prior"]["max_iter"] = recipe.lr_prior_max_iter
             if recipe.lr_prior_rule != "one-se":  # recorded only when used (older hashes stay)
@@ -938,14 +948,21 @@ def train_ssi(
 
 
 def _prior_iterations(
-    lr_prior, image, psf: np.ndarray, seed: int, zero: float, max_iter: int, rule: str
+    lr_prior,
+    image,
+    psf: np.ndarray,
+    seed: int,
+    zero: float,
+    max_iter: int,
+    rule: str,
+    acceleration: str = "none",
 ) -> int:
     """The Lucy-Richardson prior's iteration count.
 
     ``lr_prior="auto"``: chosen from the image minus the prior's zero level ``zero`` by the
     J-invariant hold-out criterion of :func:`ssi_dask.lr_auto.choose_iterations` over counts
     1 to ``max_iter`` (the recipe's ``lr_prior_max_iter``) with its ``rule`` (the recipe's
-    ``lr_prior_rule``); for a
+    ``lr_prior_rule``) and ``acceleration`` (``lr_prior_acceleration``); for a
     :class:`~ssi_dask.ssi.regions.RegionPool`, the median of the counts chosen on up to
     :data:`PRIOR_AUTO_REGIONS` of its regions.
     """
@@ -963,13 +980,19 @@ def _prior_iterations(
                 seed=seed + i,
                 max_iter=max_iter,
                 rule=rule,
+                acceleration=acceleration,
             ).num_iter
             for i, region in enumerate(image.regions[:PRIOR_AUTO_REGIONS])
         ]
         return int(np.median(counts))
     return int(
         choose_iterations(
-            np.asarray(image) - level, psf, seed=seed, max_iter=max_iter, rule=rule
+            np.asarray(image) - level,
+            psf,
+            seed=seed,
+            max_iter=max_iter,
+            rule=rule,
+            acceleration=acceleration,
         ).num_iter
     )
 
