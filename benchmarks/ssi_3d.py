@@ -51,6 +51,10 @@ def main() -> None:
     parser.add_argument("--noise", default="very-low,lower")
     parser.add_argument("--seeds", default="0")
     parser.add_argument("--lr", default="25,50,100,200")
+    parser.add_argument(
+        "--lr-nesterov",
+        help="also the best of Nesterov-accelerated LR over these counts, e.g. 10,20,30,40,60,80",
+    )
     parser.add_argument("--steps", type=int, help="SSI training steps (default: the recipe's)")
     parser.add_argument("--density", type=float, default=1.0)
     parser.add_argument("--na", type=float, default=1.2)
@@ -125,6 +129,16 @@ def main() -> None:
                 )
                 best = max(scores.items(), key=lambda item: item[1][0])  # first of equals
                 row["best_lr_n"], row["best_lr"] = best
+                if args.lr_nesterov:  # the accelerated Lucy-Richardson's oracle too
+                    scores = lr_at_counts(
+                        noisy,
+                        psf,
+                        [int(v) for v in args.lr_nesterov.split(",")],
+                        lambda x, truth=truth: (psnr(truth, x), ssim(truth, x)),
+                        acceleration="nesterov",
+                    )
+                    best = max(scores.items(), key=lambda item: item[1][0])
+                    row["best_lr_nesterov_n"], row["best_lr_nesterov"] = best
                 options = {"steps": args.steps} if args.steps else {}
                 if args.output_range:
                     options["output_range"] = tuple(float(v) for v in args.output_range.split(","))
@@ -160,6 +174,15 @@ def main() -> None:
                 records.append(row)
                 if args.json:  # written after every row: a long run leaves what it measured
                     Path(args.json).write_text(json.dumps(records, indent=2))
+                if "best_lr_nesterov" in row:
+                    accelerated = row["best_lr_nesterov"]
+                    print(
+                        f"best Nesterov LR (n={row['best_lr_nesterov_n']}) "
+                        f"{accelerated[0]:.2f} / {accelerated[1]:.3f}: SSI "
+                        f"{row['ssi'][0] - accelerated[0]:+.2f} dB / "
+                        f"{row['ssi'][1] - accelerated[1]:+.3f}",
+                        flush=True,
+                    )
                 print(
                     f"{kind} {level} seed {seed}: input {row['input'][0]:.2f}, best LR "
                     f"(n={row['best_lr_n']}) {row['best_lr'][0]:.2f} / {row['best_lr'][1]:.3f}, "
@@ -219,12 +242,17 @@ def degrade(truth: np.ndarray, psf: np.ndarray, level: str, seed: int) -> np.nda
 
 
 def lr_at_counts(
-    noisy: np.ndarray, psf: np.ndarray, counts: list[int], score: Callable[[np.ndarray], Any]
+    noisy: np.ndarray,
+    psf: np.ndarray,
+    counts: list[int],
+    score: Callable[[np.ndarray], Any],
+    acceleration: str = "none",
 ) -> dict[int, Any]:
     """``score`` of Lucy-Richardson's estimate clipped to [0, 1] after each of ``counts``.
 
     One run of ``max(counts)`` iterations, scored on the way (the estimate after ``n``
-    iterations is the one ``richardson_lucy(noisy, psf, num_iter=n)`` returns).
+    iterations is the one ``richardson_lucy(noisy, psf, num_iter=n)`` returns; with
+    ``acceleration="nesterov"`` that of ``RLPlan.deconvolve(..., acceleration=...)``).
     """
     from ssi_dask import lr
 
@@ -235,7 +263,7 @@ def lr_at_counts(
         if n in counts:
             scores[n] = score(np.clip(estimate, 0, 1))
 
-    plan.deconvolve(noisy, max(counts), callback=after)
+    plan.deconvolve(noisy, max(counts), callback=after, acceleration=acceleration)
     return {n: scores[n] for n in counts}
 
 
