@@ -53,6 +53,7 @@ def lr_measured_depth(
     back_projector_options: dict | None = None,
     tolerance: float = HALO_TAIL_TOLERANCE,
     image_shape: Sequence[int] | None = None,
+    acceleration: str = "none",
 ) -> tuple[int, ...]:
     """Halo from the measured reach of ``num_iter`` Lucy-Richardson iterations with ``psf``.
 
@@ -82,6 +83,8 @@ def lr_measured_depth(
         Fraction of the response's energy allowed beyond the halo.
     image_shape : sequence of int, optional
         The image's shape: no halo needs to exceed it.
+    acceleration : {"none", "nesterov"}
+        The iterations' momentum (the linearised response includes it).
 
     Returns
     -------
@@ -94,11 +97,13 @@ def lr_measured_depth(
     spec = resolve_back_projector(psf, back_projector, **(back_projector_options or {}))
     cap = tuple(int(s) for s in image_shape) if image_shape is not None else None
     digest = hashlib.blake2b(psf.tobytes(), digest_size=16).hexdigest()
-    key = (digest, psf.shape, int(num_iter), spec, float(tolerance), cap)
+    key = (digest, psf.shape, int(num_iter), spec, float(tolerance), cap, acceleration)
     if key not in _MEASURED_DEPTHS:  # plans are made many times (--iterations auto tries n)
         if len(_MEASURED_DEPTHS) > 256:
             _MEASURED_DEPTHS.clear()
-        _MEASURED_DEPTHS[key] = _measure_depth(psf, int(num_iter), spec, float(tolerance), cap)
+        _MEASURED_DEPTHS[key] = _measure_depth(
+            psf, int(num_iter), spec, float(tolerance), cap, acceleration
+        )
     return _MEASURED_DEPTHS[key]
 
 
@@ -111,6 +116,7 @@ def _measure_depth(
     spec: Any,
     tolerance: float,
     image_shape: tuple[int, ...] | None,
+    acceleration: str = "none",
 ) -> tuple[int, ...]:
     shape = psf.shape
     ndim = psf.ndim
@@ -123,7 +129,7 @@ def _measure_depth(
         reach = [min(r, int(s)) for r, s in zip(reach, image_shape)]
     full = [2 * r + s for r, s in zip(reach, shape)]
     if math.prod(full) <= _RESPONSE_MAX_VOXELS:
-        profiles = _response_profiles(psf, num_iter, spec, full, range(ndim))
+        profiles = _response_profiles(psf, num_iter, spec, full, range(ndim), acceleration)
     else:  # per axis: that axis whole, the others shrunk (wrap-around there keeps the profile)
         profiles = {}
         for axis in range(ndim):
@@ -134,7 +140,7 @@ def _measure_depth(
                     break
                 widest = max(others, key=lambda a: size[a])
                 size[widest] = max(shape[widest] + 2, int(size[widest] * 0.8))
-            profiles.update(_response_profiles(psf, num_iter, spec, size, [axis]))
+            profiles.update(_response_profiles(psf, num_iter, spec, size, [axis], acceleration))
     depth = []
     for axis in range(ndim):
         profile = profiles[axis]
@@ -148,9 +154,19 @@ def _measure_depth(
 
 
 def _response_profiles(
-    psf: np.ndarray, num_iter: int, spec: Any, size: Sequence[int], axes: Sequence[int]
+    psf: np.ndarray,
+    num_iter: int,
+    spec: Any,
+    size: Sequence[int],
+    axes: Sequence[int],
+    acceleration: str = "none",
 ) -> dict[int, np.ndarray]:
-    """``|R_n|`` summed over all axes but one, for each of ``axes``, on a ``size`` domain."""
+    """``|R_n|`` summed over all axes but one, for each of ``axes``, on a ``size`` domain.
+
+    With ``acceleration="nesterov"``, ``R_n`` is the response of the linearised iterations
+    with their momentum: ``r_k = p_k (1 - g) + b`` from ``p_k = r_{k-1} + w_k (r_{k-1} -
+    r_{k-2})``, ``w_k = (k - 2) / (k + 1)``, per frequency (``g = b h``).
+    """
     from scipy import fft  # noqa: PLC0415
 
     from .lr import wiener_butterworth_kernel  # noqa: PLC0415
@@ -174,8 +190,14 @@ def _response_profiles(
     gain = back * otf
     tiny = np.abs(gain) < 1e-9
     safe = np.where(tiny, 1.0, gain)
-    # sum_{j<n} (1 - g)^j = (1 - (1 - g)^n) / g, and n where g -> 0
-    response = np.where(tiny, num_iter * back, back * (1 - (1 - gain) ** num_iter) / safe)
+    if acceleration == "nesterov":
+        previous = current = np.zeros_like(gain)
+        for k in range(1, num_iter + 1):
+            point = current + max(k - 2, 0) / (k + 1) * (current - previous)
+            previous, current = current, point * (1 - gain) + back
+        response = current
+    else:  # sum_{j<n} (1 - g)^j = (1 - (1 - g)^n) / g, and n where g -> 0
+        response = np.where(tiny, num_iter * back, back * (1 - (1 - gain) ** num_iter) / safe)
     magnitude = np.abs(fft.irfftn(response, s=size))  # centred on index 0 (circular)
     return {axis: magnitude.sum(axis=tuple(a for a in range(ndim) if a != axis)) for axis in axes}
 
@@ -948,7 +970,8 @@ def plan_blocks(
     shape = tuple(int(s) for s in shape)
     ndim = len(shape)
     if depth is None:
-        depth = lr_default_depth(psf_shape, num_iter, back_projector)
+        acceleration = (back_projector_options or {}).get("acceleration", "none")
+        depth = lr_default_depth(psf_shape, num_iter, back_projector, acceleration)
         psfs = [] if psf is None else [psf] if isinstance(psf, np.ndarray) else list(psf)
         for one in psfs:
             measured = lr_measured_depth(
@@ -957,6 +980,7 @@ def plan_blocks(
                 back_projector,
                 back_projector_options=_projector_options(back_projector_options),
                 image_shape=shape,
+                acceleration=acceleration,
             )
             depth = tuple(max(d, m) for d, m in zip(depth, measured))
     elif isinstance(depth, int):

@@ -182,6 +182,14 @@ def _add_back_projector_options(parser: argparse.ArgumentParser) -> None:
         "(default: where the OTF falls to 5%% of its peak)",
     )
     group.add_argument(
+        "--acceleration",
+        choices=["none", "nesterov"],
+        default="none",
+        help="classic: nesterov starts each iteration from the estimate extrapolated along "
+        "its last step (the same restoration in 3-6x fewer iterations on 3D widefield data, "
+        "more noise past the best count; default: none)",
+    )
+    group.add_argument(
         "--auto-max-iterations",
         type=int,
         metavar="N",
@@ -210,9 +218,12 @@ def _lr_options(args: argparse.Namespace) -> dict:
         options["butterworth_order"] = args.butterworth_order
     if args.cutoff is not None:
         options["cutoff"] = _parse_floats(args.cutoff, "--cutoff")
+    if args.acceleration != "none":
+        options["acceleration"] = args.acceleration
     if options and args.method != "lr":
         raise ParameterError("--back-projector and its options apply to --method lr only")
-    if options.get("back_projector") is None and options:
+    wiener_options = {"wiener_alpha", "butterworth_order", "cutoff"} & set(options)
+    if options.get("back_projector") is None and wiener_options:
         raise ParameterError(
             "--wiener-alpha, --butterworth-order and --cutoff need "
             "--back-projector wiener-butterworth"

@@ -61,6 +61,7 @@ CLI_FLAGS = {
     "num_iter": "--iterations",
     "back_projector": "--back-projector",
     "wiener_alpha": "--wiener-alpha",
+    "acceleration": "--acceleration",
     "butterworth_order": "--butterworth-order",
     "cutoff": "--cutoff",
     "offset": "--offset",
@@ -188,6 +189,9 @@ class LRSettings:
         treated as 0.
     eps, edge_threshold : float
         Kernel tolerances of :func:`ssi_dask.lr.richardson_lucy`.
+    acceleration : {"none", "nesterov"}
+        Momentum of the classic iterations (:func:`ssi_dask.lr.richardson_lucy`); with
+        ``num_iter="auto"`` the count is chosen for the accelerated iterations.
     auto_options : mapping, optional
         Passed to :func:`~ssi_dask.lr_auto.choose_iterations` with ``num_iter="auto"``.
     """
@@ -200,6 +204,7 @@ class LRSettings:
     offset: float = 0.0
     eps: float = 1e-6
     edge_threshold: float = 1e-3
+    acceleration: str = "none"
     auto_options: Mapping[str, Any] | None = None
 
     def __post_init__(self) -> None:
@@ -236,6 +241,15 @@ class LRSettings:
                 f"{', '.join(given)} only apply to the Wiener-Butterworth back projector; "
                 "pass back_projector='wiener-butterworth' or drop them"
             )
+        if self.acceleration not in ACCELERATIONS:
+            raise ParameterError(
+                f"acceleration must be one of {', '.join(ACCELERATIONS)}, got {self.acceleration!r}"
+            )
+        if self.acceleration != "none" and self.back_projector != "classic":
+            raise ParameterError(
+                f"acceleration={self.acceleration!r} applies to the classic back projector "
+                "only; pass back_projector='classic' or acceleration='none'"
+            )
         _finite("offset", self.offset)
         _positive("eps", self.eps)
         _positive("edge_threshold", self.edge_threshold)
@@ -264,6 +278,8 @@ class LRSettings:
         for name in ("wiener_alpha", "butterworth_order", "cutoff"):
             if getattr(self, name) is not None:
                 options[name] = getattr(self, name)
+        if self.acceleration != "none":
+            options["acceleration"] = self.acceleration
         defaults = {f.name: f.default for f in fields(type(self))}
         for name in ("eps", "edge_threshold"):
             if getattr(self, name) != defaults[name]:

@@ -814,6 +814,8 @@ def run(job: Job, *, client: Any = None, echo: Echo = print) -> RunReport:
             if auto_record is not None:
                 entry["auto_iterations"] = auto_record
             entry.update(resolve_back_projector(psfs[0], **_bp_options(lr)).as_dict())
+            if lr.acceleration != "none":  # recorded only when used
+                entry["acceleration"] = lr.acceleration
             if lr.offset:
                 entry["offset"] = lr.offset
         else:

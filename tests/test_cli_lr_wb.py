@@ -9,6 +9,7 @@ from conftest import run_cli, tree_digest
 
 from ssi_dask import deconvolve
 from ssi_dask.cli import main
+from ssi_dask.lr import richardson_lucy
 from ssi_dask.lr_auto import choose_iterations
 
 
@@ -110,6 +111,19 @@ def test_run_wb_fixed_parameters_in_process(tmp_path, zarr3d, psf3d_file, psf3d,
     np.testing.assert_allclose(output[...], expected, rtol=1e-5, atol=1e-5)
 
 
+def test_run_accelerated_in_process(tmp_path, zarr3d, psf3d_file, psf3d, volume3d):
+    out = tmp_path / "out.zarr"
+    before = tree_digest(zarr3d)
+    args = ["run", str(zarr3d), str(out), "--psf", str(psf3d_file), "--iterations", "12"]
+    code = main([*args, "--acceleration", "nesterov", "--workers", "1", "--no-progress"])
+    assert code == 0
+    output = zarr.open_array(str(out), mode="r")
+    assert output.attrs["ssi_dask"]["acceleration"] == "nesterov"
+    expected = richardson_lucy(volume3d, psf3d, num_iter=12, acceleration="nesterov")
+    np.testing.assert_allclose(output[...], expected, atol=1e-3 * float(expected.max()))
+    assert tree_digest(zarr3d) == before
+
+
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
@@ -135,6 +149,11 @@ def test_run_wb_fixed_parameters_in_process(tmp_path, zarr3d, psf3d_file, psf3d,
         (
             ["--iterations", "auto", "--auto-samples", "0"],
             "n_samples must be an integer >= 1, got 0",
+        ),
+        (
+            ["--back-projector", "wiener-butterworth", "--acceleration", "nesterov"],
+            "--acceleration nesterov applies to the classic back projector only; pass "
+            "--back-projector classic or --acceleration none",
         ),
     ],
 )

@@ -180,7 +180,13 @@ class UNet(nn.Module):
         Lucy-Richardson chunk halo of :func:`ssi_dask.lr.lr_default_depth`."""
         if not self.prior_iterations:
             return 0
-        return max(lr_default_depth(self.config["prior_psf_shape"], self.prior_iterations))
+        return max(
+            lr_default_depth(
+                self.config["prior_psf_shape"],
+                self.prior_iterations,
+                acceleration=self.prior_acceleration,
+            )
+        )
 
     def prior(self, x: torch.Tensor, hidden: torch.Tensor | None = None) -> torch.Tensor | None:
         """The Lucy-Richardson prior channel of a batch (None without ``prior_iterations``);
