@@ -75,14 +75,29 @@ def _case(ndim: int, args, log) -> list[dict]:
     noisy = add_poisson_gaussian_noise(blur(truth, psf), rng, 0.0002, 0.002).astype(np.float32)
     default_tta = SSI_TTA_DEFAULTS[ndim]
     rows = []
-    for count in (int(c) for c in args.counts.split(",")):
+    for token in args.counts.split(","):
+        # "30n": 30 Nesterov-accelerated iterations (lr_prior_acceleration="nesterov")
+        acceleration = "nesterov" if token.endswith("n") else "none"
+        count = int(token.rstrip("n"))
         model = train_ssi(
-            noisy, psf, seed=0, device="cpu", steps=args.steps, restarts=1, lr_prior=count
+            noisy,
+            psf,
+            seed=0,
+            device="cpu",
+            steps=args.steps,
+            restarts=1,
+            lr_prior=count,
+            lr_prior_acceleration=acceleration,
         )
         net, dev = _prepare(model, "cpu")
         halo = model.halo
         row = dict(
-            ndim=ndim, shape=list(shape), prior_iterations=count, halo=halo, chunk=list(chunk)
+            ndim=ndim,
+            shape=list(shape),
+            prior_iterations=count,
+            acceleration=acceleration,
+            halo=halo,
+            chunk=list(chunk),
         )
         for tta in sorted({1, default_tta}):
             seconds = _cpu_seconds(args.repeats, predict, model, noisy, tta=tta)
@@ -109,7 +124,7 @@ def _case(ndim: int, args, log) -> list[dict]:
         x = block.astype(np.float32)
         seconds = _cpu_seconds(args.repeats, block_prior, net, x, outside, False, dev)
         row["prior_seconds_per_chunk"] = seconds if count else 0.0
-        if count:  # the same, with the back projection of main before the ninth session
+        if count and acceleration == "none":  # with the back projection before the ninth session
             saved = _set_path("previous")
             try:
                 previous = _cpu_seconds(args.repeats, block_prior, net, x, outside, False, dev)
@@ -120,7 +135,7 @@ def _case(ndim: int, args, log) -> list[dict]:
         rows.append(row)
         rate = row[f"predict_tta{default_tta}_voxels_per_s"]
         log(
-            f"{ndim}D N={count}: halo {halo}, predict {rate:.0f}"
+            f"{ndim}D N={token}: halo {halo}, predict {rate:.0f}"
             f" vox/s/core (tta {default_tta}), {row['predict_tta1_voxels_per_s']:.0f} (tta 1);"
             f" chunk {chunk} {row[f'chunk_tta{default_tta}_voxels_per_s']:.0f} vox/s/core;"
             f" prior {row['prior_seconds_per_chunk']:.2f} s per chunk"
@@ -136,7 +151,11 @@ def _case(ndim: int, args, log) -> list[dict]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--counts", default="0,10,25,50", help="prior counts; 0 = no prior")
+    parser.add_argument(
+        "--counts",
+        default="0,10,25,50",
+        help="prior counts; 0 = no prior; a trailing n (30n) = Nesterov-accelerated",
+    )
     parser.add_argument("--shape3d", default="32,128,128")
     parser.add_argument("--chunk3d", default="32,128,128", help="output voxels of one chunk")
     parser.add_argument("--size2d", type=int, default=512)
@@ -158,7 +177,8 @@ def main() -> None:
     for r in rows:
         t = {2: 8, 3: 2}[r["ndim"]]
         print(
-            f"| {r['ndim']}D | {r['prior_iterations']} | {r['halo']} | "
+            f"| {r['ndim']}D | {r['prior_iterations']}"
+            f"{' Nesterov' if r.get('acceleration') == 'nesterov' else ''} | {r['halo']} | "
             f"{r[f'predict_tta{t}_voxels_per_s']:.0f} | {r[f'predict_tta{t}_vs_no_prior']:.2f} | "
             f"{r[f'chunk_tta{t}_voxels_per_s']:.0f} | {r[f'chunk_tta{t}_vs_no_prior']:.2f} | "
             f"{r['prior_seconds_per_chunk']:.2f} | "
