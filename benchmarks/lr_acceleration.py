@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from ssi_3d import benchmark_psf, degrade
+from ssi_3d import add_volume_arguments, benchmark_psf, benchmark_volumes
 
 
 def curve(noisy, psf, truth, max_iter, acceleration):
@@ -58,79 +58,68 @@ def curve(noisy, psf, truth, max_iter, acceleration):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--shape", default="128,256,256")
-    parser.add_argument("--kinds", default="filaments,shells,beads,blobs")
-    parser.add_argument("--noise", default="very-low,lower")
-    parser.add_argument("--seeds", default="0")
+    add_volume_arguments(parser)
     parser.add_argument("--max-iter", type=int, default=200, help="classic; accelerated: half")
     parser.add_argument("--choose", action="store_true", help="also the hold-out rule's counts")
-    parser.add_argument("--na", type=float, default=1.2)
-    parser.add_argument("--z-step", type=float, default=0.3)
-    parser.add_argument("--psf-shape", default="17,31,31")
     parser.add_argument("--json")
     args = parser.parse_args()
 
     from ssi_dask.bench.metrics import ssim
-    from ssi_dask.bench.synthetic import structure_3d
     from ssi_dask.lr_auto import choose_iterations
 
     shape = tuple(int(v) for v in args.shape.split(","))
     psf = benchmark_psf(args.psf_shape, args.z_step, args.na)
     rows = []
-    for kind in args.kinds.split(","):
-        for seed in (int(s) for s in args.seeds.split(",")):
-            truth = structure_3d(kind, shape, aspect=args.z_step / 0.1, seed=seed, density=1.0)
-            for level in args.noise.split(","):
-                noisy = degrade(truth, psf, level, seed)
-                row = {"kind": kind, "noise": level, "seed": seed, "shape": list(shape)}
-                curves = {}
-                for acceleration, max_iter in (
-                    ("none", args.max_iter),
-                    ("nesterov", args.max_iter // 2),
-                ):
-                    scores, best_image, seconds = curve(noisy, psf, truth, max_iter, acceleration)
-                    best = max(scores, key=scores.get)
-                    curves[acceleration] = scores
-                    row[acceleration] = {
-                        "best_n": best,
-                        "best_psnr": scores[best],
-                        "best_ssim": ssim(truth, best_image),
-                        "last_psnr": scores[max_iter],
-                        "cpu_s_per_iteration": seconds,
-                        "psnr": {n: round(v, 3) for n, v in scores.items() if n % 5 == 0},
-                    }
-                    if args.choose:
-                        for rule in ("one-se", "paired"):
-                            count = choose_iterations(
-                                noisy,
-                                psf,
-                                max_iter=max_iter,
-                                rule=rule,
-                                acceleration=acceleration,
-                            ).num_iter
-                            row[acceleration][f"chosen_{rule}"] = [count, scores[count]]
-                target = row["none"]["best_psnr"]
-                reach = [n for n, v in sorted(curves["nesterov"].items()) if v >= target]
-                row["nesterov_reaches_classic_best_at"] = reach[0] if reach else None
-                rows.append(row)
-                print(
-                    f"{kind} {level} seed {seed}: classic best {row['none']['best_psnr']:.2f} "
-                    f"(n={row['none']['best_n']}), nesterov best "
-                    f"{row['nesterov']['best_psnr']:.2f} (n={row['nesterov']['best_n']}), "
-                    f"reaches the classic best at {row['nesterov_reaches_classic_best_at']}; "
-                    f"s/iteration {row['none']['cpu_s_per_iteration']:.2f} / "
-                    f"{row['nesterov']['cpu_s_per_iteration']:.2f}"
-                    + (
-                        f"; chosen (one-se, paired): classic {row['none']['chosen_one-se']}, "
-                        f"{row['none']['chosen_paired']}; nesterov "
-                        f"{row['nesterov']['chosen_one-se']}, {row['nesterov']['chosen_paired']}"
-                        if args.choose
-                        else ""
-                    ),
-                    flush=True,
-                )
-                if args.json:
-                    Path(args.json).write_text(json.dumps(rows, indent=2))
+    for kind, seed, level, truth, noisy in benchmark_volumes(args, psf):
+        row = {"kind": kind, "noise": level, "seed": seed, "shape": list(shape)}
+        curves = {}
+        for acceleration, max_iter in (
+            ("none", args.max_iter),
+            ("nesterov", args.max_iter // 2),
+        ):
+            scores, best_image, seconds = curve(noisy, psf, truth, max_iter, acceleration)
+            best = max(scores, key=scores.get)
+            curves[acceleration] = scores
+            row[acceleration] = {
+                "best_n": best,
+                "best_psnr": scores[best],
+                "best_ssim": ssim(truth, best_image),
+                "last_psnr": scores[max_iter],
+                "cpu_s_per_iteration": seconds,
+                "psnr": {n: round(v, 3) for n, v in scores.items() if n % 5 == 0},
+            }
+            if args.choose:
+                for rule in ("one-se", "paired"):
+                    count = choose_iterations(
+                        noisy,
+                        psf,
+                        max_iter=max_iter,
+                        rule=rule,
+                        acceleration=acceleration,
+                    ).num_iter
+                    row[acceleration][f"chosen_{rule}"] = [count, scores[count]]
+        target = row["none"]["best_psnr"]
+        reach = [n for n, v in sorted(curves["nesterov"].items()) if v >= target]
+        row["nesterov_reaches_classic_best_at"] = reach[0] if reach else None
+        rows.append(row)
+        print(
+            f"{kind} {level} seed {seed}: classic best {row['none']['best_psnr']:.2f} "
+            f"(n={row['none']['best_n']}), nesterov best "
+            f"{row['nesterov']['best_psnr']:.2f} (n={row['nesterov']['best_n']}), "
+            f"reaches the classic best at {row['nesterov_reaches_classic_best_at']}; "
+            f"s/iteration {row['none']['cpu_s_per_iteration']:.2f} / "
+            f"{row['nesterov']['cpu_s_per_iteration']:.2f}"
+            + (
+                f"; chosen (one-se, paired): classic {row['none']['chosen_one-se']}, "
+                f"{row['none']['chosen_paired']}; nesterov "
+                f"{row['nesterov']['chosen_one-se']}, {row['nesterov']['chosen_paired']}"
+                if args.choose
+                else ""
+            ),
+            flush=True,
+        )
+        if args.json:
+            Path(args.json).write_text(json.dumps(rows, indent=2))
 
 
 if __name__ == "__main__":

@@ -46,25 +46,13 @@ NOISE = {
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--shape", default="128,256,256")
-    parser.add_argument("--kinds", default="filaments,shells,beads,blobs")
-    parser.add_argument("--noise", default="very-low,lower")
-    parser.add_argument("--seeds", default="0")
+    add_volume_arguments(parser)
     parser.add_argument("--lr", default="25,50,100,200")
     parser.add_argument(
         "--lr-nesterov",
         help="also the best of Nesterov-accelerated LR over these counts, e.g. 10,20,30,40,60,80",
     )
     parser.add_argument("--steps", type=int, help="SSI training steps (default: the recipe's)")
-    parser.add_argument("--density", type=float, default=1.0)
-    parser.add_argument("--na", type=float, default=1.2)
-    parser.add_argument("--z-step", type=float, default=0.3, help="um (lateral pixel: 0.1 um)")
-    parser.add_argument(
-        "--psf-shape",
-        default="17,31,31",
-        help="support of the widefield PSF (the PSF is cropped there and renormalised; it is "
-        "the true PSF of the simulation, given to LR and SSI alike)",
-    )
     parser.add_argument(
         "--output-range",
         help="SSI's output clip range in normalised units, 'lo,hi' (default: the recipe's, "
@@ -101,101 +89,94 @@ def main() -> None:
 
     from ssi_dask.bench.metrics import psnr, ssim
     from ssi_dask.bench.protocol import run_outcome
-    from ssi_dask.bench.synthetic import structure_3d
     from ssi_dask.ssi import predict, train_ssi
 
     shape = tuple(int(v) for v in args.shape.split(","))
     psf = benchmark_psf(args.psf_shape, args.z_step, args.na)
     records = []
-    for kind in args.kinds.split(","):
-        for seed in (int(s) for s in args.seeds.split(",")):
-            truth = structure_3d(
-                kind, shape, aspect=args.z_step / 0.1, seed=seed, density=args.density
+    for kind, seed, level, truth, noisy in benchmark_volumes(args, psf):
+        row = {"kind": kind, "noise": level, "seed": seed, "shape": list(shape)}
+        row.update(na=args.na, z_step=args.z_step, psf_shape=list(psf.shape))
+        row.update(density=args.density, steps=args.steps or "recipe default")
+        row["input"] = (
+            psnr(truth, np.clip(noisy, 0, 1)),
+            ssim(truth, np.clip(noisy, 0, 1)),
+        )
+        scores = lr_at_counts(
+            noisy,
+            psf,
+            [int(v) for v in args.lr.split(",")],
+            lambda x, truth=truth: (psnr(truth, x), ssim(truth, x)),
+        )
+        best = max(scores.items(), key=lambda item: item[1][0])  # first of equals
+        row["best_lr_n"], row["best_lr"] = best
+        if args.lr_nesterov:  # the accelerated Lucy-Richardson's oracle too
+            scores = lr_at_counts(
+                noisy,
+                psf,
+                [int(v) for v in args.lr_nesterov.split(",")],
+                lambda x, truth=truth: (psnr(truth, x), ssim(truth, x)),
+                acceleration="nesterov",
             )
-            for level in args.noise.split(","):
-                noisy = degrade(truth, psf, level, seed)
-                row = {"kind": kind, "noise": level, "seed": seed, "shape": list(shape)}
-                row.update(na=args.na, z_step=args.z_step, psf_shape=list(psf.shape))
-                row.update(density=args.density, steps=args.steps or "recipe default")
-                row["input"] = (
-                    psnr(truth, np.clip(noisy, 0, 1)),
-                    ssim(truth, np.clip(noisy, 0, 1)),
-                )
-                scores = lr_at_counts(
-                    noisy,
-                    psf,
-                    [int(v) for v in args.lr.split(",")],
-                    lambda x, truth=truth: (psnr(truth, x), ssim(truth, x)),
-                )
-                best = max(scores.items(), key=lambda item: item[1][0])  # first of equals
-                row["best_lr_n"], row["best_lr"] = best
-                if args.lr_nesterov:  # the accelerated Lucy-Richardson's oracle too
-                    scores = lr_at_counts(
-                        noisy,
-                        psf,
-                        [int(v) for v in args.lr_nesterov.split(",")],
-                        lambda x, truth=truth: (psnr(truth, x), ssim(truth, x)),
-                        acceleration="nesterov",
-                    )
-                    best = max(scores.items(), key=lambda item: item[1][0])
-                    row["best_lr_nesterov_n"], row["best_lr_nesterov"] = best
-                options = {"steps": args.steps} if args.steps else {}
-                if args.output_range:
-                    options["output_range"] = tuple(float(v) for v in args.output_range.split(","))
-                row["output_range"] = options.get("output_range", "recipe default")
-                for flag, key in (
-                    ("forward", "forward"),
-                    ("patch", "patch_size"),
-                    ("batch", "batch_size"),
-                    ("learning_rate", "learning_rate"),
-                    ("average_fraction", "average_fraction"),
-                    ("null_space_weight", "null_space_weight"),
-                    ("prior_reuse", "prior_reuse"),
-                    ("lr_prior_max_iter", "lr_prior_max_iter"),
-                    ("lr_prior_rule", "lr_prior_rule"),
-                    ("lr_prior_acceleration", "lr_prior_acceleration"),
-                ):
-                    if getattr(args, flag) is not None:
-                        options[key] = getattr(args, flag)
-                if args.lr_prior:
-                    prior = args.lr_prior
-                    options["lr_prior"] = prior if prior == "auto" else int(prior)
-                row["ssi_options"] = {k: v for k, v in options.items() if k != "output_range"}
-                started = time.perf_counter()
-                model = train_ssi(noisy, psf, seed=seed, device="cpu", **options)
-                row["train_s"] = time.perf_counter() - started
-                restored = np.clip(predict(model, noisy), 0, 1)
-                row["ssi"] = (psnr(truth, restored), ssim(truth, restored))
-                row["beats_baselines"] = bool(model.training["beats_baselines"])
-                row.update(run_outcome(model))  # every run is self-checked; failed ones retried
-                check = model.training["self_check"]
-                row["output_range_used"] = list(model.normalisation["output_range"])
-                row["lr_prior"] = model.training.get("lr_prior")
-                records.append(row)
-                if args.json:  # written after every row: a long run leaves what it measured
-                    Path(args.json).write_text(json.dumps(records, indent=2))
-                if "best_lr_nesterov" in row:
-                    accelerated = row["best_lr_nesterov"]
-                    print(
-                        f"best Nesterov LR (n={row['best_lr_nesterov_n']}) "
-                        f"{accelerated[0]:.2f} / {accelerated[1]:.3f}: SSI "
-                        f"{row['ssi'][0] - accelerated[0]:+.2f} dB / "
-                        f"{row['ssi'][1] - accelerated[1]:+.3f}",
-                        flush=True,
-                    )
-                print(
-                    f"{kind} {level} seed {seed}: input {row['input'][0]:.2f}, best LR "
-                    f"(n={row['best_lr_n']}) {row['best_lr'][0]:.2f} / {row['best_lr'][1]:.3f}, "
-                    f"SSI {row['ssi'][0]:.2f} / {row['ssi'][1]:.3f}, train {row['train_s']:.0f} s, "
-                    f"runs {row['runs']} (flagged failed {row['failed_runs']}"
-                    + (f": {'; '.join(row['failed_reasons'])}" if row["failed_reasons"] else "")
-                    + f", retried {row['runs_retried']}), "
-                    f"self-check passed {row['self_check_passed']} (flags "
-                    f"{','.join(check['flags']) or 'none'}; at bound {check['at_bound']:.4f}, "
-                    f"residual/noise bright {check['residual_to_noise']['ssi']['bright']:.2f}, "
-                    f"best LR baseline {_best_lr_ratio(check):.2f})",
-                    flush=True,
-                )
+            best = max(scores.items(), key=lambda item: item[1][0])
+            row["best_lr_nesterov_n"], row["best_lr_nesterov"] = best
+        options = {"steps": args.steps} if args.steps else {}
+        if args.output_range:
+            options["output_range"] = tuple(float(v) for v in args.output_range.split(","))
+        row["output_range"] = options.get("output_range", "recipe default")
+        for flag, key in (
+            ("forward", "forward"),
+            ("patch", "patch_size"),
+            ("batch", "batch_size"),
+            ("learning_rate", "learning_rate"),
+            ("average_fraction", "average_fraction"),
+            ("null_space_weight", "null_space_weight"),
+            ("prior_reuse", "prior_reuse"),
+            ("lr_prior_max_iter", "lr_prior_max_iter"),
+            ("lr_prior_rule", "lr_prior_rule"),
+            ("lr_prior_acceleration", "lr_prior_acceleration"),
+        ):
+            if getattr(args, flag) is not None:
+                options[key] = getattr(args, flag)
+        if args.lr_prior:
+            prior = args.lr_prior
+            options["lr_prior"] = prior if prior == "auto" else int(prior)
+        row["ssi_options"] = {k: v for k, v in options.items() if k != "output_range"}
+        started = time.perf_counter()
+        model = train_ssi(noisy, psf, seed=seed, device="cpu", **options)
+        row["train_s"] = time.perf_counter() - started
+        restored = np.clip(predict(model, noisy), 0, 1)
+        row["ssi"] = (psnr(truth, restored), ssim(truth, restored))
+        row["beats_baselines"] = bool(model.training["beats_baselines"])
+        row.update(run_outcome(model))  # every run is self-checked; failed ones retried
+        check = model.training["self_check"]
+        row["output_range_used"] = list(model.normalisation["output_range"])
+        row["lr_prior"] = model.training.get("lr_prior")
+        records.append(row)
+        if args.json:  # written after every row: a long run leaves what it measured
+            Path(args.json).write_text(json.dumps(records, indent=2))
+        if "best_lr_nesterov" in row:
+            accelerated = row["best_lr_nesterov"]
+            print(
+                f"best Nesterov LR (n={row['best_lr_nesterov_n']}) "
+                f"{accelerated[0]:.2f} / {accelerated[1]:.3f}: SSI "
+                f"{row['ssi'][0] - accelerated[0]:+.2f} dB / "
+                f"{row['ssi'][1] - accelerated[1]:+.3f}",
+                flush=True,
+            )
+        print(
+            f"{kind} {level} seed {seed}: input {row['input'][0]:.2f}, best LR "
+            f"(n={row['best_lr_n']}) {row['best_lr'][0]:.2f} / {row['best_lr'][1]:.3f}, "
+            f"SSI {row['ssi'][0]:.2f} / {row['ssi'][1]:.3f}, train {row['train_s']:.0f} s, "
+            f"runs {row['runs']} (flagged failed {row['failed_runs']}"
+            + (f": {'; '.join(row['failed_reasons'])}" if row["failed_reasons"] else "")
+            + f", retried {row['runs_retried']}), "
+            f"self-check passed {row['self_check_passed']} (flags "
+            f"{','.join(check['flags']) or 'none'}; at bound {check['at_bound']:.4f}, "
+            f"residual/noise bright {check['residual_to_noise']['ssi']['bright']:.2f}, "
+            f"best LR baseline {_best_lr_ratio(check):.2f})",
+            flush=True,
+        )
     print()
     print(
         "| kind | noise | seed | input | best-n LR (n) | LR gain >= 3 dB | SSI | SSI - LR | "
@@ -221,6 +202,38 @@ def main() -> None:
     )
     if args.json:
         Path(args.json).write_text(json.dumps(records, indent=2))
+
+
+def add_volume_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options that name the benchmark's volumes (shared by the 3D benchmark scripts)."""
+    parser.add_argument("--shape", default="128,256,256")
+    parser.add_argument("--kinds", default="filaments,shells,beads,blobs")
+    parser.add_argument("--noise", default="very-low,lower")
+    parser.add_argument("--seeds", default="0")
+    parser.add_argument("--density", type=float, default=1.0)
+    parser.add_argument("--na", type=float, default=1.2)
+    parser.add_argument("--z-step", type=float, default=0.3, help="um (lateral pixel: 0.1 um)")
+    parser.add_argument(
+        "--psf-shape",
+        default="17,31,31",
+        help="support of the widefield PSF (the PSF is cropped there and renormalised; it is "
+        "the true PSF of the simulation, given to LR and SSI alike)",
+    )
+
+
+def benchmark_volumes(args: argparse.Namespace, psf: np.ndarray):
+    """``(kind, seed, level, truth, noisy)`` for every volume of :func:`add_volume_arguments`'
+    options: each kind and seed's ground truth, degraded at each noise level."""
+    from ssi_dask.bench.synthetic import structure_3d
+
+    shape = tuple(int(v) for v in args.shape.split(","))
+    for kind in args.kinds.split(","):
+        for seed in (int(s) for s in args.seeds.split(",")):
+            truth = structure_3d(
+                kind, shape, aspect=args.z_step / 0.1, seed=seed, density=args.density
+            )
+            for level in args.noise.split(","):
+                yield kind, seed, level, truth, degrade(truth, psf, level, seed)
 
 
 def benchmark_psf(psf_shape: str, z_step: float, na: float) -> np.ndarray:

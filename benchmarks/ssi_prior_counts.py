@@ -32,6 +32,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
+from ssi_3d import add_volume_arguments, benchmark_psf, benchmark_volumes
 from ssi_protocol import DEFAULT_IMAGES, _crop
 
 
@@ -64,7 +65,7 @@ def prior_counts(
     found: dict = {}
 
     # max_iter and rule: replaced by each cap and rule
-    def hook(lr_prior, image, psf, seed, zero, max_iter, rule):
+    def hook(lr_prior, image, psf, seed, zero, max_iter, rule, acceleration):
         for cap in caps:
             for name in rules:
                 curves = []
@@ -77,7 +78,7 @@ def prior_counts(
                 lr_auto.choose_iterations = choose
                 try:
                     found[_key(cap, name)] = original_count(
-                        lr_prior, image, psf, seed, zero, max_iter=cap, rule=name
+                        lr_prior, image, psf, seed, zero, cap, name, acceleration
                     )
                 finally:
                     lr_auto.choose_iterations = original_rule
@@ -113,18 +114,11 @@ def _grid_2d(args) -> Iterator[tuple[dict, np.ndarray, np.ndarray, int]]:
 
 
 def _volumes_3d(args) -> Iterator[tuple[dict, np.ndarray, np.ndarray, int]]:
-    from ssi_3d import benchmark_psf, degrade
-
-    from ssi_dask.bench.synthetic import structure_3d
-
-    shape = tuple(int(s) for s in args.shape.split(","))
     psf = benchmark_psf(args.psf_shape, args.z_step, args.na)
-    for kind in args.kinds.split(","):
-        for seed in (int(s) for s in args.seeds.split(",")):
-            truth = structure_3d(kind, shape, aspect=3.0, seed=seed, density=1.0)
-            for level in args.noise.split(","):
-                row = {"kind": kind, "noise": level, "seed": seed, "shape": list(shape)}
-                yield row, degrade(truth, psf, level, seed), psf, seed
+    for kind, seed, level, _, noisy in benchmark_volumes(args, psf):
+        shape = [int(v) for v in args.shape.split(",")]
+        row = {"kind": kind, "noise": level, "seed": seed, "shape": shape}
+        yield row, noisy, psf, seed
 
 
 def main() -> None:
@@ -134,13 +128,7 @@ def main() -> None:
     parser.add_argument("--crop", type=int, default=512)
     parser.add_argument("--caps", default="50,200")
     parser.add_argument("--rules", default="one-se", help="comma-separated: one-se, paired")
-    parser.add_argument("--shape", default="128,256,256", help="3D: volume shape")
-    parser.add_argument("--kinds", default="filaments,shells,beads,blobs", help="3D")
-    parser.add_argument("--noise", default="very-low,lower", help="3D: noise levels")
-    parser.add_argument("--seeds", default="0", help="3D")
-    parser.add_argument("--na", type=float, default=1.2, help="3D, as ssi_3d.py")
-    parser.add_argument("--z-step", type=float, default=0.3, help="3D, as ssi_3d.py")
-    parser.add_argument("--psf-shape", default="17,31,31", help="3D, as ssi_3d.py")
+    add_volume_arguments(parser)  # --dims 3: the volumes, as ssi_3d.py
     parser.add_argument("--json")
     args = parser.parse_args()
 

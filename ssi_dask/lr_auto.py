@@ -182,73 +182,53 @@ def holdout_errors(
     eps: float = 1e-6,
     workers: int = 1,
     acceleration: str = "none",
+    paired: bool = False,
     **back_projector_options: Any,
 ) -> tuple[np.ndarray, int]:
     """Summed squared prediction errors of held-out pixels of one block, per iteration count.
 
     Returns the sums of ``e^2`` and ``e^4`` per iteration count (shape ``(max_iter + 1, 2)``,
     over ``n_masks`` independent masks; see :meth:`ssi_dask.lr.RLPlan.holdout_errors`) and the
-    number of held-out pixels they cover. A pure per-block function: no I/O.
+    number of held-out pixels they cover; with ``paired``, :func:`holdout_products`'s matrix
+    instead. A pure per-block function: no I/O.
     """
     block = np.ascontiguousarray(block, dtype=np.float32)
     spec = resolve_back_projector(psf, back_projector, **back_projector_options)
     plan = get_plan(psf, tuple(block.shape), edge_threshold=edge_threshold, back_projector=spec)
     rng = np.random.default_rng(seed)
-    total = np.zeros((max_iter + 1, 2), dtype=np.float64)
+    total = np.zeros((max_iter + 1, max_iter + 2 if paired else 2), dtype=np.float64)
     count = 0
     for _ in range(n_masks):
         held = rng.random(block.shape) < density
-        total += plan.holdout_errors(
-            block, held, max_iter, eps=eps, workers=workers, acceleration=acceleration
-        )
-        count += int(held.sum())
-    return total, count
-
-
-def holdout_products(
-    block: np.ndarray,
-    psf: np.ndarray,
-    *,
-    max_iter: int,
-    density: float = 0.05,
-    n_masks: int = 2,
-    seed: int = 0,
-    back_projector: str = "classic",
-    edge_threshold: float = 1e-3,
-    eps: float = 1e-6,
-    workers: int = 1,
-    acceleration: str = "none",
-    **back_projector_options: Any,
-) -> tuple[np.ndarray, int]:
-    """Sums and products of held-out pixels' squared errors of one block, for paired comparisons.
-
-    As :func:`holdout_errors` (same masks for the same ``seed``), but returns the matrix
-    ``G[n, m] = sum_j e_n(j)^2 e_m(j)^2`` over the held-out pixels ``j`` with one extra first
-    column holding ``sum_j e_n(j)^2`` (shape ``(max_iter + 1, max_iter + 2)``) and the number
-    of held-out pixels: from them the standard error of the *difference* between two counts'
-    mean errors follows (the noise common to both cancels). A pure per-block function.
-    """
-    block = np.ascontiguousarray(block, dtype=np.float32)
-    spec = resolve_back_projector(psf, back_projector, **back_projector_options)
-    plan = get_plan(psf, tuple(block.shape), edge_threshold=edge_threshold, back_projector=spec)
-    rng = np.random.default_rng(seed)
-    total = np.zeros((max_iter + 1, max_iter + 2), dtype=np.float64)
-    count = 0
-    for _ in range(n_masks):
-        held = rng.random(block.shape) < density
-        squared = plan.holdout_errors(
+        errors = plan.holdout_errors(
             block,
             held,
             max_iter,
             eps=eps,
             workers=workers,
-            per_pixel=True,
+            per_pixel=paired,
             acceleration=acceleration,
-        ).astype(np.float64)
-        total[:, 0] += squared.sum(axis=1)
-        total[:, 1:] += squared @ squared.T
+        )
+        if paired:  # errors: every held-out pixel's e^2 per count
+            squared = errors.astype(np.float64)
+            total[:, 0] += squared.sum(axis=1)
+            total[:, 1:] += squared @ squared.T
+        else:
+            total += errors
         count += int(held.sum())
     return total, count
+
+
+def holdout_products(block: np.ndarray, psf: np.ndarray, **options: Any) -> tuple[np.ndarray, int]:
+    """Sums and products of held-out pixels' squared errors of one block, for paired comparisons.
+
+    :func:`holdout_errors` with ``paired=True`` (same options; the same masks for the same
+    ``seed``): the matrix ``G[n, m] = sum_j e_n(j)^2 e_m(j)^2`` over the held-out pixels ``j``
+    with one extra first column holding ``sum_j e_n(j)^2`` (shape ``(max_iter + 1, max_iter +
+    2)``) and the number of held-out pixels: from them the standard error of the *difference*
+    between two counts' mean errors follows (the noise common to both cancels).
+    """
+    return holdout_errors(block, psf, paired=True, **options)
 
 
 def _paired_choice(
@@ -387,7 +367,6 @@ def choose_iterations(
     _check_edge_threshold(edge_threshold)
     if rule not in CHOICE_RULES:
         raise ParameterError(f"rule must be one of {', '.join(CHOICE_RULES)}, got {rule!r}")
-    score_block = holdout_products if rule == "paired" else holdout_errors
     acceleration = _check_acceleration(acceleration)
     if alphas is not None and not wb:
         raise ParameterError("alphas only apply to the Wiener-Butterworth back projector")
@@ -419,7 +398,7 @@ def choose_iterations(
         for alpha in candidates:
             extra = {"wiener_alpha": alpha, **options} if wb else {}
             tasks.append(
-                dask.delayed(score_block)(
+                dask.delayed(holdout_errors)(
                     block,
                     psf_key,
                     max_iter=max_iter,
@@ -430,6 +409,7 @@ def choose_iterations(
                     edge_threshold=edge_threshold,
                     eps=eps,
                     acceleration=acceleration,
+                    paired=rule == "paired",
                     **extra,
                 )
             )

@@ -127,6 +127,18 @@ def test_lr_prior_is_checked_with_its_name():
     assert TrainingRecipe().for_ndim(3).lr_prior == "auto"
 
 
+def _chunked(model, image):
+    """SSI applied to ``image`` in 40x48 chunks with the model's halo (map_overlap)."""
+    h = model.halo
+    return (
+        da.from_array(image, chunks=(40, 48))
+        .map_overlap(
+            _ssi_chunk, depth=h, boundary="reflect", dtype=np.float32, model=model, margin=(h, h)
+        )
+        .compute(scheduler="sync")
+    )
+
+
 @pytest.fixture(scope="module")
 def trained():
     psf = gaussian_psf((9, 9), 1.6)
@@ -150,13 +162,7 @@ def test_chunked_application_matches_whole_image_with_the_prior(trained):
     model, y, _ = trained
     whole = predict(model, y)
     h = model.halo
-    chunked = (
-        da.from_array(y, chunks=(40, 48))
-        .map_overlap(
-            _ssi_chunk, depth=h, boundary="reflect", dtype=np.float32, model=model, margin=(h, h)
-        )
-        .compute(scheduler="sync")
-    )
+    chunked = _chunked(model, y)
     # the prior is cut at each chunk's halo (Lucy-Richardson's halo tolerance, 1e-3), and at
     # the volume's edges it is computed on the volume only, as in the whole-image run
     np.testing.assert_allclose(chunked, whole, atol=1e-3 * float(whole.max()))
@@ -302,14 +308,7 @@ def test_accelerated_prior_is_chosen_recorded_kept_and_chunks_agree(tmp_path):
     assert loaded.network.prior_acceleration == "nesterov"
     whole = predict(model, y)
     np.testing.assert_array_equal(predict(loaded, y), whole)
-    h = model.halo
-    chunked = (
-        da.from_array(y, chunks=(40, 48))
-        .map_overlap(
-            _ssi_chunk, depth=h, boundary="reflect", dtype=np.float32, model=model, margin=(h, h)
-        )
-        .compute(scheduler="sync")
-    )
+    chunked = _chunked(model, y)
     np.testing.assert_allclose(chunked, whole, atol=1e-3 * float(whole.max()))
     with pytest.raises(
         ParameterError,
