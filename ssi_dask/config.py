@@ -152,6 +152,13 @@ def _finite(name: str, value: Any) -> float:
     return float(value)
 
 
+def one_of(name: str, value: Any, choices: Sequence[str]) -> Any:
+    """``value`` if it is one of ``choices``; else the one-line error naming ``name``."""
+    if value not in choices:
+        raise ParameterError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
+    return value
+
+
 def _positive(name: str, value: Any) -> float:
     if (
         isinstance(value, bool)
@@ -241,10 +248,7 @@ class LRSettings:
                 f"{', '.join(given)} only apply to the Wiener-Butterworth back projector; "
                 "pass back_projector='wiener-butterworth' or drop them"
             )
-        if self.acceleration not in ACCELERATIONS:
-            raise ParameterError(
-                f"acceleration must be one of {', '.join(ACCELERATIONS)}, got {self.acceleration!r}"
-            )
+        one_of("acceleration", self.acceleration, ACCELERATIONS)
         if self.acceleration != "none" and self.back_projector != "classic":
             raise ParameterError(
                 f"acceleration={self.acceleration!r} applies to the classic back projector "
@@ -532,15 +536,9 @@ class TrainingRecipe:
         _count("max_channels", self.max_channels, 1)
         _count("prior_reuse", self.prior_reuse, 1)
         _optional_count("lr_prior_max_iter", self.lr_prior_max_iter, 1)
-        if self.lr_prior_rule not in (None, *PRIOR_RULES):
-            raise ParameterError(
-                f"lr_prior_rule must be one of {', '.join(PRIOR_RULES)}, got {self.lr_prior_rule!r}"
-            )
-        if self.lr_prior_acceleration not in ACCELERATIONS:
-            raise ParameterError(
-                f"lr_prior_acceleration must be one of {', '.join(ACCELERATIONS)}, "
-                f"got {self.lr_prior_acceleration!r}"
-            )
+        if self.lr_prior_rule is not None:
+            one_of("lr_prior_rule", self.lr_prior_rule, PRIOR_RULES)
+        one_of("lr_prior_acceleration", self.lr_prior_acceleration, ACCELERATIONS)
         _optional_count("validation_patches", self.validation_patches, 1)
         _optional_count("patience", self.patience, 1)
         _count("eval_every", self.eval_every, 1)

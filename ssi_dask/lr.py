@@ -86,7 +86,7 @@ from typing import Any
 import numpy as np
 
 from ssi_dask._backend import get_array_module, get_fft_module
-from ssi_dask.config import ACCELERATIONS, WB_DEFAULT_ALPHA, WB_DEFAULT_ORDER
+from ssi_dask.config import ACCELERATIONS, WB_DEFAULT_ALPHA, WB_DEFAULT_ORDER, one_of
 from ssi_dask.errors import InputError, ParameterError, PSFError
 
 __all__ = [
@@ -194,11 +194,7 @@ def _non_negative_data(image: Any, xp: ModuleType) -> Any:
 
 
 def _check_acceleration(acceleration: Any) -> str:
-    if acceleration not in ACCELERATIONS:
-        raise ParameterError(
-            f"acceleration must be one of {', '.join(ACCELERATIONS)}, got {acceleration!r}"
-        )
-    return acceleration
+    return one_of("acceleration", acceleration, ACCELERATIONS)
 
 
 def _check_positive(name: str, value: Any) -> float:

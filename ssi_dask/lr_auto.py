@@ -44,7 +44,7 @@ from typing import Any
 import dask
 import numpy as np
 
-from .config import DEFAULT_AUTO_MAX_ITER, DEFAULT_AUTO_SAMPLES, PRIOR_RULES
+from .config import DEFAULT_AUTO_MAX_ITER, DEFAULT_AUTO_SAMPLES, PRIOR_RULES, one_of
 from .errors import ParameterError
 from .lr import (
     _check_acceleration,
@@ -365,8 +365,7 @@ def choose_iterations(
     if density >= 0.5:
         raise ParameterError(f"density must be below 0.5 (a fraction held out), got {density}")
     _check_edge_threshold(edge_threshold)
-    if rule not in CHOICE_RULES:
-        raise ParameterError(f"rule must be one of {', '.join(CHOICE_RULES)}, got {rule!r}")
+    one_of("rule", rule, CHOICE_RULES)
     acceleration = _check_acceleration(acceleration)
     if alphas is not None and not wb:
         raise ParameterError("alphas only apply to the Wiener-Butterworth back projector")
