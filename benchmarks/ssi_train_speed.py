@@ -14,7 +14,8 @@ Trains the same generated volume (mixed structures through a widefield PSF, as i
   2026-12-06's ninth session);
 - ``current``: the prior's back projection as a full convolution (FFTs at ``P + K - 1``
   instead of ``P + 2 (K - 1)``), once per ``--reuse`` value (``prior_reuse``: steps each
-  prepared sample and its prior serve).
+  prepared sample and its prior serve), and once per ``--prior-settings`` entry (the prior's
+  count rule, acceleration and count range, e.g. ``one-se:none:200,paired:nesterov:100``).
 
 Each run is profiled (``cProfile`` with ``time.process_time``, torch on one thread): CPU
 seconds in total, and in the network's forward and backward passes, the Lucy-Richardson
@@ -133,6 +134,12 @@ def main() -> None:
     parser.add_argument("--paths", default="reference,previous,current")
     parser.add_argument("--reuse", default="1", help="prior_reuse values of the current path")
     parser.add_argument(
+        "--prior-settings",
+        help="the current path once per RULE:ACCELERATION[:MAX_ITER] (lr_prior_rule, "
+        "lr_prior_acceleration, lr_prior_max_iter), e.g. one-se:none:200,paired:nesterov:100 "
+        "(default: the recipe's)",
+    )
+    parser.add_argument(
         "--kind",
         help="train on a volume of benchmarks/ssi_3d.py instead (filaments, shells, beads, "
         "blobs: its 17x31x31 widefield PSF, density 1, noise --noise)",
@@ -172,9 +179,18 @@ def main() -> None:
     train_ssi(noisy, psf, seed=0, device="cpu", steps=2, restarts=0)  # imports, first-call costs
     rows = []
     variants = []
+    settings = args.prior_settings.split(",") if args.prior_settings else []
+    pairs = [p.split(":") for p in settings] or [None]
     for path in args.paths.split(","):
         if path == "current":
-            variants += [(path, {"prior_reuse": int(r)}) for r in args.reuse.split(",")]
+            for reuse in args.reuse.split(","):
+                for pair in pairs:
+                    options = {"prior_reuse": int(reuse)}
+                    if pair:
+                        options.update(lr_prior_rule=pair[0], lr_prior_acceleration=pair[1])
+                        if len(pair) > 2:
+                            options["lr_prior_max_iter"] = int(pair[2])
+                    variants.append((path, options))
         else:
             variants.append((path, {"lr_prior": 0} if path == "reference" else {}))
     for seed in (int(s) for s in args.seeds.split(",")):

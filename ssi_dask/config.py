@@ -331,6 +331,7 @@ SSI_TRAINING_DEFAULTS = {
         lr_prior="auto",
         lr_prior_max_iter=50,
         lr_prior_rule="one-se",
+        lr_prior_acceleration="none",
     ),
     3: dict(
         patch_size=64,
@@ -339,8 +340,9 @@ SSI_TRAINING_DEFAULTS = {
         levels=3,
         base_channels=8,
         lr_prior="auto",
-        lr_prior_max_iter=200,
-        lr_prior_rule="one-se",
+        lr_prior_max_iter=100,
+        lr_prior_rule="paired",
+        lr_prior_acceleration="nesterov",
     ),
 }
 
@@ -405,8 +407,9 @@ def _non_negative(name: str, value: Any) -> float:
 class TrainingRecipe:
     """How one SSI network is trained: the one place for the training defaults.
 
-    ``None`` in ``steps``, ``patch_size``, ``batch_size``, ``levels``, ``base_channels`` and
-    ``lr_prior`` means the tuned default for the image's dimensionality
+    ``None`` in ``steps``, ``patch_size``, ``batch_size``, ``levels``, ``base_channels``,
+    ``lr_prior``, ``lr_prior_max_iter``, ``lr_prior_rule`` and ``lr_prior_acceleration`` means
+    the tuned default for the image's dimensionality
     (:data:`SSI_TRAINING_DEFAULTS`); :meth:`for_ndim` fills them in. Every value is checked
     when the recipe is built and a bad one fails with the parameter's name.
     :func:`ssi_dask.ssi.train_ssi` documents what each field does;
@@ -467,21 +470,25 @@ class TrainingRecipe:
         :mod:`ssi_dask.ssi.train`).
     lr_prior_max_iter : int, optional
         With ``lr_prior="auto"``: the largest iteration count the hold-out rule scores.
-        Default: 50 in 2D (the range of ``--iterations auto``), 200 in 3D, where the rule's
-        count reaches 50 on most volumes of the 3D benchmark and LR's best count is 100-200
-        (``benchmarks/RESULTS.md``, issue 16).
+        Default: 50 in 2D (the range of ``--iterations auto``), 100 in 3D (accelerated
+        iterations: they reach the restoration of 100-200 classic ones, LR's best counts on
+        the 3D benchmark, in 31-33 and pass it on shells; the classic prior's range was
+        1-200, so ``lr_prior_acceleration="none"`` wants ``lr_prior_max_iter=200``).
     lr_prior_rule : {"one-se", "paired"}, optional
         With ``lr_prior="auto"``: how far below the hold-out error's minimum the count may go
         (``rule`` of :func:`ssi_dask.lr_auto.choose_iterations`): ``"one-se"``, the fewest
         iterations within one standard error of the minimum's mean error; ``"paired"``, the
         fewest whose error exceeds the best count's by at most one standard error of their
-        per-pixel difference (stops closer to the minimum). Default: ``"one-se"``.
-    lr_prior_acceleration : {"none", "nesterov"}
+        per-pixel difference (stops closer to the minimum). Default: ``"one-se"`` in 2D,
+        ``"paired"`` in 3D.
+    lr_prior_acceleration : {"none", "nesterov"}, optional
         The prior's Lucy-Richardson iterations (``acceleration`` of
         :meth:`ssi_dask.lr.RLPlan.deconvolve`), in the count's choice too: ``"nesterov"``
         reaches a given restoration in 3-6x fewer iterations on the 3D benchmark (so a
-        shorter prior, halo and training step) and degrades faster past its best count.
-        Default ``"none"``.
+        shorter prior, halo and training step) and degrades faster past its best count, so
+        it goes with the paired rule (the one-standard-error rule stops it 0.8-2.7 dB early).
+        Default: ``"none"`` in 2D, ``"nesterov"`` in 3D (``benchmarks/RESULTS.md``, issue
+        16, twelfth session).
     prior_reuse : int
         With a Lucy-Richardson prior: how many training steps each prepared sample (a patch,
         its pixel mask and the prior of the masked patch) serves, each time under another
@@ -527,7 +534,7 @@ class TrainingRecipe:
     lr_prior: int | str | None = None
     lr_prior_max_iter: int | None = None
     lr_prior_rule: str | None = None
-    lr_prior_acceleration: str = "none"
+    lr_prior_acceleration: str | None = None
     prior_reuse: int = 1
 
     def __post_init__(self) -> None:
@@ -538,7 +545,8 @@ class TrainingRecipe:
         _optional_count("lr_prior_max_iter", self.lr_prior_max_iter, 1)
         if self.lr_prior_rule is not None:
             one_of("lr_prior_rule", self.lr_prior_rule, PRIOR_RULES)
-        one_of("lr_prior_acceleration", self.lr_prior_acceleration, ACCELERATIONS)
+        if self.lr_prior_acceleration is not None:
+            one_of("lr_prior_acceleration", self.lr_prior_acceleration, ACCELERATIONS)
         _optional_count("validation_patches", self.validation_patches, 1)
         _optional_count("patience", self.patience, 1)
         _count("eval_every", self.eval_every, 1)

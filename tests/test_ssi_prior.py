@@ -264,7 +264,7 @@ def test_auto_prior_scores_counts_up_to_lr_prior_max_iter():
     with pytest.raises(ParameterError, match=r"^lr_prior_max_iter must be an integer >= 1, got 0$"):
         TrainingRecipe(lr_prior_max_iter=0)
     assert TrainingRecipe().for_ndim(2).lr_prior_max_iter == 50
-    assert TrainingRecipe().for_ndim(3).lr_prior_max_iter == 200
+    assert TrainingRecipe().for_ndim(3).lr_prior_max_iter == 100
 
 
 def test_auto_prior_paired_rule_is_the_hold_out_rules_and_recorded():
@@ -281,6 +281,7 @@ def test_auto_prior_paired_rule_is_the_hold_out_rules_and_recorded():
     ):
         TrainingRecipe(lr_prior_rule="plain")
     assert TrainingRecipe().for_ndim(2).lr_prior_rule == "one-se"
+    assert TrainingRecipe().for_ndim(3).lr_prior_rule == "paired"
 
 
 def test_accelerated_prior_is_chosen_recorded_kept_and_chunks_agree(tmp_path):
@@ -315,6 +316,10 @@ def test_accelerated_prior_is_chosen_recorded_kept_and_chunks_agree(tmp_path):
         match=r"^lr_prior_acceleration must be one of none, nesterov, got 'yes'$",
     ):
         TrainingRecipe(lr_prior_acceleration="yes")
+    # the 3D default (twelfth session); 2D keeps classic iterations
+    assert TrainingRecipe().for_ndim(3).lr_prior_acceleration == "nesterov"
+    assert TrainingRecipe().for_ndim(2).lr_prior_acceleration == "none"
+    assert TrainingRecipe(lr_prior_acceleration="none").for_ndim(3).lr_prior_acceleration == "none"
 
 
 def test_prior_zero_is_the_datas_zero_under_zero_centred_noise():
