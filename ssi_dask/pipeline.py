@@ -435,14 +435,12 @@ def _model_summary(job: Job, model: Any) -> dict:
 
 
 def task_memory(plan: Any, method: str, model: Any = None) -> int:
-    """Bytes one task needs at its peak: the LR estimate, or SSI's block plus its tile budget."""
+    """Bytes one task needs at its peak: the LR estimate, or SSI's block, its Lucy-Richardson
+    prior and its tiles (:func:`ssi_dask.ssi.tiling.chunk_task_bytes`)."""
     if method == "ssi" and model is not None:
-        from .ssi.tiling import CPU_BUDGET_BYTES, bytes_per_voxel  # noqa: PLC0415
+        from .ssi.tiling import chunk_task_bytes  # noqa: PLC0415
 
-        padded = math.prod(w + 2 * d for w, d in zip(plan.working_chunks, plan.depth))
-        network = getattr(model, "network", model)
-        # the block in and out (as for LR) plus the network's activations, at most its budget
-        return 12 * padded + min(CPU_BUDGET_BYTES, padded * bytes_per_voxel(network))
+        return chunk_task_bytes(model, plan.working_chunks, plan.depth)
     return plan.memory_per_task
 
 

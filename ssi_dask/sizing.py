@@ -16,8 +16,10 @@ workers' own figures from ``client.scheduler_info()`` size the chunks instead
 (:func:`client_target_voxels`): the smallest worker's memory limit per thread (or, for a GPU
 run, the smallest GPU memory the workers report) bounds a task, below or above the default.
 
-SSI's working chunks are not sized: a task's memory is its block plus the network's tiles,
-capped by the tile budget whatever the chunk, and its compute time is not estimated.
+SSI's working chunks are not sized: a task's memory is its block, its Lucy-Richardson prior
+and the network's tiles, capped by the tile budget whatever the chunk
+(:func:`ssi_dask.ssi.tiling.chunk_task_bytes`, which the memory checks use), and its compute
+time is not estimated.
 
 :func:`task_cost_line` gives ``--dry-run``'s estimate of the compute time per task against the
 scheduler's overhead per task, with a warning above :data:`OVERHEAD_WARNING`.

@@ -6,6 +6,7 @@ a tiny UNet for a few steps.
 
 from __future__ import annotations
 
+import importlib
 import itertools
 import math
 
@@ -263,7 +264,50 @@ def test_choose_tile_fits_the_budget():
     # never below the alignment
     assert choose_tile((30, 64, 64), 10, 4, 1, 100) == (4, 4, 4)
     net = UNet(3, levels=3, base_channels=8, batch_norm=False)
-    assert bytes_per_voxel(net) == 2 * 4 * (3 * 8 + 2 * 16 + 4)
+    # on the CPU with the inference copy: the float32 values alive at the peak (measured
+    # 0.55-0.7 of it, benchmarks/ssi_tile_budget.py); the network as trained: twice that
+    assert bytes_per_voxel(net) == 4 * (3 * 8 + 2 * 16 + 4) == 240
+
+
+def test_bytes_per_voxel_doubles_without_the_inference_copy(monkeypatch):
+    predict_module = importlib.import_module("ssi_dask.ssi.predict")  # not the function
+    net = UNet(3, levels=3, base_channels=8, batch_norm=False)
+    monkeypatch.setattr(predict_module, "FAST_INFERENCE", False)
+    assert bytes_per_voxel(net) == 480
+
+
+def test_chunk_task_bytes_counts_the_block_the_prior_and_the_tiles():
+    from ssi_dask.ssi.forward import _fast_size
+    from ssi_dask.ssi.tiling import (
+        CPU_BUDGET_BYTES,
+        PRIOR_BYTES_PER_VOXEL,
+        chunk_task_bytes,
+        prior_bytes,
+    )
+
+    plain = UNet(3, levels=3, base_channels=8, batch_norm=False)
+    assert plain.edge_halo == 24
+    chunk, margins = (64, 256, 256), (24, 84, 84)
+    padded = 112 * 424 * 424
+    tiled = (64 + 48) * (256 + 48) ** 2  # the tiles cover the chunk and the network's halo
+    # without a prior: the block's arrays plus the tiles, capped by the budget
+    assert prior_bytes(plain, (112, 424, 424)) == 0
+    assert CPU_BUDGET_BYTES < 240 * tiled
+    assert chunk_task_bytes(plain, chunk, margins) == 16 * padded + CPU_BUDGET_BYTES
+    assert chunk_task_bytes(plain, chunk, margins, budget=2**20) == 16 * padded + 2**20
+    assert chunk_task_bytes(plain, chunk, margins, budget=2**40) == 16 * padded + 240 * tiled
+    # with the 3D benchmark's prior: its FFT domain (block + PSF - 1, at fast sizes)
+    prior = UNet(
+        3, levels=3, base_channels=8, batch_norm=False, prior_iterations=30,
+        prior_psf_shape=(17, 31, 31), prior_acceleration="nesterov",
+    )  # fmt: skip
+    assert (_fast_size(128), _fast_size(454), _fast_size(710)) == (128, 480, 720)
+    assert prior_bytes(prior, (112, 424, 424)) == PRIOR_BYTES_PER_VOXEL * 128 * 480 * 480
+    # a wider chunk: the prior, not the tiles (capped by the budget), sets the peak
+    domain = 128 * 720 * 720
+    assert PRIOR_BYTES_PER_VOXEL * domain > CPU_BUDGET_BYTES
+    wide = chunk_task_bytes(prior, (64, 512, 512), margins)
+    assert wide == 16 * 112 * 680 * 680 + PRIOR_BYTES_PER_VOXEL * domain
 
 
 @pytest.mark.gpu

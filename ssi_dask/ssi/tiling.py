@@ -22,29 +22,93 @@ import torch
 
 from ..errors import ParameterError
 from .device import resolve_device
-from .forward import lucy_richardson_prior
+from .forward import _fast_size, lucy_richardson_prior
 from .predict import _denormalise, _normalise, _prepare, run_network, test_time_transforms
 
-__all__ = ["bytes_per_voxel", "choose_tile", "predict_chunk", "tile_budget"]
+__all__ = [
+    "bytes_per_voxel",
+    "choose_tile",
+    "chunk_task_bytes",
+    "predict_chunk",
+    "prior_bytes",
+    "tile_budget",
+]
 
-#: Memory budget for one network call on the CPU (activations of a batch of tiles).
-CPU_BUDGET_BYTES = 512 * 2**20
+#: Memory budget for one network call on the CPU (activations of a batch of tiles). 1 GiB
+#: since issue 16's thirteenth session (512 MiB before): with the inference copy's measured
+#: activations (:func:`bytes_per_voxel`) a 64x256x256 chunk of the 3D default network runs in
+#: 64x128x128 tiles instead of 32x64x64 ones, 2.1x the voxels/s per core
+#: (``benchmarks/ssi_tile_budget.py``).
+CPU_BUDGET_BYTES = 1024 * 2**20
 #: Share of the GPU's free memory a network call may use.
 GPU_FREE_FRACTION = 0.5
+#: Peak bytes of a Lucy-Richardson prior per voxel of its FFT domain (the block extended by
+#: the PSF, at the FFT's size): the estimate, its edge weights and mask, the previous
+#: iterate, one convolution's spectrum and output, the two cached transfer functions and
+#: temporaries. Measured ~29 on a 64x256x256 chunk of the 3D benchmark at 30 accelerated
+#: iterations (``benchmarks/ssi_tile_budget.py``).
+PRIOR_BYTES_PER_VOXEL = 32
 
 
-def bytes_per_voxel(network) -> int:
+def bytes_per_voxel(network, device="cpu") -> int:
     """Estimated peak activation bytes per input voxel of one inference call (float32).
 
     The peak is at the finest decoder level: the skip tensor, the up-sampled coarse tensor,
     their concatenation and two convolution outputs are alive together (``3 c0 + 2 c1``
-    channels), plus the input and output copies; doubled for convolution workspaces and
-    allocator slack.
+    channels), plus the input and output copies. That many float32 values per voxel is the
+    estimate on the CPU with the inference copy (:func:`~ssi_dask.ssi.inference.
+    inference_network`, the default; measured 0.55-0.7 of it on the 3D default network,
+    ``benchmarks/ssi_tile_budget.py``); doubled elsewhere (the network as trained measured
+    0.97 of the doubled figure on the CPU; on a GPU, convolution workspaces and the
+    allocator's slack are not measured).
     """
+    from .predict import FAST_INFERENCE  # noqa: PLC0415
+
     cfg = network.config
     c0 = min(cfg["base_channels"], cfg["max_channels"])
     c1 = min(2 * cfg["base_channels"], cfg["max_channels"]) if cfg["levels"] > 1 else 0
-    return 2 * 4 * (3 * c0 + 2 * c1 + 4)
+    values = 4 * (3 * c0 + 2 * c1 + 4)
+    measured = FAST_INFERENCE and resolve_device(device).type == "cpu"
+    return values if measured else 2 * values
+
+
+def prior_bytes(network, block_shape: Sequence[int]) -> int:
+    """Peak bytes of the Lucy-Richardson prior of ``network`` on a block (0 without one)."""
+    members = getattr(network, "members", None)
+    if members is not None:  # an ensemble: its members share the prior
+        network = members[0]
+    if not getattr(network, "prior_iterations", 0):
+        return 0
+    psf_shape = network.prior_psf.shape
+    domain = math.prod(_fast_size(int(s) + int(k) - 1) for s, k in zip(block_shape, psf_shape))
+    return PRIOR_BYTES_PER_VOXEL * domain
+
+
+def chunk_task_bytes(
+    model,
+    chunk_shape: Sequence[int],
+    margins: Sequence[int],
+    device="cpu",
+    budget: int | None = None,
+) -> int:
+    """Bytes :func:`predict_chunk` holds at its peak for a chunk with its halo.
+
+    ``chunk_shape`` is the chunk's output voxels and ``margins`` the halo on each side, as
+    ``map_overlap`` hands the block over (``interior_only``). The block in, normalised and out,
+    and the prior on it (four float32 values per voxel each), plus the larger of the prior's
+    computation (:func:`prior_bytes`) and one network call's activations (the chunk and the
+    network's halo at :func:`bytes_per_voxel`, at most ``budget``, by default the CPU's
+    :data:`CPU_BUDGET_BYTES` or, on a GPU, :func:`tile_budget`).
+    """
+    network = getattr(model, "network", model)
+    padded = [int(c) + 2 * int(m) for c, m in zip(chunk_shape, margins)]
+    edge_halo = int(network.edge_halo)
+    tiled = math.prod(int(c) + 2 * edge_halo for c in chunk_shape)
+    if budget is None:
+        cpu = resolve_device(device).type == "cpu"
+        budget = CPU_BUDGET_BYTES if cpu else tile_budget(device)
+    tiles = min(int(budget), tiled * bytes_per_voxel(network, device))
+    return 16 * math.prod(padded) + max(tiles, prior_bytes(network, padded))
 
 
 def tile_budget(device, fraction: float = GPU_FREE_FRACTION) -> int:
@@ -155,7 +219,7 @@ def predict_chunk(
         else ((int(margin),) * ndim if np.isscalar(margin) else tuple(int(m) for m in margin))
     )
     interior = [max(s - 2 * m, 1) for s, m in zip(block.shape, margins)]
-    per_voxel = bytes_per_voxel(net)
+    per_voxel = bytes_per_voxel(net, dev)
     budget = int(budget if budget is not None else tile_budget(dev))
     if tile_shape is None:
         tile = choose_tile(interior, tile_halo, a, budget, per_voxel)
