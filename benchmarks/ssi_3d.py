@@ -12,7 +12,9 @@ Lucy-Richardson gains >= 3 dB over the input at 128x256x256 on filaments, blobs 
 (beads: at ``very-low`` only; ``benchmarks/ssi_3d_levels.py``); at ``high`` and ``low`` it
 gains too little to tell methods apart.
 Each row reports the input, best-n Lucy-Richardson (an oracle choice of n), SSI with the
-default recipe, and SSI's self-check (runs, flagged failed and retried). A case only separates
+default recipe, and SSI's self-check (runs, flagged failed and retried); ``--tta-compare``
+also scores SSI's output at other test-time transform counts, and ``--save-models`` keeps each
+row's trained model (its checkpoint's sha256 in the JSON) for later analysis. A case only separates
 methods when LR gains >= 3 dB over the input: the column says whether it does.
 
 Usage::
@@ -84,12 +86,17 @@ def main() -> None:
         help="SSI's lr_prior_acceleration (default: the recipe's)",
     )
     parser.add_argument("--prior-reuse", type=int, help="SSI's prior_reuse (default: the recipe's)")
+    parser.add_argument(
+        "--tta-compare",
+        help="also score SSI with these test-time transform counts, e.g. 1,2,4,8,16",
+    )
+    parser.add_argument("--save-models", help="folder: each row's trained model, a checkpoint")
     parser.add_argument("--json")
     args = parser.parse_args()
 
     from ssi_dask.bench.metrics import psnr, ssim
     from ssi_dask.bench.protocol import run_outcome
-    from ssi_dask.ssi import predict, train_ssi
+    from ssi_dask.ssi import predict, save_checkpoint, train_ssi
 
     shape = tuple(int(v) for v in args.shape.split(","))
     psf = benchmark_psf(args.psf_shape, args.z_step, args.na)
@@ -147,6 +154,16 @@ def main() -> None:
         row["train_s"] = time.perf_counter() - started
         restored = np.clip(predict(model, noisy), 0, 1)
         row["ssi"] = (psnr(truth, restored), ssim(truth, restored))
+        if args.save_models:
+            folder = Path(args.save_models)
+            folder.mkdir(parents=True, exist_ok=True)
+            name = f"ssi_3d_{kind}_{level}_seed{seed}.ckpt"
+            row["model_sha256"] = save_checkpoint(model, folder / name)
+            row["model_file"] = name
+        for count in args.tta_compare.split(",") if args.tta_compare else []:
+            other = np.clip(predict(model, noisy, tta=int(count)), 0, 1)
+            row.setdefault("ssi_tta", {})[count] = (psnr(truth, other), ssim(truth, other))
+            print(f"  SSI with tta {count}: {row['ssi_tta'][count][0]:.2f} dB", flush=True)
         row["beats_baselines"] = bool(model.training["beats_baselines"])
         row.update(run_outcome(model))  # every run is self-checked; failed ones retried
         check = model.training["self_check"]
