@@ -37,8 +37,8 @@ __all__ = [
 #: Memory budget for one network call on the CPU (activations of a batch of tiles). 1 GiB
 #: since issue 16's thirteenth session (512 MiB before): with the inference copy's measured
 #: activations (:func:`bytes_per_voxel`) a 64x256x256 chunk of the 3D default network runs in
-#: 64x128x128 tiles instead of 32x64x64 ones, 2.1x the voxels/s per core
-#: (``benchmarks/ssi_tile_budget.py``).
+#: 64x128x128 tiles instead of 32x64x64 ones: 2.1x the voxels/s per core without a prior,
+#: 1.45x with the 3D default's (``benchmarks/ssi_tile_budget.py``, RESULTS.md).
 CPU_BUDGET_BYTES = 1024 * 2**20
 #: Share of the GPU's free memory a network call may use.
 GPU_FREE_FRACTION = 0.5
@@ -46,7 +46,8 @@ GPU_FREE_FRACTION = 0.5
 #: the PSF, at the FFT's size): the estimate, its edge weights and mask, the previous
 #: iterate, one convolution's spectrum and output, the two cached transfer functions and
 #: temporaries. Measured ~29 on a 64x256x256 chunk of the 3D benchmark at 30 accelerated
-#: iterations (``benchmarks/ssi_tile_budget.py``).
+#: iterations (``benchmarks/ssi_tile_budget.py``: the whole call added 0.58-0.64 of
+#: :func:`chunk_task_bytes` there, whose prior term counts the block's mirrored z ends too).
 PRIOR_BYTES_PER_VOXEL = 32
 
 
@@ -57,10 +58,11 @@ def bytes_per_voxel(network, device="cpu") -> int:
     their concatenation and two convolution outputs are alive together (``3 c0 + 2 c1``
     channels), plus the input and output copies. That many float32 values per voxel is the
     estimate on the CPU with the inference copy (:func:`~ssi_dask.ssi.inference.
-    inference_network`, the default; measured 0.55-0.7 of it on the 3D default network,
-    ``benchmarks/ssi_tile_budget.py``); doubled elsewhere (the network as trained measured
-    0.97 of the doubled figure on the CPU; on a GPU, convolution workspaces and the
-    allocator's slack are not measured).
+    inference_network`, the default): a whole chunk call, block copies included, added
+    0.63-0.71 of it at its peak on the 3D default network (``benchmarks/ssi_tile_budget.py``).
+    Four times that elsewhere: the network as trained added 1.7x the doubled figure with 16
+    transforms on the CPU, and on a GPU convolution workspaces and the allocator's slack are
+    not measured.
     """
     from .predict import FAST_INFERENCE  # noqa: PLC0415
 
@@ -69,7 +71,7 @@ def bytes_per_voxel(network, device="cpu") -> int:
     c1 = min(2 * cfg["base_channels"], cfg["max_channels"]) if cfg["levels"] > 1 else 0
     values = 4 * (3 * c0 + 2 * c1 + 4)
     measured = FAST_INFERENCE and resolve_device(device).type == "cpu"
-    return values if measured else 2 * values
+    return values if measured else 4 * values
 
 
 def prior_bytes(network, block_shape: Sequence[int]) -> int:
