@@ -70,8 +70,11 @@ def _child(args) -> None:
     model = load_checkpoint(args.model)
     chunk = tuple(int(v) for v in args.chunk.split(","))
     halo = model.halo
-    margins = [model.edge_halo, halo, halo]
-    outside = [(margins[0], margins[0]), (0, 0), (0, 0)]
+    margins = [halo] * len(chunk)
+    outside = None
+    if len(chunk) == 3:  # z held whole (the planner's rule): there only the network's halo
+        margins[0] = model.edge_halo
+        outside = [(margins[0], margins[0]), (0, 0), (0, 0)]
     rng = np.random.default_rng(0)
     block = rng.random(tuple(c + 2 * m for c, m in zip(chunk, margins)), dtype=np.float32)
     budget = int(args.budget * 2**20)
@@ -82,7 +85,7 @@ def _child(args) -> None:
     kwargs = {"tile_shape": tile} if old_tiles else {"budget": budget}
     predict_chunk(  # warm-up on a small block: one-off allocations and the inference copy
         model,
-        block[:, : 2 * halo + 8, : 2 * halo + 8],
+        block[(Ellipsis, *[slice(0, 2 * m + 8) for m in margins[-2:]])],
         margin=margins,
         tta=args.tta,
         outside=outside,
@@ -121,28 +124,27 @@ def _child(args) -> None:
     )
 
 
-def _train(prior: int, path: Path) -> dict:
+def _train(prior: int, ndim: int, path: Path) -> dict:
     from ssi_dask.bench.synthetic import add_poisson_gaussian_noise, blur, structure_3d
+    from ssi_dask.config import SSI_TRAINING_DEFAULTS
     from ssi_dask.psf import widefield_psf
     from ssi_dask.ssi import save_checkpoint, train_ssi
 
     rng = np.random.default_rng(0)
     psf = widefield_psf((17, 31, 31), (0.3, 0.1, 0.1), na=1.2, wavelength=0.52)
-    psf = (psf / psf.sum()).astype(np.float32)
     truth = structure_3d("filaments", (32, 96, 96), aspect=3.0, seed=0, density=4)
+    if ndim == 2:  # the PSF's focal section and a projection of the filaments
+        psf = psf[psf.shape[0] // 2]
+        truth = structure_3d("filaments", (8, 256, 256), aspect=3.0, seed=0, density=4).max(0)
+    psf = (psf / psf.sum()).astype(np.float32)
     noisy = add_poisson_gaussian_noise(blur(truth, psf), rng, 0.0002, 0.002).astype(np.float32)
+    acceleration = SSI_TRAINING_DEFAULTS[ndim]["lr_prior_acceleration"]  # the default's
     model = train_ssi(
-        noisy,
-        psf,
-        seed=0,
-        device="cpu",
-        steps=3,
-        restarts=1,
-        lr_prior=prior,
-        lr_prior_acceleration="nesterov",
-    )
+        noisy, psf, seed=0, device="cpu", steps=3, restarts=1, lr_prior=prior,
+        lr_prior_acceleration=acceleration,
+    )  # fmt: skip
     save_checkpoint(model, path)
-    return {"halo": model.halo, "edge_halo": model.edge_halo}
+    return {"halo": model.halo, "edge_halo": model.edge_halo, "acceleration": acceleration}
 
 
 def _run_child(
@@ -163,9 +165,18 @@ def _run_child(
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--budgets", default="512,1024,2048", help="MiB per network call")
-    parser.add_argument("--chunk", default="64,256,256", help="output voxels of one chunk")
-    parser.add_argument("--prior", type=int, default=30, help="accelerated prior iterations")
-    parser.add_argument("--tta", type=int, default=2)
+    parser.add_argument(
+        "--chunk",
+        default="64,256,256",
+        help="output voxels of one chunk; two sizes for 2D (e.g. 2048,2048)",
+    )
+    parser.add_argument(
+        "--prior",
+        type=int,
+        default=30,
+        help="prior iterations (accelerated as the dimension's default: in 3D, not in 2D)",
+    )
+    parser.add_argument("--tta", type=int, help="test-time transforms (default: 2 in 3D, 8 in 2D)")
     parser.add_argument(
         "--repeats", type=int, default=2, help="timed calls per row, the best kept (reference: 1)"
     )
@@ -189,22 +200,30 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
+        from ssi_dask.config import SSI_TRAINING_DEFAULTS, SSI_TTA_DEFAULTS
+
+        ndim = len(args.chunk.split(","))
+        tta = args.tta or SSI_TTA_DEFAULTS[ndim]
         cases = []
-        if args.reference:
-            cases.append(("filing-time (plain, tta 16, no prior)", 0, "plain", 16, [512.0]))
+        if args.reference:  # the filing-time default: 16 transforms in 3D, 8 in 2D
+            most = {2: 8, 3: 16}[ndim]
+            cases.append((f"filing-time (plain, tta {most}, no prior)", 0, "plain", most, [512.0]))
         budgets = [float(b) for b in args.budgets.split(",")]
         priors = [0] + ([args.prior] if args.prior else [])
+        accelerated = SSI_TRAINING_DEFAULTS[ndim]["lr_prior_acceleration"] == "nesterov"
         for prior in priors:
-            label = f"prior {prior} accelerated" if prior else "no prior"
+            label = "no prior"
+            if prior:
+                label = f"prior {prior}{' accelerated' if accelerated else ''}"
             if args.previous:
-                cases.append((f"{label}, tiles as before", prior, "previous", args.tta, [512.0]))
-            cases.append((label, prior, "current", args.tta, budgets))
+                cases.append((f"{label}, tiles as before", prior, "previous", tta, [512.0]))
+            cases.append((label, prior, "current", tta, budgets))
         models: dict[int, tuple[Path, dict]] = {}
         firsts: dict[tuple[int, int], np.ndarray] = {}
         for label, prior, how, tta, case_budgets in cases:
             if prior not in models:
                 path = tmp / f"prior{prior}.ckpt"
-                models[prior] = (path, _train(prior, path))
+                models[prior] = (path, _train(prior, ndim, path))
             path, info = models[prior]
             for budget in case_budgets:
                 out = tmp / f"out_{len(rows)}.npy"
