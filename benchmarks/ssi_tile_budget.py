@@ -82,7 +82,10 @@ def _child(args) -> None:
     per_voxel = FILING_BYTES_PER_VOXEL if old_tiles else bytes_per_voxel(model.network)
     tile = choose_tile(chunk, model.edge_halo, model.alignment, budget, per_voxel)
     tile_input = int(np.prod([t + 2 * model.edge_halo for t in tile]))
-    kwargs = {"tile_shape": tile} if old_tiles else {"budget": budget}
+    kwargs = {"budget": budget}
+    if old_tiles:  # the old tiles, batched as before: tiles per call = budget // (input x 480)
+        now = bytes_per_voxel(model.network)  # what predict_chunk divides the budget by now
+        kwargs = {"tile_shape": tile, "budget": budget * now // FILING_BYTES_PER_VOXEL}
     predict_chunk(  # warm-up on a small block: one-off allocations and the inference copy
         model,
         block[(Ellipsis, *[slice(0, 2 * m + 8) for m in margins[-2:]])],
