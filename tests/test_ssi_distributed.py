@@ -283,6 +283,7 @@ def test_chunk_task_bytes_counts_the_block_the_prior_and_the_tiles():
         PRIOR_BYTES_PER_VOXEL,
         chunk_task_bytes,
         prior_bytes,
+        tile_budget,
     )
 
     plain = UNet(3, levels=3, base_channels=8, batch_norm=False)
@@ -292,9 +293,16 @@ def test_chunk_task_bytes_counts_the_block_the_prior_and_the_tiles():
     tiled = (64 + 48) * (256 + 48) ** 2  # the tiles cover the chunk and the network's halo
     # without a prior: the block's arrays plus the tiles, capped by the budget
     assert prior_bytes(plain, (112, 424, 424)) == 0
-    assert CPU_BUDGET_BYTES < 240 * tiled
-    assert chunk_task_bytes(plain, chunk, margins) == 16 * padded + CPU_BUDGET_BYTES
+    assert CPU_BUDGET_BYTES[3] < 240 * tiled
+    assert chunk_task_bytes(plain, chunk, margins) == 16 * padded + CPU_BUDGET_BYTES[3]
     assert chunk_task_bytes(plain, chunk, margins, budget=2**20) == 16 * padded + 2**20
+    # 2D keeps the tiles it had: 256 MiB at the halved estimate = 512 MiB at the old one
+    assert tile_budget("cpu", ndim=2) == 256 * 2**20 and tile_budget("cpu") == 2**30
+    assert (
+        choose_tile((2048, 2048), 24, 4, 256 * 2**20, 240)
+        == choose_tile((2048, 2048), 24, 4, 512 * 2**20, 480)
+        == (512, 1024)
+    )
     assert chunk_task_bytes(plain, chunk, margins, budget=2**40) == 16 * padded + 240 * tiled
     # with the 3D benchmark's prior: its FFT domain (block + PSF - 1, at fast sizes)
     prior = UNet(
@@ -305,7 +313,7 @@ def test_chunk_task_bytes_counts_the_block_the_prior_and_the_tiles():
     assert prior_bytes(prior, (112, 424, 424)) == PRIOR_BYTES_PER_VOXEL * 128 * 480 * 480
     # a wider chunk: the prior, not the tiles (capped by the budget), sets the peak
     domain = 128 * 720 * 720
-    assert PRIOR_BYTES_PER_VOXEL * domain > CPU_BUDGET_BYTES
+    assert PRIOR_BYTES_PER_VOXEL * domain > CPU_BUDGET_BYTES[3]
     wide = chunk_task_bytes(prior, (64, 512, 512), margins)
     assert wide == 16 * 112 * 680 * 680 + PRIOR_BYTES_PER_VOXEL * domain
 

@@ -34,12 +34,14 @@ __all__ = [
     "tile_budget",
 ]
 
-#: Memory budget for one network call on the CPU (activations of a batch of tiles). 1 GiB
-#: since issue 16's thirteenth session (512 MiB before): with the inference copy's measured
-#: activations (:func:`bytes_per_voxel`) a 64x256x256 chunk of the 3D default network runs in
-#: 64x128x128 tiles instead of 32x64x64 ones: 2.1x the voxels/s per core without a prior,
-#: 1.45x with the 3D default's (``benchmarks/ssi_tile_budget.py``, RESULTS.md).
-CPU_BUDGET_BYTES = 1024 * 2**20
+#: Memory budget for one network call on the CPU (activations of a batch of tiles), per
+#: dimensionality. Since issue 16's thirteenth session the estimate per voxel is the inference
+#: copy's measured one (:func:`bytes_per_voxel`, half the old figure) and 3D tiles get 1 GiB
+#: (512 MiB before): a 64x256x256 chunk of the 3D default network runs in 64x128x128 tiles
+#: instead of 32x64x64 ones, 1.33x the voxels/s per core with the 3D default prior, 2.4x
+#: without a prior. 2D keeps the tiles it had (256 MiB at half the estimate): larger 2D tiles
+#: measured 0.85x (``benchmarks/ssi_tile_budget.py``, RESULTS.md).
+CPU_BUDGET_BYTES = {2: 256 * 2**20, 3: 1024 * 2**20}
 #: Share of the GPU's free memory a network call may use.
 GPU_FREE_FRACTION = 0.5
 #: Peak bytes of a Lucy-Richardson prior per voxel of its FFT domain (the block extended by
@@ -99,27 +101,27 @@ def chunk_task_bytes(
     ``map_overlap`` hands the block over (``interior_only``). The block in, normalised and out,
     and the prior on it (four float32 values per voxel each), plus the larger of the prior's
     computation (:func:`prior_bytes`) and one network call's activations (the chunk and the
-    network's halo at :func:`bytes_per_voxel`, at most ``budget``, by default the CPU's
-    :data:`CPU_BUDGET_BYTES` or, on a GPU, :func:`tile_budget`).
+    network's halo at :func:`bytes_per_voxel`, at most ``budget``, by default
+    :func:`tile_budget`).
     """
     network = getattr(model, "network", model)
     padded = [int(c) + 2 * int(m) for c, m in zip(chunk_shape, margins)]
     edge_halo = int(network.edge_halo)
     tiled = math.prod(int(c) + 2 * edge_halo for c in chunk_shape)
     if budget is None:
-        cpu = resolve_device(device).type == "cpu"
-        budget = CPU_BUDGET_BYTES if cpu else tile_budget(device)
+        budget = tile_budget(device, ndim=len(chunk_shape))
     tiles = min(int(budget), tiled * bytes_per_voxel(network, device))
     return 16 * math.prod(padded) + max(tiles, prior_bytes(network, padded))
 
 
-def tile_budget(device, fraction: float = GPU_FREE_FRACTION) -> int:
-    """Bytes one network call may use: a share of the free GPU memory, or a fixed CPU budget."""
+def tile_budget(device, fraction: float = GPU_FREE_FRACTION, ndim: int = 3) -> int:
+    """Bytes one network call may use: a share of the free GPU memory, or the CPU budget of
+    :data:`CPU_BUDGET_BYTES` for ``ndim`` dimensions."""
     dev = resolve_device(device)
     if dev.type == "cuda":
         free, _total = torch.cuda.mem_get_info(dev)
         return int(free * fraction)
-    return CPU_BUDGET_BYTES
+    return CPU_BUDGET_BYTES[3 if int(ndim) >= 3 else 2]
 
 
 def choose_tile(
@@ -222,7 +224,7 @@ def predict_chunk(
     )
     interior = [max(s - 2 * m, 1) for s, m in zip(block.shape, margins)]
     per_voxel = bytes_per_voxel(net, dev)
-    budget = int(budget if budget is not None else tile_budget(dev))
+    budget = int(budget if budget is not None else tile_budget(dev, ndim=block.ndim))
     if tile_shape is None:
         tile = choose_tile(interior, tile_halo, a, budget, per_voxel)
     else:
