@@ -375,15 +375,20 @@ class LucyRichardsonPrior:
         return self.op.crop(est) + self.background
 
 
+def prior_network(net: torch.nn.Module) -> torch.nn.Module:
+    """The network that holds the prior's settings: ``net``, or an ensemble's first member
+    (its members share the prior)."""
+    members = getattr(net, "members", None)
+    return net if members is None else members[0]
+
+
 def lucy_richardson_prior(
     net: torch.nn.Module, x: torch.Tensor, hidden: torch.Tensor | None = None
 ) -> torch.Tensor | None:
     """The prior channel of ``net`` (a UNet, an ensemble of them, or an inference copy) for
     the batch ``x`` (``hidden``: pixels that count as not measured, see
     :class:`LucyRichardsonPrior`); None for a network without a prior."""
-    members = getattr(net, "members", None)
-    if members is not None:  # an ensemble: its members share the prior
-        net = members[0]
+    net = prior_network(net)
     iterations = getattr(net, "prior_iterations", 0)
     if not iterations:
         return None

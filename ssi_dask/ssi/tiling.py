@@ -22,7 +22,7 @@ import torch
 
 from ..errors import ParameterError
 from .device import resolve_device
-from .forward import _fast_size, lucy_richardson_prior
+from .forward import _fast_size, lucy_richardson_prior, prior_network
 from .predict import _denormalise, _normalise, _prepare, run_network, test_time_transforms
 
 __all__ = [
@@ -61,9 +61,9 @@ def bytes_per_voxel(network, device="cpu") -> int:
     channels), plus the input and output copies. That many float32 values per voxel is the
     estimate on the CPU with the inference copy (:func:`~ssi_dask.ssi.inference.
     inference_network`, the default): a whole chunk call, block copies included, added
-    0.63-0.71 of it at its peak on the 3D default network (``benchmarks/ssi_tile_budget.py``).
-    Four times that elsewhere: the network as trained added 1.7x the doubled figure with 16
-    transforms on the CPU, and on a GPU convolution workspaces and the allocator's slack are
+    0.4-0.7 of it at its peak on the default networks (``benchmarks/ssi_tile_budget.py``).
+    Four times that elsewhere: the network as trained added 1.35-1.7x the doubled figure with
+    16 transforms on the CPU, and on a GPU convolution workspaces and the allocator's slack are
     not measured.
     """
     from .predict import FAST_INFERENCE  # noqa: PLC0415
@@ -78,9 +78,7 @@ def bytes_per_voxel(network, device="cpu") -> int:
 
 def prior_bytes(network, block_shape: Sequence[int]) -> int:
     """Peak bytes of the Lucy-Richardson prior of ``network`` on a block (0 without one)."""
-    members = getattr(network, "members", None)
-    if members is not None:  # an ensemble: its members share the prior
-        network = members[0]
+    network = prior_network(network)
     if not getattr(network, "prior_iterations", 0):
         return 0
     psf_shape = network.prior_psf.shape
