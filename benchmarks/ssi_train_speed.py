@@ -130,6 +130,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", default="32,64,64")
     parser.add_argument("--steps", type=int, default=600)
+    parser.add_argument(
+        "--current-steps",
+        help="the current path once per value (training steps), e.g. 600,200,100 (default: "
+        "--steps); the other paths train --steps steps",
+    )
     parser.add_argument("--seeds", default="0,1")
     parser.add_argument("--paths", default="reference,previous,current")
     parser.add_argument("--reuse", default="1", help="prior_reuse values of the current path")
@@ -181,18 +186,21 @@ def main() -> None:
     variants = []
     settings = args.prior_settings.split(",") if args.prior_settings else []
     pairs = [p.split(":") for p in settings] or [None]
+    current_steps = [int(v) for v in (args.current_steps or str(args.steps)).split(",")]
     for path in args.paths.split(","):
         if path == "current":
             for reuse in args.reuse.split(","):
                 for pair in pairs:
-                    options = {"prior_reuse": int(reuse)}
-                    if pair:
-                        options.update(lr_prior_rule=pair[0], lr_prior_acceleration=pair[1])
-                        if len(pair) > 2:
-                            options["lr_prior_max_iter"] = int(pair[2])
-                    variants.append((path, options))
+                    for steps in current_steps:
+                        options = {"prior_reuse": int(reuse), "steps": steps}
+                        if pair:
+                            options.update(lr_prior_rule=pair[0], lr_prior_acceleration=pair[1])
+                            if len(pair) > 2:
+                                options["lr_prior_max_iter"] = int(pair[2])
+                        variants.append((path, options))
         else:
-            variants.append((path, {"lr_prior": 0} if path == "reference" else {}))
+            options = {"steps": args.steps}
+            variants.append((path, {"lr_prior": 0, **options} if path == "reference" else options))
     for seed in (int(s) for s in args.seeds.split(",")):
         for path, options in variants:
             saved = _set_path(path)
@@ -200,7 +208,7 @@ def main() -> None:
             started = time.process_time()
             try:
                 profile.enable()
-                model = train_ssi(noisy, psf, seed=seed, device="cpu", steps=args.steps, **options)
+                model = train_ssi(noisy, psf, seed=seed, device="cpu", **options)
                 profile.disable()
             finally:
                 _restore(saved)
@@ -211,7 +219,7 @@ def main() -> None:
                 "options": options,
                 "prior_iterations": (model.training.get("lr_prior") or {}).get("iterations", 0),
                 "seed": seed,
-                "steps": args.steps,
+                "steps": options["steps"],
                 "runs": model.training.get("runs"),
                 "cpu_s": seconds,
                 "parts_cpu_s": _parts(profile),
