@@ -229,17 +229,33 @@ def parse_chunks(spec: str | int | Sequence[int] | None, ndim: int) -> tuple[int
     return sizes
 
 
+#: :func:`choose_working_chunks` cuts below the store's chunks only where they would make a
+#: working chunk hold more than this many times the target (up to it, a few tasks' worth of
+#: memory buys reads aligned with the store)
+CUT_ABOVE = 8
+
+
 def choose_working_chunks(
     shape: Sequence[int],
     unit: Sequence[int] | None = None,
     *,
     target_voxels: int | None = None,
     min_size: Sequence[int] | None = None,
+    alignment: int = 1,
 ) -> tuple[int, ...]:
     """Grow a chunk shape from ``unit`` (the store's chunks) to about ``target_voxels``.
 
     Every side stays a multiple of the unit (so reads and writes align with the store) and at
-    most the image size; the shortest side (relative to the image) is doubled first.
+    most the image size; the shortest side (relative to the image) is doubled first. In 3D the
+    z side is first grown to about twice the cube root of the target (a widefield PSF spreads a
+    cut far along z).
+
+    A unit so large that the chunk would hold more than :data:`CUT_ABOVE` times the target
+    (e.g. whole planes, chunks ``(1, Y, X)`` of a converted TIFF stack, where keeping z deep
+    would put hundreds of planes in one task) is cut instead: the largest side is halved, in
+    multiples of ``alignment``, never below ``min_size`` (nor, in 3D, z below the depth above),
+    until the chunk holds at most twice the target. Reads then no longer align with the store
+    (:func:`input_chunk_reads` counts the tasks that read each input chunk).
     """
     ndim = len(shape)
     unit = tuple(int(u) for u in (unit or (1,) * ndim))
@@ -249,9 +265,9 @@ def choose_working_chunks(
     for axis in range(ndim):  # respect a minimum (e.g. the halo) in whole units
         while chunk[axis] < min(floor[axis], shape[axis]):
             chunk[axis] = min(chunk[axis] + unit[axis], shape[axis])
+    deepest = 2 * round(target ** (1 / 3))
     if ndim == 3:
         # Keep z deep (DESIGN.md rule 3): a widefield PSF spreads a cut far along z.
-        deepest = 2 * round(target ** (1 / 3))
         while chunk[0] < min(shape[0], deepest):
             chunk[0] = min(max(chunk[0] // unit[0], 1) * 2 * unit[0], shape[0])
     while math.prod(chunk) < target:
@@ -261,7 +277,36 @@ def choose_working_chunks(
         axis = min(growable, key=lambda a: (chunk[a], a))
         multiple = max(chunk[axis] // unit[axis], 1) * 2
         chunk[axis] = min(multiple * unit[axis], shape[axis])
+    # a unit far above the target (e.g. whole planes): cut below it, back to the target's size
+    cut = math.prod(chunk) > CUT_ABOVE * target
+    while cut and math.prod(chunk) > 2 * target:
+        floors = [max(f, deepest) if ndim == 3 and a == 0 else f for a, f in enumerate(floor)]
+        halves = {a: _half(chunk[a], shape[a], alignment, floors[a]) for a in range(ndim)}
+        cuttable = [a for a, h in halves.items() if h is not None]
+        if not cuttable:
+            break
+        axis = max(cuttable, key=lambda a: (chunk[a], a))
+        chunk[axis] = halves[axis]
     return tuple(chunk)
+
+
+def _half(size: int, extent: int, alignment: int, floor: int) -> int | None:
+    """``size`` halved (rounded up to a multiple of ``alignment``), or None where the half
+    or the short chunk it leaves at the end of ``extent`` would be smaller than ``floor``."""
+    half = -(-size // 2)
+    half = -(-half // alignment) * alignment
+    rest = extent % half
+    if half >= size or half < max(floor, 1) or 0 < rest < floor:
+        return None
+    return half
+
+
+def input_chunk_reads(working: Sequence[int], store_chunks: Sequence[int] | None) -> int:
+    """How many tasks read each input chunk at most (1 where the working chunks are whole
+    multiples of it; more where an input chunk is larger than a working chunk), halo aside."""
+    if store_chunks is None:
+        return 1
+    return math.prod(max(-(-int(c) // int(w)), 1) for w, c in zip(working, store_chunks))
 
 
 def check_write_alignment(
@@ -298,12 +343,22 @@ class BlockPlan:
     memory_per_task: int
     output_bytes: int
     output_dtype: str = "float32"
+    #: tasks that read each input chunk at most (:func:`input_chunk_reads`), and those chunks
+    input_reads: int = 1
+    input_chunks: tuple[int, ...] | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     def summary(self) -> str:
         """Human-readable multi-line description."""
+        reads = []
+        if self.input_reads > 1:
+            reads = [
+                f"  input reads     each input chunk {self.input_chunks} is read by up to "
+                f"{self.input_reads} tasks (it is larger than a working chunk); an input stored "
+                "in chunks that divide the working chunks is read once"
+            ]
         return "\n".join(
             [
                 f"  shape           {self.shape} ({self.input_dtype} in, {self.output_dtype} out)",
@@ -314,6 +369,7 @@ class BlockPlan:
                 "per chunk)",
                 f"  memory per task ~{_human_bytes(self.memory_per_task)}",
                 f"  output size     {_human_bytes(self.output_bytes)} (uncompressed)",
+                *reads,
             ]
         )
 
@@ -1004,7 +1060,9 @@ def plan_blocks(
                 )
     else:
         unit = tuple(math.lcm(int(u), alignment) for u in (store_chunks or (1,) * ndim))
-        working = choose_working_chunks(shape, unit, target_voxels=target_voxels, min_size=depth)
+        working = choose_working_chunks(
+            shape, unit, target_voxels=target_voxels, min_size=depth, alignment=alignment
+        )
     out_chunks = parse_chunks(output_chunks, ndim)
     if out_chunks is None:
         if store_chunks is not None and all(
@@ -1048,6 +1106,8 @@ def plan_blocks(
         ),
         memory_per_task=estimate_lr_task_memory(working, effective_depth, psf_shape),
         output_bytes=4 * math.prod(shape),
+        input_reads=input_chunk_reads(working, store_chunks),
+        input_chunks=None if store_chunks is None else tuple(int(c) for c in store_chunks),
     )
 
 

@@ -661,14 +661,17 @@ def run(job: Job, *, client: Any = None, echo: Echo = print) -> RunReport:
             "default (SSI chunks are not sized from the workers: a task tiles its block "
             "within the network's memory budget whatever the chunk size)"
         )
-    elif job.layout.chunks is None and (client is not None or job.cluster.remote):
+    elif client is not None or job.cluster.remote:
         from .sizing import client_target_voxels  # noqa: PLC0415
 
-        # the workers that will compute size the chunks: a given client's, or the scheduler's
+        # the workers that will compute size the chunks: a given client's, or the scheduler's;
+        # chunks given are kept, and checked against the same budget
         info = client.scheduler_info() if client is not None else scheduler_workers(job.cluster)
-        sized, sizing_reason, budget = client_target_voxels(
+        voxels, reason, budget = client_target_voxels(
             info, method, psf_shape, n_spatial, gpu=job.cluster.gpu
         )
+        if job.layout.chunks is None:
+            sized, sizing_reason = voxels, reason
     elif job.layout.chunks is None:
         from .sizing import target_voxels  # noqa: PLC0415
 
@@ -872,7 +875,7 @@ def run(job: Job, *, client: Any = None, echo: Echo = print) -> RunReport:
         line = (
             f"warning: one task needs ~{format_bytes(plan.memory_per_task)}, more than the "
             f"workers' memory limit holds ({format_bytes(budget)} a task); workers may pause "
-            "or be restarted: give the workers more memory or use smaller store chunks"
+            "or be restarted: give the workers more memory or smaller chunks="
         )
         warnings.append(line)
         _say(echo, f"  {line}")

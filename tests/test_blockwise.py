@@ -196,6 +196,39 @@ def test_working_chunks_are_multiples_of_store_chunks_and_keep_z_deep():
     assert choose_working_chunks((8192, 8192), (512, 512)) == (2048, 2048)
 
 
+def test_working_chunks_cut_store_chunks_far_above_the_target():
+    # whole planes (a converted TIFF stack): z deep, the planes cut to the target's size
+    assert choose_working_chunks((512, 2048, 2048), (1, 2048, 2048)) == (512, 128, 128)
+    # SSI: the cut sides stay multiples of the network's alignment and hold the halo
+    chunks = choose_working_chunks(
+        (40, 2000, 2000), (1, 2000, 2000), alignment=8, min_size=(84, 84, 84)
+    )
+    assert chunks == (40, 504, 256)
+    # the chunks left at the end of each side hold the halo too (2000 = 3 x 504 + 488)
+    assert 2000 % 504 >= 84 and 2000 % 256 >= 84
+    assert choose_working_chunks((20000, 20000), (20000, 20000)) == (2500, 2500)
+    # up to CUT_ABOVE times the target the store's chunks are kept whole (aligned reads)
+    assert choose_working_chunks((512, 2048, 2048), (64, 256, 256)) == (512, 256, 256)
+    # z is never cut below the depth kept for a widefield PSF's spread
+    assert choose_working_chunks((2048, 2048, 2048), (2048, 2048, 2048))[0] >= 2 * 161
+
+
+def test_plan_counts_the_tasks_that_read_each_input_chunk():
+    plan = plan_blocks(
+        (512, 2048, 2048), "uint16", (17, 31, 31), num_iter=10, store_chunks=(1, 2048, 2048)
+    )
+    assert plan.working_chunks == plan.output_chunks == (512, 128, 128)
+    assert plan.input_reads == 16 * 16
+    assert (
+        "input reads     each input chunk (1, 2048, 2048) is read by up to 256 tasks"
+        in plan.summary()
+    )
+    aligned = plan_blocks(
+        (512, 2048, 2048), "uint16", (17, 31, 31), num_iter=10, store_chunks=(64, 256, 256)
+    )
+    assert aligned.input_reads == 1 and "input reads" not in aligned.summary()
+
+
 def test_plan_aligns_writes_and_counts_tasks():
     plan = plan_blocks(
         (64, 512, 512), "uint16", (17, 17, 17), num_iter=10, store_chunks=(16, 64, 64)

@@ -122,14 +122,20 @@ def test_chunks_sized_from_the_connected_workers(tmp_path, psf3d_file):
             lines: list[str] = []
             plans[limit] = ssi_dask.run(job, client=client, echo=lines.append).plan
             texts[limit] = "\n".join(lines)
-            if limit == "1GiB":  # a store chunk larger than the workers hold: warned
+            if limit == "1GiB":  # a store chunk larger than the workers hold: cut to fit
                 coarse = tmp_path / "coarse.zarr"
                 zarr.create_array(
                     store=str(coarse), shape=(64, 2048, 2048), chunks=(64, 512, 512), dtype="u2"
                 )
+                cut = ssi_dask.run(dataclasses.replace(job, input=coarse), client=client, echo=None)
+                # chunks given that large: kept, and warned
                 lines = []
                 warned = ssi_dask.run(
-                    dataclasses.replace(job, input=coarse), client=client, echo=lines.append
+                    dataclasses.replace(
+                        job, input=coarse, layout=ssi_dask.LayoutSettings(chunks=(64, 512, 512))
+                    ),
+                    client=client,
+                    echo=lines.append,
                 )
                 coarse_text = "\n".join(lines)
             if limit == "4GiB":  # the command connects first, and sizes from the same workers
@@ -150,8 +156,10 @@ def test_chunks_sized_from_the_connected_workers(tmp_path, psf3d_file):
     voxels = {k: int(np.prod(p.working_chunks)) for k, p in plans.items()}
     assert voxels["1GiB"] < voxels["4GiB"]
     assert plans["1GiB"].n_chunks > plans["4GiB"].n_chunks
-    assert warned.plan.working_chunks == (64, 512, 512)
     budget = cpu_task_bytes(2**30, 1, cap=None)
+    assert cut.plan.memory_per_task <= budget and cut.plan.input_reads > 1
+    assert not any(w.startswith("warning: one task needs") for w in cut.warnings)
+    assert warned.plan.working_chunks == (64, 512, 512)
     assert warned.plan.memory_per_task > budget
     assert (
         f"warning: one task needs ~{format_bytes(warned.plan.memory_per_task)}, more than the "

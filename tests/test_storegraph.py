@@ -427,3 +427,42 @@ def test_chunk_tasks_are_submitted_in_bounded_waves(tmp_path, local_client, psf2
     assert held <= 3 * 16 < report.chunks
     expected = deconvolve(str(source), psf2d, num_iter=0, chunks=(16, 16)).compute()
     np.testing.assert_array_equal(zarr.open_array(str(tmp_path / "out.zarr"))[...], expected)
+
+
+def test_plane_chunked_input_is_cut_and_matches_a_whole_volume_run(
+    tmp_path, local_client, psf3d, psf3d_file, monkeypatch
+):
+    """An input stored in whole planes (chunks (1, Y, X)) whose planes hold far more than a
+    working chunk's target: the run cuts them (each is read by several tasks) and the result
+    equals Lucy-Richardson on the whole volume."""
+    from ssi_dask.config import DEFAULT_TARGET_VOXELS
+    from ssi_dask.lr import richardson_lucy
+
+    shape = (12, 64, 80)
+    monkeypatch.setitem(DEFAULT_TARGET_VOXELS, 3, 12 * 16 * 16)  # planes: 27x the target
+    # the default target, not one sized from the test cluster's (large) worker memory
+    monkeypatch.setattr(
+        "ssi_dask.sizing.client_target_voxels", lambda *args, **kwargs: (None, "default", None)
+    )
+    volume = (smooth_volume(shape, seed=2) * 3000).astype(np.uint16)
+    source = tmp_path / "planes.zarr"
+    zarr.create_array(store=str(source), shape=shape, chunks=(1, 64, 80), dtype="uint16")[...] = (
+        volume
+    )
+    before = tree_digest(source)
+    job = ssi_dask.Job(
+        input=source,
+        output=tmp_path / "out.zarr",
+        psf=ssi_dask.PSFSettings(files=(str(psf3d_file),)),
+        lr=ssi_dask.LRSettings(num_iter=4),
+        progress=False,
+    )
+    report = ssi_dask.run(job, client=local_client, echo=None)
+    assert report.plan.working_chunks[0] == 12 and report.plan.input_reads > 1
+    assert report.chunks > 1
+    out = zarr.open_array(str(tmp_path / "out.zarr"), mode="r")
+    assert out.chunks == report.plan.working_chunks
+    assert out.attrs["ssi_dask"]["complete"] is True
+    expected = richardson_lucy(volume.astype(np.float32), psf3d, num_iter=4)
+    np.testing.assert_allclose(out[...], expected, rtol=1e-3, atol=1e-3 * expected.max())
+    assert tree_digest(source) == before
