@@ -377,12 +377,86 @@ def checkpoint_psf(
     return None
 
 
-def planned_network(settings: TrainSettings, ndim: int):
-    """The untrained network a run will train (its halo and alignment set the plan)."""
+def planned_network(
+    settings: TrainSettings, ndim: int, psf_shape: Sequence[int], *, largest: bool = False
+):
+    """The untrained network a run will train (its halo and alignment set the plan).
+
+    With a Lucy-Richardson prior it carries the prior's count (:func:`planned_prior_count`):
+    the recipe's count when one is given (the plan is then the trained model's), else, while
+    training chooses it, 1 (the plan's halo and memory are then lower bounds, as for LR's
+    ``num_iter="auto"``) or with ``largest`` the recipe's ``lr_prior_max_iter`` (upper bounds).
+    """
     from .ssi import UNet  # noqa: PLC0415
 
     recipe = settings.recipe().for_ndim(ndim)
-    return UNet(ndim, levels=recipe.levels, base_channels=recipe.base_channels)
+    count = planned_prior_count(settings, ndim, largest=largest)
+    prior = (
+        dict(
+            prior_iterations=count,
+            prior_psf_shape=tuple(int(s) for s in psf_shape),
+            prior_acceleration=recipe.lr_prior_acceleration,
+        )
+        if count
+        else {}
+    )
+    return UNet(ndim, levels=recipe.levels, base_channels=recipe.base_channels, **prior)
+
+
+def planned_prior_count(settings: TrainSettings, ndim: int, *, largest: bool = False) -> int:
+    """The Lucy-Richardson prior count a run with ``settings`` plans for (0: no prior): the
+    recipe's ``lr_prior``; for ``"auto"`` 1, or with ``largest`` ``lr_prior_max_iter``."""
+    recipe = settings.recipe().for_ndim(ndim)
+    if recipe.lr_prior == "auto":
+        return int(recipe.lr_prior_max_iter) if largest else 1
+    return int(recipe.lr_prior)
+
+
+def _check_planned_prior(
+    job: Job,
+    ndim: int,
+    psf_shape: Sequence[int],
+    cluster: ClusterSettings,
+    plan: Any,
+    planned: Any,
+    echo: Echo,
+    warnings: list[str],
+) -> None:
+    """Before training: the prior's halo and memory, checked against a local memory limit.
+
+    A count given (``lr_prior=N``) is the trained model's: a limit too small is refused now,
+    not after training. A count chosen in training is bounded by ``lr_prior_max_iter``: the
+    plan's line gives the range, and a limit too small for the largest count is warned about.
+    """
+    if not getattr(planned, "prior_iterations", 0):
+        return
+    recipe = job.ssi.train.recipe().for_ndim(ndim)
+    if recipe.lr_prior != "auto":
+        check_local_memory(cluster, "ssi", plan, planned)
+        return
+    largest = planned_network(job.ssi.train, ndim, psf_shape, largest=True)
+    depth = tuple(largest.halo if d == planned.halo else d for d in plan.depth)
+    bound = replace(plan, depth=depth)
+    from dask.utils import format_bytes  # noqa: PLC0415
+
+    needed = task_memory(bound, "ssi", largest)
+    _say(
+        echo,
+        f"  prior           auto: {recipe.lr_prior_acceleration} Lucy-Richardson, 1-"
+        f"{largest.prior_iterations} iterations chosen in training (halo and memory above for "
+        f"1; up to {largest.halo} and ~{format_bytes(needed)} a task)",
+    )
+    try:
+        check_local_memory(cluster, "ssi", bound, largest)
+    except ParameterError:
+        line = (
+            f"warning: at the prior's largest count ({largest.prior_iterations}) one task needs "
+            f"~{format_bytes(needed)}, more than the memory limit allows: a count that large, "
+            "chosen in training, is refused after training; give a larger memory_limit or a "
+            "fixed lr_prior (a smaller count)"
+        )
+        warnings.append(line)
+        _say(echo, f"  {line}")
 
 
 def _model_for_run(job: Job, volume: Any, psf: np.ndarray, protected: list, echo: Echo):
@@ -393,7 +467,7 @@ def _model_for_run(job: Job, volume: Any, psf: np.ndarray, protected: list, echo
     if job.ssi.model is not None:
         return given_model(job.ssi.model, volume.ndim)
     if job.dry_run:
-        return planned_network(job.ssi.train, volume.ndim)
+        return planned_network(job.ssi.train, volume.ndim, psf.shape)
     save = job.ssi.save_model
     if save:
         model_path, output_path = resolved(save), resolved(job.output)
@@ -643,7 +717,7 @@ def run(job: Job, *, client: Any = None, echo: Echo = print) -> RunReport:
         if given is not None:
             model = given
         elif train_now:
-            model = planned_network(job.ssi.train, n_spatial)
+            model = planned_network(job.ssi.train, n_spatial, psfs[0].shape)
         else:
             model = _model_for_run(job, first_volume, psfs[0], protected, echo)
         if depth is None:
@@ -776,11 +850,13 @@ def run(job: Job, *, client: Any = None, echo: Echo = print) -> RunReport:
         _say(echo, f"  {line}")
     if auto:
         _say(echo, "  iterations      auto: chosen before the run (halo above for 1 iteration)")
+    if method == "ssi" and given is None:
+        _check_planned_prior(job, n_spatial, psfs[0].shape, checked, plan, model, echo, warnings)
     if train_now:
         planned = model
         model = _model_for_run(job, first_volume, psfs[0], protected, echo)
         if (model.halo, model.alignment) != (planned.halo, planned.alignment):
-            # not expected: the trained network has the planned architecture
+            # a prior's count chosen in training: its halo replaces the planned one
             depth = depth if user_depth is not None else (model.halo,) * n_spatial
             plan = plan_for(0)
             _say(echo, plan.summary())

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import tifffile
@@ -204,3 +206,51 @@ def test_ssi_lr_prior_option_reaches_the_checkpoint(tmp_path, degraded_zarr):
     assert recorded == {"iterations": 3, "requested": 3}
     assert model.network.prior_iterations == 3
     assert tree_digest(path) == before
+
+
+def test_ssi_plan_before_training_carries_the_prior(tmp_path, zarr3d, psf3d_file):
+    """The plan printed before training has the prior's halo: a count given is planned
+    exactly (a halo too wide for the chunks is refused before any training), a count chosen
+    in training is planned at 1 with the range up to ``lr_prior_max_iter`` stated."""
+    from ssi_dask.ssi import UNet
+
+    before = tree_digest(zarr3d)
+    out = tmp_path / "out.zarr"
+    # 100 accelerated iterations of the 7x9x9 PSF: a halo of 56, wider than 48-voxel chunks
+    # (x is cut in two; z and y are held whole, where the halo only mirrors the edges)
+    refused = run_cli(
+        "run", zarr3d, out, "--psf", psf3d_file, "--method", "ssi", "--lr-prior", 100,
+        "--chunks", "24,64,48", timeout=120,
+    )  # fmt: skip
+    _assert_clean_failure(refused, "halo 56 along axis 2 exceeds the smallest working chunk 48")
+    assert "training" not in refused.stdout and not out.exists()
+    largest = UNet(3, levels=3, base_channels=8, prior_iterations=100, prior_psf_shape=(7, 9, 9),
+                   prior_acceleration="nesterov")  # fmt: skip
+    first = UNet(3, levels=3, base_channels=8, prior_iterations=1, prior_psf_shape=(7, 9, 9),
+                 prior_acceleration="nesterov")  # fmt: skip
+    dry = run_cli(
+        "run", zarr3d, out, "--psf", psf3d_file, "--method", "ssi", "--chunks", "24,64,48",
+        "--dry-run",
+    )  # fmt: skip
+    assert dry.returncode == 0, dry.stderr
+    assert f"halo (depth)    (24, 24, {first.halo})" in dry.stdout
+    assert (
+        "prior           auto: nesterov Lucy-Richardson, 1-100 iterations chosen in training "
+        f"(halo and memory above for 1; up to {largest.halo} and ~"
+    ) in dry.stdout
+    assert first.halo < largest.halo == 56
+    assert tree_digest(zarr3d) == before and not out.exists()
+    # a memory limit that holds the plan at 1 but not at 100: warned before training
+    tight = run_cli(
+        "run", zarr3d, out, "--psf", psf3d_file, "--method", "ssi", "--chunks", "24,64,48",
+        "--dry-run", "--memory-limit", "600MB",
+    )  # fmt: skip
+    suggested = re.search(r"give --memory-limit (\d+)MiB or more", tight.stderr)
+    assert tight.returncode == 2 and suggested, tight.stderr
+    warned = run_cli(
+        "run", zarr3d, out, "--psf", psf3d_file, "--method", "ssi", "--chunks", "24,64,48",
+        "--dry-run", "--memory-limit", f"{suggested.group(1)}MiB",
+    )  # fmt: skip
+    assert warned.returncode == 0, warned.stderr
+    assert "  warning: at the prior's largest count (100) one task needs ~" in warned.stdout
+    assert "give a larger --memory-limit or a fixed --lr-prior (a smaller count)" in warned.stdout
