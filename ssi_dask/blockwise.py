@@ -301,12 +301,16 @@ def _half(size: int, extent: int, alignment: int, floor: int) -> int | None:
     return half
 
 
-def input_chunk_reads(working: Sequence[int], store_chunks: Sequence[int] | None) -> int:
+def input_chunk_reads(
+    working: Sequence[int], store_chunks: Sequence[int] | None, shape: Sequence[int]
+) -> int:
     """How many tasks read each input chunk at most (1 where the working chunks are whole
     multiples of it; more where an input chunk is larger than a working chunk), halo aside."""
     if store_chunks is None:
         return 1
-    return math.prod(max(-(-int(c) // int(w)), 1) for w, c in zip(working, store_chunks))
+    return math.prod(
+        max(-(-min(int(c), int(s)) // int(w)), 1) for w, c, s in zip(working, store_chunks, shape)
+    )
 
 
 def check_write_alignment(
@@ -1106,7 +1110,7 @@ def plan_blocks(
         ),
         memory_per_task=estimate_lr_task_memory(working, effective_depth, psf_shape),
         output_bytes=4 * math.prod(shape),
-        input_reads=input_chunk_reads(working, store_chunks),
+        input_reads=input_chunk_reads(working, store_chunks, shape),
         input_chunks=None if store_chunks is None else tuple(int(c) for c in store_chunks),
     )
 

@@ -13,6 +13,7 @@ from ssi_dask import deconvolve, write_zarr
 from ssi_dask.blockwise import (
     check_write_alignment,
     choose_working_chunks,
+    input_chunk_reads,
     lr_default_depth,
     lr_measured_depth,
     parse_chunks,
@@ -227,6 +228,8 @@ def test_plan_counts_the_tasks_that_read_each_input_chunk():
         (512, 2048, 2048), "uint16", (17, 31, 31), num_iter=10, store_chunks=(64, 256, 256)
     )
     assert aligned.input_reads == 1 and "input reads" not in aligned.summary()
+    # a store chunk larger than the image counts as the image
+    assert input_chunk_reads((64, 128, 128), (1, 4096, 4096), (64, 256, 200)) == 2 * 2
 
 
 def test_plan_aligns_writes_and_counts_tasks():
