@@ -74,6 +74,12 @@ def main() -> None:
         "--null-space-weight", type=float, help="SSI null-space penalty weight (default: auto)"
     )
     parser.add_argument(
+        "--noise-penalty-weight",
+        type=float,
+        help="SSI noise-sensitivity penalty weight (the output's change when noise is added to "
+        "the input, at poorly transmitted frequencies; default: the recipe's, 0)",
+    )
+    parser.add_argument(
         "--lr-prior", help="SSI's lr_prior: a Lucy-Richardson iteration count or 'auto'"
     )
     parser.add_argument(
@@ -138,6 +144,7 @@ def main() -> None:
             ("learning_rate", "learning_rate"),
             ("average_fraction", "average_fraction"),
             ("null_space_weight", "null_space_weight"),
+            ("noise_penalty_weight", "noise_penalty_weight"),
             ("prior_reuse", "prior_reuse"),
             ("lr_prior_max_iter", "lr_prior_max_iter"),
             ("lr_prior_rule", "lr_prior_rule"),
