@@ -66,6 +66,9 @@ def main() -> None:
     )
     parser.add_argument("--patch", type=int, help="SSI patch side (default: the recipe's)")
     parser.add_argument("--batch", type=int, help="SSI patches per step (default: the recipe's)")
+    parser.add_argument(
+        "--levels", type=int, help="SSI UNet resolution levels (default: the recipe's, 3)"
+    )
     parser.add_argument("--learning-rate", type=float, help="SSI peak learning rate")
     parser.add_argument(
         "--average-fraction", type=float, help="SSI weight averaging: share of the last steps"
@@ -141,6 +144,7 @@ def main() -> None:
             ("forward", "forward"),
             ("patch", "patch_size"),
             ("batch", "batch_size"),
+            ("levels", "levels"),
             ("learning_rate", "learning_rate"),
             ("average_fraction", "average_fraction"),
             ("null_space_weight", "null_space_weight"),

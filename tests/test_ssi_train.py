@@ -274,3 +274,36 @@ def test_training_an_ensemble(tmp_path):
     np.testing.assert_array_equal(predict(loaded, y), predict(model, y))
     with pytest.raises(ParameterError, match="ensemble must be an integer >= 1, got 0"):
         train_ssi(y, _psf(), ensemble=0, restarts=0, **FAST)
+
+
+def _null_band_energy(image, psf):
+    """Mean energy per pixel of ``image`` at frequencies ``psf`` transmits poorly
+    (``1 - |OTF|^2`` weights), computed here with NumPy, independently of the training code."""
+    otf = np.fft.rfft2(
+        np.fft.ifftshift(np.pad(psf, [(0, s - p) for s, p in zip(image.shape, psf.shape)]))
+    )
+    weight = 1 - np.abs(otf) ** 2 / np.max(np.abs(otf) ** 2)
+    spectrum = np.abs(np.fft.rfft2(image)) ** 2
+    return float((weight * spectrum).sum() / image.size**2 * 2)
+
+
+def test_noise_penalty_lowers_the_outputs_noise_sensitivity():
+    # noise_penalty_weight: the output's change when noise is added to the input, at poorly
+    # transmitted frequencies, is a term of the loss; a large weight must leave a network whose
+    # output moves less there under fresh noise than the same run without the term
+    psf = _psf()
+    y = _degrade(_scene((96, 96), seed=5), psf, seed=5)
+    fresh = y + 0.05 * np.random.default_rng(9).standard_normal(y.shape).astype(np.float32)
+    moved = {}
+    for weight in (0.0, 5.0):
+        model = train_ssi(
+            y,
+            psf,
+            seed=0,
+            restarts=0,
+            noise_penalty_weight=weight,
+            **dict(FAST, steps=40, lr_prior=0),
+        )
+        assert model.training["noise_penalty_weight"] == weight
+        moved[weight] = _null_band_energy(predict(model, fresh) - predict(model, y), psf)
+    assert moved[5.0] < 0.5 * moved[0.0]

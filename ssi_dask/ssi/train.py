@@ -611,10 +611,14 @@ def train_ssi(
     noise_penalty_weight : float
         Weight of a noise-sensitivity penalty: a fraction of each batch is also fed with added
         white noise (std estimated from the image, clipping-robust MAD of neighbour
-        differences) and the change of the output at poorly transmitted frequencies is
-        penalised (normalised by the noise variance). Unlike the null-space penalty, this
-        penalises passing *noise* into the null space rather than the output's content there,
-        so sharp edges survive while noise leakage is suppressed.
+        differences) and the mean energy per voxel of the output's change at poorly
+        transmitted frequencies (``1 - |OTF|^2`` weights) is added to the loss with this
+        weight. That energy estimates the output's noise variance there, in the units of the
+        data term (the squared residual per masked voxel, whose floor is the noise variance),
+        so the weight is a ratio that does not depend on the noise level or the image's
+        scale: 1 counts that variance as much as the data term's squared error. Unlike the
+        null-space penalty, this penalises passing *noise* into the null space rather than
+        the output's content there, so sharp edges survive while noise leakage is suppressed.
     noise_penalty_fraction : float
         Fraction of the batch duplicated with noise for that penalty (extra compute).
     average_fraction : float
@@ -763,6 +767,8 @@ def train_ssi(
         loss="masked L2 on PSF-valid interior"
         + ("" if sensor is None else " (expected clipped measurement)"),
     )
+    if recipe.noise_penalty_weight > 0:  # the weight's meaning since 2026-12-07 (before: / 1e2 s^2)
+        settings["noise_penalty_units"] = "output noise variance per voxel, data-term units"
     if overhang is not None:  # recorded only when used: older models' hashes stay as they were
         settings["edges"] = dict(mode="background", overhang=[int(h) for h in overhang])
     if forward == "same":  # recorded only when used: older models' hashes stay as they were
@@ -1370,10 +1376,11 @@ def _train_run(image, recipe: TrainingRecipe, ctx: _RunContext, run: int, run_se
             # with a Lucy-Richardson prior, the penalty is on the network's correction to it
             loss = loss + null_space_weight * null_penalty(out if prior is None else out - prior)
         if n_noisy:
+            # the output's change under added noise of the data's own level, at poorly
+            # transmitted frequencies: an estimate of the output's noise variance there, in the
+            # data term's units (both squared normalised intensities), so the weight is a ratio
             diff = out_noisy - out[:n_noisy]
-            loss = (
-                loss + recipe.noise_penalty_weight * null_penalty(diff) / ctx.noise_sigma**2 * 1e-2
-            )
+            loss = loss + recipe.noise_penalty_weight * null_penalty(diff)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
