@@ -430,11 +430,11 @@ def _check_planned_prior(
     """
     if not getattr(planned, "prior_iterations", 0):
         return
-    recipe = job.ssi.train.recipe().for_ndim(ndim)
-    if recipe.lr_prior != "auto":
+    largest = planned_network(job.ssi.train, ndim, psf_shape, largest=True)
+    if largest.prior_iterations == planned.prior_iterations:  # the count is the model's
         check_local_memory(cluster, "ssi", plan, planned)
         return
-    largest = planned_network(job.ssi.train, ndim, psf_shape, largest=True)
+    recipe = job.ssi.train.recipe().for_ndim(ndim)
     depth = tuple(largest.halo if d == planned.halo else d for d in plan.depth)
     bound = replace(plan, depth=depth)
     from dask.utils import format_bytes  # noqa: PLC0415
