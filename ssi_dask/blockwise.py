@@ -313,6 +313,34 @@ def input_chunk_reads(
     )
 
 
+#: The fewest voxels :func:`output_chunks_after_cut` leaves in an output chunk (4 MiB of float32).
+OUTPUT_MIN_VOXELS = 2**20
+
+
+def output_chunks_after_cut(working: Sequence[int], store_chunks: Sequence[int]) -> tuple[int, ...]:
+    """Output chunks for a run whose working chunks cut the input store's chunks.
+
+    The working chunks (e.g. ``(512, 128, 128)`` for an input stored in whole planes,
+    ``(1, 2048, 2048)``) would make output chunks deep along an axis the input was thin in:
+    a viewer showing one plane would read hundreds of megabytes a chunk. The working chunk is
+    halved along the axis where it is deepest relative to the store's chunk, while that axis
+    stays above the store's chunk, the halving divides evenly (every working boundary stays
+    on an output boundary) and the chunk keeps at least :data:`OUTPUT_MIN_VOXELS`.
+    """
+    out = [int(w) for w in working]
+    store = [int(c) for c in store_chunks]
+    while True:
+        axes = [
+            a
+            for a in range(len(out))
+            if out[a] > store[a] and out[a] % 2 == 0 and math.prod(out) // 2 >= OUTPUT_MIN_VOXELS
+        ]
+        if not axes:
+            return tuple(out)
+        axis = max(axes, key=lambda a: (out[a] / store[a], -a))
+        out[axis] //= 2
+
+
 def check_write_alignment(
     working_chunks: tuple[tuple[int, ...], ...], output_chunks: Sequence[int], shape: Sequence[int]
 ) -> None:
@@ -1073,6 +1101,8 @@ def plan_blocks(
             w % c == 0 or w == s for w, c, s in zip(working, store_chunks, shape)
         ):
             out_chunks = tuple(min(c, s) for c, s in zip(store_chunks, shape))
+        elif store_chunks is not None:  # the store's chunks were cut: keep their thin axes
+            out_chunks = output_chunks_after_cut(working, store_chunks)
         else:
             out_chunks = working
     full = chunk_grid(shape, working)

@@ -16,6 +16,7 @@ from ssi_dask.blockwise import (
     input_chunk_reads,
     lr_default_depth,
     lr_measured_depth,
+    output_chunks_after_cut,
     parse_chunks,
     plan_blocks,
 )
@@ -218,7 +219,9 @@ def test_plan_counts_the_tasks_that_read_each_input_chunk():
     plan = plan_blocks(
         (512, 2048, 2048), "uint16", (17, 31, 31), num_iter=10, store_chunks=(1, 2048, 2048)
     )
-    assert plan.working_chunks == plan.output_chunks == (512, 128, 128)
+    assert plan.working_chunks == (512, 128, 128)
+    # the output keeps the input's thin axis: z halved while a chunk holds >= 2^20 voxels
+    assert plan.output_chunks == (64, 128, 128)
     assert plan.input_reads == 16 * 16
     assert (
         "input reads     each input chunk (1, 2048, 2048) is read by up to 256 tasks"
@@ -228,6 +231,9 @@ def test_plan_counts_the_tasks_that_read_each_input_chunk():
         (512, 2048, 2048), "uint16", (17, 31, 31), num_iter=10, store_chunks=(64, 256, 256)
     )
     assert aligned.input_reads == 1 and "input reads" not in aligned.summary()
+    # an odd or already thin axis is not halved; nor below OUTPUT_MIN_VOXELS
+    assert output_chunks_after_cut((3, 2048, 1024), (1, 4096, 4096)) == (3, 2048, 1024)
+    assert output_chunks_after_cut((256, 256, 64), (256, 1, 256)) == (256, 64, 64)
     # a store chunk larger than the image counts as the image
     assert input_chunk_reads((64, 128, 128), (1, 4096, 4096), (64, 256, 200)) == 2 * 2
 
