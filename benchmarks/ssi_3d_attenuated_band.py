@@ -39,19 +39,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 PRIOR_COUNTS = {"filaments": 41, "shells": 68, "beads": 30, "blobs": 36}
 
 
-def noise_share(volume: np.ndarray, sigma: float, op, weight: np.ndarray, patch: int) -> float:
+def noise_share(volume: np.ndarray, sigma: float, op, patch: int) -> float:
     """The band-weighted mean share of the data's power that is noise (see the module doc)."""
-    import torch
-
-    from ssi_dask.ssi.train import _patch_sampler
+    from ssi_dask.ssi.train import _NullSpacePenalty, _patch_sampler
 
     shape = (patch,) * volume.ndim
+    band = _NullSpacePenalty(op, shape, "cpu")  # the training's window and band weights
+    win = band.window.numpy().astype(np.float64)
+    weight = band.weight.numpy()
     patches, _ = _patch_sampler(volume, shape, seed=1).batch(32)
-    win = torch.ones(shape)
-    for axis, n in enumerate(shape):
-        side = torch.hann_window(n, periodic=False) ** 0.5
-        win = win * side.reshape([n if i == axis else 1 for i in range(len(shape))])
-    win = win.numpy().astype(np.float64)
     x = patches - patches.mean(axis=(1, 2, 3), keepdims=True)
     power = (np.abs(np.fft.rfftn(x * win, axes=(1, 2, 3))) ** 2).mean(axis=0)
     noise = sigma**2 * float((win**2).sum())
@@ -86,8 +82,6 @@ def main() -> None:
     op, _ = forward_operator(psf, shape, torch.device("cpu"), "same")
     band = _NullSpacePenalty(op, shape, "cpu")  # the penalties' band energy, whole volume
     patch_op, _ = forward_operator(psf, (args.patch,) * 3, torch.device("cpu"), "valid")
-    h2 = patch_op._otf((args.patch,) * 3).abs().numpy() ** 2
-    patch_weight = 1 - h2 / h2.max()
     plan = lr.get_plan(psf, shape)
 
     def energy(values: np.ndarray) -> float:
@@ -109,7 +103,7 @@ def main() -> None:
             "kind": kind,
             "sigma": sigma,
             "prior_count": count,
-            "noise_share": noise_share(x, sigma, patch_op, patch_weight, args.patch),
+            "noise_share": noise_share(x, sigma, patch_op, args.patch),
             "prior_energy": energy(prior),
             "prior_noise_response": energy(moved - prior),
             "truth_energy": energy(scaled_truth),
