@@ -83,6 +83,11 @@ def main() -> None:
         "the input, at poorly transmitted frequencies; default: the recipe's, 0)",
     )
     parser.add_argument(
+        "--noise-penalty-region",
+        choices=("everywhere", "background"),
+        help="where the noise-sensitivity penalty counts (default: the recipe's, everywhere)",
+    )
+    parser.add_argument(
         "--lr-prior", help="SSI's lr_prior: a Lucy-Richardson iteration count or 'auto'"
     )
     parser.add_argument(
@@ -149,6 +154,7 @@ def main() -> None:
             ("average_fraction", "average_fraction"),
             ("null_space_weight", "null_space_weight"),
             ("noise_penalty_weight", "noise_penalty_weight"),
+            ("noise_penalty_region", "noise_penalty_region"),
             ("prior_reuse", "prior_reuse"),
             ("lr_prior_max_iter", "lr_prior_max_iter"),
             ("lr_prior_rule", "lr_prior_rule"),

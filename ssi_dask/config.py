@@ -318,6 +318,8 @@ ACCELERATIONS = ("none", "nesterov")
 
 #: Rules of the hold-out count choice (``rule`` of :func:`ssi_dask.lr_auto.choose_iterations`).
 PRIOR_RULES = ("one-se", "paired")
+#: Where the noise-sensitivity penalty counts (:class:`TrainingRecipe`).
+NOISE_PENALTY_REGIONS = ("everywhere", "background")
 
 #: The tuned SSI training defaults per dimensionality (:meth:`TrainingRecipe.for_ndim` fills
 #: them in; the command line's help shows them). ``levels``: the UNet's resolution levels.
@@ -444,6 +446,10 @@ class TrainingRecipe:
         Detector clipping modelled in the loss.
     noise_penalty_weight, noise_penalty_fraction, augment, average_fraction :
         Noise-sensitivity penalty, PSF-symmetry augmentation, weight averaging.
+    noise_penalty_region : {"everywhere", "background"}
+        Where the noise-sensitivity penalty counts: every voxel, or each voxel weighted by how
+        far the Lucy-Richardson prior (the network's own output without a prior) there is
+        within its own noise of the zero level (see :func:`ssi_dask.ssi.train_ssi`).
     forward : {"auto", "valid", "same"}
         Forward operator of the loss: ``"valid"`` blurs each patch and scores the interior the
         PSF has full context for (patches must exceed the PSF); ``"same"`` blurs the patch
@@ -527,6 +533,7 @@ class TrainingRecipe:
     sensor_clipping: Any = "auto"
     noise_penalty_weight: float = 0.0
     noise_penalty_fraction: float = 0.25
+    noise_penalty_region: str = "everywhere"
     augment: bool = True
     average_fraction: float = 0.5
     forward: str = "auto"
@@ -559,6 +566,7 @@ class TrainingRecipe:
         for name in ("weight_decay", "bounds_weight", "null_space_scale", "null_space_max"):
             _non_negative(name, getattr(self, name))
         _non_negative("noise_penalty_weight", self.noise_penalty_weight)
+        one_of("noise_penalty_region", self.noise_penalty_region, NOISE_PENALTY_REGIONS)
         _positive("null_space_threshold", self.null_space_threshold)
         _fraction("rho_start", self.rho_start)
         _fraction("rho_target", self.rho_target)

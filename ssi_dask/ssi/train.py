@@ -142,9 +142,28 @@ class _NullSpacePenalty:
         self.norm = float(win.pow(2).sum()) * float(np.prod(x_shape)) / 2
         self.dims = tuple(range(-nd, 0))
 
-    def __call__(self, out: torch.Tensor) -> torch.Tensor:
+    def __call__(self, out: torch.Tensor, where: torch.Tensor | None = None) -> torch.Tensor:
+        """The energy per pixel; with ``where`` (per-voxel weights, ``out``'s shape), the
+        band-passed output's energy weighted by ``where`` voxel by voxel (equal to the plain
+        energy for weights of 1 up to the real FFT's edge planes, counted once there)."""
         f = torch.fft.rfftn(out.float() * self.window, dim=self.dims)
-        return (self.weight * (f.real**2 + f.imag**2)).sum() / (self.norm * out.shape[0])
+        if where is None:
+            return (self.weight * (f.real**2 + f.imag**2)).sum() / (self.norm * out.shape[0])
+        shape = out.shape[-len(self.dims) :]
+        band = torch.fft.irfftn(f * self.weight.sqrt(), s=shape, dim=self.dims)
+        return (where * band**2).sum() / (self.norm * 2 / np.prod(shape) * out.shape[0])
+
+
+def _background_weight(reference: torch.Tensor, noisy: torch.Tensor, zero: float) -> torch.Tensor:
+    """Per-voxel weight of the noise-sensitivity penalty with ``noise_penalty_region=
+    "background"``: ``s^2 / (s^2 + max(r - zero, 0)^2)`` with ``r`` the reference restoration
+    (the Lucy-Richardson prior) and ``s^2`` its noise variance, the mean squared change of
+    ``r`` when the data's noise is added (``noisy``). 1 at or below the zero level, 1/2 one
+    noise std above it, ``~(s / r)^2`` on structure well above the noise: the weight a
+    Wiener filter gives "nothing here", with no constant to choose."""
+    reference, noisy = reference.detach().float(), noisy.detach().float()
+    var = (noisy - reference).pow(2).mean().clamp_min(1e-12)
+    return var / (var + torch.relu(reference - zero) ** 2)
 
 
 def estimate_signal_to_noise(
@@ -621,6 +640,14 @@ def train_ssi(
         the output's content there, so sharp edges survive while noise leakage is suppressed.
     noise_penalty_fraction : float
         Fraction of the batch duplicated with noise for that penalty (extra compute).
+    noise_penalty_region : {"everywhere", "background"}
+        Where that penalty counts. ``"background"``: each voxel's share is weighted by
+        ``s^2 / (s^2 + max(p - z, 0)^2)``, with ``p`` the Lucy-Richardson prior there (the
+        network's own output without a prior), ``z`` the prior's zero level and ``s^2`` the
+        prior's noise variance (its mean squared change under the same added noise): 1 where
+        the prior cannot tell the voxel from empty, small on structure well above its noise.
+        The network may then pass noise on structure (where restoring attenuated frequencies
+        needs it) but not into the background.
     average_fraction : float
         Fraction of the steps, at the end of each run, over which the weights (and BatchNorm
         statistics) are averaged to give the run's model (stochastic weight averaging with the
@@ -769,6 +796,8 @@ def train_ssi(
     )
     if recipe.noise_penalty_weight > 0:  # the weight's meaning since 2026-12-07 (before: / 1e2 s^2)
         settings["noise_penalty_units"] = "output noise variance per voxel, data-term units"
+        if recipe.noise_penalty_region != "everywhere":  # older models' hashes stay as they were
+            settings["noise_penalty_region"] = recipe.noise_penalty_region
     if overhang is not None:  # recorded only when used: older models' hashes stay as they were
         settings["edges"] = dict(mode="background", overhang=[int(h) for h in overhang])
     if forward == "same":  # recorded only when used: older models' hashes stay as they were
@@ -1273,6 +1302,7 @@ def _train_run(image, recipe: TrainingRecipe, ctx: _RunContext, run: int, run_se
     net = UNet(**ctx.arch)
     if net.prior_iterations:
         net.prior_psf.copy_(torch.from_numpy(ctx.prior_psf))
+    prior_zero = float(net.prior_background)  # normalised units
     net = net.to(dev)
     if dev.type == "cuda" or (CPU_CHANNELS_LAST and torch.backends.mkldnn.is_available()):
         net = net.to(
@@ -1366,6 +1396,7 @@ def _train_run(image, recipe: TrainingRecipe, ctx: _RunContext, run: int, run_se
         out = out.float()
         if n_noisy:
             out, out_noisy = out[:-n_noisy], out[-n_noisy:]
+            prior_noisy = None if prior is None else prior[-n_noisy:]
             prior = None if prior is None else prior[:-n_noisy]
         blurred = validator.measure(op.valid(out.clamp(lo_c, hi_c)))
         w = op.crop(m & scored).float()
@@ -1380,7 +1411,13 @@ def _train_run(image, recipe: TrainingRecipe, ctx: _RunContext, run: int, run_se
             # transmitted frequencies: an estimate of the output's noise variance there, in the
             # data term's units (both squared normalised intensities), so the weight is a ratio
             diff = out_noisy - out[:n_noisy]
-            loss = loss + recipe.noise_penalty_weight * null_penalty(diff)
+            where = None
+            if recipe.noise_penalty_region == "background":
+                if prior is None:
+                    where = _background_weight(out[:n_noisy], out_noisy, 0.0)
+                else:
+                    where = _background_weight(prior[:n_noisy], prior_noisy, prior_zero)
+            loss = loss + recipe.noise_penalty_weight * null_penalty(diff, where)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
