@@ -334,6 +334,8 @@ SSI_TRAINING_DEFAULTS = {
         lr_prior_max_iter=50,
         lr_prior_rule="one-se",
         lr_prior_acceleration="none",
+        noise_penalty_weight=0.0,
+        noise_penalty_region="everywhere",
     ),
     3: dict(
         patch_size=64,
@@ -345,6 +347,8 @@ SSI_TRAINING_DEFAULTS = {
         lr_prior_max_iter=100,
         lr_prior_rule="paired",
         lr_prior_acceleration="nesterov",
+        noise_penalty_weight=0.2,
+        noise_penalty_region="background",
     ),
 }
 
@@ -446,10 +450,12 @@ class TrainingRecipe:
         Detector clipping modelled in the loss.
     noise_penalty_weight, noise_penalty_fraction, augment, average_fraction :
         Noise-sensitivity penalty, PSF-symmetry augmentation, weight averaging.
+        ``noise_penalty_weight`` default: 0 in 2D, 0.2 in 3D.
     noise_penalty_region : {"everywhere", "background"}
         Where the noise-sensitivity penalty counts: every voxel, or each voxel weighted by how
         far the Lucy-Richardson prior (the network's own output without a prior) there is
         within its own noise of the zero level (see :func:`ssi_dask.ssi.train_ssi`).
+        Default: ``"background"`` in 3D (``"everywhere"`` in 2D, where the weight is 0).
     forward : {"auto", "valid", "same"}
         Forward operator of the loss: ``"valid"`` blurs each patch and scores the interior the
         PSF has full context for (patches must exceed the PSF); ``"same"`` blurs the patch
@@ -531,9 +537,9 @@ class TrainingRecipe:
     null_space_max: float = 0.1
     null_space_threshold: float = 1.0
     sensor_clipping: Any = "auto"
-    noise_penalty_weight: float = 0.0
+    noise_penalty_weight: float | None = None
     noise_penalty_fraction: float = 0.25
-    noise_penalty_region: str = "everywhere"
+    noise_penalty_region: str | None = None
     augment: bool = True
     average_fraction: float = 0.5
     forward: str = "auto"
@@ -565,8 +571,10 @@ class TrainingRecipe:
         _positive("learning_rate", self.learning_rate)
         for name in ("weight_decay", "bounds_weight", "null_space_scale", "null_space_max"):
             _non_negative(name, getattr(self, name))
-        _non_negative("noise_penalty_weight", self.noise_penalty_weight)
-        one_of("noise_penalty_region", self.noise_penalty_region, NOISE_PENALTY_REGIONS)
+        if self.noise_penalty_weight is not None:
+            _non_negative("noise_penalty_weight", self.noise_penalty_weight)
+        if self.noise_penalty_region is not None:
+            one_of("noise_penalty_region", self.noise_penalty_region, NOISE_PENALTY_REGIONS)
         _positive("null_space_threshold", self.null_space_threshold)
         _fraction("rho_start", self.rho_start)
         _fraction("rho_target", self.rho_target)

@@ -303,6 +303,7 @@ def test_noise_penalty_lowers_the_outputs_noise_sensitivity():
             seed=0,
             restarts=0,
             noise_penalty_weight=weight,
+            noise_penalty_region="everywhere",
             **dict(FAST, steps=40, lr_prior=0),
         )
         assert model.training["noise_penalty_weight"] == weight
@@ -332,7 +333,11 @@ def test_background_weight_is_a_wiener_weight_on_the_priors_own_noise():
 def test_noise_penalty_region_is_checked():
     from ssi_dask.config import TrainingRecipe
 
-    assert TrainingRecipe().noise_penalty_region == "everywhere"
+    for ndim, weight, region in ((2, 0.0, "everywhere"), (3, 0.2, "background")):
+        recipe = TrainingRecipe().for_ndim(ndim)
+        assert (recipe.noise_penalty_weight, recipe.noise_penalty_region) == (weight, region)
+    with pytest.raises(ParameterError, match=r"^noise_penalty_weight must be >= 0"):
+        TrainingRecipe(noise_penalty_weight=-0.1)
     with pytest.raises(
         ParameterError,
         match=r"^noise_penalty_region must be one of everywhere, background, got 'edges'$",
