@@ -277,15 +277,27 @@ def test_training_an_ensemble(tmp_path):
         train_ssi(y, _psf(), ensemble=0, restarts=0, **FAST)
 
 
-def _null_band_energy(image, psf):
-    """Mean energy per pixel of ``image`` at frequencies ``psf`` transmits poorly
-    (``1 - |OTF|^2`` weights), computed here with NumPy, independently of the training code."""
-    otf = np.fft.rfft2(
-        np.fft.ifftshift(np.pad(psf, [(0, s - p) for s, p in zip(image.shape, psf.shape)]))
+def _null_band_weights(shape, psf):
+    """The ``1 - |OTF|^2`` weights of the penalties' band on an rfft grid of ``shape`` (NumPy,
+    independently of the training code)."""
+    otf = np.fft.rfftn(
+        np.fft.ifftshift(np.pad(psf, [(0, s - p) for s, p in zip(shape, psf.shape)]))
     )
-    weight = 1 - np.abs(otf) ** 2 / np.max(np.abs(otf) ** 2)
+    return np.clip(1 - np.abs(otf) ** 2 / np.max(np.abs(otf) ** 2), 0, None)
+
+
+def _null_band_energy(image, psf):
+    """Mean energy per pixel of ``image`` at frequencies ``psf`` transmits poorly."""
     spectrum = np.abs(np.fft.rfft2(image)) ** 2
-    return float((weight * spectrum).sum() / image.size**2 * 2)
+    return float((_null_band_weights(image.shape, psf) * spectrum).sum() / image.size**2 * 2)
+
+
+def _noisy_scene(psf):
+    """The penalty tests' scene, its degraded image, and that image with fresh noise added."""
+    truth = _scene((96, 96), seed=5)
+    y = _degrade(truth, psf, seed=5)
+    fresh = y + 0.05 * np.random.default_rng(9).standard_normal(y.shape).astype(np.float32)
+    return truth, y, fresh
 
 
 def test_noise_penalty_lowers_the_outputs_noise_sensitivity():
@@ -293,8 +305,7 @@ def test_noise_penalty_lowers_the_outputs_noise_sensitivity():
     # transmitted frequencies, is a term of the loss; a large weight must leave a network whose
     # output moves less there under fresh noise than the same run without the term
     psf = _psf()
-    y = _degrade(_scene((96, 96), seed=5), psf, seed=5)
-    fresh = y + 0.05 * np.random.default_rng(9).standard_normal(y.shape).astype(np.float32)
+    _, y, fresh = _noisy_scene(psf)
     moved = {}
     for weight in (0.0, 5.0):
         model = train_ssi(
@@ -313,10 +324,7 @@ def test_noise_penalty_lowers_the_outputs_noise_sensitivity():
 
 def _null_band(image, psf):
     """``image`` filtered by the square root of the ``1 - |OTF|^2`` weights (NumPy)."""
-    otf = np.fft.rfftn(
-        np.fft.ifftshift(np.pad(psf, [(0, s - p) for s, p in zip(image.shape, psf.shape)]))
-    )
-    weight = np.clip(1 - np.abs(otf) ** 2 / np.max(np.abs(otf) ** 2), 0, None)
+    weight = _null_band_weights(image.shape, psf)
     return np.fft.irfftn(np.fft.rfftn(image) * np.sqrt(weight), s=image.shape)
 
 
@@ -367,9 +375,7 @@ def test_background_noise_penalty_spares_structure():
     # within its noise of zero, so the trained output passes far less noise into the
     # background than without the penalty, and about as much on the structure
     psf = _psf()
-    truth = _scene((96, 96), seed=5)
-    y = _degrade(truth, psf, seed=5)
-    fresh = y + 0.05 * np.random.default_rng(9).standard_normal(y.shape).astype(np.float32)
+    truth, y, fresh = _noisy_scene(psf)
     background = ~ndimage.binary_dilation(truth > 0, iterations=3)
     structure = truth > 0
     energy = {}

@@ -139,7 +139,9 @@ class _NullSpacePenalty:
         self.window = win
         h2 = op._otf(x_shape).abs() ** 2
         self.weight = (1 - h2 / (h2.max() * threshold**2)).clamp_min(0)
-        self.norm = float(win.pow(2).sum()) * float(np.prod(x_shape)) / 2
+        self.band_filter = self.weight.sqrt()  # amplitude of the band, for voxel weights
+        self.window_energy = float(win.pow(2).sum())
+        self.norm = self.window_energy * float(np.prod(x_shape)) / 2
         self.dims = tuple(range(-nd, 0))
 
     def __call__(self, out: torch.Tensor, where: torch.Tensor | None = None) -> torch.Tensor:
@@ -150,8 +152,8 @@ class _NullSpacePenalty:
         if where is None:
             return (self.weight * (f.real**2 + f.imag**2)).sum() / (self.norm * out.shape[0])
         shape = out.shape[-len(self.dims) :]
-        band = torch.fft.irfftn(f * self.weight.sqrt(), s=shape, dim=self.dims)
-        return (where * band**2).sum() / (self.norm * 2 / np.prod(shape) * out.shape[0])
+        band = torch.fft.irfftn(f * self.band_filter, s=shape, dim=self.dims)
+        return (where * band**2).sum() / (self.window_energy * out.shape[0])
 
 
 def _background_weight(reference: torch.Tensor, noisy: torch.Tensor, zero: float) -> torch.Tensor:
