@@ -80,12 +80,12 @@ def main() -> None:
         "--noise-penalty-weight",
         type=float,
         help="SSI noise-sensitivity penalty weight (the output's change when noise is added to "
-        "the input, at poorly transmitted frequencies; default: the recipe's, 0)",
+        "the input, at poorly transmitted frequencies; default: the 3D recipe's, 0.2)",
     )
     parser.add_argument(
         "--noise-penalty-region",
         choices=("everywhere", "background"),
-        help="where the noise-sensitivity penalty counts (default: the recipe's, everywhere)",
+        help="where the noise-sensitivity penalty counts (default: the 3D recipe's, background)",
     )
     parser.add_argument(
         "--lr-prior", help="SSI's lr_prior: a Lucy-Richardson iteration count or 'auto'"
