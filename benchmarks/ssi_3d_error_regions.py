@@ -61,8 +61,9 @@ def band_energy(error: np.ndarray) -> dict[str, float]:
     return {f"{lo}-{hi}": float(power[(radius >= lo) & (radius < hi)].sum()) for lo, hi in BANDS}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_model_volume_arguments(parser: argparse.ArgumentParser) -> None:
+    """A checkpoint of ``ssi_3d.py --save-models`` and the options that regenerate its volume
+    (and ``--tta``, ``--lr``, ``--json``)."""
     parser.add_argument("model", help="a checkpoint from ssi_3d.py --save-models")
     parser.add_argument("--kind", required=True)
     parser.add_argument("--seed", type=int, default=0)
@@ -75,24 +76,37 @@ def main() -> None:
     parser.add_argument("--tta", type=int, default=2)
     parser.add_argument("--lr", default="100,200", help="classic Lucy-Richardson counts")
     parser.add_argument("--json")
-    args = parser.parse_args()
 
-    import torch
-    from skimage.metrics import structural_similarity
+
+def benchmark_volume(args: argparse.Namespace):
+    """``(psf, truth, noisy)`` of the volume the options of :func:`add_model_volume_arguments`
+    name: the benchmark's own PSF, generator and degradation."""
     from ssi_3d import benchmark_psf, degrade
 
-    from ssi_dask.bench.metrics import psnr
     from ssi_dask.bench.synthetic import structure_3d
-    from ssi_dask.lr import richardson_lucy
-    from ssi_dask.ssi import load_checkpoint, predict
 
-    torch.set_num_threads(1)
     shape = tuple(int(v) for v in args.shape.split(","))
     psf = benchmark_psf(args.psf_shape, args.z_step, args.na)
     truth = structure_3d(
         args.kind, shape, aspect=args.z_step / 0.1, seed=args.seed, density=args.density
     )
-    noisy = degrade(truth, psf, args.noise, args.seed)
+    return psf, truth, degrade(truth, psf, args.noise, args.seed)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_model_volume_arguments(parser)
+    args = parser.parse_args()
+
+    import torch
+    from skimage.metrics import structural_similarity
+
+    from ssi_dask.bench.metrics import psnr
+    from ssi_dask.lr import richardson_lucy
+    from ssi_dask.ssi import load_checkpoint, predict
+
+    torch.set_num_threads(1)
+    psf, truth, noisy = benchmark_volume(args)
     model = load_checkpoint(args.model)
     prior_only = copy.deepcopy(model)
     members = getattr(prior_only.network, "members", None) or [prior_only.network]

@@ -43,39 +43,23 @@ def seen_share(error: np.ndarray, mask: np.ndarray, otf2: np.ndarray) -> float:
 
 
 def main() -> None:
+    from ssi_3d_error_regions import add_model_volume_arguments, benchmark_volume, regions
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("model", help="a checkpoint from ssi_3d.py --save-models")
-    parser.add_argument("--kind", required=True)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--noise", default="very-low")
-    parser.add_argument("--shape", default="128,256,256")
-    parser.add_argument("--density", type=float, default=1.0)
-    parser.add_argument("--na", type=float, default=1.2)
-    parser.add_argument("--z-step", type=float, default=0.3)
-    parser.add_argument("--psf-shape", default="17,31,31")
-    parser.add_argument("--tta", type=int, default=2)
-    parser.add_argument("--lr", default="100,200", help="classic Lucy-Richardson counts")
+    add_model_volume_arguments(parser)
     parser.add_argument("--prior", type=int, help="accelerated count (default: the model's)")
-    parser.add_argument("--json")
     args = parser.parse_args()
 
     import torch
-    from ssi_3d import benchmark_psf, degrade
-    from ssi_3d_error_regions import regions
 
-    from ssi_dask.bench.synthetic import structure_3d
     from ssi_dask.lr import richardson_lucy
     from ssi_dask.psf import blur
     from ssi_dask.ssi import load_checkpoint, predict
 
     torch.set_num_threads(1)
-    shape = tuple(int(v) for v in args.shape.split(","))
-    psf = benchmark_psf(args.psf_shape, args.z_step, args.na)
-    truth = structure_3d(
-        args.kind, shape, aspect=args.z_step / 0.1, seed=args.seed, density=args.density
-    )
+    psf, truth, noisy = benchmark_volume(args)
+    shape = truth.shape
     clean = np.asarray(blur(truth, psf), dtype=np.float32)
-    noisy = degrade(truth, psf, args.noise, args.seed)
     model = load_checkpoint(args.model)
     prior_count = args.prior or int(model.training.get("lr_prior", {}).get("iterations", 0))
     methods = {f"LR {n}": dict(num_iter=n) for n in (int(v) for v in args.lr.split(","))}
