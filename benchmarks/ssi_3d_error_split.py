@@ -52,7 +52,7 @@ def main() -> None:
 
     import torch
 
-    from ssi_dask.lr import richardson_lucy
+    from ssi_dask.lr import _rolled_otf, richardson_lucy
     from ssi_dask.psf import blur
     from ssi_dask.ssi import load_checkpoint, predict
 
@@ -76,10 +76,7 @@ def main() -> None:
         )
     print(f"estimates in {time.perf_counter() - t0:.0f} s", flush=True)
 
-    padded = np.zeros(shape)
-    padded[tuple(slice(0, s) for s in psf.shape)] = psf
-    padded = np.roll(padded, [-(s // 2) for s in psf.shape], axis=(0, 1, 2))
-    otf2 = np.abs(np.fft.rfftn(padded)) ** 2
+    otf2 = np.abs(_rolled_otf(psf, shape)) ** 2
     otf2 /= otf2.max()
     masks = regions(truth, args.z_step)
     rows = []
