@@ -84,7 +84,7 @@ def main() -> None:
     )
     parser.add_argument(
         "--noise-penalty-region",
-        choices=("everywhere", "background"),
+        choices=("everywhere", "background", "interiors"),
         help="where the noise-sensitivity penalty counts (default: the 3D recipe's, background)",
     )
     parser.add_argument(

@@ -319,7 +319,7 @@ ACCELERATIONS = ("none", "nesterov")
 #: Rules of the hold-out count choice (``rule`` of :func:`ssi_dask.lr_auto.choose_iterations`).
 PRIOR_RULES = ("one-se", "paired")
 #: Where the noise-sensitivity penalty counts (:class:`TrainingRecipe`).
-NOISE_PENALTY_REGIONS = ("everywhere", "background")
+NOISE_PENALTY_REGIONS = ("everywhere", "background", "interiors")
 
 #: The tuned SSI training defaults per dimensionality (:meth:`TrainingRecipe.for_ndim` fills
 #: them in; the command line's help shows them). ``levels``: the UNet's resolution levels.
@@ -348,7 +348,7 @@ SSI_TRAINING_DEFAULTS = {
         lr_prior_rule="paired",
         lr_prior_acceleration="nesterov",
         noise_penalty_weight=0.2,
-        noise_penalty_region="background",
+        noise_penalty_region="interiors",
     ),
 }
 
@@ -451,11 +451,12 @@ class TrainingRecipe:
     noise_penalty_weight, noise_penalty_fraction, augment, average_fraction :
         Noise-sensitivity penalty, PSF-symmetry augmentation, weight averaging.
         ``noise_penalty_weight`` default: 0 in 2D, 0.2 in 3D.
-    noise_penalty_region : {"everywhere", "background"}
-        Where the noise-sensitivity penalty counts: every voxel, or each voxel weighted by how
+    noise_penalty_region : {"everywhere", "background", "interiors"}
+        Where the noise-sensitivity penalty counts: every voxel; each voxel weighted by how
         far the Lucy-Richardson prior (the network's own output without a prior) there is
-        within its own noise of the zero level (see :func:`ssi_dask.ssi.train_ssi`).
-        Default: ``"background"`` in 3D (``"everywhere"`` in 2D, where the weight is 0).
+        within its own noise of the zero level; or, ``"interiors"``, also deep inside large bright
+        objects (see :func:`ssi_dask.ssi.train_ssi`).
+        Default: ``"interiors"`` in 3D (``"everywhere"`` in 2D, where the weight is 0).
     forward : {"auto", "valid", "same"}
         Forward operator of the loss: ``"valid"`` blurs each patch and scores the interior the
         PSF has full context for (patches must exceed the PSF); ``"same"`` blurs the patch

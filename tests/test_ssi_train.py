@@ -341,16 +341,126 @@ def test_background_weight_is_a_wiener_weight_on_the_priors_own_noise():
 def test_noise_penalty_region_is_checked():
     from ssi_dask.config import TrainingRecipe
 
-    for ndim, weight, region in ((2, 0.0, "everywhere"), (3, 0.2, "background")):
+    for ndim, weight, region in ((2, 0.0, "everywhere"), (3, 0.2, "interiors")):
         recipe = TrainingRecipe().for_ndim(ndim)
         assert (recipe.noise_penalty_weight, recipe.noise_penalty_region) == (weight, region)
     with pytest.raises(ParameterError, match=r"^noise_penalty_weight must be >= 0"):
         TrainingRecipe(noise_penalty_weight=-0.1)
     with pytest.raises(
         ParameterError,
-        match=r"^noise_penalty_region must be one of everywhere, background, got 'edges'$",
+        match=(
+            r"^noise_penalty_region must be one of everywhere, background, interiors, "
+            r"got 'edges'$"
+        ),
     ):
         TrainingRecipe(noise_penalty_region="edges")
+
+
+def _box_mean_numpy(x, size):
+    """Mean over a centred box of ``size`` of the part inside the array (SciPy)."""
+    ones = np.ones_like(x)
+    return ndimage.uniform_filter(x, size, mode="constant") / ndimage.uniform_filter(
+        ones, size, mode="constant"
+    )
+
+
+def test_psf_fwhm_counts_the_pixels_above_half_the_peak():
+    from ssi_dask.ssi.train import psf_fwhm
+
+    # a Gaussian of sigma 2 along y (exp(-k^2/8) >= 1/2 for |k| <= 2: 5 pixels), sigma 1
+    # along x (|k| <= 1: 3 pixels), a single pixel where nothing else reaches half the peak
+    y, x = np.mgrid[-8:9, -6:7]
+    assert psf_fwhm(np.exp(-(y**2) / 8 - x**2 / 2)) == (5, 3)
+    delta = np.zeros((5, 7, 7))
+    delta[2, 3, 3] = 1
+    assert psf_fwhm(delta) == (1, 1, 1)
+
+
+def _interior_level_numpy(x, small, large):
+    """The minimum over ``large`` of the mean over ``small`` (SciPy)."""
+    return ndimage.minimum_filter(_box_mean_numpy(x, small), large, mode="nearest")
+
+
+def test_interior_weights_match_scipy():
+    from ssi_dask.ssi.train import INTERIOR_WEIGHT, _penalty_weights
+
+    rng = np.random.default_rng(0)
+    reference = rng.uniform(0, 1, (2, 1, 9, 14, 12)).astype(np.float32)
+    noisy = reference + 0.1 * rng.standard_normal(reference.shape).astype(np.float32)
+    fwhm = (2, 3, 1)  # made odd: (3, 3, 1); three times that: (9, 9, 3)
+    small, large = (1, 1, 3, 3, 1), (1, 1, 9, 9, 3)
+
+    # the background weight with the patch's noise variance as a white probe gives it
+    # (white_ratio: the white probe's variance over the probe's, per voxel) and its term
+    # rescaled by that ratio, plus the interior share: the same weight's complement at the
+    # lowest PSF-width mean within the wide box
+    zero, weight = 0.1, 0.2
+    white_ratio = rng.uniform(0.1, 1, reference.shape).astype(np.float32)
+    var = (((noisy.astype(np.float64) - reference) ** 2) * white_ratio).mean()
+    background = var / (var + np.maximum(reference - zero, 0) ** 2)
+    low = _interior_level_numpy(reference.astype(np.float64), small, large)
+    interior = 1 - var / (var + np.maximum(low - zero, 0) ** 2)
+    expected = background * white_ratio + (1 - background) * interior * INTERIOR_WEIGHT / weight
+    got = _penalty_weights(
+        "interiors",
+        weight,
+        torch.from_numpy(reference),
+        torch.from_numpy(noisy),
+        zero,
+        fwhm,
+        torch.from_numpy(white_ratio),
+    )
+    np.testing.assert_allclose(got.numpy(), expected, rtol=2e-4, atol=1e-6)
+
+
+def test_interior_share_counts_deep_inside_a_large_object_only():
+    from ssi_dask.ssi.train import _background_weight, _penalty_weights
+
+    rng = np.random.default_rng(1)
+    reference = np.zeros((1, 1, 24, 64, 64), np.float32)
+    reference[..., 2:22, 4:30, 4:30] = 1.0  # a large bright object
+    reference[..., 12, 40, 40] = 1.0  # a point
+    reference[..., 2:22, 50, 4:60] = 1.0  # a thin sheet (a membrane)
+    noisy = reference + 0.01 * rng.standard_normal(reference.shape).astype(np.float32)
+    ref, noi = torch.from_numpy(reference), torch.from_numpy(noisy)
+    weight = 0.2
+    share = (
+        _penalty_weights("interiors", weight, ref, noi, 0.0, (3, 3, 3))
+        - _background_weight(ref, noi, 0.0)
+    )[0, 0] * weight
+    assert float(share[8:16, 12:22, 12:22].min()) > 0.99  # the object's interior, at weight 1
+    assert float(share[:, 4:6, 12:22].abs().max()) < 1e-6  # its edge
+    assert float(share[:, 38:43, 38:43].abs().max()) < 1e-6  # the point and its neighbours
+    assert float(share[:, 48:53, :].abs().max()) < 1e-6  # the sheet
+    assert float(share[:, 34:36, 34:36].abs().max()) < 1e-6  # the background
+
+
+def test_interiors_probe_is_the_datas_own_noise_inside_large_objects():
+    from types import SimpleNamespace
+
+    from ssi_dask.ssi.train import _probe_sigma
+
+    gain, floor, white = 0.01, 0.0004, 0.05
+
+    class Validator:
+        def noise_model(self):
+            return gain, floor
+
+    ctx = SimpleNamespace(noise_sigma=white, validator=Validator(), psf_fwhm=(1, 3, 3))
+    assert _probe_sigma("background", ctx, torch.zeros((1, 1, 3, 9, 9))) == white
+    # against NumPy: the input's lowest mean over the small box (1, 3, 3) within the wide box
+    # (3, 9, 9) through the noise model, never below the white level
+    rng = np.random.default_rng(2)
+    x = rng.uniform(-1, 4, (1, 1, 5, 12, 13)).astype(np.float32)
+    level = _interior_level_numpy(x.astype(np.float64), (1, 1, 1, 3, 3), (1, 1, 3, 9, 9))
+    level = np.maximum(level, 0)
+    expected = np.sqrt(np.maximum(gain * level + floor, white**2))
+    got = _probe_sigma("interiors", ctx, torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(got, expected, rtol=1e-4)
+    bright = _probe_sigma("interiors", ctx, torch.full((1, 1, 3, 9, 9), 4.0))
+    np.testing.assert_allclose(bright.numpy(), (gain * 4 + floor) ** 0.5, rtol=1e-5)
+    dark = _probe_sigma("interiors", ctx, torch.zeros((1, 1, 3, 9, 9)))
+    np.testing.assert_allclose(dark.numpy(), white, rtol=1e-6)
 
 
 def test_voxel_weighted_null_penalty_matches_numpy():
@@ -395,3 +505,38 @@ def test_background_noise_penalty_spares_structure():
         energy[weight] = [float((band[region] ** 2).mean()) for region in (background, structure)]
     assert energy[5.0][0] < 0.5 * energy[0.0][0]
     assert energy[5.0][1] > 0.7 * energy[0.0][1]
+
+
+def test_interiors_noise_penalty_smooths_inside_a_large_object_and_spares_points():
+    # noise_penalty_region="interiors": the penalty also counts deep inside large bright
+    # objects, so the trained output passes far less noise into a large object's interior than
+    # with the background region, and about as much around points
+    psf = _psf()
+    truth = np.zeros((96, 96), np.float32)
+    truth[20:76, 8:60] = 0.7  # a large flat object
+    points = [(20 + 14 * i, 80) for i in range(5)]
+    for y, x in points:
+        truth[y, x] = 1.0
+    y = _degrade(truth, psf, seed=5)
+    fresh = y + 0.05 * np.random.default_rng(9).standard_normal(y.shape).astype(np.float32)
+    interior = np.zeros(truth.shape, bool)
+    interior[30:66, 18:50] = True
+    around_points = np.zeros(truth.shape, bool)
+    for y0, x0 in points:
+        around_points[y0 - 2 : y0 + 3, x0 - 2 : x0 + 3] = True
+    energy = {}
+    for region in ("background", "interiors"):
+        model = train_ssi(
+            y,
+            psf,
+            seed=0,
+            restarts=0,
+            noise_penalty_weight=0.2,
+            noise_penalty_region=region,
+            **dict(FAST, steps=200, lr_prior=5),
+        )
+        assert model.training["noise_penalty_region"] == region
+        band = _null_band(predict(model, fresh) - predict(model, y), psf)
+        energy[region] = [float((band[m] ** 2).mean()) for m in (interior, around_points)]
+    assert energy["interiors"][0] < 0.75 * energy["background"][0]
+    assert energy["interiors"][1] > 0.75 * energy["background"][1]

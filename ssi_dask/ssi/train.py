@@ -54,6 +54,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from ..config import SSI_TRAINING_DEFAULTS, TrainingRecipe
 from ..errors import ParameterError
@@ -166,6 +167,109 @@ def _background_weight(reference: torch.Tensor, noisy: torch.Tensor, zero: float
     reference, noisy = reference.detach().float(), noisy.detach().float()
     var = (noisy - reference).pow(2).mean().clamp_min(1e-12)
     return var / (var + torch.relu(reference - zero) ** 2)
+
+
+def psf_fwhm(psf) -> tuple[int, ...]:
+    """Full width at half maximum of ``psf`` per axis, in pixels: the number of pixels at or
+    above half the peak on the line through the peak along that axis (at least 1)."""
+    psf = np.asarray(psf, dtype=np.float64)
+    peak = np.unravel_index(int(np.argmax(psf)), psf.shape)
+    widths = []
+    for axis in range(psf.ndim):
+        index = list(peak)
+        index[axis] = slice(None)
+        line = psf[tuple(index)]
+        widths.append(max(1, int((line >= 0.5 * line.max()).sum())))
+    return tuple(widths)
+
+
+#: The interior share's weight in the noise-sensitivity penalty
+#: (``noise_penalty_region="interiors"``), whatever ``noise_penalty_weight``: 1 counts the output's
+#: noise variance there as much as its squared error counts it. Deep inside a large bright
+#: object (everything within one and a half PSF widths stands above the noise), smoothing the
+#: output's poorly transmitted content removes noise and no faint structure (there is no
+#: background there for faint structure to hide in), so the variance is counted in full; in
+#: the background it is not (faint structure looks like background), hence the recipe's
+#: weight.
+INTERIOR_WEIGHT = 1.0
+
+
+def _box_mean(x: torch.Tensor, sizes: tuple[int, ...]) -> torch.Tensor:
+    """Mean of ``x`` (``(N, 1, *spatial)``) over a box of odd ``sizes`` centred on each voxel,
+    over the part of the box inside the array."""
+    pool = F.avg_pool2d if len(sizes) == 2 else F.avg_pool3d
+    return pool(x, sizes, stride=1, padding=[s // 2 for s in sizes], count_include_pad=False)
+
+
+def _box_min(x: torch.Tensor, sizes: tuple[int, ...]) -> torch.Tensor:
+    """Minimum of ``x`` (``(N, 1, *spatial)``) over a box of odd ``sizes`` centred on each
+    voxel, over the part of the box inside the array."""
+    pool = F.max_pool2d if len(sizes) == 2 else F.max_pool3d
+    return -pool(-x, sizes, stride=1, padding=[s // 2 for s in sizes])
+
+
+def _interior_boxes(fwhm: tuple[int, ...]) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """The boxes of the interior test: the PSF's half-maximum width per axis (made odd), over
+    which the level is averaged, and three times that, over which its minimum is taken."""
+    small = tuple(w + 1 - w % 2 for w in fwhm)
+    return small, tuple(3 * w for w in small)
+
+
+def _interior_level(x: torch.Tensor, fwhm: tuple[int, ...]) -> torch.Tensor:
+    """The lowest level of ``x`` around each voxel: the minimum, over a box three PSF
+    half-maximum widths across, of ``x`` averaged over one PSF width. High only deep inside a
+    large bright object; at the level of the background near a bead, a filament, a membrane
+    or an edge."""
+    small, large = _interior_boxes(fwhm)
+    return _box_min(_box_mean(x, small), large)
+
+
+def _penalty_weights(
+    region: str,
+    weight: float,
+    reference,
+    noisy,
+    zero: float,
+    fwhm: tuple[int, ...],
+    white_ratio=1.0,
+) -> torch.Tensor:
+    """Per-voxel weights ``where`` of the noise-sensitivity penalty (scaled by ``weight``).
+
+    ``"background"``: :func:`_background_weight`. ``"interiors"``: the same background weight
+    ``b = s^2 / (s^2 + max(r - zero, 0)^2)``, counted as the default counts it whatever the
+    probe (``white_ratio``: the white probe's variance over the probe's, per voxel or one
+    number; ``s^2`` the patch mean of the reference's squared change under the probe, each
+    voxel's times that ratio), plus the share of large bright interiors at
+    :data:`INTERIOR_WEIGHT`: ``(1 - b)(1 - I)``, with ``I`` the same weight of the
+    reference's :func:`_interior_level` (the voxel's whole neighbourhood, three PSF widths
+    across, stands above the noise: not a bead, a filament, a membrane, an edge, nor a noise
+    spike of the background). Where no such neighbourhood exists the weights are the
+    default's."""
+    if region == "background":
+        return _background_weight(reference, noisy, zero)
+    reference, noisy = reference.detach().float(), noisy.detach().float()
+    ratio = torch.as_tensor(white_ratio, dtype=torch.float32, device=reference.device)
+    var = ((noisy - reference).pow(2) * ratio).mean().clamp_min(1e-12)
+    background = var / (var + torch.relu(reference - zero) ** 2)
+    low = _interior_level(reference, fwhm)
+    interior = 1 - var / (var + torch.relu(low - zero) ** 2)
+    return background * ratio + (1 - background) * interior * (INTERIOR_WEIGHT / weight)
+
+
+def _probe_sigma(region: str, ctx: _RunContext, x: torch.Tensor):
+    """Standard deviation of the noise the noise-sensitivity penalty adds to the batch ``x``:
+    the image's white-noise estimate ``s_w`` (``ctx.noise_sigma``); for ``region="interiors"``, the
+    data's own noise where it is larger, ``sqrt(max(s_d^2, s_w^2))`` with ``s_d^2 = gain *
+    level + floor`` from the noise model fitted to the validation patches and ``level`` the
+    input's :func:`_interior_level` (the lowest PSF-width mean within three PSF widths), so
+    the interiors of large bright objects are probed with the noise they carry, and beads,
+    filaments, membranes, edges and the background with the white estimate (as
+    ``"background"``)."""
+    if region != "interiors":
+        return ctx.noise_sigma
+    gain, floor = ctx.validator.noise_model()
+    level = _interior_level(x.float(), ctx.psf_fwhm).clamp_min(0)
+    return (gain * level + floor).clamp_min(ctx.noise_sigma**2).sqrt()
 
 
 def estimate_signal_to_noise(
@@ -514,6 +618,7 @@ class _RunContext:
     max_time: float | None
     report: Callable[[dict], None] | None
     prior_psf: np.ndarray | None = None
+    psf_fwhm: tuple[int, ...] = ()
 
 
 def train_ssi(
@@ -645,15 +750,21 @@ def train_ssi(
         +0.9 dB on filaments and shells, +0.09 dB on beads, 0 to +0.05 dB on blobs).
     noise_penalty_fraction : float
         Fraction of the batch duplicated with noise for that penalty (extra compute).
-    noise_penalty_region : {"everywhere", "background"}
-        Where that penalty counts (default: ``"background"`` in 3D, ``"everywhere"`` in
+    noise_penalty_region : {"everywhere", "background", "interiors"}
+        Where that penalty counts (default: ``"interiors"`` in 3D, ``"everywhere"`` in
         2D). ``"background"``: each voxel's share is weighted by
         ``s^2 / (s^2 + max(p - z, 0)^2)``, with ``p`` the Lucy-Richardson prior there (the
         network's own output without a prior), ``z`` the prior's zero level and ``s^2`` the
         prior's noise variance (its mean squared change under the same added noise): 1 where
         the prior cannot tell the voxel from empty, small on structure well above its noise.
         The network may then pass noise on structure (where restoring attenuated frequencies
-        needs it) but not into the background.
+        needs it) but not into the background. ``"interiors"``: besides, the
+        interiors of large bright objects (voxels whose whole neighbourhood, three PSF
+        half-maximum widths across, stands above the prior's noise) count at the full weight 1
+        whatever ``noise_penalty_weight``, probed with the data's own noise there (the noise
+        model fitted to the validation patches); smoothing what the PSF barely transmits deep
+        inside an object removes noise and no faint structure. Beads, filaments, membranes,
+        edges and the background keep the ``"background"`` weights and white probe.
     average_fraction : float
         Fraction of the steps, at the end of each run, over which the weights (and BatchNorm
         statistics) are averaged to give the run's model (stochastic weight averaging with the
@@ -858,6 +969,7 @@ def train_ssi(
     ctx = _RunContext(
         arch=arch,
         prior_psf=psf if prior_iterations else None,
+        psf_fwhm=psf_fwhm(psf),
         op=op,
         validator=validator,
         patch_shape=patch_shape,
@@ -1384,10 +1496,10 @@ def _train_run(image, recipe: TrainingRecipe, ctx: _RunContext, run: int, run_se
         n_noisy = 0
         if recipe.noise_penalty_weight > 0:
             n_noisy = max(1, int(round(recipe.noise_penalty_fraction * x.shape[0])))
-            delta = (
-                torch.randn((n_noisy, *x_in.shape[1:]), generator=gen, device="cpu").to(dev)
-                * ctx.noise_sigma
-            )
+            delta = torch.randn((n_noisy, *x_in.shape[1:]), generator=gen, device="cpu").to(dev)
+            probe_sigma = _probe_sigma(recipe.noise_penalty_region, ctx, x_in[:n_noisy])
+            delta = delta * probe_sigma
+            white_ratio = ctx.noise_sigma**2 / torch.as_tensor(probe_sigma).float().pow(2)
             x_in = torch.cat([x_in, x_in[:n_noisy] + delta])
         hidden = None
         if PRIOR_MASK_AS_MISSING:
@@ -1418,12 +1530,23 @@ def _train_run(image, recipe: TrainingRecipe, ctx: _RunContext, run: int, run_se
             # data term's units (both squared normalised intensities), so the weight is a ratio
             diff = out_noisy - out[:n_noisy]
             where = None
-            if recipe.noise_penalty_region == "background":
-                if prior is None:
-                    where = _background_weight(out[:n_noisy], out_noisy, 0.0)
-                else:
-                    where = _background_weight(prior[:n_noisy], prior_noisy, prior_zero)
-            loss = loss + recipe.noise_penalty_weight * null_penalty(diff, where)
+            if recipe.noise_penalty_region != "everywhere":
+                reference, noisy_reference, zero = (
+                    (out[:n_noisy], out_noisy, 0.0)
+                    if prior is None
+                    else (prior[:n_noisy], prior_noisy, prior_zero)
+                )
+                where = _penalty_weights(
+                    recipe.noise_penalty_region,
+                    recipe.noise_penalty_weight,
+                    reference,
+                    noisy_reference,
+                    zero,
+                    ctx.psf_fwhm,
+                    white_ratio,
+                )
+            penalty_value = recipe.noise_penalty_weight * null_penalty(diff, where)
+            loss = loss + penalty_value
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
