@@ -746,8 +746,9 @@ def train_ssi(
         null-space penalty, this penalises passing *noise* into the null space rather than
         the output's content there, so sharp edges survive while noise leakage is suppressed.
         Default: 0 in 2D (not measured there), 0.2 in 3D with ``noise_penalty_region=
-        "background"`` (``benchmarks/RESULTS.md``: at 128x256x256 it raised SSI by about
-        +0.9 dB on filaments and shells, +0.09 dB on beads, 0 to +0.05 dB on blobs).
+        "interiors"`` (``benchmarks/RESULTS.md``: at 128x256x256 the ``"background"``
+        region raised SSI by about +0.9 dB on filaments and shells, +0.09 dB on beads, 0 to
+        +0.05 dB on blobs; ``"interiors"`` adds 1.2-1.3 dB on blobs and leaves the others).
     noise_penalty_fraction : float
         Fraction of the batch duplicated with noise for that penalty (extra compute).
     noise_penalty_region : {"everywhere", "background", "interiors"}
