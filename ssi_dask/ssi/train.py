@@ -236,15 +236,15 @@ def _penalty_weights(
     """Per-voxel weights ``where`` of the noise-sensitivity penalty (scaled by ``weight``).
 
     ``"background"``: :func:`_background_weight`. ``"interiors"``: the same background weight
-    ``b = s^2 / (s^2 + max(r - zero, 0)^2)``, counted as the default counts it whatever the
+    ``b = s^2 / (s^2 + max(r - zero, 0)^2)``, counted as ``"background"`` counts it whatever the
     probe (``white_ratio``: the white probe's variance over the probe's, per voxel or one
     number; ``s^2`` the patch mean of the reference's squared change under the probe, each
     voxel's times that ratio), plus the share of large bright interiors at
     :data:`INTERIOR_WEIGHT`: ``(1 - b)(1 - I)``, with ``I`` the same weight of the
     reference's :func:`_interior_level` (the voxel's whole neighbourhood, three PSF widths
     across, stands above the noise: not a bead, a filament, a membrane, an edge, nor a noise
-    spike of the background). Where no such neighbourhood exists the weights are the
-    default's."""
+    spike of the background). Where no such neighbourhood exists the weights are
+    ``"background"``'s."""
     if region == "background":
         return _background_weight(reference, noisy, zero)
     reference, noisy = reference.detach().float(), noisy.detach().float()
@@ -1546,8 +1546,7 @@ def _train_run(image, recipe: TrainingRecipe, ctx: _RunContext, run: int, run_se
                     ctx.psf_fwhm,
                     white_ratio,
                 )
-            penalty_value = recipe.noise_penalty_weight * null_penalty(diff, where)
-            loss = loss + penalty_value
+            loss = loss + recipe.noise_penalty_weight * null_penalty(diff, where)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
