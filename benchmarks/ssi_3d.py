@@ -85,7 +85,7 @@ def main() -> None:
     parser.add_argument(
         "--noise-penalty-region",
         choices=("everywhere", "background", "interiors"),
-        help="where the noise-sensitivity penalty counts (default: the 3D recipe's, background)",
+        help="where the noise-sensitivity penalty counts (default: the 3D recipe's, interiors)",
     )
     parser.add_argument(
         "--lr-prior", help="SSI's lr_prior: a Lucy-Richardson iteration count or 'auto'"

@@ -7,6 +7,8 @@ voxels per second per core and the PSNR / SSIM against the ground truth. ``--bud
 times the 3D chunk kernel (:func:`ssi_dask.ssi.predict_chunk`) at several CPU tile budgets.
 Timings are CPU seconds of this process (``time.process_time``) with torch on one thread, so
 that "per core" holds on a shared machine; all timings of one case come from one run.
+``--device cuda`` trains and applies on the GPU instead and reports voxels/s per GPU (wall
+seconds, after a warm-up call; the returned array is on the host, so the GPU has finished).
 
 Each count is run twice: ``plain`` is the network as trained, in eval mode (the inference path
 when issue 16 was filed), ``fast`` is :func:`ssi_dask.ssi.predict.inference_network` (BatchNorm
@@ -18,7 +20,8 @@ re-training).
 Usage::
 
     nice -n 19 python benchmarks/ssi_tta.py --json benchmarks/ssi_tta_cpu.json
-    python benchmarks/ssi_tta.py --steps2d 100 --steps3d 60 --quick   # a smoke run
+    python benchmarks/ssi_tta.py --steps2d 100 --steps3d 60 --counts3d 1,2   # a smoke run
+    python benchmarks/ssi_tta.py --device cuda --shape3d 64,256,256 --json ssi_tta_gpu.json
 """
 
 from __future__ import annotations
@@ -36,6 +39,16 @@ IMAGES = ROOT.parent / "shared" / "data" / "ssi2d"
 
 
 PATHS = ("plain", "fast")
+DEVICE = "cpu"  # set from --device in main()
+
+
+def _clock() -> float:
+    # CPU seconds of this process on one thread; wall seconds on a GPU
+    return time.process_time() if DEVICE == "cpu" else time.perf_counter()
+
+
+def _rate_key() -> str:
+    return "voxels_per_s_per_core" if DEVICE == "cpu" else "voxels_per_s_per_gpu"
 
 
 def _set_path(path: str) -> None:
@@ -48,9 +61,9 @@ def _time_predict(model, image, tta: int, repeats: int) -> float:
 
     best = float("inf")
     for _ in range(repeats):
-        started = time.process_time()
-        predict(model, image, tta=tta)
-        best = min(best, time.process_time() - started)
+        started = _clock()
+        predict(model, image, tta=tta, device=DEVICE)
+        best = min(best, _clock() - started)
     return best
 
 
@@ -60,7 +73,7 @@ def _train(noisy, psf, train_options, model_path):
     if model_path and Path(model_path).exists():
         return load_checkpoint(model_path), None
     started = time.perf_counter()
-    model = train_ssi(noisy, psf, seed=0, device="cpu", **train_options)
+    model = train_ssi(noisy, psf, seed=0, device=DEVICE, **train_options)
     train_s = time.perf_counter() - started
     if model_path:
         save_checkpoint(model, model_path)
@@ -86,11 +99,12 @@ def _case(name, truth, noisy, psf, train_options, counts, repeats, log, model_pa
         for path in PATHS:
             _set_path(path)
             used = len(tta_transforms(model.symmetries, n, model.ndim))
-            if path == "fast":  # build the inference copy outside the timing (cached per model)
-                predict(model, noisy[tuple(slice(0, 8) for _ in noisy.shape)], tta=1)
-            started = time.process_time()
-            restored = predict(model, noisy, tta=n)
-            seconds = time.process_time() - started
+            if path == "fast" or DEVICE != "cpu":
+                # build the inference copy (cached per model) and warm the GPU up, untimed
+                predict(model, noisy[tuple(slice(0, 8) for _ in noisy.shape)], tta=1, device=DEVICE)
+            started = _clock()
+            restored = predict(model, noisy, tta=n, device=DEVICE)
+            seconds = _clock() - started
             if repeats > 1:
                 seconds = min(seconds, _time_predict(model, noisy, n, repeats - 1))
             outputs[path] = restored
@@ -100,7 +114,8 @@ def _case(name, truth, noisy, psf, train_options, counts, repeats, log, model_pa
                 "path": path,
                 "tta": n,
                 "transforms_used": used,
-                "voxels_per_s_per_core": noisy.size / seconds,
+                "device": DEVICE,
+                _rate_key(): noisy.size / seconds,
                 "seconds": seconds,
                 "psnr": psnr(truth, restored),
                 "ssim": ssim(truth, restored),
@@ -108,7 +123,7 @@ def _case(name, truth, noisy, psf, train_options, counts, repeats, log, model_pa
             rows.append(row)
             log(
                 f"{name} {path} tta {n} ({used} used): "
-                f"{row['voxels_per_s_per_core']:.0f} vox/s/core, "
+                f"{row[_rate_key()]:.0f} vox/s/{'core' if DEVICE == 'cpu' else 'GPU'}, "
                 f"PSNR {row['psnr']:.2f} SSIM {row['ssim']:.3f}"
             )
         a, b = outputs["plain"], outputs["fast"]
@@ -141,11 +156,11 @@ def _budgets(model, volume, budgets, log):
     block = np.pad(volume, h, mode="symmetric")
     rows = []
     for mib in budgets:
-        started = time.process_time()
-        predict_chunk(model, block, margin=h, budget=int(mib * 2**20), tta=1)
-        seconds = time.process_time() - started
-        rows.append({"budget_mib": mib, "voxels_per_s_per_core": volume.size / seconds})
-        log(f"tile budget {mib} MiB: {volume.size / seconds:.0f} vox/s/core (tta 1)")
+        started = _clock()
+        predict_chunk(model, block, margin=h, budget=int(mib * 2**20), tta=1, device=DEVICE)
+        seconds = _clock() - started
+        rows.append({"budget_mib": mib, "device": DEVICE, _rate_key(): volume.size / seconds})
+        log(f"tile budget {mib} MiB: {volume.size / seconds:.0f} voxels/s ({DEVICE}, tta 1)")
     return rows
 
 
@@ -162,8 +177,21 @@ def main() -> None:
     parser.add_argument("--skip2d", action="store_true")
     parser.add_argument("--skip3d", action="store_true")
     parser.add_argument("--model", help="3D model checkpoint: saved after training, or loaded")
+    parser.add_argument(
+        "--device", default="cpu", help="cpu (voxels/s per core) or cuda[:N] (per GPU)"
+    )
     parser.add_argument("--json")
     args = parser.parse_args()
+    global DEVICE
+    DEVICE = args.device
+    if DEVICE != "cpu":
+        from ssi_dask.errors import DeviceError
+        from ssi_dask.ssi.device import resolve_device
+
+        try:
+            resolve_device(DEVICE)
+        except DeviceError as error:
+            parser.error(str(error))
 
     from ssi_dask.bench.synthetic import degrade, load_ground_truth, structure_3d
     from ssi_dask.psf import protocol_psf, widefield_psf
@@ -215,7 +243,8 @@ def main() -> None:
             budget_rows = _budgets(model, noisy, [int(v) for v in args.budgets.split(",")], log)
     print()
     print(
-        "| case | path | tta (used) | voxels/s per core | x vs plain tta 16 (3D) / 8 (2D) "
+        f"| case | path | tta (used) | voxels/s per {'core' if DEVICE == 'cpu' else 'GPU'} "
+        "| x vs plain tta 16 (3D) / 8 (2D) "
         "| PSNR | SSIM |"
     )
     print("| --- | --- | --- | --- | --- | --- | --- |")
@@ -226,8 +255,8 @@ def main() -> None:
         )
         print(
             f"| {row['case']} | {row['path']} | {row['tta']} ({row['transforms_used']}) | "
-            f"{row['voxels_per_s_per_core']:.0f} | "
-            f"{row['voxels_per_s_per_core'] / ref['voxels_per_s_per_core']:.1f}x | "
+            f"{row[_rate_key()]:.0f} | "
+            f"{row[_rate_key()] / ref[_rate_key()]:.1f}x | "
             f"{row['psnr']:.2f} ({row['psnr'] - ref['psnr']:+.2f}) | {row['ssim']:.3f} |"
         )
     for info in infos:
